@@ -2,7 +2,7 @@
 
 from .config import FactorConfig
 from .eigen import KFACEigen, ModuleEigen, symmetric_eigh
-from .factors import KFACFactors, eigendecompose, fit_factors, load_factors
+from .factors import KFACFactors, collect_factor_sums, eigendecompose, fit_factors, load_factors, valid_position_mask
 
-__all__ = ["FactorConfig", "KFACEigen", "KFACFactors", "ModuleEigen", "eigendecompose", "fit_factors",
-           "load_factors", "symmetric_eigh"]
+__all__ = ["FactorConfig", "KFACEigen", "KFACFactors", "ModuleEigen", "collect_factor_sums", "eigendecompose",
+           "fit_factors", "load_factors", "symmetric_eigh", "valid_position_mask"]

@@ -70,11 +70,15 @@ class KFACEigen(Mapping[str, ModuleEigen]):
         """Write all bases to one safetensors file (atomically)."""
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
         for name, e in self.modules.items():
-            tensors[f"{name}.eigvals_A"] = e.eigvals_A.contiguous()
-            tensors[f"{name}.eigvecs_A"] = e.eigvecs_A.contiguous()
-            tensors[f"{name}.eigvals_G"] = e.eigvals_G.contiguous()
-            tensors[f"{name}.eigvecs_G"] = e.eigvecs_G.contiguous()
+            for kind in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G"):
+                t = getattr(e, kind).contiguous()
+                # Modules with a shared A (gate/up) share tensors; safetensors refuses shared memory.
+                if t.data_ptr() in seen:
+                    t = t.clone()
+                seen.add(t.data_ptr())
+                tensors[f"{name}.{kind}"] = t
         meta = {"format": "hf_curvedit.eigen", "modules": json.dumps(list(self.modules)),
                 "metadata": json.dumps(self.metadata)}
         with atomic_path(path) as tmp:

@@ -1,0 +1,91 @@
+"""FactorConfig: how K-FAC curvature factors are collected."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+LabelMode = Literal["sampled", "empirical"]
+
+
+@dataclass
+class FactorConfig:
+    """Settings for collecting K-FAC factors ``A = E[a aᵀ]`` and ``G = E[g gᵀ]``.
+
+    Args:
+        target_modules: Linear layers to collect factors for: a regex (``re.fullmatch`` on the
+            qualified name) or a list of names, name suffixes or globs. ``None`` uses the
+            architecture default (the MLP projections).
+        exclude_modules: Same syntax; matching modules are skipped.
+        label_mode: ``"sampled"`` draws each next-token label from the model's own predictive
+            distribution (the true Fisher, as in the paper); ``"empirical"`` uses the data's next
+            token (the empirical Fisher).
+        seq_len: Tokens per block. Text is packed into blocks of exactly this length.
+        batch_size: Blocks per forward/backward pass (per process).
+        max_tokens: Stop after this many tokens (rounded down to whole blocks). ``None`` = all data.
+        packing: Concatenate documents (separated by EOS) into full blocks. With ``False`` each
+            document becomes its own block, truncated to ``seq_len`` and right-padded; padded
+            positions are masked out of both factors.
+        text_column: Column holding raw text. A column named ``input_ids`` is used as-is instead.
+        accumulate_dtype: ``"float32"`` (default) or ``"float64"`` for the running sums.
+        seed: Seed for label sampling. Each batch gets its own generator seeded from
+            ``(seed, batch index)``, so results do not depend on resumes or process count.
+        sample_chunk_size: Token positions per chunk when sampling labels, which bounds the size
+            of the softmax held in memory.
+        checkpoint_every: Save resumable partial sums every this many batches (0 disables).
+        max_factor_memory_gb: Memory budget for the factor accumulators. When all target modules
+            do not fit, they are split into partitions and the data is read once per partition.
+    """
+
+    target_modules: Optional[Union[str, list[str]]] = None
+    exclude_modules: Optional[Union[str, list[str]]] = None
+    label_mode: LabelMode = "sampled"
+    seq_len: int = 512
+    batch_size: int = 8
+    max_tokens: Optional[int] = None
+    packing: bool = True
+    text_column: str = "text"
+    accumulate_dtype: Literal["float32", "float64"] = "float32"
+    seed: int = 0
+    sample_chunk_size: int = 2048
+    checkpoint_every: int = 50
+    max_factor_memory_gb: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.label_mode not in ("sampled", "empirical"):
+            raise ValueError(f"label_mode={self.label_mode!r}: use 'sampled' (true Fisher) or 'empirical'.")
+        if self.accumulate_dtype not in ("float32", "float64"):
+            raise ValueError(f"accumulate_dtype={self.accumulate_dtype!r}: use 'float32' or 'float64'.")
+        for name in ("seq_len", "batch_size", "sample_chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.seq_len < 2:
+            raise ValueError("seq_len must be at least 2: the last position of a block has no target.")
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens={self.max_tokens} is smaller than one block (seq_len={self.seq_len}).")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0 (0 disables checkpoints).")
+        if self.max_factor_memory_gb is not None and self.max_factor_memory_gb <= 0:
+            raise ValueError("max_factor_memory_gb must be positive, or None for no budget.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FactorConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise a clear error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FactorConfig fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def collection_key(self) -> dict[str, Any]:
+        """The fields that change what is collected. A resume must match them exactly."""
+        d = self.to_dict()
+        for k in ("checkpoint_every", "max_factor_memory_gb", "extra"):
+            d.pop(k)
+        return d

@@ -1,0 +1,310 @@
+"""K-FAC factors against brute force, storage, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from safetensors import safe_open
+
+from hf_curvedit import FactorConfig, KFACFactors, fit_factors, load_factors
+from hf_curvedit.curvature import factors as factors_mod
+from hf_curvedit.curvature.factors import _batch_generator, sample_labels, valid_position_mask
+from hf_curvedit.targets import resolve_target_modules
+
+from conftest import random_token_rows, tiny_gpt2, tiny_llama
+
+
+def brute_force_factors(model, input_ids, attention_mask, names, label_mode, seed=0, batch_index=0, chunk=2048):
+    """Explicit per-token outer products from autograd, one position at a time, in float64."""
+    mods = dict(model.named_modules())
+    ins, outs = {}, {}
+
+    def capture(n):
+        def hook(module, inputs, output):
+            ins[n], outs[n] = inputs[0], output
+        return hook
+
+    hooks = [mods[n].register_forward_hook(capture(n)) for n in names]
+    emb_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+        emb_hook.remove()
+    B, T = input_ids.shape
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T - 1):
+            valid[b, t] = bool(attention_mask[b, t]) and bool(attention_mask[b, t + 1])
+    pos = [(b, t) for b in range(B) for t in range(T) if valid[b, t]]
+    sel = torch.stack([logits[b, t] for b, t in pos])
+    if label_mode == "empirical":
+        labels = torch.tensor([int(input_ids[b, t + 1]) for b, t in pos])
+    else:
+        labels = sample_labels(sel.detach(), _batch_generator(seed, batch_index, sel.device), chunk)
+    loss = sum(F.cross_entropy(sel[i:i + 1].float(), labels[i:i + 1], reduction="sum") for i in range(len(pos)))
+    grads = torch.autograd.grad(loss, [outs[n] for n in names])
+    A, G = {}, {}
+    for n, g in zip(names, grads):
+        a_rows = [ins[n][b, t].double() for b, t in pos]
+        g_rows = [g[b, t].double() for b, t in pos]
+        A[n] = sum(torch.outer(a, a) for a in a_rows) / len(pos)
+        G[n] = sum(torch.outer(x, x) for x in g_rows) / len(pos)
+    return A, G, len(pos)
+
+
+def padded_dataset(n=6, seed=0):
+    return Dataset.from_dict({"input_ids": random_token_rows(n, lo=5, hi=20, seed=seed)})
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("label_mode", ["empirical", "sampled"])
+def test_factors_match_brute_force_with_padding(make_model, label_mode):
+    model = make_model()
+    ds = padded_dataset()
+    cfg = FactorConfig(label_mode=label_mode, seq_len=20, batch_size=6, packing=False, accumulate_dtype="float64")
+    factors = fit_factors(model, ds, cfg, progress=False)
+
+    rows = ds["input_ids"]
+    ids = torch.zeros(len(rows), 20, dtype=torch.long)
+    mask = torch.zeros(len(rows), 20, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    assert (mask == 0).any(), "the batch must contain padding"
+    names = resolve_target_modules(model)
+    A, G, n_tok = brute_force_factors(model, ids, mask, names, label_mode)
+    assert set(factors.module_names) == set(names)
+    for n in names:
+        assert factors.num_tokens[n] == n_tok == sum(len(r) - 1 for r in rows)
+        # The model runs in fp32, so entries agree to fp32 round-off relative to the largest entry.
+        for got, want in ((factors.A[n], A[n]), (factors.G[n], G[n])):
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        assert torch.equal(factors.A[n], factors.A[n].T) and torch.equal(factors.G[n], factors.G[n].T)
+    if make_model is tiny_llama:
+        # gate and up read the same input: one A, shared.
+        assert any(n.endswith("up_proj") for n in factors.a_alias)
+
+
+def test_padded_batch_equals_unpadded_rows(llama):
+    """Padding changes nothing: a right-padded batch gives the sums of its rows run one by one."""
+    from hf_curvedit.curvature import collect_factor_sums
+
+    rows = random_token_rows(4, lo=6, hi=12, seed=3)
+    T = max(map(len, rows))
+    ids = torch.zeros(4, T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    cfg = FactorConfig(label_mode="empirical", seq_len=T, accumulate_dtype="float64")
+    names = resolve_target_modules(llama)
+    padded = collect_factor_sums(llama, [(0, {"input_ids": ids, "attention_mask": mask})], names, cfg).finalized_sums()
+    singles = [collect_factor_sums(llama, [(0, {"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)})],
+                                   names, cfg).finalized_sums() for r in rows]
+    for k in range(2):
+        for n in padded[k]:
+            want = sum(s[k][n] for s in singles)
+            assert (padded[k][n] - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_valid_position_mask():
+    am = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
+    expected = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(valid_position_mask(am), expected)
+
+
+def test_sampled_labels_follow_the_model_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
+    labels = sample_labels(logits, _batch_generator(0, 0, torch.device("cpu")), chunk_size=777)
+    freq = torch.bincount(labels, minlength=3).double() / labels.numel()
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), -1), atol=0.015, rtol=0)
+
+
+def test_no_weight_gradients_are_accumulated(llama):
+    fit_factors(llama, padded_dataset(), FactorConfig(seq_len=20, batch_size=3, packing=False), progress=False)
+    assert all(p.grad is None for p in llama.parameters())
+    assert not llama.training
+
+
+def test_save_load_roundtrip_and_metadata(tmp_path, llama):
+    cfg = FactorConfig(seq_len=16, batch_size=2, label_mode="empirical")
+    ds = Dataset.from_dict({"input_ids": random_token_rows(10, lo=10, hi=30)})
+    f = fit_factors(llama, ds, cfg, tmp_path, progress=False)
+    assert (tmp_path / "factors.safetensors").exists()
+    assert not (tmp_path / "checkpoint").exists()
+    with safe_open(str(tmp_path / "factors.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["config"])["label_mode"] == "empirical"
+    assert json.loads(meta["num_tokens"]) == f.num_tokens
+    g = load_factors(tmp_path, llama)
+    assert g.num_tokens == f.num_tokens and g.a_alias == f.a_alias
+    for n in f.module_names:
+        assert torch.equal(f.A[n], g.A[n]) and torch.equal(f.G[n], g.G[n])
+    # a second call with the same settings loads instead of refitting
+    again = fit_factors(llama, ds, cfg, tmp_path, progress=False)
+    assert again.factors_id == f.factors_id
+
+
+def test_text_input_with_tokenizer_and_streaming(tmp_path, llama):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 61)} | {"<unk>": 0}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<unk>")
+    texts = [" ".join(f"w{(i * 7 + j) % 60 + 1}" for j in range(40)) for i in range(8)]
+    (tmp_path / "a.txt").write_text(texts[0] + "\n" + texts[1])
+    cfg = FactorConfig(seq_len=16, batch_size=2, label_mode="empirical", max_tokens=64)
+    from_file = fit_factors(llama, tmp_path / "a.txt", cfg, tokenizer=tokenizer, progress=False)
+    assert max(from_file.num_tokens.values()) == 4 * 15  # 64 tokens = 4 blocks, 15 valid positions each
+
+    ds = Dataset.from_dict({"text": texts})
+    full = fit_factors(llama, ds, cfg, tokenizer=tokenizer, progress=False)
+    streamed = fit_factors(llama, ds.to_iterable_dataset(num_shards=2), cfg, tokenizer=tokenizer, progress=False)
+    for n in full.module_names:
+        torch.testing.assert_close(full.G[n], streamed.G[n])
+        torch.testing.assert_close(full.A[n], streamed.A[n])
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_after_crash_equals_uninterrupted(tmp_path, llama, monkeypatch, streaming):
+    ds = Dataset.from_dict({"input_ids": random_token_rows(40, lo=10, hi=30, seed=1)})
+    data = ds.to_iterable_dataset() if streaming else ds
+    cfg = FactorConfig(seq_len=16, batch_size=2, checkpoint_every=2, seed=7)
+    reference = fit_factors(llama, data, cfg, progress=False)
+    n_batches = -(-len(factors_mod.pack_into_blocks(ds, None, 16)) // 2)
+    assert n_batches >= 8
+
+    seen: list[int] = []
+    real = factors_mod.collect_factor_sums
+
+    def crashing(model, batches, *a, **kw):
+        def gen():
+            for b, batch in batches:
+                if b == 5:
+                    raise _Crash("killed")
+                seen.append(b)
+                yield b, batch
+        return real(model, gen(), *a, **kw)
+
+    monkeypatch.setattr(factors_mod, "collect_factor_sums", crashing)
+    with pytest.raises(_Crash):
+        fit_factors(llama, data, cfg, tmp_path, progress=False)
+    assert not (tmp_path / "factors.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="resume"):
+        load_factors(tmp_path)
+
+    monkeypatch.setattr(factors_mod, "collect_factor_sums", lambda m, batches, *a, **kw: real(
+        m, ((seen.append(b), (b, x))[1] for b, x in batches), *a, **kw))
+    seen.clear()
+    resumed = fit_factors(llama, data, cfg, tmp_path, progress=False)
+    assert seen[0] == 4, "the run resumes at the last checkpoint (after 4 batches), not at 0"
+    assert seen == list(range(4, n_batches))
+    assert resumed.num_tokens == reference.num_tokens
+    for n in reference.module_names:
+        torch.testing.assert_close(resumed.A[n], reference.A[n], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(resumed.G[n], reference.G[n], rtol=1e-6, atol=1e-8)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_memory_budget_splits_into_partitions(llama, caplog):
+    ds = Dataset.from_dict({"input_ids": random_token_rows(8, lo=10, hi=30)})
+    cfg = FactorConfig(seq_len=16, batch_size=2, label_mode="empirical")
+    one = fit_factors(llama, ds, cfg, progress=False)
+    per_module = (32 * 32 + 64 * 64) * 4 / 1024**3
+    split_cfg = FactorConfig(seq_len=16, batch_size=2, label_mode="empirical", max_factor_memory_gb=per_module * 2.5)
+    parts = factors_mod._plan_partitions(llama, one.module_names, split_cfg)
+    assert len(parts) == 3 and sum(map(len, parts)) == 6
+    split = fit_factors(llama, ds, split_cfg, progress=False)
+    for n in one.module_names:
+        torch.testing.assert_close(split.A[n], one.A[n])
+        torch.testing.assert_close(split.G[n], one.G[n])
+    with pytest.raises(ValueError, match="too small"):
+        fit_factors(llama, ds, FactorConfig(seq_len=16, max_factor_memory_gb=1e-9), progress=False)
+
+
+def test_bf16_model(llama):
+    ds = Dataset.from_dict({"input_ids": random_token_rows(6, lo=10, hi=30)})
+    cfg = FactorConfig(seq_len=16, batch_size=3, label_mode="empirical")
+    ref = fit_factors(llama, ds, cfg, progress=False)
+    bf = fit_factors(llama.to(torch.bfloat16), ds, cfg, progress=False)
+    for n in ref.module_names:
+        assert bf.G[n].dtype == torch.float32
+        rel = (bf.A[n] - ref.A[n]).norm() / ref.A[n].norm()
+        assert rel < 0.05
+
+
+def test_eigendecompose_is_cached_and_correct(tmp_path, llama):
+    ds = Dataset.from_dict({"input_ids": random_token_rows(8, lo=10, hi=30)})
+    f = fit_factors(llama, ds, FactorConfig(seq_len=16, batch_size=2), tmp_path, progress=False)
+    eig = f.eigendecompose()
+    assert (tmp_path / "eigen.safetensors").exists()
+    for n in f.module_names:
+        e = eig[n]
+        assert e.eigvals_A.dtype == torch.float64 and (e.eigvals_A >= 0).all()
+        assert (e.eigvals_G[:-1] >= e.eigvals_G[1:]).all()
+        rebuilt = e.eigvecs_G @ torch.diag(e.eigvals_G) @ e.eigvecs_G.T
+        torch.testing.assert_close(rebuilt, f.G[n].double(), atol=1e-6, rtol=1e-5)
+        rebuilt = e.eigvecs_A @ torch.diag(e.eigvals_A) @ e.eigvecs_A.T
+        torch.testing.assert_close(rebuilt, f.A[n].double(), atol=1e-6, rtol=1e-5)
+    mtime = (tmp_path / "eigen.safetensors").stat().st_mtime_ns
+    again = load_factors(tmp_path).eigendecompose()
+    assert (tmp_path / "eigen.safetensors").stat().st_mtime_ns == mtime
+    assert torch.equal(again[f.module_names[0]].eigvecs_G, eig[f.module_names[0]].eigvecs_G)
+
+
+def test_wrong_target_names_give_a_clear_error(llama):
+    with pytest.raises(ValueError, match=r"(?s)No linear layer matches.*nonexistent_proj.*layers\.\*\.mlp\.gate_proj"):
+        fit_factors(llama, padded_dataset(), FactorConfig(target_modules=["nonexistent_proj"]), progress=False)
+    with pytest.raises(ValueError, match=r"\['nope'\] match no linear layer"):
+        resolve_target_modules(llama, ["gate_proj", "nope"])
+
+
+def test_unknown_architecture_lists_linear_modules():
+    import torch.nn as nn
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    with pytest.raises(ValueError, match=r"no default target modules.*\n.*body\.0"):
+        resolve_target_modules(Toy())
+    assert resolve_target_modules(Toy(), r"body\.\d") == ["body.0", "body.2"]
+    assert resolve_target_modules(Toy(), ["body.*"]) == ["body.0", "body.2"]
+
+
+def test_factors_from_another_model_are_refused(tmp_path, llama):
+    ds = Dataset.from_dict({"input_ids": random_token_rows(8, lo=10, hi=30)})
+    fit_factors(llama, ds, FactorConfig(seq_len=16, batch_size=2), tmp_path, progress=False)
+    wider = tiny_llama(intermediate_size=48)
+    with pytest.raises(ValueError, match=r"gate_proj: factors are for \(d_out, d_in\)=\(64, 32\), the model has \(48, 32\)"):
+        load_factors(tmp_path, wider)
+    with pytest.raises(ValueError, match="model_type: factors are for 'llama', the model is 'gpt2'"):
+        load_factors(tmp_path, tiny_gpt2())
+    with pytest.raises(FileExistsError, match="other settings"):
+        fit_factors(llama, ds, FactorConfig(seq_len=16, batch_size=2, label_mode="empirical"), tmp_path, progress=False)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="label_mode"):
+        FactorConfig(label_mode="gold")
+    with pytest.raises(ValueError, match="seq_len"):
+        FactorConfig(seq_len=1)
+    with pytest.raises(ValueError, match="unknown FactorConfig fields"):
+        FactorConfig.from_dict({"seq_length": 3})
+
+
+def test_missing_text_column(llama):
+    with pytest.raises(KeyError, match="text_column"):
+        fit_factors(llama, Dataset.from_dict({"content": ["a b"]}), FactorConfig(), progress=False)
