@@ -10,7 +10,21 @@ from .targets import DEFAULT_TARGET_MODULES, resolve_target_modules
 from .curvature import FactorConfig, KFACEigen, KFACFactors, ModuleEigen, eigendecompose, fit_factors, load_factors
 
 # --- tuner (adapter) exports: owned by the adapter work ---
+# Importing .tuner registers PeftType.CURVEDIT with PEFT (see hf_curvedit/tuner/__init__.py).
+from .selection import Staircase, curvature_mass_cutoffs, factor_truncation_cutoffs, select_cutoffs
+from .tuner import (
+    CurvatureEditConfig,
+    CurvatureEditModel,
+    ModuleEditReport,
+    WrongBaseModelError,
+    build_curvature_edit,
+    check_base_model,
+    curvature_edit_report,
+)
 # --- end tuner ---
 
 # --- evaluation exports: owned by the evaluation work ---
+from .evaluation import (EditReport, EvalConfig, RecitationSet, TextSet, coherence_ndcg, evaluate_edit,
+                         evaluate_recitation, evaluate_text_recitation, find_memorized_windows, metric_path,
+                         perplexity, recitation_scores, stress_test)
 # --- end evaluation ---

@@ -104,8 +104,12 @@ def _batch_generator(seed: int, batch_index: int, device: torch.device) -> torch
 
 def _dist_state():
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState()
+    # PartialState only detects a multi-process CPU run (torchrun, debug_launcher) when told it is
+    # on CPU; an existing Accelerator/PartialState singleton is reused as is.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
 
 
 def model_fingerprint(model: nn.Module, module_names: Iterable[str]) -> dict[str, Any]:

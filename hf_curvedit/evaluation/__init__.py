@@ -1,0 +1,50 @@
+"""Measuring what an edit did: memorized-window discovery, recitation, perplexity, nDCG coherence,
+perturbation stress test, and `evaluate_edit`, which runs them all on the base and the edited model.
+
+Every metric is a plain function here and, for the aggregation step, a local `evaluate` module:
+``evaluate.load(metric_path("recitation"))`` works offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .coherence import CoherenceResult, coherence_ndcg, ndcg_at_k, ndcg_per_position, next_token_topk
+from .perplexity import PerplexityResult, perplexity, perplexity_from_nll, sliding_windows
+from .recitation import (RecitationExample, RecitationResult, evaluate_recitation, evaluate_text_recitation,
+                         greedy_generate, recitation_scores, split_suffix)
+from .report import (EditReport, PerplexityComparison, RecitationComparison, RecitationMetrics, ReportMetadata,
+                     StressComparison, TableRow)
+from .runner import EvalConfig, RecitationSet, TextSet, as_eval_set, evaluate_edit
+from .stress import StressResult, exact_prefix_match, stress_test, stress_variants
+from .windows import find_memorized_windows
+
+_METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+
+
+def available_metrics() -> list[str]:
+    """Names of the packaged `evaluate` modules."""
+    return sorted(p.name for p in _METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+
+
+def metric_path(name: str) -> str:
+    """Path of a packaged `evaluate` module, for ``evaluate.load(metric_path(name))`` (works offline).
+
+    Raises:
+        ValueError: if there is no such metric.
+    """
+    path = _METRICS_DIR / name
+    if not (path / f"{name}.py").is_file():
+        raise ValueError(f"no packaged metric {name!r}; available: {available_metrics()}")
+    return str(path)
+
+
+__all__ = [
+    "CoherenceResult", "EditReport", "EvalConfig", "PerplexityComparison", "PerplexityResult",
+    "RecitationComparison", "RecitationExample", "RecitationMetrics", "RecitationResult", "RecitationSet",
+    "ReportMetadata", "StressComparison", "StressResult", "TableRow", "TextSet", "as_eval_set",
+    "available_metrics", "coherence_ndcg", "evaluate_edit", "evaluate_recitation", "evaluate_text_recitation",
+    "exact_prefix_match", "find_memorized_windows", "greedy_generate", "metric_path", "ndcg_at_k",
+    "ndcg_per_position", "next_token_topk", "perplexity", "perplexity_from_nll", "recitation_scores",
+    "sliding_windows", "split_suffix", "stress_test", "stress_variants",
+]

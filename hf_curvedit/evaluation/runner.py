@@ -1,0 +1,278 @@
+"""`evaluate_edit`: every measurement on the base and the edited model, in one call."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import torch
+
+from ._common import as_id_list, resolve_pad_id
+from .coherence import DEFAULT_NDCG_K, CoherenceResult, ndcg_at_k
+from .perplexity import PerplexityResult, coerce_sequences, perplexity_from_nll, resolve_block_size, score_text
+from .recitation import DEFAULT_LOOSE_THRESHOLD, DEFAULT_QUOTE_SUFFIX_TOKENS, evaluate_recitation, split_suffix
+from .report import (EditReport, PerplexityComparison, RecitationComparison, RecitationMetrics, ReportMetadata,
+                     StressComparison)
+from .stress import DEFAULT_STRESS_STEPS, StressResult, stress_test
+
+
+@dataclass
+class RecitationSet:
+    """(prefix, suffix) token-id pairs to recite, with optional preceding context for the stress test."""
+
+    prefixes: list[list[int]]
+    suffixes: list[list[int]]
+    contexts: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        self.prefixes = [as_id_list(p, f"prefix {i}") for i, p in enumerate(self.prefixes)]
+        self.suffixes = [as_id_list(s, f"suffix {i}") for i, s in enumerate(self.suffixes)]
+        if len(self.prefixes) != len(self.suffixes):
+            raise ValueError(f"got {len(self.prefixes)} prefixes but {len(self.suffixes)} suffixes")
+        if not self.prefixes:
+            raise ValueError("a RecitationSet needs at least one example")
+        for i, (p, s) in enumerate(zip(self.prefixes, self.suffixes)):
+            if not p or not s:
+                raise ValueError(f"example {i} has an empty prefix or suffix")
+        if self.contexts is not None:
+            self.contexts = [as_id_list(c, f"context {i}") for i, c in enumerate(self.contexts)]
+            if len(self.contexts) != len(self.prefixes):
+                raise ValueError(f"got {len(self.contexts)} contexts for {len(self.prefixes)} examples")
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> "RecitationSet":
+        """From a dataset with ``prefix_ids`` and ``suffix_ids`` (and optionally ``context_ids``) columns, such as
+        the output of [`find_memorized_windows`]."""
+        cols = dataset.column_names
+        if "prefix_ids" not in cols or "suffix_ids" not in cols:
+            raise ValueError(f"dataset needs 'prefix_ids' and 'suffix_ids' columns, has {cols}")
+        return cls(dataset["prefix_ids"], dataset["suffix_ids"], dataset["context_ids"] if "context_ids" in cols else None)
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> "RecitationSet":
+        """From ``[(prefix_ids, suffix_ids), ...]``."""
+        return cls([p for p, _ in pairs], [s for _, s in pairs])
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any = None,
+                   suffix_tokens: int = DEFAULT_QUOTE_SUFFIX_TOKENS, add_special_tokens: bool = True) -> "RecitationSet":
+        """From raw texts such as famous quotes (or token-id lists): the last ``suffix_tokens`` tokens are the suffix."""
+        prefixes, suffixes = split_suffix(texts, suffix_tokens, tokenizer=tokenizer, add_special_tokens=add_special_tokens)
+        return cls(prefixes, suffixes)
+
+
+@dataclass
+class TextSet:
+    """Held-out documents (token ids) for perplexity and nDCG."""
+
+    sequences: list[list[int]]
+
+    def __post_init__(self) -> None:
+        self.sequences = [as_id_list(s, f"sequence {i}") for i, s in enumerate(self.sequences)]
+        if not any(len(s) >= 2 for s in self.sequences):
+            raise ValueError("a TextSet needs at least one document with 2 or more tokens")
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer: Any, add_special_tokens: bool = True) -> "TextSet":
+        """Tokenize raw held-out texts."""
+        return cls(coerce_sequences(list(texts), tokenizer, add_special_tokens=add_special_tokens))
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, tokenizer: Any = None, text_column: str = "text",
+                     input_ids_column: str = "input_ids") -> "TextSet":
+        """From a dataset with an ``input_ids`` column, or a ``text`` column plus a tokenizer."""
+        return cls(coerce_sequences(dataset, tokenizer, text_column=text_column, input_ids_column=input_ids_column))
+
+
+EvalSetLike = Any  # RecitationSet | TextSet | datasets.Dataset | list of (prefix, suffix) pairs | list of token lists
+
+
+def as_eval_set(data: EvalSetLike, tokenizer: Any = None) -> RecitationSet | TextSet:
+    """Interpret one entry of ``sets``: a dataset with ``prefix_ids``/``suffix_ids`` or a list of (prefix, suffix)
+    pairs is a [`RecitationSet`]; a dataset with ``input_ids``/``text`` or a list of token-id lists is a [`TextSet`].
+    Lists of raw strings are ambiguous (quotes to recite, or held-out text?) and must be wrapped explicitly."""
+    if isinstance(data, (RecitationSet, TextSet)):
+        return data
+    cols = getattr(data, "column_names", None)
+    if cols is not None:
+        if "prefix_ids" in cols and "suffix_ids" in cols:
+            return RecitationSet.from_dataset(data)
+        return TextSet.from_dataset(data, tokenizer)
+    items = list(data)
+    if not items:
+        raise ValueError("empty evaluation set")
+    first = items[0]
+    if isinstance(first, str):
+        raise TypeError("a list of raw texts is ambiguous: wrap it in RecitationSet.from_texts(texts, tokenizer) "
+                        "(quotes: the last tokens are the suffix) or TextSet.from_texts(texts, tokenizer) "
+                        "(held-out text for perplexity and nDCG)")
+    if isinstance(first, (tuple, list)) and len(first) == 2 and not isinstance(first[0], int) and hasattr(first[0], "__len__"):
+        return RecitationSet.from_pairs(items)
+    return TextSet(items)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of [`evaluate_edit`] (recorded in the report's metadata).
+
+    Args:
+        batch_size: examples (or windows) per forward pass.
+        loose_threshold: Loose counts ``1 - d/L >= loose_threshold``.
+        block_size / stride: sliding window for perplexity and nDCG (see [`perplexity`]).
+        ndcg_k: nDCG cutoff.
+        stress: run the stress test on recitation sets.
+        stress_extend / stress_shorten / stress_grid: stress-test variants (see [`stress_test`]).
+        show_progress: tqdm progress bars.
+    """
+
+    batch_size: int = 16
+    loose_threshold: float = DEFAULT_LOOSE_THRESHOLD
+    block_size: int | None = None
+    stride: int | None = None
+    ndcg_k: int = DEFAULT_NDCG_K
+    stress: bool = True
+    stress_extend: tuple[int, ...] = DEFAULT_STRESS_STEPS
+    stress_shorten: tuple[int, ...] = DEFAULT_STRESS_STEPS
+    stress_grid: bool = False
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0.0 <= self.loose_threshold <= 1.0:
+            raise ValueError(f"loose_threshold must lie in [0, 1], got {self.loose_threshold}")
+        if self.ndcg_k <= 0:
+            raise ValueError(f"ndcg_k must be positive, got {self.ndcg_k}")
+        self.stress_extend = tuple(int(x) for x in self.stress_extend)
+        self.stress_shorten = tuple(int(x) for x in self.stress_shorten)
+
+
+@dataclass
+class _Measurements:
+    recitation: dict[str, RecitationMetrics] = field(default_factory=dict)
+    stress: dict[str, StressResult] = field(default_factory=dict)
+    perplexity: dict[str, PerplexityResult] = field(default_factory=dict)
+    topk: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _measure(model: torch.nn.Module, sets: Mapping[str, RecitationSet | TextSet], cfg: EvalConfig, pad_id: int,
+             label: str) -> _Measurements:
+    out = _Measurements()
+    common = dict(batch_size=cfg.batch_size, pad_token_id=pad_id, show_progress=cfg.show_progress)
+    for name, s in sets.items():
+        if isinstance(s, RecitationSet):
+            res = evaluate_recitation(model, s.prefixes, s.suffixes, loose_threshold=cfg.loose_threshold, **common)
+            out.recitation[name] = RecitationMetrics.from_result(res)
+            if cfg.stress:
+                out.stress[name] = stress_test(model, s.prefixes, s.suffixes, contexts=s.contexts,
+                                               extend=cfg.stress_extend, shorten=cfg.stress_shorten,
+                                               grid=cfg.stress_grid, **common)
+        else:
+            block, stride = resolve_block_size(model, cfg.block_size, cfg.stride)
+            nll, n, topk = score_text(model, s.sequences, block_size=block, stride=stride, top_k=cfg.ndcg_k,
+                                      desc=f"{label} text '{name}'", **common)
+            out.perplexity[name] = PerplexityResult(perplexity_from_nll(nll, n), nll, n, block, stride)
+            assert topk is not None
+            out.topk[name] = topk
+    return out
+
+
+def _metadata(model: Any, base_model: Any, cfg: EvalConfig, extra: Mapping[str, Any] | None) -> ReportMetadata:
+    from .. import __version__
+
+    adapter_name = peft_type = None
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()  # type: ignore[assignment]
+    if isinstance(model, PeftModel):
+        adapter_name = model.active_adapter if isinstance(model.active_adapter, str) else str(model.active_adapter)
+        pt = getattr(model.peft_config.get(adapter_name), "peft_type", None)
+        peft_type = getattr(pt, "value", None) or (str(pt) if pt is not None else None)
+        base = model.get_base_model()
+    else:
+        base = base_model
+    return ReportMetadata(
+        base_model=getattr(getattr(base, "config", None), "_name_or_path", None) or None,
+        adapter_name=adapter_name,
+        peft_type=peft_type,
+        library_version=__version__,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        settings=dataclasses.asdict(cfg),
+        extra=dict(extra or {}),
+    )
+
+
+def evaluate_edit(
+    model: torch.nn.Module,
+    sets: Mapping[str, EvalSetLike],
+    tokenizer: Any = None,
+    *,
+    base_model: torch.nn.Module | None = None,
+    config: EvalConfig | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    **config_kwargs: Any,
+) -> EditReport:
+    """Measure an edit: recitation (+ stress test) on every recitation set, perplexity and nDCG@k on every
+    held-out text set, each on the base and on the edited model.
+
+    Args:
+        model: the edited model. If it is a `peft.PeftModel` (any adapter type), the edited model is
+            ``model`` with its active adapter on and the base is the same model inside
+            ``model.disable_adapter()``: nothing is loaded twice.
+        sets: name -> set; see [`as_eval_set`] for what is accepted (e.g. the dataset returned by
+            [`find_memorized_windows`], ``RecitationSet.from_texts(quotes, tok)``,
+            ``TextSet.from_texts(heldout, tok)``).
+        tokenizer: needed only for sets given as text; also supplies the pad id (EOS if it has no pad token).
+        base_model: the unedited model, required when ``model`` is not a `peft.PeftModel`.
+        config: an [`EvalConfig`]; keyword arguments override its fields (e.g. ``batch_size=8``).
+        metadata: extra JSON-serializable entries for ``report.metadata.extra``.
+
+    Example:
+        ```py
+        >>> peft_model = PeftModel.from_pretrained(base, "user/edit")
+        >>> report = evaluate_edit(peft_model, {"memorized": windows_ds, "heldout": TextSet.from_texts(texts, tok)}, tok)
+        >>> report.save("report.json"); report.to_table_rows()
+        ```
+    """
+    cfg = dataclasses.replace(config, **config_kwargs) if config is not None else EvalConfig(**config_kwargs)
+    if not sets:
+        raise ValueError("no evaluation sets given")
+    eval_sets = {name: as_eval_set(s, tokenizer) for name, s in sets.items()}
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if base_model is not None:
+            raise ValueError("`model` is a PeftModel, whose base is the model with the adapter disabled; "
+                             "do not pass `base_model` as well")
+        base, edited = model, model
+        base_ctx: Callable[[], ContextManager[Any]] = model.disable_adapter
+    else:
+        if base_model is None:
+            raise ValueError("`model` is not a PeftModel, so pass the unedited model as `base_model=`")
+        if base_model is model:
+            raise ValueError("`base_model` is the same object as `model`; nothing would be compared")
+        base, edited = base_model, model
+        base_ctx = contextlib.nullcontext
+    pad_id = resolve_pad_id(None, tokenizer=tokenizer, model=edited)
+
+    with base_ctx():
+        base_m = _measure(base, eval_sets, cfg, pad_id, "base")
+    edited_m = _measure(edited, eval_sets, cfg, pad_id, "edited")
+
+    report = EditReport(metadata=_metadata(model, base_model, cfg, metadata))
+    for name in base_m.recitation:
+        report.recitation[name] = RecitationComparison(base_m.recitation[name], edited_m.recitation[name])
+    for name in base_m.stress:
+        report.stress[name] = StressComparison(base_m.stress[name], edited_m.stress[name])
+    for name in base_m.perplexity:
+        report.perplexity[name] = PerplexityComparison(base_m.perplexity[name], edited_m.perplexity[name])
+        b, e = base_m.topk[name], edited_m.topk[name]
+        report.coherence[name] = CoherenceResult(ndcg_at_k(e, b, cfg.ndcg_k), cfg.ndcg_k, int(b.shape[0]))
+    return report

@@ -1,0 +1,130 @@
+"""`CurvatureEditConfig`: the PEFT configuration of a curvature edit, and the `PeftType.CURVEDIT` enum member."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+PEFT_TYPE_NAME = "CURVEDIT"
+SELECTIONS = ("curvature_mass", "factor_truncation")
+
+
+def _extend_peft_type() -> PeftType:
+    """Add ``CURVEDIT`` to `peft.utils.PeftType` (idempotent) and return the member.
+
+    PEFT's `register_peft_method` only accepts names that already exist in the enum, and an `Enum` cannot be
+    subclassed once it has members, so the member is added to the enum's own maps, the way `enum` builds members.
+    Because `PeftType` is a `str` enum, the member compares and hashes equal to ``"CURVEDIT"``, which is what
+    ``adapter_config.json`` stores.
+    """
+    existing = PeftType.__members__.get(PEFT_TYPE_NAME)
+    if existing is not None:
+        return existing
+    member = str.__new__(PeftType, PEFT_TYPE_NAME)
+    member._name_ = PEFT_TYPE_NAME
+    member._value_ = PEFT_TYPE_NAME
+    member.__objclass__ = PeftType
+    PeftType._member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    PeftType._member_names_.append(PEFT_TYPE_NAME)
+    # EnumType.__setattr__ refuses to (re)bind member names; the member lives in the class dict like the others
+    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
+    return member
+
+
+CURVEDIT = _extend_peft_type()
+
+
+@dataclass
+class CurvatureEditConfig(PeftConfig):
+    """
+    Configuration of a curvature edit ([`CurvatureEditModel`]): which linear layers to edit, how much curvature mass to
+    keep, and where the K-FAC factors came from.
+
+    Each targeted weight ``W`` is replaced by its projection onto the high-curvature components of the K-FAC
+    eigenbasis, ``W' = U_G (M ∘ U_Gᵀ W U_A) U_Aᵀ`` (METHOD.md §2), stored as an exact rank-``k`` factorization
+    ``W' = B Qᵀ`` with orthonormal ``Q``. The edit is fixed (nothing is trained); the factors are only needed when
+    the adapter is *built*. A saved adapter carries its factorization, so loading it needs no factors.
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            Modules to edit. A string is a regex matched with ``re.fullmatch`` against the module name; a list holds
+            exact names or name suffixes. ``None`` picks the architecture default of `hf_curvedit.DEFAULT_TARGET_MODULES`
+            (the MLP projections, as in the paper).
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Modules not to edit, same syntax as `target_modules`.
+        keep_mass (`float`):
+            Global ρ in ``(0, 1]``: the fraction of curvature mass to keep (paper: 0.6 for OLMo-2 7B gate/up).
+        keep_mass_pattern (`dict[str, float]`):
+            Per-module ρ overriding `keep_mass`, keyed by a regex matched against the end of the module name, like
+            LoRA's ``rank_pattern``, e.g. ``{"layers.24.mlp.up_proj": 0.7, "down_proj": 0.9}``. The first match wins.
+        selection (`str`):
+            ``"curvature_mass"`` (the paper's staircase selection on ``λ_i μ_j``) or ``"factor_truncation"`` (keep
+            the top eigenvectors of G and A separately until each reaches ρ of its eigenvalue mass, METHOD.md §2.8).
+        rank_cap (`Optional[int]`):
+            If set, ``W'`` is truncated by SVD to rank ≤ `rank_cap` (lossy); the relative error is recorded per module
+            and shown by the report.
+        factors_path (`Optional[str]`):
+            Path of an ``eigen.safetensors`` file ([`KFACEigen`]) used when the adapter is built through
+            `peft.get_peft_model`. Not needed when building with [`build_curvature_edit`] or when loading a saved
+            adapter.
+        factor_source (`dict[str, Any]`):
+            Free-form provenance of the factors (path, dataset, token count, label mode, ...). Filled from the
+            factors' metadata when building; kept in ``adapter_config.json``.
+        edited_modules (`dict[str, dict]`):
+            Filled when the adapter is built: per edited module its rank ``k``, the side of ``Q`` (``"input"`` or
+            ``"output"``) and ρ. Loading uses it to allocate the buffers before the saved tensors are read. Do not
+            set it by hand.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Modules to edit: regex string, or list of names/suffixes. None = architecture default."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules not to edit (regex string, or list of names/suffixes)."}
+    )
+    keep_mass: float = field(default=0.6, metadata={"help": "Fraction ρ of curvature mass to keep, in (0, 1]."})
+    keep_mass_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module ρ, keyed by a regex on the module name (like rank_pattern)."}
+    )
+    selection: Literal["curvature_mass", "factor_truncation"] = field(
+        default="curvature_mass", metadata={"help": "'curvature_mass' (paper) or 'factor_truncation'."}
+    )
+    rank_cap: Optional[int] = field(
+        default=None, metadata={"help": "Truncate each edited weight by SVD to at most this rank (lossy)."}
+    )
+    factors_path: Optional[str] = field(
+        default=None, metadata={"help": "eigen.safetensors to build from when using peft.get_peft_model."}
+    )
+    factor_source: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Provenance of the factors (dataset, tokens, label mode, path)."}
+    )
+    edited_modules: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"help": "Filled at build time: per module k, q_side and keep_mass."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = CURVEDIT
+        # nothing is trained: keep PEFT from marking anything trainable
+        self.inference_mode = True
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        _check_rho(self.keep_mass, "keep_mass")
+        for pattern, rho in self.keep_mass_pattern.items():
+            _check_rho(rho, f"keep_mass_pattern[{pattern!r}]")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.rank_cap is not None and (not isinstance(self.rank_cap, int) or self.rank_cap < 1):
+            raise ValueError(f"rank_cap must be a positive integer or None, got {self.rank_cap!r}")
+
+
+def _check_rho(value: Any, name: str) -> None:
+    if not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1] (the fraction of curvature mass to keep), got {value!r}")

@@ -1,0 +1,366 @@
+"""The curvature edit as a PEFT adapter: math, toggling, switching, merging, reports, rank cap."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peft import get_peft_model  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import hf_curvedit  # noqa: E402,F401  (registers the PEFT method)
+from hf_curvedit import CurvatureEditConfig, KFACEigen, ModuleEigen, build_curvature_edit  # noqa: E402
+from hf_curvedit.curvature.eigen import symmetric_eigh  # noqa: E402
+from hf_curvedit.targets import linear_shape, resolve_target_modules  # noqa: E402
+from hf_curvedit.tuner import CurvatureEditLayer, curvature_edit_report  # noqa: E402
+
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).eval()
+
+
+def _spd(n: int, g: torch.Generator) -> torch.Tensor:
+    # a spread spectrum, like real activation / gradient covariances
+    X = torch.randn(n, 2 * n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)[:, None]
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ (X @ X.T) @ Q.T / (2 * n)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_eigen(shapes: tuple[tuple[str, int, int], ...], seed: int) -> KFACEigen:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, d_out, d_in in shapes:
+        la, va = symmetric_eigh(_spd(d_in, g))
+        lg, vg = symmetric_eigh(_spd(d_out, g))
+        out[name] = ModuleEigen(la, va, lg, vg)
+    return KFACEigen(out, {"num_tokens": 1000, "model_name_or_path": "tiny"})
+
+
+def random_eigen(model: torch.nn.Module, seed: int = 1, names: list[str] | None = None) -> KFACEigen:
+    """Eigenbases of random SPD factors for the targeted modules (cached: eigh is slow on a busy 2-core box)."""
+    shapes = tuple((n, *linear_shape(model.get_submodule(n))) for n in (names or resolve_target_modules(model)))
+    return _random_eigen(shapes, seed)
+
+
+def logical_weight(module: torch.nn.Module) -> torch.Tensor:
+    w = module.weight.detach()
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
+def dense_edit(weight: torch.Tensor, e: ModuleEigen, rho: float) -> torch.Tensor:
+    """W' = U_G (M ∘ C) U_Aᵀ in float64, with M from a brute-force sort of all products."""
+    from test_selection import brute_force_mask
+
+    W = weight.double()
+    C = e.eigvecs_G.T @ W @ e.eigvecs_A
+    M = brute_force_mask(e.eigvals_G, e.eigvals_A, rho)
+    return e.eigvecs_G @ (C * M) @ e.eigvecs_A.T
+
+
+def ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def edit_layers(model) -> dict[str, CurvatureEditLayer]:
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, CurvatureEditLayer)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_enabled_forward_equals_dense_formula_in_fp64(arch):
+    base = (tiny_llama() if arch == "llama" else tiny_gpt2()).double()
+    reference = copy.deepcopy(base)
+    eigen = random_eigen(base)
+    rho = 0.6
+    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=rho))
+    layers = edit_layers(model)
+    assert set(layers) == set(eigen)
+    x = ids()
+    for name, layer in layers.items():
+        W_dense = dense_edit(logical_weight(reference.get_submodule(name)), eigen[name], rho)
+        h = torch.randn(3, 5, W_dense.shape[1], dtype=torch.float64)
+        bias = layer.get_base_layer().bias
+        expected = h @ W_dense.T + (bias if bias is not None else 0)
+        torch.testing.assert_close(layer(h), expected, rtol=1e-10, atol=1e-10)
+        # the edit is a projection: applying it to W' again changes nothing
+        torch.testing.assert_close(dense_edit(W_dense, eigen[name], rho), W_dense, rtol=1e-9, atol=1e-12)
+        # write W' into the reference model for the end-to-end check below
+        target = reference.get_submodule(name)
+        target.weight.data = (W_dense.T if arch == "gpt2" else W_dense).contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-9, atol=1e-9)
+
+
+def test_adapter_state_is_an_exact_orthonormal_factorization_in_fp32_buffers():
+    base = tiny_llama()
+    eigen = random_eigen(base)
+    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
+    sides = set()
+    for name, layer in edit_layers(model).items():
+        Q, B = layer.curvedit_Q["default"], layer.curvedit_B["default"]
+        assert Q.dtype == B.dtype == torch.float32
+        assert not any(Q is p or B is p for p in model.parameters())
+        torch.testing.assert_close(Q.T @ Q, torch.eye(Q.shape[1]), atol=1e-5, rtol=0)
+        rep = layer.report("default", name)
+        assert Q.shape[1] == rep.k == min(rep.r, rep.s)
+        side = layer._curvedit_q_side["default"]
+        sides.add(side)
+        assert side == ("input" if rep.s <= rep.r else "output")
+        assert Q.shape[0] == (layer.in_features if side == "input" else layer.out_features)
+        cut = layer.curvedit_cutoffs["default"]
+        assert cut.dtype == torch.int64 and (cut[1:] <= cut[:-1]).all() and int(cut[0]) == rep.s
+        W_dense = dense_edit(logical_weight(base.get_submodule(name).base_layer), eigen[name], 0.6)
+        torch.testing.assert_close(layer.edited_weight("default").double(), W_dense, atol=1e-5, rtol=1e-4)
+        assert torch.linalg.matrix_rank(W_dense).item() <= rep.k
+    assert sides == {"input", "output"}  # up/gate keep s < r, down keeps r < s with these shapes
+
+
+def test_disabled_adapter_is_bit_exact_base():
+    base = tiny_llama()
+    x = ids()
+    with torch.no_grad():
+        ref = base(x).logits.clone()
+    model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.6))
+    with torch.no_grad():
+        edited = model(x).logits
+        assert not torch.allclose(edited, ref, atol=1e-4)
+        with model.disable_adapter():
+            assert torch.equal(model(x).logits, ref)
+        assert torch.equal(model(x).logits, edited)  # re-enabled on exit
+        model.merge_adapter()
+        with model.disable_adapter():  # disabling a merged edit restores the base weights
+            assert torch.equal(model(x).logits, ref)
+
+
+def test_set_adapter_switches_between_edits_with_different_rho():
+    eigen = random_eigen(tiny_llama())
+    x = ids()
+    singles = {}
+    for rho in (0.5, 0.9):
+        m = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=rho), adapter_name=f"r{int(rho * 10)}")
+        with torch.no_grad():
+            singles[rho] = m(x).logits
+    model = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.5), adapter_name="r5")
+    model = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.9), adapter_name="r9")
+    assert model.active_adapter == "r5"  # adding does not activate
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, singles[0.5])
+        model.set_adapter("r9")
+        assert torch.equal(model(x).logits, singles[0.9])
+        model.set_adapter("r5")
+        assert torch.equal(model(x).logits, singles[0.5])
+    assert not torch.allclose(singles[0.5], singles[0.9], atol=1e-4)
+    with pytest.raises(ValueError, match="cannot be active together"):
+        model.base_model.set_adapter(["r5", "r9"])
+    reports = {r.module: r for r in curvature_edit_report(model, "r9")}
+    assert all(r.keep_mass == 0.9 for r in reports.values())
+    # switching while an edit is merged never runs the stale merged weight
+    with torch.no_grad():
+        model.merge_adapter()
+        model.set_adapter("r9")
+        assert torch.equal(model(x).logits, singles[0.9])
+        assert not any(layer.merged for layer in edit_layers(model).values())
+    model.delete_adapter("r9")
+    assert model.active_adapter == "r5"
+    assert all(set(layer.curvedit_Q) == {"r5"} for layer in edit_layers(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, singles[0.5])
+
+
+def test_merge_unmerge_round_trip_is_bit_exact_in_fp32():
+    base = tiny_llama()
+    originals = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    x = ids()
+    with torch.no_grad():
+        ref = base(x).logits.clone()
+    model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.6))
+    with torch.no_grad():
+        unmerged = model(x).logits
+        model.merge_adapter()
+        layers = edit_layers(model)
+        for name, layer in layers.items():
+            assert layer.merged
+            torch.testing.assert_close(layer.get_base_layer().weight, layer.edited_weight("default"), rtol=0, atol=0)
+        torch.testing.assert_close(model(x).logits, unmerged, rtol=1e-4, atol=1e-5)
+        model.unmerge_adapter()
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                assert torch.equal(m.weight, originals[n.removeprefix("base_model.model.").replace(".base_layer", "")]), n
+        with model.disable_adapter():
+            assert torch.equal(model(x).logits, ref)
+        assert torch.equal(model(x).logits, unmerged)
+
+
+def test_bf16_base_keeps_fp32_adapter_and_merge_round_trip_is_bit_exact():
+    base = tiny_llama()
+    model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.6))
+    model = model.to(torch.bfloat16)
+    layers = edit_layers(model)
+    for layer in layers.values():
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
+        assert layer.curvedit_Q["default"].dtype == torch.float32  # never cast to the base dtype
+        assert layer.curvedit_meta["default"].dtype == torch.float64
+        assert layer.curvedit_cutoffs["default"].dtype == torch.int64
+    originals = {n: l.get_base_layer().weight.detach().clone() for n, l in layers.items()}
+    x = ids()
+    with torch.no_grad():
+        unmerged = model(x).logits
+        assert unmerged.dtype == torch.bfloat16
+        model.merge_adapter()
+        merged = model(x).logits
+        # merged weights are W' rounded to bf16: equal to the unmerged output only up to bf16 rounding
+        torch.testing.assert_close(merged.float(), unmerged.float(), rtol=0.05, atol=0.05)
+        model.unmerge_adapter()
+        for n, l in layers.items():
+            assert torch.equal(l.get_base_layer().weight, originals[n])  # the original tensor itself comes back
+        assert torch.equal(model(x).logits, unmerged)
+
+
+def test_merge_and_unload_and_unload():
+    x = ids()
+    eigen = random_eigen(tiny_llama())
+    model = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.6))
+    with torch.no_grad():
+        edited = model(x).logits
+    plain = model.merge_and_unload()
+    assert type(plain) is LlamaForCausalLM
+    assert not any(isinstance(m, CurvatureEditLayer) for m in plain.modules())
+    assert not any("curvedit" in k for k in plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, edited, rtol=1e-4, atol=1e-5)
+
+    fresh = tiny_llama()
+    with torch.no_grad():
+        ref = fresh(x).logits.clone()
+    model = build_curvature_edit(fresh, eigen, CurvatureEditConfig(keep_mass=0.6))
+    model.merge_adapter()
+    base = model.unload()  # unload drops the edit; a merged edit is undone first
+    assert type(base) is LlamaForCausalLM
+    with torch.no_grad():
+        assert torch.equal(base(x).logits, ref)
+
+
+def test_report_numbers_are_consistent():
+    base = tiny_llama()
+    weights = {n: logical_weight(m).double().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    eigen = random_eigen(base)
+    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6))
+    reports = model.base_model.edit_report()
+    assert [r.module for r in reports] == list(eigen)
+    for rep in reports:
+        W = weights[rep.module]
+        Wp = dense_edit(W, eigen[rep.module], 0.6)
+        assert rep.kept_norm_fraction == pytest.approx(float(Wp.norm() / W.norm()), rel=1e-9)
+        assert rep.removed_norm_fraction == pytest.approx(float((W - Wp).norm() / W.norm()), rel=1e-6)
+        assert rep.kept_norm_fraction**2 + rep.removed_norm_fraction**2 == pytest.approx(1.0, rel=1e-9)
+        assert rep.kept_mass_fraction >= 0.6
+        assert rep.kept_component_fraction == rep.kept_components / (rep.d_out * rep.d_in)
+        assert rep.adapter_bytes == (rep.d_in + rep.d_out) * rep.k * 4
+        assert rep.weight_bytes == rep.d_in * rep.d_out * 4
+        assert rep.bytes_ratio == pytest.approx(rep.adapter_bytes / rep.weight_bytes)
+        assert rep.to_dict()["module"] == rep.module
+
+
+def test_rank_cap_truncates_by_svd_and_records_its_error():
+    base = tiny_llama()
+    eigen = random_eigen(base)
+    uncapped = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.6))
+    full = {n: l.edited_weight("default").double() for n, l in edit_layers(uncapped).items()}
+    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6, rank_cap=10))
+    for name, layer in edit_layers(model).items():
+        rep = layer.report("default", name)
+        Wc = layer.edited_weight("default").double()
+        Q = layer.curvedit_Q["default"]
+        assert Q.shape[1] == rep.rank == 10 < rep.k and rep.rank_cap == 10
+        torch.testing.assert_close(Q.T @ Q, torch.eye(10), atol=1e-5, rtol=0)
+        err = float((Wc - full[name]).norm() / full[name].norm())
+        assert rep.rank_cap_error == pytest.approx(err, rel=1e-3)
+        # the SVD truncation is the best rank-10 approximation of W'
+        s = torch.linalg.svdvals(full[name])
+        assert err == pytest.approx(float(s[10:].norm() / s.norm()), rel=1e-3)
+        B = layer.curvedit_B["default"].double()
+        assert torch.linalg.matrix_rank(B @ Q.double().T).item() == 10
+    # a cap at or above k changes nothing
+    same = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.6, rank_cap=10_000))
+    for name, layer in edit_layers(same).items():
+        assert layer.report("default").rank_cap_error == 0.0
+        torch.testing.assert_close(layer.edited_weight("default").double(), full[name], rtol=0, atol=0)
+
+
+def test_keep_mass_pattern_and_factor_truncation_variant():
+    eigen = random_eigen(tiny_llama())
+    cfg = CurvatureEditConfig(keep_mass=0.6, keep_mass_pattern={r"layers\.1\.mlp\.up_proj": 0.9, "down_proj": 0.3})
+    model = build_curvature_edit(tiny_llama(), eigen, cfg)
+    rhos = {r.module: r.keep_mass for r in model.base_model.edit_report()}
+    assert rhos["model.layers.1.mlp.up_proj"] == 0.9
+    assert rhos["model.layers.0.mlp.up_proj"] == 0.6
+    assert rhos["model.layers.0.mlp.down_proj"] == rhos["model.layers.1.mlp.down_proj"] == 0.3
+    assert model.peft_config["default"].edited_modules["model.layers.1.mlp.up_proj"]["keep_mass"] == 0.9
+
+    ft = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.8, selection="factor_truncation"))
+    for rep in ft.base_model.edit_report():
+        assert rep.selection == "factor_truncation"
+        assert rep.kept_components == rep.r * rep.s
+        e = eigen[rep.module]
+        assert float(e.eigvals_G[: rep.r].sum()) >= 0.8 * float(e.eigvals_G.sum()) > float(e.eigvals_G[: rep.r - 1].sum())
+
+
+def test_config_validation_and_missing_factor_errors(tmp_path):
+    with pytest.raises(ValueError, match="keep_mass"):
+        CurvatureEditConfig(keep_mass=1.5)
+    with pytest.raises(ValueError, match="keep_mass_pattern"):
+        CurvatureEditConfig(keep_mass_pattern={"up_proj": 0})
+    with pytest.raises(ValueError, match="selection"):
+        CurvatureEditConfig(selection="heap")
+    with pytest.raises(ValueError, match="rank_cap"):
+        CurvatureEditConfig(rank_cap=0)
+    # factors for only some targeted modules: the missing one is named
+    base = tiny_llama()
+    partial = KFACEigen({k: v for k, v in random_eigen(base).items() if "layers.0" in k})
+    with pytest.raises(ValueError, match=r"no K-FAC factors for module 'model\.layers\.1\.mlp\.gate_proj'"):
+        build_curvature_edit(base, partial, CurvatureEditConfig())
+    # get_peft_model without any factors explains how to provide them
+    with pytest.raises(ValueError, match="build_curvature_edit"):
+        get_peft_model(tiny_llama(), CurvatureEditConfig())
+    # a tied lm_head is refused (editing it would edit the embeddings)
+    gpt2 = tiny_gpt2()
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    with pytest.raises(ValueError, match="tied"):
+        build_curvature_edit(gpt2, random_eigen(gpt2, names=["lm_head"]), CurvatureEditConfig(target_modules=["lm_head"]))
+    # factors of another architecture
+    other = random_eigen(tiny_llama(intermediate_size=96))
+    with pytest.raises(ValueError, match="different model"):
+        build_curvature_edit(tiny_llama(), other, CurvatureEditConfig())
+
+
+def test_get_peft_model_with_factors_path_equals_convenience_builder(tmp_path):
+    eigen = random_eigen(tiny_llama())
+    path = eigen.save(tmp_path / "eigen.safetensors")
+    x = ids()
+    a = get_peft_model(tiny_llama(), CurvatureEditConfig(keep_mass=0.7, factors_path=str(path),
+                                                          target_modules=["up_proj", "gate_proj"]))
+    b = build_curvature_edit(tiny_llama(), path, CurvatureEditConfig(keep_mass=0.7, target_modules=["up_proj", "gate_proj"]))
+    assert set(edit_layers(a)) == set(edit_layers(b)) == {k for k in eigen if "down_proj" not in k}
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+    assert b.peft_config["default"].factor_source["path"] == str(path)
+    assert a.peft_config["default"].factor_source["num_tokens"] == 1000

@@ -1,0 +1,53 @@
+"""A 2-process (gloo, CPU) run equals a 1-process run.
+
+The two processes come from `torchrun --nproc_per_node 2` in a subprocess: on CPU,
+`accelerate launch --num_processes 2` starts one process, and forking from a pytest process whose
+OpenMP pool is already running can deadlock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from hf_curvedit import FactorConfig, fit_factors, load_factors
+
+from conftest import random_token_rows, tiny_llama
+
+CFG = dict(seq_len=16, batch_size=2, label_mode="sampled", seed=3, checkpoint_every=1)
+
+
+def _data() -> Dataset:
+    # 11 blocks → 6 batches, the last one partial: each rank gets 3 batches of unequal sizes.
+    return Dataset.from_dict({"input_ids": random_token_rows(30, lo=4, hi=14, seed=5)})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_equals_one_process(tmp_path):
+    out = tmp_path / "multi"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(Path(__file__).with_name("_mp_fit_worker.py")), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "rank0.done").exists() and (out / "rank1.done").exists()
+
+    single = fit_factors(tiny_llama(), _data(), FactorConfig(**CFG), progress=False)
+    multi = load_factors(out)
+    assert multi.num_tokens == single.num_tokens
+    for n in single.module_names:
+        torch.testing.assert_close(multi.A[n], single.A[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(multi.G[n], single.G[n], rtol=1e-5, atol=1e-7)
+    assert not (out / "checkpoint").exists()
