@@ -308,3 +308,15 @@ def test_bad_config_values():
 def test_missing_text_column(llama):
     with pytest.raises(KeyError, match="text_column"):
         fit_factors(llama, Dataset.from_dict({"content": ["a b"]}), FactorConfig(), progress=False)
+
+
+@pytest.mark.parametrize("d,acc_dtype", [(517, torch.float32), (300, torch.float64), (64, torch.float32)])
+def test_upper_triangle_accumulation_equals_full_gram(d, acc_dtype):
+    x = torch.randn(40, d, dtype=torch.float32)
+    acc = torch.zeros(d, d, dtype=acc_dtype)
+    factors_mod._accumulate_upper(acc, x)
+    factors_mod._accumulate_upper(acc, 2 * x)
+    full = factors_mod._mirror_upper(acc)
+    want = 5 * (x.double().T @ x.double())
+    assert torch.equal(full, full.T)
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-4)

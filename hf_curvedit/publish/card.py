@@ -1,0 +1,311 @@
+"""Model cards for curvature edits: Hub metadata (`ModelCardData`, `EvalResult`) and the Jinja templates."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import jinja2
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..evaluation.report import EditReport, TableRow
+
+PAPER_URL = "https://arxiv.org/abs/2510.24256"
+CITATION = """@article{merullo2025curvature,
+  title   = {From Memorization to Reasoning in the Spectrum of Loss Curvature},
+  author  = {Merullo and Vatsavaya and Bushnaq and Lewis},
+  journal = {arXiv preprint arXiv:2510.24256},
+  year    = {2025},
+  url     = {https://arxiv.org/abs/2510.24256}
+}"""
+TEMPLATE_PACKAGE_DIR = "model_cards"
+CardKind = Literal["adapter", "merged"]
+
+_PIPELINE_BY_TASK = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+_PIPELINE_BY_ARCH_SUFFIX = {
+    "ForCausalLM": "text-generation",
+    "LMHeadModel": "text-generation",
+    "ForConditionalGeneration": "text2text-generation",
+    "ForSequenceClassification": "text-classification",
+    "ForImageClassification": "image-classification",
+}
+# model-index metric ids per card-table metric (the Hub shows metric_name; metric_type is a stable slug)
+_METRIC_SLUGS = {"Strict": "strict_recitation", "AvgLev": "avg_levenshtein", "Perplexity": "perplexity",
+                 "Stress longest match": "stress_longest_match", "Stress full match": "stress_full_match"}
+_PERCENT_METRICS = ("Strict", "Loose", "Stress full match")
+
+
+@dataclass
+class CardInputs:
+    """Everything a card is rendered from, independent of where it came from (a live model or a folder).
+
+    Args:
+        kind: ``"adapter"`` (PEFT adapter repo) or ``"merged"`` (plain transformers checkpoint).
+        repo_id: the Hub repo the card is for, e.g. ``"user/llama-curvedit-rho0.6"``.
+        edit_config: the `CurvatureEditConfig` as a dict (``adapter_config.json`` content).
+        modules: per edited module a dict with at least ``module`` and ``keep_mass`` (a `ModuleEditReport`
+            as dict when the live model was available: ``r``, ``s``, ``k``, ``kept_mass_fraction``, ...).
+        report: the evaluation, base against edited.
+        base_model: Hub id of the base model (local paths are not valid `base_model` metadata).
+        license: license of the base model, when known.
+        pipeline_tag: Hub pipeline tag; derived from the task type when ``None``.
+        factor_data: provenance of the curvature factors (dataset, token count, label mode).
+        adapter_name: PEFT adapter name, shown in the loading snippet.
+        spectrum_plots: ``(module, relative path)`` of the spectrum PNGs.
+        tradeoff_plot: relative path of the recitation-vs-perplexity PNG.
+        tags: extra Hub tags.
+    """
+
+    kind: CardKind
+    repo_id: str
+    edit_config: dict[str, Any]
+    modules: list[dict[str, Any]]
+    report: Optional[EditReport] = None
+    base_model: Optional[str] = None
+    license: Optional[str] = None
+    pipeline_tag: Optional[str] = None
+    factor_data: dict[str, Any] = field(default_factory=dict)
+    adapter_name: str = "default"
+    spectrum_plots: list[tuple[str, str]] = field(default_factory=list)
+    tradeoff_plot: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+def load_template(kind: CardKind) -> str:
+    """Return the text of the packaged card template for `kind` (``"adapter"`` or ``"merged"``)."""
+    return _template_file(f"{kind}.md.jinja")
+
+
+def _template_file(name: str) -> str:
+    # importlib.resources reads from an installed wheel (even a zipped one) as well as from a source checkout
+    path = resources.files("hf_curvedit").joinpath(TEMPLATE_PACKAGE_DIR, name)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model card template {name!r} is missing from the installed hf_curvedit package "
+            f"(expected at hf_curvedit/{TEMPLATE_PACKAGE_DIR}/{name}); reinstall hf-curvedit"
+        ) from None
+
+
+def is_hub_id(name: Optional[str]) -> bool:
+    """Whether `name` looks like a Hub repo id (``"org/name"`` or ``"name"``) rather than a local path."""
+    if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+        return False
+    return re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) is not None and ".." not in name
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of the libraries a curvature edit depends on."""
+    out = {}
+    for dist in ("hf-curvedit", "torch", "transformers", "peft", "huggingface_hub", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    # peft configs hold sets (target_modules) and enums; YAML and JSON want plain lists and strings
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
+def config_yaml(edit_config: Mapping[str, Any]) -> str:
+    """The edit config as block YAML, keys in their original order."""
+    return yaml.safe_dump(_jsonable(dict(edit_config)), sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def _pipeline_tag(edit_config: Mapping[str, Any], explicit: Optional[str]) -> Optional[str]:
+    if explicit:
+        return explicit
+    task = edit_config.get("task_type")
+    if task in _PIPELINE_BY_TASK:
+        return _PIPELINE_BY_TASK[task]
+    for arch in edit_config.get("architectures") or []:
+        for suffix, tag in _PIPELINE_BY_ARCH_SUFFIX.items():
+            if arch.endswith(suffix):
+                return tag
+    return None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _is_percent(metric: str) -> bool:
+    return metric.startswith(_PERCENT_METRICS)
+
+
+def _format_row(row: TableRow) -> dict[str, str]:
+    if _is_percent(row.metric):
+        def show(v: Optional[float]) -> str:
+            return "–" if v is None else f"{100 * v:.1f}%"
+        change = "–" if row.base is None else f"{100 * (row.edited - row.base):+.1f} pt"
+        metric = f"{row.metric} (%)"
+    else:
+        digits = 2 if row.metric == "Perplexity" else 3
+        show = lambda v: _fmt(v, digits)  # noqa: E731
+        if row.base is None:
+            change = "–"
+        elif row.metric == "Perplexity" and row.base:
+            change = f"{100 * (row.edited / row.base - 1):+.1f}%"
+        else:
+            change = f"{row.edited - row.base:+.{digits}f}"
+        metric = row.metric
+    return {"metric": metric, "set": row.set, "base": show(row.base), "edited": show(row.edited), "change": change}
+
+
+def eval_results(report: EditReport, task_type: str = "text-generation") -> list[EvalResult]:
+    """`EvalResult` entries (the card's ``model-index``) for the edited model's numbers in `report`.
+
+    Recitation and stress rates are given in percent, like the paper's tables; the base model's numbers are in the
+    card's table, not in ``model-index`` (which describes this model only).
+    """
+    results = []
+    for row in report.to_table_rows():
+        percent = _is_percent(row.metric)
+        slug = _METRIC_SLUGS.get(row.metric) or re.sub(r"[^a-z0-9]+", "_", row.metric.lower()).strip("_")
+        results.append(EvalResult(
+            task_type=task_type,
+            dataset_type=row.set,
+            dataset_name=row.set,
+            metric_type=slug,
+            metric_name=f"{row.metric} (%)" if percent else row.metric,
+            metric_value=round(100 * row.edited, 4) if percent else float(row.edited),
+            source_name="hf-curvedit evaluate_edit",
+        ))
+    return results
+
+
+def card_data(inputs: CardInputs) -> ModelCardData:
+    """The card's YAML metadata: base model and relation, library, tags, pipeline tag, license and model-index."""
+    pipeline_tag = _pipeline_tag(inputs.edit_config, inputs.pipeline_tag)
+    tags = ["hf-curvedit", "curvature-edit", "memorization", "k-fac"]
+    if inputs.kind == "adapter":
+        tags.append("peft")
+    tags += [t for t in inputs.tags if t not in tags]
+    model_name = inputs.repo_id.split("/")[-1]
+    results = eval_results(inputs.report, pipeline_tag or "text-generation") if inputs.report else None
+    return ModelCardData(
+        base_model=inputs.base_model if is_hub_id(inputs.base_model) else None,
+        base_model_relation=("adapter" if inputs.kind == "adapter" else "finetune") if is_hub_id(inputs.base_model) else None,
+        library_name="peft" if inputs.kind == "adapter" else "transformers",
+        license=inputs.license,
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+        model_name=model_name,
+        eval_results=results,
+    )
+
+
+def _eval_meta(report: Optional[EditReport]) -> str:
+    if report is None:
+        return ""
+    parts = []
+    md = report.metadata
+    if md.created_at:
+        parts.append(f"evaluated {md.created_at}")
+    if md.library_version:
+        parts.append(f"hf-curvedit {md.library_version}")
+    return ", ".join(parts)
+
+
+def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> ModelCard:
+    """Render the model card of a curvature edit.
+
+    Args:
+        inputs ([`CardInputs`]): what to describe.
+        hub_url (`str`): base URL used for links to the base model.
+
+    Returns:
+        `huggingface_hub.ModelCard`: its ``str()`` is the README.md to upload; it re-parses with
+        ``ModelCard(str(card))``.
+    """
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(_template_file), keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["fmt"] = _fmt
+    data = card_data(inputs)
+    cfg = inputs.edit_config
+    target = cfg.get("target_modules")
+    if isinstance(target, str):
+        target = [target]
+    text = env.get_template(f"{inputs.kind}.md.jinja").render(
+        card_data=data.to_yaml(),
+        kind=inputs.kind,
+        model_name=inputs.repo_id.split("/")[-1],
+        repo_id=inputs.repo_id,
+        base_model=inputs.base_model if is_hub_id(inputs.base_model) else None,
+        hub_url=hub_url.rstrip("/"),
+        paper_url=PAPER_URL,
+        adapter_name=inputs.adapter_name,
+        selection=cfg.get("selection", "curvature_mass"),
+        rank_cap=cfg.get("rank_cap"),
+        target_modules=sorted(target) if target else [],
+        modules=[_module_row(m) for m in inputs.modules],
+        factor_data={k: v for k, v in inputs.factor_data.items() if v not in (None, "", {}, [])},
+        spectrum_plots=[{"module": m, "path": p} for m, p in inputs.spectrum_plots],
+        tradeoff_plot=inputs.tradeoff_plot,
+        eval_rows=[_format_row(r) for r in inputs.report.to_table_rows()] if inputs.report else [],
+        eval_meta=_eval_meta(inputs.report),
+        config_yaml=config_yaml(cfg),
+        versions=framework_versions(),
+        citation=CITATION,
+    )
+    card = ModelCard(text)
+    return card
+
+
+def _module_row(m: Mapping[str, Any]) -> dict[str, Any]:
+    row = {"r": None, "s": None, "k": None, "kept_mass_fraction": None, "removed_norm_fraction": None}
+    row.update(m)
+    return row
+
+
+def factor_data_from_source(factor_source: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Summarize ``factor_source`` (filled by `build_curvature_edit`) as the card's factor-data line.
+
+    Picks the dataset (``factor_source["dataset"]`` or ``factor_config.extra.dataset``), the token count and the
+    label mode (``sampled`` = true Fisher, ``empirical`` = gold labels); `overrides` wins over what is found.
+    """
+    fc = factor_source.get("factor_config") or {}
+    extra = fc.get("extra") or {}
+    out: dict[str, Any] = {
+        "dataset": factor_source.get("dataset") or extra.get("dataset"),
+        "tokens": factor_source.get("num_tokens"),
+        "label mode": fc.get("label_mode") or factor_source.get("label_mode"),
+        "sequence length": fc.get("seq_len"),
+    }
+    out.update(overrides or {})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def module_rows_from_config(edit_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-module rows from ``edited_modules`` of a saved config, for when the live model is not at hand."""
+    rows = []
+    for name, info in sorted((edit_config.get("edited_modules") or {}).items()):
+        rows.append({"module": name, "keep_mass": info.get("keep_mass"), "k": info.get("k")})
+    return rows
+
+
+def module_rows(reports: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per-module rows from `ModuleEditReport` objects (or their dicts)."""
+    return [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in reports]

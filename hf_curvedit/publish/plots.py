@@ -1,0 +1,123 @@
+"""PNG plots for model cards: curvature spectra with the ρ cut, and recitation against perplexity over ρ.
+
+Figures are drawn with matplotlib's object API on an Agg canvas, so no global backend or pyplot state is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..curvature.eigen import ModuleEigen
+from ..evaluation.report import EditReport
+from ..selection import Staircase, select_cutoffs
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def safe_filename(module: str) -> str:
+    """A file-name-safe version of a module name (``model.layers.2.mlp.up_proj`` stays readable)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", module)
+
+
+def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, module: str = "",
+                  selection: str = "curvature_mass") -> tuple[Path, Staircase]:
+    """Plot one module's K-FAC spectra with the ρ cut and the kept staircase; write a PNG.
+
+    Left: eigenvalues λ of G and μ of A (descending, log scale) with the cut at ``r`` rows of G and ``s`` columns of
+    A. Right: the kept set in the (i, j) component grid, ``k_i`` columns kept in row ``i``.
+
+    Returns:
+        The PNG path and the `Staircase` the cut was drawn from.
+    """
+    lam = eigen.eigvals_G.detach().double().cpu()
+    mu = eigen.eigvals_A.detach().double().cpu()
+    st = select_cutoffs(lam, mu, keep_mass, selection)
+    fig = Figure(figsize=(10, 3.6))
+    ax, ax2 = fig.subplots(1, 2)
+    floor = 1e-12 * max(float(lam.max()), float(mu.max()), 1e-300)
+    for values, label, cut, color in ((lam, "λ (G, output side)", st.r, "tab:blue"),
+                                      (mu, "μ (A, input side)", st.s, "tab:orange")):
+        v = np.clip(values.numpy(), floor, None)
+        ax.semilogy(np.arange(1, len(v) + 1), v, color=color, label=f"{label}, cut at {cut}")
+        ax.axvline(cut + 0.5, color=color, linestyle="--", linewidth=1)
+    ax.set_xlabel("eigenvalue index (descending)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(f"{module or 'module'}: spectra, ρ = {keep_mass:g}", fontsize=9)
+    ax.legend(fontsize=8)
+    cut = st.cutoffs.detach().cpu().numpy()
+    rows = np.arange(len(cut))
+    ax2.fill_betweenx(rows, 0, cut, step="post", color="tab:green", alpha=0.5,
+                      label=f"kept: {st.kept_components} / {st.total_components} components")
+    ax2.set_xlim(0, len(mu))
+    ax2.set_ylim(len(lam), 0)
+    ax2.set_xlabel("j (A eigenvector)")
+    ax2.set_ylabel("i (G eigenvector)")
+    ax2.set_title(f"kept mass {st.kept_mass_fraction:.3f}, rank ≤ {st.k}", fontsize=9)
+    ax2.legend(fontsize=8, loc="lower right")
+    return _save(fig, Path(path)), st
+
+
+def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
+                  perplexity_set: Optional[str] = None) -> Path:
+    """Plot recitation (Strict, per recitation set) against perplexity over several ρ; write a PNG.
+
+    Args:
+        reports: one [`EditReport`] per ρ, keyed by ρ. Each needs a perplexity set and at least one recitation set.
+        path: where the PNG goes.
+        perplexity_set: which perplexity set is the x axis; the first one of the first report by default.
+
+    Raises:
+        ValueError: with fewer than two reports, or when the reports lack perplexity or recitation.
+    """
+    if len(reports) < 2:
+        raise ValueError(f"a recitation/perplexity trade-off needs reports for at least two ρ, got {len(reports)}")
+    items = sorted(reports.items())
+    first = items[0][1]
+    if not first.perplexity or not first.recitation:
+        raise ValueError("the reports need a perplexity set and a recitation set to plot the trade-off")
+    ppl_set = perplexity_set or next(iter(first.perplexity))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    for set_name in first.recitation:
+        xs, ys, rhos = [], [], []
+        for rho, rep in items:
+            if set_name not in rep.recitation or ppl_set not in rep.perplexity:
+                raise ValueError(f"the report for ρ = {rho} has no recitation set {set_name!r} or perplexity set "
+                                 f"{ppl_set!r}; evaluate every ρ on the same sets")
+            xs.append(rep.perplexity[ppl_set].edited.perplexity)
+            ys.append(100 * rep.recitation[set_name].edited.strict)
+            rhos.append(rho)
+        line, = ax.plot(xs, ys, marker="o", label=f"{set_name} (edited)")
+        for x, y, rho in zip(xs, ys, rhos):
+            ax.annotate(f"ρ={rho:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.scatter([first.perplexity[ppl_set].base.perplexity], [100 * first.recitation[set_name].base.strict],
+                   marker="*", s=120, color=line.get_color(), label=f"{set_name} (base)")
+    ax.set_xlabel(f"perplexity on {ppl_set}")
+    ax.set_ylabel("Strict recitation (%)")
+    ax.set_title("Recitation against perplexity over ρ", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def eigen_for_module(eigen: Mapping[str, ModuleEigen], module: str) -> Optional[ModuleEigen]:
+    """Find `module` in `eigen`, tolerating PEFT's ``base_model.model.`` prefix on either side."""
+    if module in eigen:
+        return eigen[module]
+    for name in eigen:
+        if module.endswith("." + name) or name.endswith("." + module):
+            return eigen[name]
+    return None
+
+
+__all__ = ["plot_spectrum", "plot_tradeoff", "safe_filename", "eigen_for_module"]
