@@ -28,3 +28,7 @@ from .evaluation import (EditReport, EvalConfig, RecitationSet, TextSet, coheren
                          evaluate_recitation, evaluate_text_recitation, find_memorized_windows, metric_path,
                          perplexity, recitation_scores, stress_test)
 # --- end evaluation ---
+
+# --- publish exports ---
+from .publish import PublishError, PublishResult, publish, push_folder, render_card
+# --- end publish ---

@@ -79,7 +79,7 @@ def test_factors_match_brute_force_with_padding(make_model, label_mode):
     assert (mask == 0).any(), "the batch must contain padding"
     names = resolve_target_modules(model)
     A, G, n_tok = brute_force_factors(model, ids, mask, names, label_mode)
-    assert set(factors.module_names) == set(names)
+    assert factors.module_names == names  # model order
     for n in names:
         assert factors.num_tokens[n] == n_tok == sum(len(r) - 1 for r in rows)
         # The model runs in fp32, so entries agree to fp32 round-off relative to the largest entry.
@@ -320,3 +320,23 @@ def test_upper_triangle_accumulation_equals_full_gram(d, acc_dtype):
     want = 5 * (x.double().T @ x.double())
     assert torch.equal(full, full.T)
     torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_device_map_and_fp16_loaded_models(tmp_path, llama):
+    """Models loaded with device_map (accelerate hooks) or in fp16 give the fp32 factors."""
+    from transformers import AutoModelForCausalLM
+
+    llama.save_pretrained(tmp_path / "m")
+    ds = Dataset.from_dict({"input_ids": random_token_rows(6, lo=10, hi=30)})
+    cfg = FactorConfig(seq_len=16, batch_size=3, label_mode="empirical")
+    ref = fit_factors(llama, ds, cfg, progress=False)
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map="cpu")
+    assert hasattr(mapped, "hf_device_map")
+    got = fit_factors(mapped, ds, cfg, progress=False)
+    half = fit_factors(AutoModelForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float16), ds, cfg,
+                       progress=False)
+    for n in ref.module_names:
+        torch.testing.assert_close(got.G[n], ref.G[n])
+        torch.testing.assert_close(got.A[n], ref.A[n])
+        assert half.A[n].dtype == torch.float32 and torch.isfinite(half.G[n]).all()
+        assert (half.A[n] - ref.A[n]).norm() / ref.A[n].norm() < 0.01

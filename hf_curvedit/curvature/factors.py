@@ -639,7 +639,9 @@ def fit_factors(
     for n, owner in alias_all.items():
         A_all[n] = A_all[owner]
 
-    factors = KFACFactors(A=A_all, G=G_all, num_tokens=count_all, config=cfg, model_info=info, a_alias=alias_all)
+    # Hooks fill G in backward order; store everything in model order.
+    factors = KFACFactors(A={n: A_all[n] for n in names}, G={n: G_all[n] for n in names},
+                          num_tokens={n: count_all[n] for n in names}, config=cfg, model_info=info, a_alias=alias_all)
     if out is not None:
         if state.is_main_process:
             factors.save(out)

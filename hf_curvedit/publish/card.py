@@ -191,7 +191,6 @@ def eval_results(report: EditReport, task_type: str = "text-generation") -> list
             metric_type=slug,
             metric_name=f"{row.metric} (%)" if percent else row.metric,
             metric_value=round(100 * row.edited, 4) if percent else float(row.edited),
-            source_name="hf-curvedit evaluate_edit",
         ))
     return results
 

@@ -1,0 +1,172 @@
+"""The ``hf-curvedit`` command.
+
+    hf-curvedit fit   [--model M] [--data D] --output-dir runs/default
+    hf-curvedit edit  --factors runs/default --keep-mass 0.6 [0.8 ...] --output-dir runs/default/edits
+
+Without ``--model`` the embedded default (a small byte-level Llama) is used; without ``--data``
+the factors come from the documentation of Python's standard library.
+Exit codes: 0 success, 1 a run-time failure, 2 bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+logger = logging.getLogger("hf_curvedit")
+
+
+class UsageError(Exception):
+    """Bad arguments or input: exit code 2."""
+
+
+def _targets(value: str | None) -> Any:
+    if value is None:
+        return None
+    # A comma-separated list means names/globs; a single value is taken as a regex (PEFT convention).
+    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+
+
+def _load_model(name: str | None, dtype: str, device_map: str | None):
+    import torch
+
+    from .default import load_default_model
+    from .utils import parse_dtype
+
+    if name is None:
+        return load_default_model(parse_dtype(dtype))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UsageError(f"could not load model {name!r}: that folder does not exist")
+    kwargs: dict[str, Any] = {"torch_dtype": parse_dtype(dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load model {name!r}: {e}") from e
+    return model.eval(), tok
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .curvature import FactorConfig, fit_factors
+    from .default import default_text_dataset
+
+    model, tok = _load_model(args.model, args.dtype, args.device_map)
+    data: Any = args.data if args.data else default_text_dataset("train")
+    cfg = FactorConfig(
+        target_modules=_targets(args.target_modules), label_mode=args.label_mode, seq_len=args.seq_len,
+        batch_size=args.batch_size, max_tokens=args.max_tokens, accumulate_dtype=args.accumulate_dtype,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, max_factor_memory_gb=args.max_factor_memory_gb,
+        text_column=args.text_column,
+    )
+    out = Path(args.output_dir)
+    factors = fit_factors(model, data, cfg, out, tokenizer=tok, resume=not args.restart)
+    eig = factors.eigendecompose(out)
+    print(f"factors: {factors.path}")
+    print(f"eigenbases: {out / 'eigen.safetensors'}")
+    print(f"{'module':<40}{'tokens':>10}{'d_out':>7}{'d_in':>6}{'top λ_G':>12}{'top μ_A':>12}")
+    for n in factors.module_names:
+        e = eig[n]
+        print(f"{n:<40}{factors.num_tokens[n]:>10}{e.shape[0]:>7}{e.shape[1]:>6}"
+              f"{float(e.eigvals_G[0]):>12.3e}{float(e.eigvals_A[0]):>12.3e}")
+    return EXIT_OK
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .curvature import load_factors
+    from .tuner import CurvatureEditConfig, build_curvature_edit
+
+    model, _ = _load_model(args.model, "float32", None)
+    factors = load_factors(args.factors, model)
+    eig = factors.eigendecompose()
+    out = Path(args.output_dir)
+    rows = []
+    for rho in args.keep_mass:
+        cfg = CurvatureEditConfig(keep_mass=rho, target_modules=_targets(args.target_modules),
+                                  selection=args.selection, rank_cap=args.rank_cap)
+        peft_model = build_curvature_edit(model, eig, cfg)
+        folder = out / f"rho{rho:g}"
+        peft_model.save_pretrained(folder)
+        for rep in peft_model.edit_report():
+            rows.append((rho, rep))
+        (folder / "edit_report.json").write_text(json.dumps([r.to_dict() for r in peft_model.edit_report()], indent=2))
+        model = peft_model.unload()
+        print(f"adapter ρ={rho:g}: {folder}")
+    print(f"{'ρ':>5}  {'module':<40}{'r':>6}{'s':>6}{'k':>6}{'kept comp.':>12}{'‖W′‖/‖W‖':>10}{'bytes':>8}")
+    for rho, r in rows:
+        print(f"{rho:>5g}  {r.module:<40}{r.r:>6}{r.s:>6}{r.k:>6}{r.kept_component_fraction:>12.3f}"
+              f"{r.kept_norm_fraction:>10.3f}{r.bytes_ratio:>8.2f}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-curvedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("fit", help="collect K-FAC curvature factors and eigendecompose them",
+                       description="Collect K-FAC factors A and G for the target modules over ordinary text, then "
+                                   "eigendecompose them (fp64). Resumes a killed run from its last checkpoint.")
+    f.add_argument("--model", help="model id or local folder (default: the embedded default model)")
+    f.add_argument("--data", help="dataset name, or local text/json/csv/parquet file or folder "
+                                  "(default: Python standard-library docs). Use general text, not the text you "
+                                  "want the model to forget: memorized text in the factor data worsens the trade-off.")
+    f.add_argument("--text-column", default="text")
+    f.add_argument("--output-dir", required=True, help="where factors.safetensors and eigen.safetensors go")
+    f.add_argument("--target-modules", help="regex, or comma-separated names/globs (default: the MLP projections)")
+    f.add_argument("--label-mode", choices=["sampled", "empirical"], default="sampled",
+                   help="sampled = true Fisher (default), empirical = next token from the data")
+    f.add_argument("--seq-len", type=int, default=256)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--max-tokens", type=int, default=None)
+    f.add_argument("--accumulate-dtype", choices=["float32", "float64"], default="float32")
+    f.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    f.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--checkpoint-every", type=int, default=50, help="batches between resumable checkpoints")
+    f.add_argument("--max-factor-memory-gb", type=float, default=None)
+    f.add_argument("--restart", action="store_true", help="discard a partial run in --output-dir and start over")
+    f.set_defaults(func=cmd_fit)
+
+    e = sub.add_parser("edit", help="build curvature-edit adapters from fitted factors",
+                       description="Build one adapter per --keep-mass value and save each with save_pretrained.")
+    e.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
+    e.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
+    e.add_argument("--keep-mass", type=float, nargs="+", default=[0.6], help="ρ values in (0, 1]")
+    e.add_argument("--target-modules", help="regex, or comma-separated names (default: the MLP projections)")
+    e.add_argument("--selection", choices=["curvature_mass", "factor_truncation"], default="curvature_mass")
+    e.add_argument("--rank-cap", type=int, default=None)
+    e.add_argument("--output-dir", required=True)
+    e.set_defaults(func=cmd_edit)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        print(f"hf-curvedit {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command reports every failure with its exit code
+        logger.debug("failure", exc_info=True)
+        print(f"hf-curvedit {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The `hf-curvedit` command: fit and edit on a local model folder, exit codes, error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_curvedit import load_factors
+from hf_curvedit.cli import main
+from hf_curvedit.default import byte_tokenizer
+
+from conftest import tiny_llama
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tok = byte_tokenizer()
+    model = tiny_llama(vocab_size=len(tok))
+    d = tmp_path / "model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    return f
+
+
+def test_fit_then_edit(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "factors"
+    rc = main(["fit", "--model", str(model_dir), "--data", str(text_file), "--output-dir", str(out),
+               "--seq-len", "32", "--batch-size", "4", "--max-tokens", "512"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed
+    f = load_factors(out)
+    assert max(f.num_tokens.values()) == 16 * 31
+    assert (out / "eigen.safetensors").exists()
+
+    rc = main(["edit", "--model", str(model_dir), "--factors", str(out), "--keep-mass", "0.5", "0.9",
+               "--target-modules", r".*layers\.1\.mlp\.(gate|up)_proj", "--output-dir", str(tmp_path / "edits")])
+    assert rc == 0
+    for rho in ("0.5", "0.9"):
+        folder = tmp_path / "edits" / f"rho{rho}"
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "CURVEDIT" and cfg["keep_mass"] == float(rho)
+        edited = AutoModelForCausalLM.from_pretrained(folder)
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        x = torch.randint(0, 200, (1, 12))
+        assert not torch.allclose(edited(x).logits, base(x).logits)
+    report = json.loads((tmp_path / "edits" / "rho0.5" / "edit_report.json").read_text())
+    assert {r["module"] for r in report} == {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}
+
+
+def test_bad_input_exit_code_and_message(tmp_path, model_dir, text_file, capsys):
+    rc = main(["fit", "--model", str(model_dir), "--data", str(text_file), "--output-dir", str(tmp_path / "o"),
+               "--target-modules", "nonexistent_proj,other"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "No linear layer matches" in err and "mlp.gate_proj" in err
+    rc = main(["fit", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")])
+    assert rc == 2
+    assert "could not load model" in capsys.readouterr().err
+    rc = main(["fit", "--model", str(model_dir), "--data", str(tmp_path / "nope.txt"), "--output-dir", str(tmp_path / "o")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["fit"])
+    assert e.value.code == 2
