@@ -29,6 +29,7 @@ def hub(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path_factory
     """The running test Hub, with every Hub client in this process talking to it (and to nothing else)."""
     import huggingface_hub.constants as constants
     import huggingface_hub.file_download as file_download
+    import huggingface_hub.hf_api as hf_api
     import transformers.utils.hub as tf_hub
 
     url = hub_server.url
@@ -42,6 +43,8 @@ def hub(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path_factory
     template = url + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    # module-level helpers (file_exists, model_info, ...) are methods of an HfApi made at import time
+    monkeypatch.setattr(hf_api.api, "endpoint", url)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)

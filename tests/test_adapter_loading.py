@@ -249,3 +249,23 @@ def test_end_to_end_from_fitted_factors(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "edit")
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, expected)
+
+
+def test_builder_accepts_fitted_factors_directly(tmp_path):
+    from datasets import Dataset
+
+    from hf_curvedit import FactorConfig, fit_factors
+
+    base = tiny_llama()
+    gen = torch.Generator().manual_seed(1)
+    data = Dataset.from_dict({"input_ids": [torch.randint(0, 128, (16,), generator=gen).tolist() for _ in range(16)]})
+    factors = fit_factors(base, data, FactorConfig(seq_len=16, batch_size=8), output_dir=tmp_path, progress=False)
+    config = CurvatureEditConfig(keep_mass=0.6, target_modules=["up_proj"])
+    from_factors = build_curvature_edit(base, factors, config)
+    x = ids()
+    with torch.no_grad():
+        got = from_factors(x).logits.clone()
+    base = from_factors.unload()
+    from_file = build_curvature_edit(base, tmp_path / "eigen.safetensors", CurvatureEditConfig(keep_mass=0.6, target_modules=["up_proj"]))
+    with torch.no_grad():
+        assert torch.equal(from_file(x).logits, got)

@@ -133,7 +133,7 @@ def test_card_without_report_or_hub_base():
                                   modules=[{"module": "m.up_proj", "keep_mass": 0.6}], base_model="/tmp/local/base"))
     data = ModelCard(str(card)).data
     # a local path is not valid Hub metadata: no base_model, no relation, no model-index
-    assert data.base_model is None and data.base_model_relation is None and data.eval_results is None
+    assert data.base_model is None and getattr(data, "base_model_relation", None) is None and data.eval_results is None
     assert "No evaluation was attached" in str(card)
 
 

@@ -17,6 +17,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..curvature.eigen import KFACEigen, ModuleEigen
+from ..curvature.factors import KFACFactors
 from ..targets import DEFAULT_TARGET_MODULES
 from .config import CurvatureEditConfig
 from .layer import CurvatureEditLayer, CurvatureEditLinear, ModuleEditReport, WrongBaseModelError
@@ -252,7 +253,7 @@ def _provenance(eigen: Any, path: Optional[Union[str, Path]] = None) -> dict[str
 
 def build_curvature_edit(
     model: nn.Module,
-    eigen: Union[KFACEigen, Mapping[str, ModuleEigen], str, Path],
+    eigen: Union[KFACFactors, KFACEigen, Mapping[str, ModuleEigen], str, Path],
     config: Optional[CurvatureEditConfig] = None,
     adapter_name: str = "default",
 ) -> PeftModel:
@@ -262,8 +263,9 @@ def build_curvature_edit(
         model (`torch.nn.Module` or `PeftModel`):
             A transformers model, or a `PeftModel` that already holds curvature edits (the new one is added next to
             them, not activated). The base weights must be the ones the factors were collected on.
-        eigen ([`KFACEigen`], mapping, or path):
-            Per-module eigenbases keyed by qualified module name, or the path of an ``eigen.safetensors`` file.
+        eigen ([`KFACFactors`], [`KFACEigen`], mapping, or path):
+            Fitted factors (eigendecomposed here, using their on-disk cache), per-module eigenbases keyed by
+            qualified module name, or the path of an ``eigen.safetensors`` file.
         config ([`CurvatureEditConfig`], *optional*):
             Which modules and how much mass to keep; defaults to ``CurvatureEditConfig()`` (MLP projections, ρ = 0.6).
         adapter_name (`str`):
@@ -278,6 +280,8 @@ def build_curvature_edit(
     ```
     """
     config = CurvatureEditConfig() if config is None else config
+    if isinstance(eigen, KFACFactors):
+        eigen = eigen.eigendecompose()
     if config.edited_modules:
         raise ValueError("this config was already used to build an edit (edited_modules is filled); pass a fresh one")
     if isinstance(eigen, (str, Path)):
