@@ -413,6 +413,9 @@ def push_folder(
         raise FileNotFoundError(f"{folder} is not a folder")
     api = HfApi(endpoint=endpoint, token=token)
     stage = "create_repo"
+    if constants.HF_HUB_OFFLINE:
+        # huggingface_hub only blocks requests in sessions made while offline; say so before any request is tried
+        raise _publish_error(OfflineModeIsEnabled("offline mode"), folder, repo_id, api.endpoint, stage)
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and not revision.startswith("refs/pr"):
