@@ -30,5 +30,8 @@ from .evaluation import (EditReport, EvalConfig, RecitationSet, TextSet, coheren
 # --- end evaluation ---
 
 # --- publish exports ---
-from .publish import PublishError, PublishResult, publish, push_folder, render_card
+# `hf_curvedit.publish` stays the subpackage (call `hf_curvedit.publish.publish(...)`): re-exporting the function
+# under the same name would shadow the package and break `import hf_curvedit.publish.card as card`.
+from . import publish
+from .publish import PublishError, PublishResult, push_folder, render_card
 # --- end publish ---

@@ -363,11 +363,11 @@ class HubHandler(BaseHTTPRequestHandler):
         meta = yaml.safe_load(m.group(1)) if m else None
         return {"cardData": meta} if isinstance(meta, dict) else {}
 
-    def tree(self, query, repo: str, rev: str, subpath: str = "") -> None:
+    def tree(self, query, repo: str, rev: str, subpath: Optional[str] = None) -> None:
         self._body()
         r = self._repo(repo)
         commit = self._commit(r, rev)
-        prefix = unquote(subpath).strip("/")
+        prefix = unquote(subpath or "").strip("/")
         recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
         entries, dirs = [], set()
         for p in sorted(commit.files):

@@ -135,6 +135,8 @@ def test_card_without_report_or_hub_base():
     # a local path is not valid Hub metadata: no base_model, no relation, no model-index
     assert data.base_model is None and getattr(data, "base_model_relation", None) is None and data.eval_results is None
     assert "No evaluation was attached" in str(card)
+    # what a bare adapter_config.json knows: ρ and k, the rest shown as missing
+    assert "| `m.up_proj` | 0.60 | – | – | – | – | – |" in str(card)
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -184,6 +186,28 @@ def test_publish_dry_run_writes_a_complete_folder(tmp_path, edited):
         assert torch.equal(loaded(ids()).logits, model(ids()).logits)
 
 
+def test_card_reports_real_factor_provenance(tmp_path):
+    from datasets import Dataset
+
+    from conftest import random_token_rows
+    from hf_curvedit import FactorConfig, eigendecompose, fit_factors
+
+    base = tiny_llama()
+    ds = Dataset.from_dict({"input_ids": random_token_rows(8, lo=16, hi=16, seed=3)})
+    cfg = FactorConfig(label_mode="empirical", seq_len=16, batch_size=4, target_modules=r".*layers\.1\.mlp\.up_proj",
+                       extra={"dataset": "random-token-rows"})
+    factors = fit_factors(base, ds, cfg, progress=False)
+    eigen = eigendecompose(factors)
+    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.7, target_modules=["model.layers.1.mlp.up_proj"],
+                                                                  task_type="CAUSAL_LM"))
+    res = publish(model, "user/real", out_dir=tmp_path / "p", eigen=eigen, dry_run=True, base_model="user/tiny-base")
+    body = ModelCard.load(res.folder / "README.md").text
+    assert "dataset = `random-token-rows`" in body and "label mode = `empirical`" in body
+    assert f"tokens = `{factors.num_tokens}`" in body and "sequence length = `16`" in body
+    assert "| `model.layers.1.mlp.up_proj` | 0.70 |" in body
+    assert res.files.count("plots/spectrum_model.layers.1.mlp.up_proj.png") == 1
+
+
 def test_publish_refuses_foreign_non_empty_folder(tmp_path, edited):
     model, _ = edited
     (tmp_path / "mine.txt").write_text("do not upload or delete me")
@@ -195,6 +219,16 @@ def test_publish_refuses_foreign_non_empty_folder(tmp_path, edited):
     publish(model, "user/x", out_dir=tmp_path / "pub", dry_run=True)
     res = publish(model, "user/x", out_dir=tmp_path / "pub", dry_run=True, overwrite=True, license="mit")
     assert ModelCard.load(res.folder / "README.md").data.license == "mit"
+
+
+def test_publish_a_plain_save_pretrained_folder(tmp_path, edited):
+    model, _ = edited
+    model.save_pretrained(tmp_path / "saved")
+    res = publish(tmp_path / "saved", "user/x", out_dir=tmp_path / "p", dry_run=True, base_model="user/tiny-base")
+    body = (res.folder / "README.md").read_text()
+    k = {r.module: r.k for r in curvature_edit_report(model)}
+    assert f"| `model.layers.0.mlp.up_proj` | 0.60 | – | – | {k['model.layers.0.mlp.up_proj']} |" in body
+    assert json.loads((res.folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "user/tiny-base"
 
 
 def test_publish_rejects_non_curvedit_input(tmp_path):
@@ -279,6 +313,13 @@ def test_push_adapter_and_merged_then_load_back(hub, tmp_path):
         torch.testing.assert_close(merged_hub, expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(model(x).logits, expected)  # publishing merged left the adapter model unmerged
 
+    # an adapter folder can be published merged: its base is fetched from the Hub by base_model_name_or_path
+    res_d = publish(res.folder, "user/tiny-merged-from-dir", out_dir=tmp_path / "merged2", merged=True, token=TOKEN)
+    assert "model.safetensors" in res_d.files and "adapter_config.json" not in res_d.files
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained("user/tiny-merged-from-dir").eval()(x).logits
+    assert torch.equal(again, merged_hub)
+
 
 def test_republish_branch_pr_and_private(hub, tmp_path, edited):
     model, _ = edited
@@ -297,6 +338,12 @@ def test_republish_branch_pr_and_private(hub, tmp_path, edited):
     assert pr.pr_url == f"{hub.url}/user/re-edit/discussions/1"
     assert hub.state.repos["user/re-edit"].branches["main"] == main_before
     assert "10.0%" in hub.files("user/re-edit", "refs/pr/1")["README.md"].decode()
+    # the PR ref is readable through the client: tree listing and download (revision is URL-quoted)
+    from huggingface_hub import hf_hub_download
+
+    assert set(HfApi().list_repo_files("user/re-edit", revision="refs/pr/1")) == set(pr.files) | {".gitattributes"}
+    readme = hf_hub_download("user/re-edit", "README.md", revision="refs/pr/1")
+    assert Path(readme).read_bytes() == (pr.folder / "README.md").read_bytes()
     # private repos are created private and are invisible without a token
     publish(model, "user/secret-edit", out_dir=tmp_path / "d", private=True, token=TOKEN)
     assert hub.state.repos["user/secret-edit"].private
@@ -349,6 +396,15 @@ def test_server_error_keeps_folder_and_retry_succeeds(hub, tmp_path, edited):
     assert res.commit_url is not None
 
 
+def test_server_error_on_create_repo_names_the_step(hub, tmp_path, edited):
+    model, _ = edited
+    hub.fail("POST", r"^/api/repos/create$", 503, times=1)
+    with pytest.raises(PublishError, match=r"server error \(503\) during create_repo") as info:
+        publish(model, "user/fail-503", out_dir=tmp_path / "f", token=TOKEN, license="mit")
+    assert info.value.status_code == 503 and "user/fail-503" not in hub.state.repos
+    assert push_folder(info.value.folder, "user/fail-503", token=TOKEN).commit_oid  # the rule fired once only
+
+
 def test_connection_refused_gives_clear_error(hub, tmp_path, edited):
     model, _ = edited
     with socket.socket() as s:  # a port that nothing listens on
@@ -379,6 +435,10 @@ def test_republish_a_published_folder(hub, tmp_path, edited):
     card = ModelCard(stored["README.md"].decode())
     assert card.data.base_model == "user/b" and "| `model.layers.1.mlp.up_proj` | 0.60 |" in card.text
     assert res.files == first.files
+    # the earlier evaluation and spectra come along when no new ones are given
+    again = publish(first.folder, "user/from-dir", out_dir=tmp_path / "c", dry_run=True)
+    assert EditReport.load(again.folder / "edit_report.json") == make_report()
+    assert "| Strict (%) | quotes | 98.5% | 5.0% |" in (again.folder / "README.md").read_text()
 
 
 if __name__ == "__main__":  # pragma: no cover

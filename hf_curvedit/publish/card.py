@@ -120,17 +120,19 @@ def framework_versions() -> dict[str, str]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types (sets become sorted lists, anything else unknown becomes its ``str``)."""
     # peft configs hold sets (target_modules) and enums; YAML and JSON want plain lists and strings
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
 
 
 def config_yaml(edit_config: Mapping[str, Any]) -> str:
     """The edit config as block YAML, keys in their original order."""
-    return yaml.safe_dump(_jsonable(dict(edit_config)), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return yaml.safe_dump(jsonable(dict(edit_config)), sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def _pipeline_tag(edit_config: Mapping[str, Any], explicit: Optional[str]) -> Optional[str]:
+def pipeline_tag_for(edit_config: Mapping[str, Any], explicit: Optional[str] = None) -> Optional[str]:
+    """The Hub pipeline tag: `explicit`, else from the PEFT ``task_type``, else from the model's architectures."""
     if explicit:
         return explicit
     task = edit_config.get("task_type")
@@ -146,7 +148,9 @@ def _pipeline_tag(edit_config: Mapping[str, Any], explicit: Optional[str]) -> Op
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
 
@@ -197,7 +201,7 @@ def eval_results(report: EditReport, task_type: str = "text-generation") -> list
 
 def card_data(inputs: CardInputs) -> ModelCardData:
     """The card's YAML metadata: base model and relation, library, tags, pipeline tag, license and model-index."""
-    pipeline_tag = _pipeline_tag(inputs.edit_config, inputs.pipeline_tag)
+    pipeline_tag = pipeline_tag_for(inputs.edit_config, inputs.pipeline_tag)
     tags = ["hf-curvedit", "curvature-edit", "memorization", "k-fac"]
     if inputs.kind == "adapter":
         tags.append("peft")
@@ -211,7 +215,8 @@ def card_data(inputs: CardInputs) -> ModelCardData:
         license=inputs.license,
         pipeline_tag=pipeline_tag,
         tags=tags,
-        model_name=model_name,
+        # model_name only names the model-index entry; without results it would be a stray YAML key
+        model_name=model_name if results else None,
         eval_results=results,
     )
 

@@ -23,8 +23,8 @@ from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..evaluation.report import EditReport
 from ..tuner import curvature_edit_report
 from ..tuner.config import PEFT_TYPE_NAME
-from .card import CardInputs, _jsonable, factor_data_from_source, is_hub_id, module_rows, module_rows_from_config, render_card
-from .plots import eigen_for_module, plot_spectrum, plot_tradeoff, safe_filename
+from .card import (CardInputs, factor_data_from_source, is_hub_id, jsonable, module_rows, module_rows_from_config,
+                   pipeline_tag_for, render_card)
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,11 @@ def _clean_merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_merged(model: PeftModel, adapter_name: str, out_dir: Path, max_shard_size: Union[int, str]) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules()):
+        raise ValueError("the model already has merged adapters; call model.unmerge_adapter() before publishing "
+                         "with merged=True (publish merges the chosen adapter itself and unmerges it afterwards)")
     # Merge in place and unmerge afterwards (bit-exact in fp32) rather than deep-copying a possibly large model.
     model.merge_adapter([adapter_name])
     try:
@@ -277,8 +282,12 @@ def publish(
         if merged and kind != "merged":
             raise ValueError(f"{source} is not an adapter or merged curvature edit folder")
         _prepare_out_dir(out_dir, overwrite)
-        shutil.copytree(source, out_dir, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("README.md", PLOTS_DIR, ".git", ".cache"))
+        shutil.copytree(source, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md", ".git", ".cache"))
+        # an earlier publish folder brings its evaluation along unless a new one is given
+        if report is None and (source / REPORT_FILENAME).is_file():
+            report = EditReport.load(source / REPORT_FILENAME)
+        if sweep is None and (source / SWEEP_FILENAME).is_file():
+            sweep = {float(k): EditReport.from_dict(v) for k, v in _read_json(source / SWEEP_FILENAME).items()}
         if kind == "adapter" and base_model is not None:
             cfg = _read_json(out_dir / "adapter_config.json")
             cfg["base_model_name_or_path"] = base_model
@@ -290,7 +299,7 @@ def publish(
         if cfg is None or getattr(cfg.peft_type, "value", cfg.peft_type) != PEFT_TYPE_NAME:
             raise ValueError(f"adapter {name!r} of this PeftModel is not a curvature edit "
                              f"(adapters: {list(model.peft_config)})")
-        config_dict = _jsonable(cfg.to_dict())
+        config_dict = jsonable(cfg.to_dict())
         local_base = config_dict.get("base_model_name_or_path")
         edit = {"adapter_name": name, "config": config_dict,
                 "modules": module_rows(curvature_edit_report(model, name)),
@@ -311,6 +320,9 @@ def publish(
         if kind == "adapter":
             edit["config"]["base_model_name_or_path"] = base_model
     hub_base = edit.get("base_model")
+    if not is_hub_id(hub_base):
+        logger.warning("the base model (%s) is not a Hub repo id: the card will have no base_model metadata. Pass "
+                       "base_model='org/name' to publish() to link it", hub_base or "unknown")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     (out_dir / EDIT_FILENAME).write_text(json.dumps(edit, indent=2, default=str) + "\n", encoding="utf-8")
@@ -319,6 +331,8 @@ def publish(
     spectrum_plots = _spectrum_plots(eigen, edit, out_dir)
     tradeoff = None
     if sweep is not None and len(sweep) >= 2:
+        from .plots import plot_tradeoff  # matplotlib is imported only when a plot is drawn
+
         plot_tradeoff(sweep, out_dir / PLOTS_DIR / "recitation_vs_perplexity.png")
         tradeoff = f"{PLOTS_DIR}/recitation_vs_perplexity.png"
         (out_dir / SWEEP_FILENAME).write_text(
@@ -331,7 +345,7 @@ def publish(
     card = render_card(CardInputs(
         kind=kind, repo_id=repo_id, edit_config=edit["config"], modules=edit["modules"], report=report,
         base_model=hub_base, license=license,
-        pipeline_tag=pipeline_tag or _pipeline_from(config_for_card),
+        pipeline_tag=pipeline_tag_for(config_for_card, pipeline_tag),
         factor_data=factor_data_from_source(edit["config"].get("factor_source") or {}, factor_data),
         adapter_name=edit.get("adapter_name") or "default", spectrum_plots=spectrum_plots, tradeoff_plot=tradeoff,
         tags=list(tags or []),
@@ -345,12 +359,6 @@ def publish(
         commit_message = f"Upload curvature edit ({kind}, ρ = {', '.join(f'{r:g}' for r in rho) or '?'})"
     return push_folder(out_dir, repo_id, private=private, revision=revision, create_pr=create_pr, token=token,
                        commit_message=commit_message, commit_description=commit_description, endpoint=endpoint)
-
-
-def _pipeline_from(config: Mapping[str, Any]) -> Optional[str]:
-    from .card import _pipeline_tag
-
-    return _pipeline_tag(config, None)
 
 
 def _edit_from_folder(source: Path) -> tuple[dict[str, Any], str, Optional[str]]:
@@ -369,8 +377,14 @@ def _edit_from_folder(source: Path) -> tuple[dict[str, Any], str, Optional[str]]
 
 
 def _spectrum_plots(eigen: Any, edit: Mapping[str, Any], out_dir: Path) -> list[tuple[str, str]]:
+    from .plots import safe_filename
+
     if eigen is None:
-        return []
+        # keep the spectra an earlier publish drew (when republishing its folder)
+        found = [(m["module"], f"{PLOTS_DIR}/spectrum_{safe_filename(m['module'])}.png") for m in edit["modules"]]
+        return [(name, rel) for name, rel in found if (out_dir / rel).is_file()]
+    from .plots import eigen_for_module, plot_spectrum  # matplotlib only when a plot is drawn
+
     if isinstance(eigen, (str, Path)):
         eigen = KFACEigen.load(eigen)
     selection = edit["config"].get("selection", "curvature_mass")

@@ -1,26 +1,36 @@
 """PNG plots for model cards: curvature spectra with the ρ cut, and recitation against perplexity over ρ.
 
-Figures are drawn with matplotlib's object API on an Agg canvas, so no global backend or pyplot state is touched.
+Figures are drawn with matplotlib's object API on an Agg canvas, so no global backend or pyplot state is touched;
+matplotlib is imported on the first plot only.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from ..curvature.eigen import ModuleEigen
 from ..evaluation.report import EditReport
 from ..selection import Staircase, select_cutoffs
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def _figure(**kwargs: Any) -> "Figure":
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: "Figure", path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     return path
 
@@ -43,7 +53,7 @@ def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, mod
     lam = eigen.eigvals_G.detach().double().cpu()
     mu = eigen.eigvals_A.detach().double().cpu()
     st = select_cutoffs(lam, mu, keep_mass, selection)
-    fig = Figure(figsize=(10, 3.6))
+    fig = _figure(figsize=(10, 3.6))
     ax, ax2 = fig.subplots(1, 2)
     floor = 1e-12 * max(float(lam.max()), float(mu.max()), 1e-300)
     for values, label, cut, color in ((lam, "λ (G, output side)", st.r, "tab:blue"),
@@ -87,7 +97,7 @@ def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
     if not first.perplexity or not first.recitation:
         raise ValueError("the reports need a perplexity set and a recitation set to plot the trade-off")
     ppl_set = perplexity_set or next(iter(first.perplexity))
-    fig = Figure(figsize=(5.5, 4))
+    fig = _figure(figsize=(5.5, 4))
     ax = fig.subplots()
     for set_name in first.recitation:
         xs, ys, rhos = [], [], []
