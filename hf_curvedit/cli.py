@@ -2,6 +2,8 @@
 
     hf-curvedit fit   [--model M] [--data D] --output-dir runs/default
     hf-curvedit edit  --factors runs/default --keep-mass 0.6 [0.8 ...] --output-dir runs/default/edits
+    hf-curvedit evaluate --adapter runs/default/edits/rho0.6 --recitation quotes=quotes.txt --output report.json
+    hf-curvedit publish  --adapter runs/default/edits/rho0.6 --repo-id user/name --out-dir publish/ [--dry-run]
 
 Without ``--model`` the embedded default (a small byte-level Llama) is used; without ``--data``
 the factors come from the documentation of Python's standard library.
@@ -45,7 +47,7 @@ def _load_model(name: str | None, dtype: str, device_map: str | None):
 
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise UsageError(f"could not load model {name!r}: that folder does not exist")
-    kwargs: dict[str, Any] = {"torch_dtype": parse_dtype(dtype)}
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -108,6 +110,64 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _recitation_set(spec: str, tok: Any, suffix_tokens: int):
+    from datasets import load_from_disk
+
+    from .evaluation import RecitationSet
+
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"--recitation takes NAME=PATH, got {spec!r}")
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"recitation set {name!r}: {p} does not exist")
+    if p.is_dir():  # a dataset saved with save_to_disk, e.g. from find_memorized_windows
+        return name, RecitationSet.from_dataset(load_from_disk(str(p)))
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        lines = [json.loads(ln)["text"] for ln in lines]
+    return name, RecitationSet.from_texts(lines, tok, suffix_tokens=suffix_tokens, add_special_tokens=False)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    from .evaluation import TextSet, evaluate_edit
+
+    model, tok = _load_model(args.model, "float32", None)
+    peft_model = PeftModel.from_pretrained(model, args.adapter)
+    sets: dict[str, Any] = dict(_recitation_set(s, tok, args.suffix_tokens) for s in args.recitation)
+    if args.heldout:
+        from .data import load_text_dataset
+
+        texts = load_text_dataset(args.heldout)[args.text_column]
+    else:
+        from .default import default_text_dataset
+
+        texts = default_text_dataset("test")["text"]
+    sets["heldout"] = TextSet.from_texts(texts, tok)
+    report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(args.adapter)})
+    if args.output:
+        report.save(args.output)
+        print(f"report: {args.output}")
+    print(f"{'metric':<22}{'set':<16}{'base':>10}{'edited':>10}")
+    for row in report.to_table_rows():
+        print(f"{row.metric:<22}{row.set:<16}{row.base:>10.4f}{row.edited:>10.4f}")
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .evaluation import EditReport
+    from .publish import publish
+
+    report = EditReport.load(args.report) if args.report else None
+    result = publish(args.adapter, args.repo_id, report, out_dir=args.out_dir, merged=args.merged,
+                     private=args.private or None, revision=args.revision, create_pr=args.create_pr,
+                     token=args.token, dry_run=args.dry_run, eigen=args.eigen, overwrite=args.overwrite)
+    print(result)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-curvedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -147,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rank-cap", type=int, default=None)
     e.add_argument("--output-dir", required=True)
     e.set_defaults(func=cmd_edit)
+
+    v = sub.add_parser("evaluate", help="measure an edit: recitation, perplexity, nDCG, stress test (base vs edited)",
+                       description="Load the base model with the adapter and measure it with the adapter on and off.")
+    v.add_argument("--model", help="base model (default: embedded default)")
+    v.add_argument("--adapter", required=True, help="adapter folder written by `hf-curvedit edit`")
+    v.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
+                   help="a set to recite: a save_to_disk folder with prefix_ids/suffix_ids, or a .txt/.jsonl file "
+                        "of texts whose last --suffix-tokens tokens are the suffix (repeatable)")
+    v.add_argument("--suffix-tokens", type=int, default=8)
+    v.add_argument("--heldout", help="held-out text for perplexity/nDCG (default: held-out stdlib docs)")
+    v.add_argument("--text-column", default="text")
+    v.add_argument("--output", help="write the EditReport JSON here")
+    v.set_defaults(func=cmd_evaluate)
+
+    u = sub.add_parser("publish", help="write the model card and push an edit to the Hub",
+                       description="Write a folder with the weights, model card, plots and evaluation, then create "
+                                   "the repo and upload it (huggingface_hub). --dry-run only writes the folder.")
+    u.add_argument("--adapter", required=True, help="adapter folder")
+    u.add_argument("--repo-id", required=True)
+    u.add_argument("--out-dir", required=True, help="local folder to write (must be new or empty)")
+    u.add_argument("--report", help="EditReport JSON from `hf-curvedit evaluate`")
+    u.add_argument("--eigen", help="eigen.safetensors, for the spectrum plots")
+    u.add_argument("--merged", action="store_true", help="publish merged weights instead of the adapter")
+    u.add_argument("--private", action="store_true")
+    u.add_argument("--revision")
+    u.add_argument("--create-pr", action="store_true")
+    u.add_argument("--token", help="Hub token (default: the stored login / HF_TOKEN)")
+    u.add_argument("--overwrite", action="store_true", help="replace a folder an earlier publish wrote")
+    u.add_argument("--dry-run", action="store_true")
+    u.set_defaults(func=cmd_publish)
     return p
 
 

@@ -57,6 +57,23 @@ def test_fit_then_edit(tmp_path, model_dir, text_file, capsys):
     report = json.loads((tmp_path / "edits" / "rho0.5" / "edit_report.json").read_text())
     assert {r["module"] for r in report} == {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}
 
+    quotes = tmp_path / "quotes.txt"
+    quotes.write_text("To be or not to be, that is the question.\nAll that glitters is not gold, they say.\n")
+    rc = main(["evaluate", "--model", str(model_dir), "--adapter", str(tmp_path / "edits" / "rho0.5"),
+               "--recitation", f"quotes={quotes}", "--heldout", str(text_file), "--output", str(tmp_path / "r.json")])
+    assert rc == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert "quotes" in json.dumps(rep) and "heldout" in json.dumps(rep)
+    assert "perplexity" in capsys.readouterr().out.lower()
+
+    rc = main(["publish", "--adapter", str(tmp_path / "edits" / "rho0.5"), "--repo-id", "user/tiny-edit",
+               "--out-dir", str(tmp_path / "pub"), "--report", str(tmp_path / "r.json"),
+               "--eigen", str(out / "eigen.safetensors"), "--dry-run"])
+    assert rc == 0
+    card = (tmp_path / "pub" / "README.md").read_text()
+    assert "library_name: peft" in card and "quotes" in card and "Strict" in card
+    assert (tmp_path / "pub" / "adapter_model.safetensors").exists()
+
 
 def test_bad_input_exit_code_and_message(tmp_path, model_dir, text_file, capsys):
     rc = main(["fit", "--model", str(model_dir), "--data", str(text_file), "--output-dir", str(tmp_path / "o"),
