@@ -137,15 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, tok = _load_model(args.model, "float32", None)
     peft_model = PeftModel.from_pretrained(model, args.adapter)
     sets: dict[str, Any] = dict(_recitation_set(s, tok, args.suffix_tokens) for s in args.recitation)
-    if args.heldout:
-        from .data import load_text_dataset
-
-        texts = load_text_dataset(args.heldout)[args.text_column]
-    else:
-        from .default import default_text_dataset
-
-        texts = default_text_dataset("test")["text"]
-    sets["heldout"] = TextSet.from_texts(texts, tok)
+    sets["heldout"] = TextSet.from_texts(_heldout_texts(args), tok)
     report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(args.adapter)})
     if args.output:
         report.save(args.output)
@@ -154,6 +146,117 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for row in report.to_table_rows():
         print(f"{row.metric:<22}{row.set:<16}{row.base:>10.4f}{row.edited:>10.4f}")
     return EXIT_OK
+
+
+def _layer_choices(model: Any, eig: Any, layer_specs: list[str], modules: str | None, regexes: list[str]) -> dict[str, str]:
+    """Label → regex. ``--layers 2,3`` picks the fitted modules in those blocks (optionally only the
+    ``--modules`` leaves, e.g. gate,up); ``--layer-choice LABEL=REGEX`` is taken as is."""
+    import re
+
+    out: dict[str, str] = {}
+    leaves = [m.strip() for m in modules.split(",")] if modules else None
+    for spec in layer_specs:
+        try:
+            layers = {int(x) for x in spec.split(",")}
+        except ValueError:
+            raise UsageError(f"--layers takes comma-separated block indices like 2,3; got {spec!r}") from None
+        names = []
+        for n in eig:
+            idx = re.search(r"\.(\d+)\.", n)
+            leaf = n.rsplit(".", 1)[-1]
+            if idx and int(idx.group(1)) in layers and (leaves is None or any(leaf.startswith(l) for l in leaves)):
+                names.append(n)
+        if not names:
+            raise UsageError(f"--layers {spec} --modules {modules} selects no module with factors; fitted: {list(eig)[:6]}")
+        out[f"layers {spec}" + (f" ({modules})" if modules else "")] = "|".join(re.escape(n) for n in names)
+    for spec in regexes:
+        label, sep, regex = spec.partition("=")
+        if not sep:
+            raise UsageError(f"--layer-choice takes LABEL=REGEX, got {spec!r}")
+        out[label] = regex
+    return out
+
+
+def _default_recitation_sets(tok: Any) -> dict[str, Any]:
+    from .default import DEFAULT_MODEL_DIR
+    from .evaluation import RecitationSet
+
+    try:
+        from .default import memorized_prefix_suffix_ids
+    except ImportError:
+        memorized_prefix_suffix_ids = None
+    if memorized_prefix_suffix_ids is None or not (DEFAULT_MODEL_DIR / "memorized_set.jsonl").exists():
+        raise UsageError("no --recitation set given and the embedded default has no memorized set; pass "
+                         "--recitation NAME=PATH")
+    pairs = memorized_prefix_suffix_ids(tok)
+    if isinstance(pairs, dict):
+        return {k: RecitationSet.from_pairs(v) for k, v in pairs.items()}
+    return {"memorized": RecitationSet.from_pairs(pairs)}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .curvature import load_factors
+    from .evaluation import TextSet
+    from .sweep import sweep_edits
+
+    model, tok = _load_model(args.model, "float32", None)
+    eig = load_factors(args.factors, model).eigendecompose()
+    sets = (dict(_recitation_set(s, tok, args.suffix_tokens) for s in args.recitation) if args.recitation
+            else _default_recitation_sets(tok))
+    texts = _heldout_texts(args)
+    choices = _layer_choices(model, eig, args.layers, args.modules, args.layer_choice) or None
+    result = sweep_edits(model, eig, sets, TextSet.from_texts(texts, tok), keep_masses=args.keep_mass,
+                         layer_choices=choices, perplexity_budget=args.ppl_budget, svd_ranks=args.svd_ranks,
+                         batch_size=args.batch_size)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "sweep.json")
+    (out / "sweep.md").write_text(result.to_markdown() + "\n", encoding="utf-8")
+    _plot_sweep(result, out / "sweep.png")
+    print(result.to_markdown())
+    if result.chosen is None:
+        print(f"no edit keeps the perplexity increase within {100 * args.ppl_budget:.0f}%", file=sys.stderr)
+        return EXIT_FAILURE
+    c = result.chosen
+    print(f"chosen: {c.layers} ρ={c.keep_mass:g}: {result.primary_set} Strict "
+          f"{100 * result.base.recitation[result.primary_set]['strict']:.1f}% → {100 * c.recitation[result.primary_set]['strict']:.1f}%, "
+          f"perplexity {c.perplexity_change * 100:+.1f}%  (results: {out})")
+    return EXIT_OK
+
+
+def _heldout_texts(args: argparse.Namespace) -> list[str]:
+    if args.heldout:
+        from .data import load_text_dataset
+
+        return list(load_text_dataset(args.heldout)[args.text_column])
+    from .default import default_text_dataset
+
+    return list(default_text_dataset("test")["text"])
+
+
+def _plot_sweep(result: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    s = result.primary_set
+    for method, marker in (("curvedit", "o"), ("svd", "x")):
+        pts = [p for p in result.points if p.method == method]
+        if pts:
+            ax.scatter([100 * p.perplexity_change for p in pts], [100 * p.recitation[s]["strict"] for p in pts],
+                       marker=marker, label={"curvedit": "curvature edit", "svd": "SVD truncation"}[method])
+    if result.chosen is not None:
+        ax.scatter([100 * result.chosen.perplexity_change], [100 * result.chosen.recitation[s]["strict"]],
+                   s=160, facecolors="none", edgecolors="red", label="chosen")
+    ax.axvline(100 * result.perplexity_budget, color="grey", ls="--", lw=1, label="perplexity budget")
+    ax.set_xlabel("held-out perplexity change (%)")
+    ax.set_ylabel(f"Strict recitation on {s} (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -220,6 +323,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text-column", default="text")
     v.add_argument("--output", help="write the EditReport JSON here")
     v.set_defaults(func=cmd_evaluate)
+
+    w = sub.add_parser("sweep", help="try several ρ and layer choices, print the trade-off, pick an edit",
+                       description="Build, measure and drop one edit per ρ x layer choice (plus an SVD-truncation "
+                                   "baseline); pick the lowest Strict recitation within the perplexity budget. "
+                                   "Writes sweep.json, sweep.md and sweep.png. Exit code 1 if nothing fits.")
+    w.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
+    w.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
+    w.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
+                   help="memorized set(s) to recite (default: the embedded default's memorized set)")
+    w.add_argument("--suffix-tokens", type=int, default=8)
+    w.add_argument("--heldout", help="held-out text for perplexity (default: held-out stdlib docs)")
+    w.add_argument("--text-column", default="text")
+    w.add_argument("--keep-mass", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    w.add_argument("--layers", nargs="*", default=[], metavar="I,J", help="layer choices, e.g. --layers 2,3 1,2")
+    w.add_argument("--modules", help="only these module leaves with --layers, e.g. gate,up")
+    w.add_argument("--layer-choice", action="append", default=[], metavar="LABEL=REGEX")
+    w.add_argument("--ppl-budget", type=float, default=0.15, help="largest perplexity increase (0.15 = +15%%)")
+    w.add_argument("--svd-ranks", type=int, nargs="*", default=[8, 16, 32, 64, 96, 128])
+    w.add_argument("--batch-size", type=int, default=16)
+    w.add_argument("--output-dir", required=True)
+    w.set_defaults(func=cmd_sweep)
 
     u = sub.add_parser("publish", help="write the model card and push an edit to the Hub",
                        description="Write a folder with the weights, model card, plots and evaluation, then create "

@@ -90,3 +90,23 @@ def test_bad_input_exit_code_and_message(tmp_path, model_dir, text_file, capsys)
     with pytest.raises(SystemExit) as e:
         main(["fit"])
     assert e.value.code == 2
+
+
+def test_sweep_command(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "factors"
+    assert main(["fit", "--model", str(model_dir), "--data", str(text_file), "--output-dir", str(out),
+                 "--seq-len", "32", "--batch-size", "4", "--max-tokens", "256"]) == 0
+    quotes = tmp_path / "quotes.txt"
+    quotes.write_text("The quick brown fox jumps over the lazy dog.\nA stitch in time saves nine, they say.\n")
+    rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
+               "--heldout", str(text_file), "--keep-mass", "0.5", "0.9", "--layers", "1", "0,1", "--modules", "gate,up",
+               "--svd-ranks", "4", "16", "--ppl-budget", "100", "--output-dir", str(tmp_path / "sweep")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "chosen: layers" in printed and "SVD at matched PPL" in printed
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len([p for p in result["points"] if p["method"] == "curvedit"]) == 4
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
+    rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
+               "--heldout", str(text_file), "--layers", "x", "--output-dir", str(tmp_path / "s2")])
+    assert rc == 2 and "--layers takes" in capsys.readouterr().err
