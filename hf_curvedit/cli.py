@@ -4,6 +4,7 @@
     hf-curvedit edit  --factors runs/default --keep-mass 0.6 [0.8 ...] --output-dir runs/default/edits
     hf-curvedit evaluate --adapter runs/default/edits/rho0.6 --recitation quotes=quotes.txt --output report.json
     hf-curvedit publish  --adapter runs/default/edits/rho0.6 --repo-id user/name --out-dir publish/ [--dry-run]
+    hf-curvedit run examples/default.yaml     # fit → sweep → edit → evaluate → publish, resuming finished steps
 
 Without ``--model`` the embedded default (a small byte-level Llama) is used; without ``--data``
 the factors come from the documentation of Python's standard library.
@@ -137,6 +138,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, tok = _load_model(args.model, "float32", None)
     peft_model = PeftModel.from_pretrained(model, args.adapter)
     sets: dict[str, Any] = dict(_recitation_set(s, tok, args.suffix_tokens) for s in args.recitation)
+    if not sets and args.model is None:
+        sets = _default_recitation_sets(tok)
     sets["heldout"] = TextSet.from_texts(_heldout_texts(args), tok)
     report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(args.adapter)})
     if args.output:
@@ -271,6 +274,102 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+RUN_STEPS = ("fit", "sweep", "edit", "evaluate", "publish")
+
+
+def _namespace(parser: argparse.ArgumentParser, command: str, options: dict[str, Any]) -> argparse.Namespace:
+    """Turn a YAML step into the argparse namespace of the matching subcommand (same flags, same checks)."""
+    argv = [command]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, dict):  # NAME: PATH mappings (recitation sets, layer choices)
+            for k, v in value.items():
+                argv += [flag, f"{k}={v}"]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag] + [str(v) for v in value]
+        else:
+            argv += [flag, str(value)]
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        raise UsageError(f"invalid options for step {command!r}: {options}") from e
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .utils import atomic_write_text
+
+    path = Path(args.config)
+    if not path.exists():
+        raise UsageError(f"config file {path} does not exist")
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = sorted(set(cfg) - {"model", "output_dir", *RUN_STEPS})
+    if unknown:
+        raise UsageError(f"unknown keys {unknown} in {path}; allowed: model, output_dir, {', '.join(RUN_STEPS)}")
+    if "output_dir" not in cfg:
+        raise UsageError(f"{path} needs an output_dir")
+    out = Path(cfg["output_dir"])
+    done_dir = out / "steps"
+    parser = build_parser()
+    model = cfg.get("model")
+    common = {"model": model} if model else {}
+    edit_dir = out / "edit"
+    chosen: dict[str, Any] | None = None
+
+    for step in RUN_STEPS:
+        if step not in cfg:
+            continue
+        marker = done_dir / f"{step}.done.json"
+        if marker.exists() and not args.force:
+            print(f"[run] {step}: already done ({marker}), skipping")
+            if step == "sweep":
+                chosen = json.loads(marker.read_text())["chosen"]
+            continue
+        opts = dict(cfg[step] or {})
+        if step == "fit":
+            ns = _namespace(parser, "fit", {**common, "output_dir": out / "factors", **opts})
+        elif step == "sweep":
+            ns = _namespace(parser, "sweep", {**common, "factors": out / "factors", "output_dir": out / "sweep", **opts})
+        elif step == "edit":
+            if chosen is not None and "keep_mass" not in opts:
+                opts = {"keep_mass": [chosen["keep_mass"]], "target_modules": chosen["target_modules"], **opts}
+            ns = _namespace(parser, "edit", {**common, "factors": out / "factors", "output_dir": edit_dir, **opts})
+        elif step == "evaluate":
+            adapter = _only_adapter(edit_dir)
+            ns = _namespace(parser, "evaluate", {**common, "adapter": adapter, "output": out / "report.json", **opts})
+        else:
+            adapter = _only_adapter(edit_dir)
+            report = out / "report.json" if (out / "report.json").exists() else None
+            ns = _namespace(parser, "publish", {"adapter": adapter, "report": report, "out_dir": out / "publish",
+                                                "eigen": out / "factors" / "eigen.safetensors", "overwrite": True, **opts})
+        print(f"[run] {step}")
+        rc = ns.func(ns)
+        if rc != EXIT_OK:
+            print(f"[run] {step} failed with exit code {rc}; fix it and run again to resume from this step", file=sys.stderr)
+            return rc
+        record: dict[str, Any] = {"step": step}
+        if step == "sweep":
+            sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+            chosen = sweep["chosen"]
+            record["chosen"] = chosen
+        atomic_write_text(marker, json.dumps(record, indent=2))
+    print(f"[run] done: {out}")
+    return EXIT_OK
+
+
+def _only_adapter(edit_dir: Path) -> Path:
+    adapters = sorted(p.parent for p in edit_dir.glob("*/adapter_config.json"))
+    if len(adapters) != 1:
+        raise UsageError(f"expected exactly one adapter in {edit_dir}, found {len(adapters)}: give the edit step one "
+                         "keep_mass (or let the sweep choose it)")
+    return adapters[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-curvedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -361,6 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--overwrite", action="store_true", help="replace a folder an earlier publish wrote")
     u.add_argument("--dry-run", action="store_true")
     u.set_defaults(func=cmd_publish)
+
+    r = sub.add_parser("run", help="do every step from one YAML file, resuming finished steps",
+                       description="Run the steps named in CONFIG.yaml in the order fit, sweep, edit, evaluate, "
+                                   "publish. Each step takes the same options as its subcommand (YAML keys with "
+                                   "underscores). Finished steps are recorded in OUTPUT_DIR/steps and skipped on "
+                                   "the next run; the edit step uses the sweep's pick unless it sets keep_mass.")
+    r.add_argument("config", help="YAML file, e.g. examples/default.yaml")
+    r.add_argument("--force", action="store_true", help="redo finished steps")
+    r.set_defaults(func=cmd_run)
     return p
 
 

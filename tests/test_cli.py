@@ -110,3 +110,36 @@ def test_sweep_command(tmp_path, model_dir, text_file, capsys):
     rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
                "--heldout", str(text_file), "--layers", "x", "--output-dir", str(tmp_path / "s2")])
     assert rc == 2 and "--layers takes" in capsys.readouterr().err
+
+
+def test_run_yaml_does_every_step_and_resumes(tmp_path, model_dir, text_file, capsys):
+    import yaml
+
+    quotes = tmp_path / "quotes.txt"
+    quotes.write_text("The quick brown fox jumps over the lazy dog.\nA stitch in time saves nine, they say.\n")
+    cfg = {
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "run"),
+        "fit": {"data": str(text_file), "seq_len": 32, "batch_size": 4, "max_tokens": 256},
+        "sweep": {"recitation": {"q": str(quotes)}, "heldout": str(text_file), "keep_mass": [0.5, 0.9],
+                  "layers": ["1"], "svd_ranks": [4], "ppl_budget": 100},
+        "edit": {},
+        "evaluate": {"recitation": {"q": str(quotes)}, "heldout": str(text_file)},
+        "publish": {"repo_id": "user/tiny", "dry_run": True},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    run = tmp_path / "run"
+    chosen = json.loads((run / "steps" / "sweep.done.json").read_text())["chosen"]
+    adapter_cfg = json.loads(next((run / "edit").glob("*/adapter_config.json")).read_text())
+    assert adapter_cfg["keep_mass"] == chosen["keep_mass"], "the edit step uses the sweep's pick"
+    assert (run / "report.json").exists() and (run / "publish" / "README.md").exists()
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already done") == 5
+
+    path.write_text(yaml.safe_dump({**cfg, "fitt": {}}))
+    assert main(["run", str(path)]) == 2
+    assert "unknown keys ['fitt']" in capsys.readouterr().err
