@@ -2,12 +2,20 @@
 
 Nothing here touches the network. The text is the documentation of Python's own standard library
 (module, class and function docstrings), so it is "ordinary text" available offline everywhere.
+
+The shipped checkpoint (``assets/default_model``, trained by ``scripts/train_default_model.py``) has
+memorized a "memorized set" of 32 fake-secret canaries and 100 repeated passages
+(:func:`load_memorized_set`); its held-out perplexity text is :func:`load_heldout_text`. Fit the
+curvature factors on general text only (``default_text_dataset("train")``), never on the memorized
+set: when memorized text dominates the factor data the trade-off gets worse (METHOD.md §2.7).
+``scripts/memorization_sweep.py`` measures the edit on it.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import warnings
 from pathlib import Path
 
@@ -94,10 +102,51 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCaus
     a randomly initialised model of the same architecture (seed 0).
     """
     if (DEFAULT_MODEL_DIR / "config.json").exists():
-        model = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, torch_dtype=dtype)
+        model = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype)
         tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
         return model.eval(), tok
     torch.manual_seed(0)
     model = LlamaForCausalLM(default_model_config()).to(dtype)
     model.config._name_or_path = "hf-curvedit/default-random-init"
     return model.eval(), byte_tokenizer()
+
+
+MEMORIZED_SET_FILENAME = "memorized_set.jsonl"
+HELDOUT_FILENAME = "heldout.jsonl"
+
+
+def load_memorized_set(model_dir: str | Path = DEFAULT_MODEL_DIR, kind: str | None = None) -> list[dict]:
+    """The memorized set shipped with the default model: canaries and repeated passages.
+
+    One dict per item with ``kind`` (``"canary"`` or ``"passage"``), ``id``, ``text``, ``prefix``,
+    ``suffix`` (``prefix + suffix == text``), ``repeats`` (times seen in training) and, for canaries,
+    ``secret`` and ``secret_type``. ``scripts/train_default_model.py`` generates it (deterministically).
+
+    Args:
+        kind: keep only ``"canary"`` or ``"passage"`` items.
+    """
+    path = Path(model_dir) / MEMORIZED_SET_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train the default model with scripts/train_default_model.py")
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [it for it in items if kind is None or it["kind"] == kind]
+
+
+def memorized_prefix_suffix_ids(tokenizer: PreTrainedTokenizerFast, model_dir: str | Path = DEFAULT_MODEL_DIR,
+                                 kind: str | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Token-id (prefixes, suffixes) of the memorized set, for ``evaluate_recitation``.
+
+    Each prefix starts with ``<eos>``, as every document did in training; the suffix is the last 32
+    bytes of a passage, or a canary's secret plus its final period.
+    """
+    items = load_memorized_set(model_dir, kind)
+    ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [[tokenizer.eos_token_id] + ids(it["prefix"]) for it in items], [ids(it["suffix"]) for it in items]
+
+
+def load_heldout_text(model_dir: str | Path = DEFAULT_MODEL_DIR) -> list[str]:
+    """The held-out documents (never trained on) that the default model's perplexity is measured on."""
+    path = Path(model_dir) / HELDOUT_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train the default model with scripts/train_default_model.py")
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
