@@ -141,7 +141,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not sets and args.model is None:
         sets = _default_recitation_sets(tok)
     sets["heldout"] = TextSet.from_texts(_heldout_texts(args), tok)
-    report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(args.adapter)})
+    steps = tuple(args.stress_steps)
+    report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(args.adapter)},
+                           batch_size=args.batch_size, stress=not args.no_stress,
+                           stress_extend=steps, stress_shorten=steps)
     if args.output:
         report.save(args.output)
         print(f"report: {args.output}")
@@ -181,20 +184,15 @@ def _layer_choices(model: Any, eig: Any, layer_specs: list[str], modules: str | 
 
 
 def _default_recitation_sets(tok: Any) -> dict[str, Any]:
-    from .default import DEFAULT_MODEL_DIR
+    """The embedded default's memorized set: its repeated passages and its secret canaries."""
+    from .default import DEFAULT_MODEL_DIR, MEMORIZED_SET_FILENAME, memorized_prefix_suffix_ids
     from .evaluation import RecitationSet
 
-    try:
-        from .default import memorized_prefix_suffix_ids
-    except ImportError:
-        memorized_prefix_suffix_ids = None
-    if memorized_prefix_suffix_ids is None or not (DEFAULT_MODEL_DIR / "memorized_set.jsonl").exists():
-        raise UsageError("no --recitation set given and the embedded default has no memorized set; pass "
+    if not (DEFAULT_MODEL_DIR / MEMORIZED_SET_FILENAME).exists():
+        raise UsageError("no --recitation set given and the embedded default ships no memorized set; pass "
                          "--recitation NAME=PATH")
-    pairs = memorized_prefix_suffix_ids(tok)
-    if isinstance(pairs, dict):
-        return {k: RecitationSet.from_pairs(v) for k, v in pairs.items()}
-    return {"memorized": RecitationSet.from_pairs(pairs)}
+    return {name: RecitationSet(*memorized_prefix_suffix_ids(tok, kind=kind))
+            for name, kind in (("passages", "passage"), ("canaries", "canary"))}
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -232,8 +230,10 @@ def _heldout_texts(args: argparse.Namespace) -> list[str]:
         from .data import load_text_dataset
 
         return list(load_text_dataset(args.heldout)[args.text_column])
-    from .default import default_text_dataset
+    from .default import DEFAULT_MODEL_DIR, HELDOUT_FILENAME, default_text_dataset, load_heldout_text
 
+    if args.model is None and (DEFAULT_MODEL_DIR / HELDOUT_FILENAME).exists():
+        return load_heldout_text()
     return list(default_text_dataset("test")["text"])
 
 
@@ -421,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--heldout", help="held-out text for perplexity/nDCG (default: held-out stdlib docs)")
     v.add_argument("--text-column", default="text")
     v.add_argument("--output", help="write the EditReport JSON here")
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--stress-steps", type=int, nargs="+", default=[0, 5, 10, 15, 20],
+                   help="stress test: left-extend / right-shorten the prompt by these many tokens")
+    v.add_argument("--no-stress", action="store_true", help="skip the stress test (the slowest part)")
     v.set_defaults(func=cmd_evaluate)
 
     w = sub.add_parser("sweep", help="try several ρ and layer choices, print the trade-off, pick an edit",
