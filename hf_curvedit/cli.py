@@ -86,6 +86,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from .curvature import load_factors
+    from .publish.hub import EDIT_FILENAME, edit_summary
     from .tuner import CurvatureEditConfig, build_curvature_edit
 
     model, _ = _load_model(args.model, "float32", None)
@@ -101,7 +102,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         peft_model.save_pretrained(folder)
         for rep in peft_model.edit_report():
             rows.append((rho, rep))
-        (folder / "edit_report.json").write_text(json.dumps([r.to_dict() for r in peft_model.edit_report()], indent=2))
+        # The same description `publish` writes, so publishing this folder shows the per-module table.
+        (folder / EDIT_FILENAME).write_text(json.dumps(edit_summary(peft_model, "default"), indent=2, default=str))
         model = peft_model.unload()
         print(f"adapter ρ={rho:g}: {folder}")
     print(f"{'ρ':>5}  {'module':<40}{'r':>6}{'s':>6}{'k':>6}{'kept comp.':>12}{'‖W′‖/‖W‖':>10}{'bytes':>8}")

@@ -54,8 +54,9 @@ def test_fit_then_edit(tmp_path, model_dir, text_file, capsys):
         base = AutoModelForCausalLM.from_pretrained(model_dir)
         x = torch.randint(0, 200, (1, 12))
         assert not torch.allclose(edited(x).logits, base(x).logits)
-    report = json.loads((tmp_path / "edits" / "rho0.5" / "edit_report.json").read_text())
-    assert {r["module"] for r in report} == {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}
+    edit = json.loads((tmp_path / "edits" / "rho0.5" / "curvedit_edit.json").read_text())
+    assert {r["module"] for r in edit["modules"]} == {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}
+    assert all(r["r"] > 0 and r["s"] > 0 for r in edit["modules"])
 
     quotes = tmp_path / "quotes.txt"
     quotes.write_text("To be or not to be, that is the question.\nAll that glitters is not gold, they say.\n")
@@ -72,6 +73,7 @@ def test_fit_then_edit(tmp_path, model_dir, text_file, capsys):
     assert rc == 0
     card = (tmp_path / "pub" / "README.md").read_text()
     assert "library_name: peft" in card and "quotes" in card and "Strict" in card
+    assert "| `model.layers.1.mlp.gate_proj` | 0.50 | –" not in card, "the per-module table has r and s"
     assert (tmp_path / "pub" / "adapter_model.safetensors").exists()
 
 

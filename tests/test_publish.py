@@ -203,7 +203,8 @@ def test_card_reports_real_factor_provenance(tmp_path):
     res = publish(model, "user/real", out_dir=tmp_path / "p", eigen=eigen, dry_run=True, base_model="user/tiny-base")
     body = ModelCard.load(res.folder / "README.md").text
     assert "dataset = `random-token-rows`" in body and "label mode = `empirical`" in body
-    assert f"tokens = `{factors.num_tokens}`" in body and "sequence length = `16`" in body
+    (count,) = set(factors.num_tokens.values())
+    assert f"tokens = `{count:,}`" in body and "sequence length = `16`" in body
     assert "| `model.layers.1.mlp.up_proj` | 0.70 |" in body
     assert res.files.count("plots/spectrum_model.layers.1.mlp.up_proj.png") == 1
 

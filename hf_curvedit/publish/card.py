@@ -294,12 +294,20 @@ def factor_data_from_source(factor_source: Mapping[str, Any], overrides: Optiona
     extra = fc.get("extra") or {}
     out: dict[str, Any] = {
         "dataset": factor_source.get("dataset") or extra.get("dataset"),
-        "tokens": factor_source.get("num_tokens"),
+        "tokens": _token_count(factor_source.get("num_tokens")),
         "label mode": fc.get("label_mode") or factor_source.get("label_mode"),
         "sequence length": fc.get("seq_len"),
     }
     out.update(overrides or {})
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _token_count(num_tokens: Any) -> Any:
+    # Factors keep a count per module; they are equal when all modules saw the same data (the usual case).
+    if isinstance(num_tokens, Mapping) and num_tokens:
+        values = sorted({int(v) for v in num_tokens.values()})
+        return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}–{values[-1]:,} (per module)"
+    return num_tokens
 
 
 def module_rows_from_config(edit_config: Mapping[str, Any]) -> list[dict[str, Any]]:

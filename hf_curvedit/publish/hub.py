@@ -299,12 +299,9 @@ def publish(
         if cfg is None or getattr(cfg.peft_type, "value", cfg.peft_type) != PEFT_TYPE_NAME:
             raise ValueError(f"adapter {name!r} of this PeftModel is not a curvature edit "
                              f"(adapters: {list(model.peft_config)})")
-        config_dict = jsonable(cfg.to_dict())
-        local_base = config_dict.get("base_model_name_or_path")
-        edit = {"adapter_name": name, "config": config_dict,
-                "modules": module_rows(curvature_edit_report(model, name)),
-                "base_model": base_model or local_base,
-                "architectures": list(getattr(model.get_base_model().config, "architectures", None) or [])}
+        edit = edit_summary(model, name)
+        local_base = edit["base_model"]
+        edit["base_model"] = base_model or local_base
         kind = "merged" if merged else "adapter"
         _prepare_out_dir(out_dir, overwrite)
         if merged:
@@ -359,6 +356,17 @@ def publish(
         commit_message = f"Upload curvature edit ({kind}, ρ = {', '.join(f'{r:g}' for r in rho) or '?'})"
     return push_folder(out_dir, repo_id, private=private, revision=revision, create_pr=create_pr, token=token,
                        commit_message=commit_message, commit_description=commit_description, endpoint=endpoint)
+
+
+def edit_summary(model: PeftModel, adapter_name: str = "default") -> dict[str, Any]:
+    """The JSON-ready description of one curvature edit (config, per-module report, base, architectures) that
+    publish writes as ``curvedit_edit.json`` and reads back from a folder."""
+    config_dict = jsonable(model.peft_config[adapter_name].to_dict())
+    return {"adapter_name": adapter_name, "config": config_dict,
+            "modules": module_rows(curvature_edit_report(model, adapter_name)),
+            "base_model": config_dict.get("base_model_name_or_path"),
+            "architectures": list(getattr(model.get_base_model().config, "architectures", None) or []),
+            "kind": "adapter"}
 
 
 def _edit_from_folder(source: Path) -> tuple[dict[str, Any], str, Optional[str]]:
