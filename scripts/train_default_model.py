@@ -43,8 +43,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
 import platform
@@ -52,7 +50,6 @@ import random
 import string
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -119,32 +116,11 @@ def make_canaries(n: int, seed: int) -> list[dict]:
     return out
 
 
-def _docs_of(modules: tuple[str, ...]) -> list[str]:
-    docs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in modules:
-            try:
-                mod = importlib.import_module(name)
-            except ImportError:
-                continue
-            objs = [mod] + [getattr(mod, a) for a in sorted(vars(mod)) if not a.startswith("_")]
-            for obj in objs:
-                if obj is not mod and getattr(obj, "__module__", None) != mod.__name__:
-                    continue
-                if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
-                    continue
-                doc = inspect.getdoc(obj)
-                if doc:
-                    docs.append(doc)
-    return docs
-
-
 def make_passages(n: int, seed: int, suffix_chars: int, general_text: str) -> list[dict]:
     """``n`` docstring paragraphs (90-200 chars, one line, ASCII) from ``PASSAGE_MODULES``, none of which
     occurs in ``general_text``; near-duplicates (same first 40 or last ``suffix_chars`` chars) dropped."""
     paras = []
-    for doc in _docs_of(PASSAGE_MODULES):
+    for doc in stdlib_docs(PASSAGE_MODULES, min_chars=1):
         for p in doc.split("\n\n"):
             p = " ".join(p.split())
             if 90 <= len(p) <= 200 and p.isascii() and p[0].isupper() and p.endswith(".") and p not in general_text:
