@@ -70,6 +70,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_tokens=args.max_tokens, accumulate_dtype=args.accumulate_dtype,
         seed=args.seed, checkpoint_every=args.checkpoint_every, max_factor_memory_gb=args.max_factor_memory_gb,
         text_column=args.text_column,
+        # recorded in the factor metadata and shown as the factor data on the model card
+        extra={"dataset": args.data or "Python standard-library docs (hf_curvedit.default, train split)"},
     )
     out = Path(args.output_dir)
     factors = fit_factors(model, data, cfg, out, tokenizer=tok, resume=not args.restart)

@@ -73,6 +73,7 @@ def test_fit_then_edit(tmp_path, model_dir, text_file, capsys):
     assert rc == 0
     card = (tmp_path / "pub" / "README.md").read_text()
     assert "library_name: peft" in card and "quotes" in card and "Strict" in card
+    assert f"dataset = `{text_file}`" in card
     assert "| `model.layers.1.mlp.gate_proj` | 0.50 | –" not in card, "the per-module table has r and s"
     assert (tmp_path / "pub" / "adapter_model.safetensors").exists()
 
