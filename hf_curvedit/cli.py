@@ -37,7 +37,6 @@ def _targets(value: str | None) -> Any:
 
 
 def _load_model(name: str | None, dtype: str, device_map: str | None):
-    import torch
 
     from .default import load_default_model
     from .utils import parse_dtype
@@ -158,7 +157,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _layer_choices(model: Any, eig: Any, layer_specs: list[str], modules: str | None, regexes: list[str]) -> dict[str, str]:
+def _layer_choices(eig: Any, layer_specs: list[str], modules: str | None, regexes: list[str]) -> dict[str, str]:
     """Label → regex. ``--layers 2,3`` picks the fitted modules in those blocks (optionally only the
     ``--modules`` leaves, e.g. gate,up); ``--layer-choice LABEL=REGEX`` is taken as is."""
     import re
@@ -209,7 +208,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sets = (dict(_recitation_set(s, tok, args.suffix_tokens) for s in args.recitation) if args.recitation
             else _default_recitation_sets(tok))
     texts = _heldout_texts(args)
-    choices = _layer_choices(model, eig, args.layers, args.modules, args.layer_choice) or None
+    choices = _layer_choices(eig, args.layers, args.modules, args.layer_choice) or None
     result = sweep_edits(model, eig, sets, TextSet.from_texts(texts, tok), keep_masses=args.keep_mass,
                          layer_choices=choices, perplexity_budget=args.ppl_budget, svd_ranks=args.svd_ranks,
                          batch_size=args.batch_size)

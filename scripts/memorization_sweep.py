@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,8 @@ from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit,
 from hf_curvedit.default import (DEFAULT_MODEL_DIR, default_text_dataset, load_default_model, load_heldout_text,
                                  load_memorized_set)
 from hf_curvedit.evaluation import evaluate_recitation, perplexity
+from hf_curvedit.sweep import svd_truncation
+from hf_curvedit.targets import resolve_target_modules
 
 
 def _log(msg: str) -> None:
@@ -88,18 +89,6 @@ class Evaluator:
 
 def module_regex(layers: list[int], modules: list[str]) -> str:
     return rf".*layers\.({'|'.join(map(str, layers))})\.mlp\.({'|'.join(modules)})_proj"
-
-
-def svd_truncate(model, regex: str, k: int) -> int:
-    """Replace every matching Linear weight by its best rank-k approximation, in place. Returns #modules."""
-    n = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and re.fullmatch(regex, name):
-            w = mod.weight.data.double()
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            mod.weight.data.copy_(((u[:, :k] * s[:k]) @ vh[:k]).to(mod.weight.dtype))
-            n += 1
-    return n
 
 
 def fmt_row(name: str, r: dict, base_ppl: float) -> str:
@@ -204,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if ref is not None:
         t = time.time()
         for k in [int(x) for x in args.svd_ranks.split(",")]:
-            m = copy.deepcopy(base)
-            n_mod = svd_truncate(m, ref["regex"], k)
-            res = ev(m)
+            names = resolve_target_modules(base, ref["regex"])
+            with svd_truncation(base, names, k):
+                res = ev(base)
+            n_mod = len(names)
             res.update(name=f"SVD rank {k} ({n_mod} modules: {ref['name'].split(' ρ')[0]})", k=k)
             svd_rows.append(res)
             _log(fmt_row(res["name"], res, base_ppl))

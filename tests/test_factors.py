@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from safetensors import safe_open
 
-from hf_curvedit import FactorConfig, KFACFactors, fit_factors, load_factors
+from hf_curvedit import FactorConfig, fit_factors, load_factors
 from hf_curvedit.curvature import factors as factors_mod
 from hf_curvedit.curvature.factors import _batch_generator, sample_labels, valid_position_mask
 from hf_curvedit.targets import resolve_target_modules

@@ -9,17 +9,14 @@ divided by the token count at the end.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -30,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset, pack_into_blocks
 from ..targets import is_linear_like, linear_shape, resolve_target_modules
-from ..utils import atomic_path, atomic_write_text
+from ..utils import atomic_path
 from .config import FactorConfig
 from .eigen import EIGEN_FILENAME, KFACEigen, ModuleEigen, symmetric_eigh
 
