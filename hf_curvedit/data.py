@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
@@ -143,14 +143,17 @@ def iter_batches(
     max_blocks: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    to_tensors: Callable[[dict[str, list]], dict[str, torch.Tensor]] | None = None,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Yield ``(global_batch_index, batch)`` for the batches of this process.
 
     Batch ``b`` holds blocks ``[b·batch_size, (b+1)·batch_size)``; process ``rank`` takes the
     batches with ``b % world_size == rank``. Batches before ``start_batch`` are never read from a
     map-style dataset (rows are indexed directly); a streaming dataset skips them without decoding
-    into tensors.
+    into tensors. ``to_tensors`` turns a batch of rows (column -> list) into tensors; the default
+    reads ``input_ids`` and ``attention_mask``.
     """
+    to_tensors = to_tensors or _to_tensors
     if isinstance(blocks, Dataset):
         n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
         total = math.ceil(n / batch_size)
@@ -158,7 +161,7 @@ def iter_batches(
             if b % world_size != rank:
                 continue
             rows = blocks[b * batch_size:min((b + 1) * batch_size, n)]
-            yield b, _to_tensors(rows)
+            yield b, to_tensors(rows)
         return
 
     stream = blocks
@@ -172,11 +175,11 @@ def iter_batches(
         buf.append(row)
         if len(buf) == batch_size:
             if b % world_size == rank:
-                yield b, _to_tensors({k: [r[k] for r in buf] for k in buf[0]})
+                yield b, to_tensors({k: [r[k] for r in buf] for k in buf[0]})
             b += 1
             buf = []
     if buf and b % world_size == rank:
-        yield b, _to_tensors({k: [r[k] for r in buf] for k in buf[0]})
+        yield b, to_tensors({k: [r[k] for r in buf] for k in buf[0]})
 
 
 def _to_tensors(rows: dict[str, list]) -> dict[str, torch.Tensor]:
@@ -186,3 +189,74 @@ def _to_tensors(rows: dict[str, list]) -> dict[str, torch.Tensor]:
     else:
         out["attention_mask"] = torch.ones_like(out["input_ids"])
     return out
+
+
+# ----------------------------------------------------------------------------------------- images
+def select_image_columns(
+    dataset: DatasetLike,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    with_labels: bool = False,
+) -> DatasetLike:
+    """Keep only the columns an image classifier needs (so other columns are never decoded).
+
+    Uses ``pixel_values`` when the data already has it, else ``image_column``; adds ``label_column``
+    when ``with_labels``. Raises a ``ValueError`` naming the available columns when one is missing.
+    """
+    cols = _column_names(dataset)
+    if cols is None:  # a streaming dataset without known features: find out at the first row
+        return dataset
+    image_col = "pixel_values" if "pixel_values" in cols else image_column
+    if image_col not in cols:
+        raise ValueError(f"the image data has no {image_column!r} (or 'pixel_values') column; its columns are {cols}. "
+                         "Pass image_column=... naming the column that holds the images.")
+    keep = [image_col]
+    if with_labels:
+        if label_column not in cols:
+            raise ValueError(f"label_mode='empirical' reads labels from {label_column!r}, which the data does not have "
+                             f"(columns: {cols}). Pass label_column=..., or use label_mode='sampled'.")
+        keep.append(label_column)
+    return dataset.select_columns(keep)
+
+
+def image_batch_converter(
+    image_processor: Any | None,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    with_labels: bool = False,
+    num_channels: int | None = 3,
+) -> Callable[[dict[str, list]], dict[str, torch.Tensor]]:
+    """A function that turns a batch of image rows into ``{"pixel_values", ["labels"]}`` tensors.
+
+    Images (PIL or arrays) go through ``image_processor`` (e.g. ``AutoImageProcessor.from_pretrained``);
+    PIL images are converted to RGB first when the model takes 3 channels, so grayscale data works.
+    A ``pixel_values`` column is used as is.
+    """
+
+    def convert(rows: dict[str, list]) -> dict[str, torch.Tensor]:
+        if "pixel_values" in rows:
+            pv = rows["pixel_values"]
+            pixel_values = torch.stack([torch.as_tensor(x) for x in pv]) if isinstance(pv, list) else torch.as_tensor(pv)
+        else:
+            if image_column not in rows:
+                raise ValueError(f"the image data has no {image_column!r} column; its columns are {sorted(rows)}. "
+                                 "Pass image_column=... naming the column that holds the images.")
+            if image_processor is None:
+                raise ValueError("the data holds images, not pixel_values: pass image_processor= (for example "
+                                 "AutoImageProcessor.from_pretrained(<model folder or id>)) to turn them into model inputs")
+            images = rows[image_column]
+            if num_channels == 3:
+                images = [im.convert("RGB") if hasattr(im, "convert") and getattr(im, "mode", "RGB") != "RGB" else im
+                          for im in images]
+            pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        out = {"pixel_values": pixel_values.float() if not pixel_values.is_floating_point() else pixel_values}
+        if with_labels:
+            if label_column not in rows:
+                raise ValueError(f"label_mode='empirical' reads labels from {label_column!r}, which the data does not "
+                                 f"have (columns: {sorted(rows)}). Pass label_column=..., or use label_mode='sampled'.")
+            out["labels"] = torch.as_tensor(rows[label_column], dtype=torch.long)
+        return out
+
+    return convert

@@ -8,11 +8,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 61
+
+
+@contextlib.contextmanager
+def record_module_io(model: torch.nn.Module, names: list[str]) -> Iterator[tuple[dict, dict]]:
+    """Record the first input and the output of each named module during the forward passes in the block."""
+    mods = dict(model.named_modules())
+    ins: dict = {}
+    outs: dict = {}
+
+    def capture(n):
+        def hook(module, inputs, output):
+            ins[n], outs[n] = inputs[0], output
+        return hook
+
+    hooks = [mods[n].register_forward_hook(capture(n)) for n in names]
+    try:
+        yield ins, outs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

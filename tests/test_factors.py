@@ -15,26 +15,16 @@ from hf_curvedit.curvature import factors as factors_mod
 from hf_curvedit.curvature.factors import _batch_generator, sample_labels, valid_position_mask
 from hf_curvedit.targets import resolve_target_modules
 
-from conftest import random_token_rows, tiny_gpt2, tiny_llama
+from conftest import random_token_rows, record_module_io, tiny_gpt2, tiny_llama
 
 
 def brute_force_factors(model, input_ids, attention_mask, names, label_mode, seed=0, batch_index=0, chunk=2048):
     """Explicit per-token outer products from autograd, one position at a time, in float64."""
-    mods = dict(model.named_modules())
-    ins, outs = {}, {}
-
-    def capture(n):
-        def hook(module, inputs, output):
-            ins[n], outs[n] = inputs[0], output
-        return hook
-
-    hooks = [mods[n].register_forward_hook(capture(n)) for n in names]
     emb_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with record_module_io(model, names) as (ins, outs):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
-        for h in hooks:
-            h.remove()
         emb_hook.remove()
     B, T = input_ids.shape
     valid = torch.zeros(B, T, dtype=torch.bool)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 LabelMode = Literal["sampled", "empirical"]
+TokenPositions = Literal["cls", "all"]
 
 
 @dataclass
@@ -18,9 +19,9 @@ class FactorConfig:
             qualified name) or a list of names, name suffixes or globs. ``None`` uses the
             architecture default (the MLP projections).
         exclude_modules: Same syntax; matching modules are skipped.
-        label_mode: ``"sampled"`` draws each next-token label from the model's own predictive
-            distribution (the true Fisher, as in the paper); ``"empirical"`` uses the data's next
-            token (the empirical Fisher).
+        label_mode: ``"sampled"`` draws each label from the model's own predictive distribution (the
+            true Fisher, as in the paper); ``"empirical"`` uses the data's label (the empirical Fisher):
+            the next token for a language model, ``label_column`` for an image classifier.
         seq_len: Tokens per block. Text is packed into blocks of exactly this length.
         batch_size: Blocks per forward/backward pass (per process).
         max_tokens: Stop after this many tokens (rounded down to whole blocks). ``None`` = all data.
@@ -36,6 +37,15 @@ class FactorConfig:
         checkpoint_every: Save resumable partial sums every this many batches (0 disables).
         max_factor_memory_gb: Memory budget for the factor accumulators. When all target modules
             do not fit, they are split into partitions and the data is read once per partition.
+        token_positions: Image classifiers only: which token positions are K-FAC samples.
+            ``"cls"`` (the default for images, as in the paper's ViT experiment) takes the class
+            token (position 0) of every image; ``"all"`` takes every token position. Models without
+            a class token (Swin) need ``"all"``. Language models always use all valid positions.
+        image_column: Image classifiers only: the column with the images (ignored when the data
+            already has a ``pixel_values`` column).
+        label_column: Image classifiers only: the column with the class labels, read when
+            ``label_mode="empirical"``.
+        max_examples: Image classifiers only: stop after this many images. ``None`` = all data.
     """
 
     target_modules: Optional[Union[str, list[str]]] = None
@@ -51,6 +61,10 @@ class FactorConfig:
     sample_chunk_size: int = 2048
     checkpoint_every: int = 50
     max_factor_memory_gb: Optional[float] = None
+    token_positions: Optional[TokenPositions] = None
+    image_column: str = "image"
+    label_column: str = "label"
+    max_examples: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -65,6 +79,10 @@ class FactorConfig:
             raise ValueError("seq_len must be at least 2: the last position of a block has no target.")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
             raise ValueError(f"max_tokens={self.max_tokens} is smaller than one block (seq_len={self.seq_len}).")
+        if self.token_positions not in (None, "cls", "all"):
+            raise ValueError(f"token_positions={self.token_positions!r}: use 'cls' (class token only) or 'all'.")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be a positive integer or None, got {self.max_examples!r}.")
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0 (0 disables checkpoints).")
         if self.max_factor_memory_gb is not None and self.max_factor_memory_gb <= 0:

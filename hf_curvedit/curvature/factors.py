@@ -5,6 +5,12 @@ approximated as G ⊗ A. Every valid token position is one sample ("expand" K-FA
 valid when it and the next position are real tokens, so it has a next-token target. The loss is the
 *sum* of the per-token losses, so ∂loss/∂y at a position is that position's gradient g; sums are
 divided by the token count at the end.
+
+Image classifiers (``main_input_name == "pixel_values"``: ViT, DeiT, BEiT, DINOv2, Swin, ...) have
+one loss per image, with the label sampled from the model's class distribution or read from the
+data. Their K-FAC samples are the class-token position of each image (``token_positions="cls"``,
+the paper's ViT setting) or every token position (``"all"``); g at a position is the gradient of
+that image's loss w.r.t. the layer's output there.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -25,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..data import DataSource, count_batches, iter_batches, load_text_dataset, pack_into_blocks
+from ..data import (DataSource, count_batches, image_batch_converter, iter_batches, load_text_dataset,
+                    pack_into_blocks, select_image_columns)
 from ..targets import is_linear_like, linear_shape, resolve_target_modules
 from ..utils import atomic_path
 from .config import FactorConfig
@@ -97,6 +104,34 @@ def _batch_generator(seed: int, batch_index: int, device: torch.device) -> torch
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return g
+
+
+ModelTask = Literal["causal-lm", "image-classification"]
+
+
+def model_task(model: nn.Module) -> ModelTask:
+    """``"image-classification"`` for models that take ``pixel_values``, else ``"causal-lm"``."""
+    return "image-classification" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "causal-lm"
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """Whether the model prepends a learned class token (ViT, DeiT, BEiT, DINOv2 do; Swin does not)."""
+    return any(n.split(".")[-1] == "cls_token" for n, _ in model.named_parameters())
+
+
+def resolve_token_positions(model: nn.Module, config: FactorConfig) -> str:
+    """The position rule for ``model``: ``"valid"`` (next-token positions) for a language model,
+    ``"cls"`` or ``"all"`` for an image classifier. Raises a ``ValueError`` for a rule the model cannot use."""
+    if model_task(model) == "causal-lm":
+        if config.token_positions == "cls":
+            raise ValueError("token_positions='cls' is for image classifiers; a language model uses every position "
+                             "that has a next-token target. Leave token_positions unset.")
+        return "valid"
+    positions = config.token_positions or "cls"
+    if positions == "cls" and not has_class_token(model):
+        raise ValueError(f"{type(model).__name__} has no class token, so token_positions='cls' has nothing to take; "
+                         "use token_positions='all'.")
+    return positions
 
 
 def _dist_state():
@@ -304,6 +339,7 @@ class _FactorCollector:
         self.a_alias: dict[str, str] = {}
         self._alias_known = False
         self._idx: torch.Tensor | None = None
+        self._positions = "valid"
         self._seen_inputs: dict[int, tuple[str, torch.Tensor]] = {}
         self._outputs: list[torch.Tensor] = []
         self._handles: list[Any] = []
@@ -328,17 +364,41 @@ class _FactorCollector:
             h.remove()
         self._handles.clear()
 
-    def begin_batch(self, valid: torch.Tensor) -> None:
-        self._idx = valid.reshape(-1).nonzero().squeeze(1)
+    def begin_batch(self, valid: torch.Tensor | None, positions: str = "valid") -> None:
+        """Start a batch. ``positions="valid"`` takes the rows where the (B, T) mask ``valid`` is set;
+        ``"cls"`` takes position 0 of every sequence; ``"all"`` takes every position."""
+        if positions == "valid":
+            if valid is None:
+                raise ValueError("positions='valid' needs a mask")
+            self._idx = valid.reshape(-1).nonzero().squeeze(1)
+        else:
+            self._idx = torch.empty(0, dtype=torch.long)  # marks an open batch
+        self._positions = positions
         self._seen_inputs.clear()
         self._outputs.clear()
 
-    def _select(self, t: torch.Tensor) -> torch.Tensor:
+    def _select(self, t: torch.Tensor, name: str) -> torch.Tensor:
         assert self._idx is not None
-        flat = t.reshape(-1, t.shape[-1])
-        idx = self._idx if self._idx.device == flat.device else self._idx.to(flat.device)
-        x = flat.index_select(0, idx)
+        if self._positions == "cls":
+            if t.dim() != 3:
+                raise ValueError(f"token_positions='cls' needs (batch, tokens, features) activations, but {name} sees "
+                                 f"shape {tuple(t.shape)}; use token_positions='all'.")
+            x = t[:, 0, :]
+        elif self._positions == "all":
+            x = t.reshape(-1, t.shape[-1])
+        else:
+            flat = t.reshape(-1, t.shape[-1])
+            idx = self._idx if self._idx.device == flat.device else self._idx.to(flat.device)
+            x = flat.index_select(0, idx)
         return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+    def _num_rows(self, t: torch.Tensor) -> int:
+        assert self._idx is not None
+        if self._positions == "cls":
+            return int(t.shape[0])
+        if self._positions == "all":
+            return t.numel() // t.shape[-1]
+        return int(self._idx.numel())
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -354,7 +414,7 @@ class _FactorCollector:
                 else:
                     self._seen_inputs[id(x)] = (name, x)
             if name not in self.a_alias:
-                a = self._select(x.detach())
+                a = self._select(x.detach(), name)
                 acc = self.A.get(name)
                 if acc is None:
                     acc = self.A[name] = torch.zeros(a.shape[1], a.shape[1], dtype=self.dtype, device=a.device)
@@ -364,7 +424,7 @@ class _FactorCollector:
                     f"the output of {name} does not require grad; the model's input embeddings could not "
                     "be hooked. Make sure model.get_input_embeddings() returns the embedding layer."
                 )
-            self.count[name] += int(self._idx.numel())
+            self.count[name] += self._num_rows(x)
             output.register_hook(self._make_grad_hook(name))
             self._outputs.append(output)
 
@@ -372,7 +432,7 @@ class _FactorCollector:
 
     def _make_grad_hook(self, name: str) -> Callable:
         def grad_hook(grad: torch.Tensor) -> None:
-            g = self._select(grad)
+            g = self._select(grad, name)
             acc = self.G.get(name)
             if acc is None:
                 acc = self.G[name] = torch.zeros(g.shape[1], g.shape[1], dtype=self.dtype, device=g.device)
@@ -452,8 +512,30 @@ def _input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], valid: torch.Tensor, cfg: FactorConfig,
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], valid: torch.Tensor | None, cfg: FactorConfig,
                 batch_index: int) -> torch.Tensor:
+    if "pixel_values" in batch:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        if logits.dim() != 2:
+            raise ValueError(f"expected (batch, classes) logits from an image classifier, got shape {tuple(logits.shape)}")
+        if cfg.label_mode == "empirical":
+            targets = batch["labels"].to(logits.device)
+            if targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[-1]):
+                raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the model's num_labels); batch {batch_index} "
+                                 f"has labels in [{int(targets.min())}, {int(targets.max())}]")
+        else:
+            with torch.no_grad():
+                gen = _batch_generator(cfg.seed, batch_index, logits.device)
+                targets = sample_labels(logits.detach(), gen, cfg.sample_chunk_size)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    assert valid is not None
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = out.logits
     flat_idx = valid.reshape(-1).nonzero().squeeze(1).to(logits.device)
@@ -480,8 +562,10 @@ def collect_factor_sums(
     """Run forward/backward over ``batches`` and accumulate raw (un-normalized) factor sums.
 
     The lower-level engine behind :func:`fit_factors`; ``batches`` yields ``(global_index, batch)``
-    with ``input_ids`` and ``attention_mask``. No weight gradient is computed or stored.
+    with ``input_ids`` and ``attention_mask`` (language models) or ``pixel_values`` and, for
+    empirical labels, ``labels`` (image classifiers). No weight gradient is computed or stored.
     """
+    positions = resolve_token_positions(model, config)
     dtype = torch.float64 if config.accumulate_dtype == "float64" else torch.float32
     col = collector or _FactorCollector(model, module_names, dtype)
     device = _input_device(model)
@@ -491,8 +575,17 @@ def collect_factor_sums(
         with col:
             for b, batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                valid = valid_position_mask(batch["attention_mask"])
-                col.begin_batch(valid)
+                if "pixel_values" in batch:
+                    if positions == "valid":
+                        raise ValueError("got pixel_values for a model that takes input_ids")
+                    batch["pixel_values"] = batch["pixel_values"].to(_input_dtype(model))
+                    valid = None
+                    col.begin_batch(None, positions)
+                else:
+                    if positions != "valid":
+                        raise ValueError(f"{type(model).__name__} takes pixel_values, but the batch has {sorted(batch)}")
+                    valid = valid_position_mask(batch["attention_mask"])
+                    col.begin_batch(valid)
                 with torch.enable_grad():
                     loss = _batch_loss(model, batch, valid, config, b)
                     if not torch.isfinite(loss):
@@ -503,7 +596,7 @@ def collect_factor_sums(
                     torch.autograd.grad(loss, outputs, allow_unused=True)
                 col.end_batch()
                 if progress is not None:
-                    progress.update(int(valid.sum()))
+                    progress.update(int(valid.sum()) if valid is not None else int(batch["pixel_values"].shape[0]))
                 if on_batch_end is not None:
                     on_batch_end(b, col)
     finally:
@@ -518,20 +611,26 @@ def fit_factors(
     output_dir: str | Path | None = None,
     *,
     tokenizer: Any | None = None,
+    image_processor: Any | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> KFACFactors:
     """Collect K-FAC factors for every target module of ``model`` in one pass over ``dataset``.
 
     Args:
-        model: A causal LM (``AutoModelForCausalLM``-style: ``model(input_ids, attention_mask).logits``),
+        model: A causal LM (``AutoModelForCausalLM``-style: ``model(input_ids, attention_mask).logits``)
+            or an image classifier (``AutoModelForImageClassification``: ``model(pixel_values).logits``),
             in any dtype, on any device or spread with ``device_map``.
-        dataset: A ``datasets.Dataset``/``IterableDataset`` with a text or ``input_ids`` column, a
-            local text/json/csv/parquet file or folder, or a dataset name.
-        config: What to collect (targets, label mode, block size, token budget); see :class:`FactorConfig`.
+        dataset: A ``datasets.Dataset``/``IterableDataset`` (a text or ``input_ids`` column for a language
+            model; an image or ``pixel_values`` column, and a label column for empirical labels, for an
+            image classifier), a local file or folder, or a dataset name.
+        config: What to collect (targets, label mode, block size, token budget, token positions); see
+            :class:`FactorConfig`.
         output_dir: Where ``factors.safetensors`` and resumable checkpoints go. Without it nothing is
             written and nothing can be resumed.
         tokenizer: Needed when the data is raw text.
+        image_processor: Needed when the data holds images rather than ``pixel_values``
+            (e.g. ``AutoImageProcessor.from_pretrained(...)``).
         resume: Continue from a checkpoint in ``output_dir`` if one exists (default). ``False`` deletes it.
         progress: Show a tqdm bar with tokens/s on the main process.
 
@@ -539,6 +638,12 @@ def fit_factors(
     factor sums are reduced once at the end, and only the main process writes the result.
     """
     cfg = config or FactorConfig()
+    task = model_task(model)
+    resolve_token_positions(model, cfg)
+    if task == "image-classification" and cfg.max_tokens is not None:
+        raise ValueError("max_tokens counts text tokens; for an image classifier limit the data with max_examples=")
+    if task == "causal-lm" and cfg.max_examples is not None:
+        raise ValueError("max_examples counts images; for a language model limit the data with max_tokens=")
     state = _dist_state()
     rank, world = state.process_index, state.num_processes
     names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
@@ -560,13 +665,21 @@ def fit_factors(
     state.wait_for_everyone()
 
     data = load_text_dataset(dataset)
-    blocks = pack_into_blocks(data, tokenizer, cfg.seq_len, text_column=cfg.text_column, packing=cfg.packing)
-    max_blocks = cfg.max_tokens // cfg.seq_len if cfg.max_tokens is not None else None
+    to_tensors = None
+    if task == "image-classification":
+        with_labels = cfg.label_mode == "empirical"
+        blocks = select_image_columns(data, image_column=cfg.image_column, label_column=cfg.label_column,
+                                      with_labels=with_labels)
+        to_tensors = image_batch_converter(image_processor, image_column=cfg.image_column, label_column=cfg.label_column,
+                                           with_labels=with_labels, num_channels=getattr(model.config, "num_channels", 3))
+        max_blocks = cfg.max_examples
+    else:
+        blocks = pack_into_blocks(data, tokenizer, cfg.seq_len, text_column=cfg.text_column, packing=cfg.packing)
+        max_blocks = cfg.max_tokens // cfg.seq_len if cfg.max_tokens is not None else None
     n_batches = count_batches(blocks, cfg.batch_size, max_blocks)
     if n_batches == 0:
-        raise ValueError(
-            f"the data yields no block of seq_len={cfg.seq_len} tokens; provide more text or lower seq_len"
-        )
+        raise ValueError("the image data is empty" if task == "image-classification" else
+                         f"the data yields no block of seq_len={cfg.seq_len} tokens; provide more text or lower seq_len")
     key = {"config": cfg.collection_key(), "model": info, "world_size": world}
     partitions = _plan_partitions(model, names, cfg)
     if len(partitions) > 1:
@@ -592,11 +705,12 @@ def fit_factors(
             col.load_state(A, G, count, alias)
             logger.info("resuming partition %d from batch %d", p, start)
         if not finished:
-            total_tokens = None
+            total_units = None
             if n_batches is not None:
                 mine = len([b for b in range(start, n_batches) if b % world == rank])
-                total_tokens = mine * cfg.batch_size * (cfg.seq_len - 1)
-            bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+                total_units = mine * cfg.batch_size * (1 if task == "image-classification" else cfg.seq_len - 1)
+            bar = tqdm(total=total_units, unit="img" if task == "image-classification" else "tok", unit_scale=True,
+                       dynamic_ncols=True,
                        desc=f"K-FAC factors{f' [part {p + 1}/{len(partitions)}]' if len(partitions) > 1 else ''}",
                        disable=not (progress and state.is_main_process))
             since = [0]
@@ -607,7 +721,7 @@ def fit_factors(
                     _save_checkpoint(ckpt, c, b + 1, False, key)
 
             batches = iter_batches(blocks, cfg.batch_size, start_batch=start, max_blocks=max_blocks,
-                                   rank=rank, world_size=world)
+                                   rank=rank, world_size=world, to_tensors=to_tensors)
             with bar:
                 collect_factor_sums(model, batches, part, cfg, collector=col, on_batch_end=on_batch_end, progress=bar)
             if ckpt is not None:
@@ -628,6 +742,12 @@ def fit_factors(
         if c == 0:
             raise ValueError(f"no valid token positions reached {n}; the data has no usable tokens")
         G_all[n] = G_all[n] / c
+        if not bool(G_all[n].diagonal().any()):
+            raise ValueError(
+                f"no gradient reached {n} at the selected positions, so its G factor is zero. For an image "
+                "classifier whose head does not read the class token (e.g. BEiT with use_mean_pooling) use "
+                "token_positions='all'; otherwise check that the module takes part in computing the logits."
+            )
         if n not in alias_all:
             A_all[n] = A_all[n] / c
         for kind, t in (("A", A_all.get(n)), ("G", G_all[n])):
