@@ -24,7 +24,8 @@ from .tuner import (
 # --- end tuner ---
 
 # --- evaluation exports: owned by the evaluation work ---
-from .evaluation import (EditReport, EvalConfig, RecitationSet, TextSet, coherence_ndcg, evaluate_edit,
+from .evaluation import (EditReport, EvalConfig, ImageClassificationSet, RecitationSet, TextSet, coherence_ndcg,
+                         evaluate_classification, evaluate_edit,
                          evaluate_recitation, evaluate_text_recitation, find_memorized_windows, metric_path,
                          perplexity, recitation_scores, stress_test)
 # --- end evaluation ---

@@ -261,7 +261,12 @@ def test_evaluate_modules_load_offline(monkeypatch, tmp_path):
     # Any attempt to reach the Hub would fail loudly.
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    assert available_metrics() == ["ndcg", "perplexity", "recitation"]
+    assert available_metrics() == ["label_memorization", "ndcg", "perplexity", "recitation"]
+    mem = evaluate.load(metric_path("label_memorization"), cache_dir=str(tmp_path))
+    # images 1 and 2 carry noisy labels (true 0 and 2): one is predicted as its noisy label, one as its true label
+    out = mem.compute(predictions=[1, 5, 2], references=[1, 5, 7], true_labels=[1, 0, 2])
+    assert out == {"memorized_label_rate": 0.5, "true_label_accuracy": 0.5, "n": 2}
+    assert mem.compute(predictions=[1, 5, 2], references=[1, 5, 7]) == {"accuracy": 2 / 3, "n": 3}
     rec = evaluate.load(metric_path("recitation"), cache_dir=str(tmp_path))
     out = rec.compute(predictions=[[1, 2, 3, 4], [2, 3, 4, 5]], references=[[1, 2, 3, 4], [1, 2, 3, 4]])
     assert out["distances"] == [0, 2]

@@ -1,5 +1,6 @@
 """Measuring what an edit did: memorized-window discovery, recitation, perplexity, nDCG coherence,
-perturbation stress test, and `evaluate_edit`, which runs them all on the base and the edited model.
+perturbation stress test, noisy-label memorization of image classifiers, and `evaluate_edit`, which
+runs them all on the base and the edited model.
 
 Every metric is a plain function here and, for the aggregation step, a local `evaluate` module:
 ``evaluate.load(metric_path("recitation"))`` works offline.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .classification import (ClassificationComparison, ClassificationMetrics, ImageClassificationSet,
+                             classification_scores, evaluate_classification, predict_classes)
 from .coherence import CoherenceResult, coherence_ndcg, ndcg_at_k, ndcg_per_position, next_token_topk
 from .perplexity import PerplexityResult, perplexity, perplexity_from_nll, sliding_windows
 from .recitation import (RecitationExample, RecitationResult, evaluate_recitation, evaluate_text_recitation,
@@ -40,6 +43,8 @@ def metric_path(name: str) -> str:
 
 
 __all__ = [
+    "ClassificationComparison", "ClassificationMetrics", "ImageClassificationSet", "classification_scores",
+    "evaluate_classification", "predict_classes",
     "CoherenceResult", "EditReport", "EvalConfig", "PerplexityComparison", "PerplexityResult",
     "RecitationComparison", "RecitationExample", "RecitationMetrics", "RecitationResult", "RecitationSet",
     "ReportMetadata", "StressComparison", "StressResult", "TableRow", "TextSet", "as_eval_set",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..utils import atomic_write_text
+from .classification import ClassificationComparison, ClassificationMetrics
 from .coherence import CoherenceResult
 from .perplexity import PerplexityResult
 from .recitation import RecitationResult
@@ -101,13 +102,16 @@ class TableRow(NamedTuple):
 class EditReport:
     """Everything [`evaluate_edit`] measured, keyed by set name.
 
-    Recitation rates are fractions in ``[0, 1]`` (multiply by 100 for the paper's percentages).
+    Recitation rates and classification rates are fractions in ``[0, 1]`` (multiply by 100 for the
+    paper's percentages). ``classification`` holds image-classifier sets: a noisy-label set gives the
+    memorized-label rate and the true-label accuracy, a clean set its accuracy.
     """
 
     recitation: dict[str, RecitationComparison] = field(default_factory=dict)
     perplexity: dict[str, PerplexityComparison] = field(default_factory=dict)
     coherence: dict[str, CoherenceResult] = field(default_factory=dict)
     stress: dict[str, StressComparison] = field(default_factory=dict)
+    classification: dict[str, ClassificationComparison] = field(default_factory=dict)
     metadata: ReportMetadata = field(default_factory=ReportMetadata)
 
     def to_table_rows(self) -> list[TableRow]:
@@ -125,6 +129,13 @@ class EditReport:
         for name, coh in self.coherence.items():
             # The base against itself scores 1 by definition.
             rows.append(TableRow(f"nDCG@{coh.k}", name, 1.0, coh.ndcg))
+        for name, cls in self.classification.items():
+            if cls.base.true_label_accuracy is not None and cls.edited.true_label_accuracy is not None:
+                rows.append(TableRow("Memorized-label rate", name, cls.base.accuracy, cls.edited.accuracy))
+                rows.append(TableRow("True-label accuracy", name, cls.base.true_label_accuracy,
+                                     cls.edited.true_label_accuracy))
+            else:
+                rows.append(TableRow("Accuracy", name, cls.base.accuracy, cls.edited.accuracy))
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +158,9 @@ class EditReport:
                 coherence={k: CoherenceResult(**v) for k, v in data.get("coherence", {}).items()},
                 stress={k: StressComparison(StressResult(**v["base"]), StressResult(**v["edited"]))
                         for k, v in data.get("stress", {}).items()},
+                classification={k: ClassificationComparison(ClassificationMetrics(**v["base"]),
+                                                            ClassificationMetrics(**v["edited"]))
+                                for k, v in data.get("classification", {}).items()},
                 metadata=ReportMetadata(**data.get("metadata", {})),
             )
         except (KeyError, TypeError) as err:

@@ -11,6 +11,7 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import torch
 
 from ._common import as_id_list, resolve_pad_id
+from .classification import ClassificationComparison, ClassificationMetrics, ImageClassificationSet, evaluate_classification
 from .coherence import DEFAULT_NDCG_K, CoherenceResult, ndcg_at_k
 from .perplexity import PerplexityResult, coerce_sequences, perplexity_from_nll, resolve_block_size, score_text
 from .recitation import DEFAULT_LOOSE_THRESHOLD, DEFAULT_QUOTE_SUFFIX_TOKENS, evaluate_recitation, split_suffix
@@ -97,7 +98,7 @@ def as_eval_set(data: EvalSetLike, tokenizer: Any = None) -> RecitationSet | Tex
     """Interpret one entry of ``sets``: a dataset with ``prefix_ids``/``suffix_ids`` or a list of (prefix, suffix)
     pairs is a [`RecitationSet`]; a dataset with ``input_ids``/``text`` or a list of token-id lists is a [`TextSet`].
     Lists of raw strings are ambiguous (quotes to recite, or held-out text?) and must be wrapped explicitly."""
-    if isinstance(data, (RecitationSet, TextSet)):
+    if isinstance(data, (RecitationSet, TextSet, ImageClassificationSet)):
         return data
     cols = getattr(data, "column_names", None)
     if cols is not None:
@@ -159,14 +160,19 @@ class _Measurements:
     stress: dict[str, StressResult] = field(default_factory=dict)
     perplexity: dict[str, PerplexityResult] = field(default_factory=dict)
     topk: dict[str, torch.Tensor] = field(default_factory=dict)
+    classification: dict[str, ClassificationMetrics] = field(default_factory=dict)
 
 
-def _measure(model: torch.nn.Module, sets: Mapping[str, RecitationSet | TextSet], cfg: EvalConfig, pad_id: int,
-             label: str) -> _Measurements:
+def _measure(model: torch.nn.Module, sets: Mapping[str, RecitationSet | TextSet | ImageClassificationSet],
+             cfg: EvalConfig, pad_id: int, label: str) -> _Measurements:
     out = _Measurements()
     common = dict(batch_size=cfg.batch_size, pad_token_id=pad_id, show_progress=cfg.show_progress)
     for name, s in sets.items():
-        if isinstance(s, RecitationSet):
+        if isinstance(s, ImageClassificationSet):
+            out.classification[name] = evaluate_classification(model, s, batch_size=cfg.batch_size,
+                                                               show_progress=cfg.show_progress,
+                                                               desc=f"{label} images '{name}'")
+        elif isinstance(s, RecitationSet):
             res = evaluate_recitation(model, s.prefixes, s.suffixes, loose_threshold=cfg.loose_threshold, **common)
             out.recitation[name] = RecitationMetrics.from_result(res)
             if cfg.stress:
@@ -220,7 +226,8 @@ def evaluate_edit(
     **config_kwargs: Any,
 ) -> EditReport:
     """Measure an edit: recitation (+ stress test) on every recitation set, perplexity and nDCG@k on every
-    held-out text set, each on the base and on the edited model.
+    held-out text set, memorized-label rate / true-label accuracy or accuracy on every image set, each on
+    the base and on the edited model.
 
     Args:
         model: the edited model. If it is a `peft.PeftModel` (any adapter type), the edited model is
@@ -228,7 +235,8 @@ def evaluate_edit(
             ``model.disable_adapter()``: nothing is loaded twice.
         sets: name -> set; see [`as_eval_set`] for what is accepted (e.g. the dataset returned by
             [`find_memorized_windows`], ``RecitationSet.from_texts(quotes, tok)``,
-            ``TextSet.from_texts(heldout, tok)``).
+            ``TextSet.from_texts(heldout, tok)``, or for an image classifier
+            ``ImageClassificationSet.from_dataset(ds, processor, true_label_column="true_label")``).
         tokenizer: needed only for sets given as text; also supplies the pad id (EOS if it has no pad token).
         base_model: the unedited model, required when ``model`` is not a `peft.PeftModel`.
         config: an [`EvalConfig`]; keyword arguments override its fields (e.g. ``batch_size=8``).
@@ -275,4 +283,7 @@ def evaluate_edit(
         report.perplexity[name] = PerplexityComparison(base_m.perplexity[name], edited_m.perplexity[name])
         b, e = base_m.topk[name], edited_m.topk[name]
         report.coherence[name] = CoherenceResult(ndcg_at_k(e, b, cfg.ndcg_k), cfg.ndcg_k, int(b.shape[0]))
+    for name in base_m.classification:
+        report.classification[name] = ClassificationComparison(base_m.classification[name],
+                                                               edited_m.classification[name])
     return report

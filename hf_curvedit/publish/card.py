@@ -45,8 +45,10 @@ _PIPELINE_BY_ARCH_SUFFIX = {
 }
 # model-index metric ids per card-table metric (the Hub shows metric_name; metric_type is a stable slug)
 _METRIC_SLUGS = {"Strict": "strict_recitation", "AvgLev": "avg_levenshtein", "Perplexity": "perplexity",
-                 "Stress longest match": "stress_longest_match", "Stress full match": "stress_full_match"}
-_PERCENT_METRICS = ("Strict", "Loose", "Stress full match")
+                 "Stress longest match": "stress_longest_match", "Stress full match": "stress_full_match",
+                 "Memorized-label rate": "memorized_label_rate", "True-label accuracy": "true_label_accuracy",
+                 "Accuracy": "accuracy"}
+_PERCENT_METRICS = ("Strict", "Loose", "Stress full match", "Memorized-label rate", "True-label accuracy", "Accuracy")
 
 
 @dataclass

@@ -362,10 +362,13 @@ def edit_summary(model: PeftModel, adapter_name: str = "default") -> dict[str, A
     """The JSON-ready description of one curvature edit (config, per-module report, base, architectures) that
     publish writes as ``curvedit_edit.json`` and reads back from a folder."""
     config_dict = jsonable(model.peft_config[adapter_name].to_dict())
+    base = model.get_base_model()
+    # A model built from a config (not loaded) has no `architectures` yet; its class name says the same.
+    architectures = list(getattr(base.config, "architectures", None) or [type(base).__name__])
     return {"adapter_name": adapter_name, "config": config_dict,
             "modules": module_rows(curvature_edit_report(model, adapter_name)),
             "base_model": config_dict.get("base_model_name_or_path"),
-            "architectures": list(getattr(model.get_base_model().config, "architectures", None) or []),
+            "architectures": architectures,
             "kind": "adapter"}
 
 
