@@ -83,8 +83,8 @@ def brute_force_image_factors(model, pixel_values, labels, names, positions):
 
 @pytest.mark.parametrize("make_model,positions", [
     (tiny_vit, "cls"), (tiny_vit, "all"), (tiny_deit, "cls"), (tiny_dinov2, "cls"), (tiny_dinov2, "all"),
-    (tiny_swin, "all"),
-], ids=["vit-cls", "vit-all", "deit-cls", "dinov2-cls", "dinov2-all", "swin-all"])
+    (tiny_swin, "all"), (tiny_beit, "all"),
+], ids=["vit-cls", "vit-all", "deit-cls", "dinov2-cls", "dinov2-all", "swin-all", "beit-all"])
 @pytest.mark.parametrize("label_mode", ["empirical", "sampled"])
 def test_image_factors_match_brute_force(make_model, positions, label_mode):
     model = make_model()
@@ -122,6 +122,34 @@ def test_cls_positions_see_one_sample_per_image_and_all_positions_see_every_toke
     assert set(allpos.num_tokens.values()) == {7 * tokens}
     n = cls.module_names[0]
     assert not torch.allclose(cls.A[n], allpos.A[n])
+
+
+@pytest.mark.parametrize("make_model,positions", [(tiny_vit, "cls"), (tiny_swin, "all"), (tiny_beit, "all")],
+                         ids=["vit", "swin", "beit"])
+def test_frozen_weights_and_a_classifier_head_target_give_the_same_factors(make_model, positions):
+    """Frozen models (Swin/BEiT embeddings return tuples) still differentiate; a 2-D target (the head) works in any mode."""
+    ds = image_dataset(6)
+    targets = resolve_target_modules(make_model()) + ["classifier"]
+    cfg = FactorConfig(batch_size=3, token_positions=positions, target_modules=targets)
+    ref = fit_factors(make_model(), ds, cfg, image_processor=processor(), progress=False)
+    frozen = make_model().requires_grad_(False)
+    got = fit_factors(frozen, ds, cfg, image_processor=processor(), progress=False)
+    assert ref.num_tokens["classifier"] == 6
+    for n in ref.module_names:
+        torch.testing.assert_close(got.A[n], ref.A[n])
+        torch.testing.assert_close(got.G[n], ref.G[n])
+    assert not any(p.grad is not None for p in frozen.parameters())
+
+
+def test_streaming_image_data_gives_the_same_factors():
+    ds = image_dataset(7)
+    cfg = FactorConfig(batch_size=3, label_mode="empirical")
+    ref = fit_factors(tiny_vit(), ds, cfg, image_processor=processor(), progress=False)
+    got = fit_factors(tiny_vit(), ds.to_iterable_dataset(), cfg, image_processor=processor(), progress=False)
+    for n in ref.module_names:
+        assert got.num_tokens[n] == 7
+        torch.testing.assert_close(got.A[n], ref.A[n])
+        torch.testing.assert_close(got.G[n], ref.G[n])
 
 
 def test_pixel_values_column_needs_no_processor_and_gives_the_same_factors():
@@ -169,9 +197,12 @@ def test_image_factor_errors_name_the_fix():
     ds = image_dataset(4)
     with pytest.raises(ValueError, match="no class token.*token_positions='all'"):
         fit_factors(tiny_swin(), ds, FactorConfig(token_positions="cls"), image_processor=processor(), progress=False)
-    # BEiT's head averages the patch tokens by default, so nothing reaches the last block at the class token.
-    with pytest.raises(ValueError, match="no gradient reached .*token_positions='all'"):
+    # BEiT's head averages the patch tokens by default, so nothing would reach the last block at the class token.
+    with pytest.raises(ValueError, match="use_mean_pooling=True.*token_positions='all'"):
         fit_factors(tiny_beit(), ds, FactorConfig(), image_processor=processor(), progress=False)
+    regression = T.ViTForImageClassification(T.ViTConfig(**{**VIT_KW, "num_labels": 1}))
+    with pytest.raises(ValueError, match="single-label classifier"):
+        fit_factors(regression, ds, FactorConfig(), image_processor=processor(), progress=False)
     with pytest.raises(ValueError, match="image_processor="):
         fit_factors(tiny_vit(), ds, FactorConfig(), progress=False)
     with pytest.raises(ValueError, match="no 'picture'.*image_column"):
@@ -227,7 +258,8 @@ def test_vit_adapter_uses_vision_defaults_toggles_merges_and_reloads(tmp_path):
 def test_classification_scores_by_hand():
     m = classification_scores([1, 2, 3, 4], [1, 0, 3, 0])
     assert m.accuracy == 0.5 and m.true_label_accuracy is None and m.n == 4
-    # images 1 and 3 have noisy labels (0 vs true 2 and 0 vs true 4): one predicted as the noisy label... none;
+    # images 1 and 3 have noisy labels (0, true 2; 0, true 4): image 1 is predicted as its noisy label, image 3 as
+    # its true label.
     noisy = classification_scores([1, 0, 3, 4], [1, 0, 3, 0], [1, 2, 3, 4])
     assert noisy.n == 2 and noisy.accuracy == 0.5 and noisy.true_label_accuracy == 0.5
     assert noisy.memorized_label_rate == 0.5
@@ -271,6 +303,8 @@ def test_image_set_errors():
         ImageClassificationSet(torch.zeros(3, 16, 16), [0, 1, 2])
     with pytest.raises(ValueError, match="drop true_labels"):
         ImageClassificationSet(torch.zeros(2, 3, 16, 16), [0, 1], [0, 1])
+    with pytest.raises(TypeError, match="ImageClassificationSet.from_dataset"):
+        evaluate_edit(vit_edit()[1], {"val": image_dataset(2)}, show_progress=False)
     with pytest.raises(ValueError, match="no true-label column 'truth'"):
         ImageClassificationSet.from_dataset(image_dataset(2), processor(), true_label_column="truth")
 

@@ -23,7 +23,7 @@ class FactorConfig:
             true Fisher, as in the paper); ``"empirical"`` uses the data's label (the empirical Fisher):
             the next token for a language model, ``label_column`` for an image classifier.
         seq_len: Tokens per block. Text is packed into blocks of exactly this length.
-        batch_size: Blocks per forward/backward pass (per process).
+        batch_size: Blocks (or images) per forward/backward pass (per process).
         max_tokens: Stop after this many tokens (rounded down to whole blocks). ``None`` = all data.
         packing: Concatenate documents (separated by EOS) into full blocks. With ``False`` each
             document becomes its own block, truncated to ``seq_len`` and right-padded; padded
@@ -106,4 +106,10 @@ class FactorConfig:
         d = self.to_dict()
         for k in ("checkpoint_every", "max_factor_memory_gb", "extra"):
             d.pop(k)
+        # Image-only fields join the key only when set, so keys (and checkpoints) of text runs written
+        # before these fields existed still match.
+        for k, default in (("token_positions", None), ("image_column", "image"), ("label_column", "label"),
+                           ("max_examples", None)):
+            if d[k] == default:
+                d.pop(k)
         return d

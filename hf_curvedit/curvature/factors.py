@@ -123,14 +123,23 @@ def resolve_token_positions(model: nn.Module, config: FactorConfig) -> str:
     """The position rule for ``model``: ``"valid"`` (next-token positions) for a language model,
     ``"cls"`` or ``"all"`` for an image classifier. Raises a ``ValueError`` for a rule the model cannot use."""
     if model_task(model) == "causal-lm":
-        if config.token_positions == "cls":
-            raise ValueError("token_positions='cls' is for image classifiers; a language model uses every position "
-                             "that has a next-token target. Leave token_positions unset.")
+        if config.token_positions is not None:
+            raise ValueError(f"token_positions={config.token_positions!r} is for image classifiers; a language model "
+                             "uses every position that has a next-token target. Leave token_positions unset.")
         return "valid"
+    cfg = getattr(model, "config", None)
+    problem = getattr(cfg, "problem_type", None)
+    if problem not in (None, "single_label_classification") or getattr(cfg, "num_labels", 2) < 2:
+        raise ValueError(f"K-FAC factors for image models need a single-label classifier (softmax over >= 2 classes); "
+                         f"this one has problem_type={problem!r}, num_labels={getattr(cfg, 'num_labels', None)}.")
     positions = config.token_positions or "cls"
     if positions == "cls" and not has_class_token(model):
         raise ValueError(f"{type(model).__name__} has no class token, so token_positions='cls' has nothing to take; "
                          "use token_positions='all'.")
+    if positions == "cls" and getattr(cfg, "use_mean_pooling", False):
+        # The head reads the mean of the patch tokens, so the last blocks get no gradient at the class token.
+        raise ValueError(f"{type(model).__name__} classifies from the mean of its patch tokens (use_mean_pooling=True), "
+                         "not from the class token; use token_positions='all'.")
     return positions
 
 
@@ -160,7 +169,8 @@ class KFACFactors:
     """K-FAC factors of a set of linear layers.
 
     ``A[name]`` is E[a aᵀ] (d_in × d_in) and ``G[name]`` is E[g gᵀ] (d_out × d_out), averaged over
-    ``num_tokens[name]`` valid token positions. Modules that read the same input (gate and up
+    ``num_tokens[name]`` samples (valid token positions; for an image classifier, class tokens or all token
+    positions of the images). Modules that read the same input (gate and up
     projections) share one A tensor; ``a_alias`` maps such a module to the one that owns A.
     """
 
@@ -324,6 +334,13 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
 
 
 # --------------------------------------------------------------------------------- collection
+def _output_requires_grad(_module: nn.Module, _inputs: tuple, out: Any) -> None:
+    # Some patch embeddings (Swin, BEiT) return (embeddings, sizes): the tensor is the first item.
+    t = out[0] if isinstance(out, (tuple, list)) and out else out
+    if torch.is_tensor(t) and t.is_floating_point() and not t.requires_grad:
+        t.requires_grad_()
+
+
 class _FactorCollector:
     """Hooks that accumulate upper-triangle covariance blocks of inputs and output-gradients."""
 
@@ -355,8 +372,7 @@ class _FactorCollector:
         if emb is not None:
             # With frozen weights nothing upstream requires grad; make the embedding output a leaf
             # that does, so the targets' outputs are differentiable without any weight gradient.
-            self._handles.append(emb.register_forward_hook(
-                lambda _m, _i, out: out.requires_grad_() if torch.is_tensor(out) and not out.requires_grad else None))
+            self._handles.append(emb.register_forward_hook(_output_requires_grad))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -380,10 +396,10 @@ class _FactorCollector:
     def _select(self, t: torch.Tensor, name: str) -> torch.Tensor:
         assert self._idx is not None
         if self._positions == "cls":
-            if t.dim() != 3:
+            if t.dim() not in (2, 3):
                 raise ValueError(f"token_positions='cls' needs (batch, tokens, features) activations, but {name} sees "
                                  f"shape {tuple(t.shape)}; use token_positions='all'.")
-            x = t[:, 0, :]
+            x = t[:, 0, :] if t.dim() == 3 else t  # (batch, features): one row per image already (e.g. the head)
         elif self._positions == "all":
             x = t.reshape(-1, t.shape[-1])
         else:
@@ -632,7 +648,7 @@ def fit_factors(
         image_processor: Needed when the data holds images rather than ``pixel_values``
             (e.g. ``AutoImageProcessor.from_pretrained(...)``).
         resume: Continue from a checkpoint in ``output_dir`` if one exists (default). ``False`` deletes it.
-        progress: Show a tqdm bar with tokens/s on the main process.
+        progress: Show a tqdm bar (tokens/s, or images/s for an image classifier) on the main process.
 
     Under ``accelerate launch``/``torchrun`` each process takes every ``world_size``-th batch, the
     factor sums are reduced once at the end, and only the main process writes the result.
@@ -743,11 +759,10 @@ def fit_factors(
             raise ValueError(f"no valid token positions reached {n}; the data has no usable tokens")
         G_all[n] = G_all[n] / c
         if not bool(G_all[n].diagonal().any()):
-            raise ValueError(
-                f"no gradient reached {n} at the selected positions, so its G factor is zero. For an image "
-                "classifier whose head does not read the class token (e.g. BEiT with use_mean_pooling) use "
-                "token_positions='all'; otherwise check that the module takes part in computing the logits."
-            )
+            hint = (" For an image classifier whose head does not read the class token, use token_positions='all'."
+                    if task == "image-classification" else "")
+            raise ValueError(f"no gradient reached {n} at the sampled positions, so its G factor is zero: the module "
+                             f"does not take part in computing the logits there.{hint}")
         if n not in alias_all:
             A_all[n] = A_all[n] / c
         for kind, t in (("A", A_all.get(n)), ("G", G_all[n])):

@@ -62,16 +62,20 @@ class ImageClassificationSet:
                      label_column: str = "label", true_label_column: str | None = None,
                      num_channels: int | None = 3) -> "ImageClassificationSet":
         """From a ``datasets.Dataset`` with images (through ``image_processor``) or ``pixel_values``, a label
-        column and optionally a true-label column."""
+        column and optionally a true-label column. The set holds all pixel values in memory: for a large
+        split, evaluate a ``dataset.select(...)`` sample. ``num_channels`` should be the model's
+        (``model.config.num_channels``): grayscale images are converted to RGB for 3-channel models."""
         if true_label_column is not None and true_label_column not in dataset.column_names:
             raise ValueError(f"no true-label column {true_label_column!r}; the columns are {dataset.column_names}")
-        cols = select_image_columns(dataset, image_column=image_column, label_column=label_column,
-                                    with_labels=True).column_names
+        data = select_image_columns(dataset, image_column=image_column, label_column=label_column, with_labels=True)
         convert = image_batch_converter(image_processor, image_column=image_column, label_column=label_column,
                                         with_labels=True, num_channels=num_channels)
-        batch = convert(dataset.select_columns(cols)[:])
+        # One processor call per chunk bounds the processor's temporary copies.
+        chunks = [convert(data[s:s + 256]) for s in range(0, len(data), 256)]
+        if not chunks:
+            raise ValueError("an ImageClassificationSet needs at least one image")
         true = torch.as_tensor(dataset[true_label_column], dtype=torch.long) if true_label_column else None
-        return cls(batch["pixel_values"], batch["labels"], true)
+        return cls(torch.cat([c["pixel_values"] for c in chunks]), torch.cat([c["labels"] for c in chunks]), true)
 
 
 @dataclass

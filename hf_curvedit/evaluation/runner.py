@@ -102,6 +102,9 @@ def as_eval_set(data: EvalSetLike, tokenizer: Any = None) -> RecitationSet | Tex
         return data
     cols = getattr(data, "column_names", None)
     if cols is not None:
+        if "pixel_values" in cols or "image" in cols:
+            raise TypeError("an image dataset needs its processor and label columns: wrap it in "
+                            "ImageClassificationSet.from_dataset(dataset, image_processor, true_label_column=...)")
         if "prefix_ids" in cols and "suffix_ids" in cols:
             return RecitationSet.from_dataset(data)
         return TextSet.from_dataset(data, tokenizer)
