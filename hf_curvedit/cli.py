@@ -43,7 +43,8 @@ def _load_model(name: str | None, dtype: str, device_map: str | None):
 
     if name is None:
         return load_default_model(parse_dtype(dtype))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoTokenizer)
 
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise UsageError(f"could not load model {name!r}: that folder does not exist")
@@ -51,8 +52,14 @@ def _load_model(name: str | None, dtype: str, device_map: str | None):
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        tok = AutoTokenizer.from_pretrained(name)
+        archs = getattr(AutoConfig.from_pretrained(name), "architectures", None) or []
+        if any(a.endswith("ForImageClassification") for a in archs):
+            # Image classifiers come with their image processor in place of a tokenizer.
+            model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            tok = AutoImageProcessor.from_pretrained(name)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load model {name!r}: {e}") from e
     return model.eval(), tok
@@ -62,18 +69,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .curvature import FactorConfig, fit_factors
     from .default import default_text_dataset
 
+    from .curvature.factors import model_task
+
     model, tok = _load_model(args.model, args.dtype, args.device_map)
+    images = model_task(model) == "image-classification"
+    if images and not args.data:
+        raise UsageError("an image classifier needs --data: an image dataset name, or a local folder of images "
+                         "(one sub-folder per class) or a parquet/json file with an image column")
+    if not images and (args.token_positions or args.max_examples):
+        raise UsageError("--token-positions and --max-examples are for image classifiers; this model takes text")
     data: Any = args.data if args.data else default_text_dataset("train")
     cfg = FactorConfig(
         target_modules=_targets(args.target_modules), label_mode=args.label_mode, seq_len=args.seq_len,
         batch_size=args.batch_size, max_tokens=args.max_tokens, accumulate_dtype=args.accumulate_dtype,
         seed=args.seed, checkpoint_every=args.checkpoint_every, max_factor_memory_gb=args.max_factor_memory_gb,
-        text_column=args.text_column,
+        text_column=args.text_column, token_positions=args.token_positions, image_column=args.image_column,
+        label_column=args.label_column, max_examples=args.max_examples,
         # recorded in the factor metadata and shown as the factor data on the model card
         extra={"dataset": args.data or "Python standard-library docs (hf_curvedit.default, train split)"},
     )
     out = Path(args.output_dir)
-    factors = fit_factors(model, data, cfg, out, tokenizer=tok, resume=not args.restart)
+    if images:
+        factors = fit_factors(model, data, cfg, out, image_processor=tok, resume=not args.restart)
+    else:
+        factors = fit_factors(model, data, cfg, out, tokenizer=tok, resume=not args.restart)
     eig = factors.eigendecompose(out)
     print(f"factors: {factors.path}")
     print(f"eigenbases: {out / 'eigen.safetensors'}")
@@ -138,7 +157,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluation import TextSet, evaluate_edit
 
+    from .curvature.factors import model_task
+
     model, tok = _load_model(args.model, "float32", None)
+    if model_task(model) == "image-classification":
+        raise UsageError("`evaluate` measures language models; for an image classifier use the Python API: "
+                         "evaluate_edit(peft_model, {name: ImageClassificationSet.from_dataset(...)})")
     peft_model = PeftModel.from_pretrained(model, args.adapter)
     sets: dict[str, Any] = dict(_recitation_set(s, tok, args.suffix_tokens) for s in args.recitation)
     if not sets and args.model is None:
@@ -379,13 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     f = sub.add_parser("fit", help="collect K-FAC curvature factors and eigendecompose them",
-                       description="Collect K-FAC factors A and G for the target modules over ordinary text, then "
-                                   "eigendecompose them (fp64). Resumes a killed run from its last checkpoint.")
+                       description="Collect K-FAC factors A and G for the target modules over ordinary text (or "
+                                   "images, for an image classifier), then eigendecompose them (fp64). Resumes a "
+                                   "killed run from its last checkpoint.")
     f.add_argument("--model", help="model id or local folder (default: the embedded default model)")
     f.add_argument("--data", help="dataset name, or local text/json/csv/parquet file or folder "
                                   "(default: Python standard-library docs). Use general text, not the text you "
                                   "want the model to forget: memorized text in the factor data worsens the trade-off.")
     f.add_argument("--text-column", default="text")
+    f.add_argument("--token-positions", choices=["cls", "all"], default=None,
+                   help="image classifiers: class token only (default) or every token")
+    f.add_argument("--image-column", default="image", help="image classifiers: the column holding the images")
+    f.add_argument("--label-column", default="label", help="image classifiers: labels for --label-mode empirical")
+    f.add_argument("--max-examples", type=int, default=None, help="image classifiers: stop after this many images")
     f.add_argument("--output-dir", required=True, help="where factors.safetensors and eigen.safetensors go")
     f.add_argument("--target-modules", help="regex, or comma-separated names/globs (default: the MLP projections)")
     f.add_argument("--label-mode", choices=["sampled", "empirical"], default="sampled",

@@ -13,7 +13,10 @@ DatasetLike = Union[Dataset, IterableDataset]
 DataSource = Union[Dataset, IterableDataset, DatasetDict, IterableDatasetDict, str, Path, Sequence[Union[str, Path]]]
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
-             ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+             ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
+             # a folder of images, one sub-folder per class, is an `imagefolder` dataset with a `label` column
+             ".png": "imagefolder", ".jpg": "imagefolder", ".jpeg": "imagefolder", ".bmp": "imagefolder",
+             ".gif": "imagefolder", ".webp": "imagefolder"}
 
 
 def load_text_dataset(
@@ -26,7 +29,8 @@ def load_text_dataset(
 
     ``source`` may be a ``Dataset``/``IterableDataset`` (returned as is), a ``DatasetDict`` (``split``
     is taken), a local file, a folder of files, a list of files, or a dataset name on the Hub.
-    Plain-text files (``.txt``, ``.md``, ``.rst``, ``.py``) are read one document per file.
+    Plain-text files (``.txt``, ``.md``, ``.rst``, ``.py``) are read one document per file; a folder of
+    images (one sub-folder per class) becomes an ``imagefolder`` dataset with ``image`` and ``label``.
     """
     if isinstance(source, (Dataset, IterableDataset)):
         return source
@@ -41,6 +45,8 @@ def load_text_dataset(
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _BUILDERS) if p.is_dir() else [p]
         if not files:
             raise FileNotFoundError(f"no data files ({', '.join(sorted(_BUILDERS))}) under {p}")
+        if p.is_dir() and {_BUILDERS[f.suffix] for f in files} == {"imagefolder"}:
+            return load_dataset("imagefolder", data_dir=str(p), split="train", streaming=streaming)
     elif isinstance(source, (str, Path)) and (str(source).startswith((".", "/")) or Path(str(source)).suffix in _BUILDERS):
         raise FileNotFoundError(f"data path {source} does not exist")
     else:

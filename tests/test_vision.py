@@ -12,7 +12,7 @@ from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from hf_curvedit import (CurvatureEditConfig, EditReport, FactorConfig, ImageClassificationSet, build_curvature_edit,
-                         evaluate_edit, fit_factors)
+                         evaluate_edit, fit_factors, load_factors)
 from hf_curvedit.curvature.factors import _batch_generator, sample_labels
 from hf_curvedit.evaluation import classification_scores
 from hf_curvedit.publish.card import eval_results
@@ -347,3 +347,35 @@ def test_vision_example_runs_end_to_end_in_miniature(tmp_path):
     assert set(report.classification) == {"train (noisy labels)", "train (clean labels)", "validation", "test"}
     assert json.loads((out / "edit" / "adapter_config.json").read_text())["peft_type"] == "CURVEDIT"
     assert (out / "card" / "README.md").is_file() and (out / "base" / "preprocessor_config.json").is_file()
+
+
+def test_cli_fits_and_edits_an_image_classifier_from_a_folder_of_images(tmp_path, capsys):
+    from hf_curvedit.cli import main
+
+    model_dir = tmp_path / "vit"
+    tiny_vit().save_pretrained(model_dir)
+    processor().save_pretrained(model_dir)
+    ds = image_dataset(9)
+    for i, (img, label) in enumerate(zip(ds["image"], ds["label"])):
+        (tmp_path / "images" / f"class{label}").mkdir(parents=True, exist_ok=True)
+        img.save(tmp_path / "images" / f"class{label}" / f"{i}.png")
+
+    rc = main(["fit", "--model", str(model_dir), "--data", str(tmp_path / "images"), "--output-dir",
+               str(tmp_path / "factors"), "--batch-size", "4", "--max-examples", "8"])
+    assert rc == 0
+    factors = load_factors(tmp_path / "factors")
+    assert set(factors.num_tokens.values()) == {8}  # class token of 8 images
+    assert factors.config.token_positions is None and factors.config.max_examples == 8
+    direct = fit_factors(tiny_vit(), tmp_path / "images", FactorConfig(batch_size=4, max_examples=8),
+                         image_processor=processor(), progress=False)
+    for n in factors.module_names:
+        torch.testing.assert_close(factors.A[n], direct.A[n])
+        torch.testing.assert_close(factors.G[n], direct.G[n])
+
+    rc = main(["edit", "--model", str(model_dir), "--factors", str(tmp_path / "factors"), "--keep-mass", "0.7",
+               "--output-dir", str(tmp_path / "edits")])
+    assert rc == 0 and (tmp_path / "edits" / "rho0.7" / "adapter_model.safetensors").is_file()
+
+    capsys.readouterr()
+    assert main(["fit", "--model", str(model_dir), "--output-dir", str(tmp_path / "f2")]) == 2
+    assert "needs --data" in capsys.readouterr().err
