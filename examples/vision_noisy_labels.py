@@ -5,7 +5,9 @@ upsampled to 16×16 by the ViT image processor, with 15% of the training labels 
 A 4-layer ViT trained until it has memorized nearly all of them predicts the flipped label for those images.
 K-FAC factors from the training images under small translations (class token only, labels sampled from the
 model, as in the paper: no label is read) rank the weight components by curvature; dropping the
-low-curvature ones from the MLPs of blocks 1-3 brings the true labels back.
+low-curvature ones from blocks 1-3 brings the true labels back. The edit covers the MLP (the paper's
+choice) and the attention output projection (METHOD.md §1: attention is a legitimate extension); with
+the MLP alone the memorized-label rate falls 4.6× instead of 7.5× (``--modules mlp``).
 
 ρ is picked without the noisy labels: the smallest ρ of the grid (0.6 to 0.8, the paper's search range starts
 at 0.6) whose validation accuracy is at most --max-val-drop points below the base model's. A separate test
@@ -103,8 +105,12 @@ def train(model: ViTForImageClassification, data: ImageClassificationSet, *, epo
     model.eval()
 
 
-def layer_regex(layers: list[int]) -> str:
-    return rf".*encoder\.layer\.({'|'.join(map(str, layers))})\.(intermediate|output)\.dense"
+MODULES = {"mlp": r"(intermediate|output)\.dense",
+           "mlp+attention-output": r"(intermediate|output|attention\.output)\.dense"}
+
+
+def layer_regex(layers: list[int], modules: str = "mlp+attention-output") -> str:
+    return rf".*encoder\.layer\.({'|'.join(map(str, layers))})\.{MODULES[modules]}"
 
 
 def translations(pixel_values: torch.Tensor, radius: int) -> Dataset:
@@ -125,7 +131,9 @@ def main() -> None:
                    help="ρ: curvature mass kept per module (default: picked on the validation split, see above)")
     p.add_argument("--max-val-drop", type=float, default=1.0,
                    help="validation accuracy (points) the automatic ρ may cost (default 1)")
-    p.add_argument("--layers", default="1,2,3", help="ViT blocks whose MLP (intermediate + output) is edited")
+    p.add_argument("--layers", default="1,2,3", help="ViT blocks to edit (default 1,2,3)")
+    p.add_argument("--modules", choices=sorted(MODULES), default="mlp+attention-output",
+                   help="linear layers edited in each block (default: MLP and attention output projection)")
     p.add_argument("--token-positions", choices=["cls", "all"], default="cls")
     p.add_argument("--shift-radius", type=int, default=2,
                    help="factor data: the training images shifted by up to this many pixels (default 2)")
@@ -166,8 +174,9 @@ def main() -> None:
     # label is read). More samples than images matter here: with the class token only, 1.2k images give
     # rank-deficient factors whose null space would count as zero curvature.
     factor_data = translations(train_set.pixel_values, args.shift_radius)
+    targets = layer_regex(layers, args.modules)
     factors = fit_factors(model, factor_data, FactorConfig(
-        token_positions=args.token_positions, batch_size=128,
+        target_modules=targets, token_positions=args.token_positions, batch_size=128,
         extra={"dataset": f"sklearn digits, training images shifted by up to {args.shift_radius} px "
                           f"({len(factor_data)} images)"}), out / "factors")
     eigen = factors.eigendecompose(out / "factors")
@@ -179,11 +188,11 @@ def main() -> None:
         return noisy.accuracy, noisy.true_label_accuracy or 0.0, val.accuracy
 
     base_mem, base_true, base_val = scores(model)
-    print(f"\n{'ρ':>6} {'memorized':>10} {'true-label':>11} {'validation':>11}   (blocks {args.layers})")
+    print(f"\n{'ρ':>6} {'memorized':>10} {'true-label':>11} {'validation':>11}   (blocks {args.layers}, {args.modules})")
     print(f"{'base':>6} {base_mem:>10.1%} {base_true:>11.1%} {base_val:>11.1%}")
     keep_mass = args.keep_mass
     for rho in (0.6, 0.65, 0.7, 0.75, 0.8):
-        pm = build_curvature_edit(model, eigen, CurvatureEditConfig(target_modules=layer_regex(layers), keep_mass=rho))
+        pm = build_curvature_edit(model, eigen, CurvatureEditConfig(target_modules=targets, keep_mass=rho))
         mem, true, val = scores(pm)
         model = pm.unload()
         print(f"{rho:>6} {mem:>10.1%} {true:>11.1%} {val:>11.1%}")
@@ -193,17 +202,17 @@ def main() -> None:
         raise SystemExit(f"no ρ in the grid keeps validation accuracy within {args.max_val_drop} points; "
                          "pass --keep-mass or a larger --max-val-drop")
 
-    config = CurvatureEditConfig(target_modules=layer_regex(layers), keep_mass=keep_mass)
+    config = CurvatureEditConfig(target_modules=targets, keep_mass=keep_mass)
     edited = build_curvature_edit(model, eigen, config)
     report = evaluate_edit(edited, {"train (noisy labels)": train_set, "train (clean labels)": clean_set,
                                     "validation": val_set, "test": test_set},
-                           metadata={"noise": args.noise, "epochs": args.epochs, "layers": layers})
+                           metadata={"noise": args.noise, "epochs": args.epochs, "layers": layers, "modules": args.modules})
     edited.save_pretrained(out / "edit")
     report.save(out / "edit_report.json")
     publish(edited, "local/vit-digits-noisy-curvedit", report, out_dir=out / "card", eigen=eigen,
             factor_data=factors.config.extra, pipeline_tag="image-classification", dry_run=True, overwrite=True)
 
-    print(f"\nedit: MLPs of blocks {args.layers}, ρ = {keep_mass}, factors from {args.token_positions} positions; "
+    print(f"\nedit: {args.modules} of blocks {args.layers}, ρ = {keep_mass}, factors from {args.token_positions} positions; "
           f"{time.time() - t0:.0f} s in all\n")
     print(f"{'metric':<22} {'set':<22} {'base':>8} {'edited':>8}")
     for row in report.to_table_rows():
