@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from hf_curvedit import (CurvatureEditConfig, FactorConfig, ImageClassificationSet, build_curvature_edit,
-                         evaluate_edit, fit_factors)
-from hf_curvedit.evaluation import classification_scores, predict_classes
+                         evaluate_classification, evaluate_edit, fit_factors)
 from hf_curvedit.publish import publish
 
 NUM_CLASSES = 10
@@ -182,9 +181,8 @@ def main() -> None:
     eigen = factors.eigendecompose(out / "factors")
 
     def scores(m: torch.nn.Module) -> tuple[float, float, float]:
-        noisy = classification_scores(predict_classes(m, train_set.pixel_values, show_progress=False),
-                                      train_set.labels, train_set.true_labels)
-        val = classification_scores(predict_classes(m, val_set.pixel_values, show_progress=False), val_set.labels)
+        noisy = evaluate_classification(m, train_set, show_progress=False)
+        val = evaluate_classification(m, val_set, show_progress=False)
         return noisy.accuracy, noisy.true_label_accuracy or 0.0, val.accuracy
 
     base_mem, base_true, base_val = scores(model)

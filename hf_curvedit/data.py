@@ -215,15 +215,24 @@ def select_image_columns(
         return dataset
     image_col = "pixel_values" if "pixel_values" in cols else image_column
     if image_col not in cols:
-        raise ValueError(f"the image data has no {image_column!r} (or 'pixel_values') column; its columns are {cols}. "
-                         "Pass image_column=... naming the column that holds the images.")
+        raise _no_image_column(image_column, cols)
     keep = [image_col]
     if with_labels:
         if label_column not in cols:
-            raise ValueError(f"label_mode='empirical' reads labels from {label_column!r}, which the data does not have "
-                             f"(columns: {cols}). Pass label_column=..., or use label_mode='sampled'.")
+            raise _no_label_column(label_column, cols)
         keep.append(label_column)
     return dataset.select_columns(keep)
+
+
+# Streaming data without known features is checked at its first batch instead, with the same messages.
+def _no_image_column(image_column: str, cols: list[str]) -> ValueError:
+    return ValueError(f"the image data has no {image_column!r} (or 'pixel_values') column; its columns are {cols}. "
+                      "Pass image_column=... naming the column that holds the images.")
+
+
+def _no_label_column(label_column: str, cols: list[str]) -> ValueError:
+    return ValueError(f"label_mode='empirical' reads labels from {label_column!r}, which the data does not have "
+                      f"(columns: {cols}). Pass label_column=..., or use label_mode='sampled'.")
 
 
 def image_batch_converter(
@@ -247,8 +256,7 @@ def image_batch_converter(
             pixel_values = torch.stack([torch.as_tensor(x) for x in pv]) if isinstance(pv, list) else torch.as_tensor(pv)
         else:
             if image_column not in rows:
-                raise ValueError(f"the image data has no {image_column!r} column; its columns are {sorted(rows)}. "
-                                 "Pass image_column=... naming the column that holds the images.")
+                raise _no_image_column(image_column, sorted(rows))
             if image_processor is None:
                 raise ValueError("the data holds images, not pixel_values: pass image_processor= (for example "
                                  "AutoImageProcessor.from_pretrained(<model folder or id>)) to turn them into model inputs")
@@ -260,8 +268,7 @@ def image_batch_converter(
         out = {"pixel_values": pixel_values.float() if not pixel_values.is_floating_point() else pixel_values}
         if with_labels:
             if label_column not in rows:
-                raise ValueError(f"label_mode='empirical' reads labels from {label_column!r}, which the data does not "
-                                 f"have (columns: {sorted(rows)}). Pass label_column=..., or use label_mode='sampled'.")
+                raise _no_label_column(label_column, sorted(rows))
             out["labels"] = torch.as_tensor(rows[label_column], dtype=torch.long)
         return out
 

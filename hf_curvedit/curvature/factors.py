@@ -654,11 +654,11 @@ def fit_factors(
     factor sums are reduced once at the end, and only the main process writes the result.
     """
     cfg = config or FactorConfig()
-    task = model_task(model)
+    images = model_task(model) == "image-classification"
     resolve_token_positions(model, cfg)
-    if task == "image-classification" and cfg.max_tokens is not None:
+    if images and cfg.max_tokens is not None:
         raise ValueError("max_tokens counts text tokens; for an image classifier limit the data with max_examples=")
-    if task == "causal-lm" and cfg.max_examples is not None:
+    if not images and cfg.max_examples is not None:
         raise ValueError("max_examples counts images; for a language model limit the data with max_tokens=")
     state = _dist_state()
     rank, world = state.process_index, state.num_processes
@@ -682,7 +682,7 @@ def fit_factors(
 
     data = load_text_dataset(dataset)
     to_tensors = None
-    if task == "image-classification":
+    if images:
         with_labels = cfg.label_mode == "empirical"
         blocks = select_image_columns(data, image_column=cfg.image_column, label_column=cfg.label_column,
                                       with_labels=with_labels)
@@ -694,7 +694,7 @@ def fit_factors(
         max_blocks = cfg.max_tokens // cfg.seq_len if cfg.max_tokens is not None else None
     n_batches = count_batches(blocks, cfg.batch_size, max_blocks)
     if n_batches == 0:
-        raise ValueError("the image data is empty" if task == "image-classification" else
+        raise ValueError("the image data is empty" if images else
                          f"the data yields no block of seq_len={cfg.seq_len} tokens; provide more text or lower seq_len")
     key = {"config": cfg.collection_key(), "model": info, "world_size": world}
     partitions = _plan_partitions(model, names, cfg)
@@ -724,8 +724,8 @@ def fit_factors(
             total_units = None
             if n_batches is not None:
                 mine = len([b for b in range(start, n_batches) if b % world == rank])
-                total_units = mine * cfg.batch_size * (1 if task == "image-classification" else cfg.seq_len - 1)
-            bar = tqdm(total=total_units, unit="img" if task == "image-classification" else "tok", unit_scale=True,
+                total_units = mine * cfg.batch_size * (1 if images else cfg.seq_len - 1)
+            bar = tqdm(total=total_units, unit="img" if images else "tok", unit_scale=True,
                        dynamic_ncols=True,
                        desc=f"K-FAC factors{f' [part {p + 1}/{len(partitions)}]' if len(partitions) > 1 else ''}",
                        disable=not (progress and state.is_main_process))
@@ -760,7 +760,7 @@ def fit_factors(
         G_all[n] = G_all[n] / c
         if not bool(G_all[n].diagonal().any()):
             hint = (" For an image classifier whose head does not read the class token, use token_positions='all'."
-                    if task == "image-classification" else "")
+                    if images else "")
             raise ValueError(f"no gradient reached {n} at the sampled positions, so its G factor is zero: the module "
                              f"does not take part in computing the logits there.{hint}")
         if n not in alias_all:

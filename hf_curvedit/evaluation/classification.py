@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import image_batch_converter, select_image_columns
+from ..data import image_batch_converter, iter_batches, select_image_columns
 
 
 @dataclass
@@ -71,7 +71,7 @@ class ImageClassificationSet:
         convert = image_batch_converter(image_processor, image_column=image_column, label_column=label_column,
                                         with_labels=True, num_channels=num_channels)
         # One processor call per chunk bounds the processor's temporary copies.
-        chunks = [convert(data[s:s + 256]) for s in range(0, len(data), 256)]
+        chunks = [batch for _, batch in iter_batches(data, 256, to_tensors=convert)]
         if not chunks:
             raise ValueError("an ImageClassificationSet needs at least one image")
         true = torch.as_tensor(dataset[true_label_column], dtype=torch.long) if true_label_column else None
