@@ -104,12 +104,15 @@ def train(model: ViTForImageClassification, data: ImageClassificationSet, *, epo
     model.eval()
 
 
-MODULES = {"mlp": r"(intermediate|output)\.dense",
-           "mlp+attention-output": r"(intermediate|output|attention\.output)\.dense"}
+# transformers 5 names a ViT block's MLP `mlp.fc1`/`mlp.fc2` and its attention output `attention.o_proj`; older
+# checkpoints use `intermediate.dense`/`output.dense` and `attention.output.dense`.
+MODULES = {"mlp": r"(mlp\.fc1|mlp\.fc2|intermediate\.dense|output\.dense)",
+           "mlp+attention-output": r"(mlp\.fc1|mlp\.fc2|attention\.o_proj|intermediate\.dense|output\.dense"
+                                   r"|attention\.output\.dense)"}
 
 
 def layer_regex(layers: list[int], modules: str = "mlp+attention-output") -> str:
-    return rf".*encoder\.layer\.({'|'.join(map(str, layers))})\.{MODULES[modules]}"
+    return rf".*\.layers?\.({'|'.join(map(str, layers))})\.{MODULES[modules]}"
 
 
 def translations(pixel_values: torch.Tensor, radius: int) -> Dataset:

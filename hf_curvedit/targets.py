@@ -15,6 +15,7 @@ TargetSpec = Union[str, Sequence[str], None]
 # ``re.fullmatch`` against the module's qualified name, so they also work inside a PeftModel
 # (where names gain a ``base_model.model.`` prefix) thanks to the leading ``(.*\.)?``.
 _LLAMA_MLP = r"(.*\.)?mlp\.(gate_proj|up_proj|down_proj)"
+_VIT_MLP = r"(.*\.)?(layers\.\d+\.mlp\.(fc1|fc2)|layer\.\d+\.(intermediate\.dense|output\.dense))"
 DEFAULT_TARGET_MODULES: dict[str, str] = {
     "llama": _LLAMA_MLP,
     "mistral": _LLAMA_MLP,
@@ -33,13 +34,14 @@ DEFAULT_TARGET_MODULES: dict[str, str] = {
     "gpt2": r"(.*\.)?mlp\.(c_fc|c_proj)",
     "gptj": r"(.*\.)?mlp\.(fc_in|fc_out)",
     "opt": r"(.*\.)?layers\.\d+\.(fc1|fc2)",
-    # Vision transformers: the MLP is `intermediate.dense` + the block's `output.dense`
-    # (not `attention.output.dense`).
-    "vit": r"(.*\.)?layer\.\d+\.(intermediate\.dense|output\.dense)",
-    "deit": r"(.*\.)?layer\.\d+\.(intermediate\.dense|output\.dense)",
-    "beit": r"(.*\.)?layer\.\d+\.(intermediate\.dense|output\.dense)",
-    "dinov2": r"(.*\.)?layer\.\d+\.mlp\.(fc1|fc2|weights_in|weights_out)",
-    "swin": r"(.*\.)?blocks\.\d+\.(intermediate\.dense|output\.dense)",
+    # Vision transformers. transformers 5 names the MLP `layers.N.mlp.fc1/fc2`; checkpoints and releases that still
+    # use the BERT-style names have `layer.N.intermediate.dense` + the block's `output.dense` (not
+    # `attention.output.dense`). Both spellings are accepted.
+    "vit": _VIT_MLP,
+    "deit": _VIT_MLP,
+    "beit": _VIT_MLP,
+    "dinov2": r"(.*\.)?layers?\.\d+\.mlp\.(fc1|fc2|weights_in|weights_out)",
+    "swin": r"(.*\.)?blocks\.\d+\.(intermediate\.dense|output\.dense|mlp\.fc1|mlp\.fc2)",
 }
 
 _GLOB_CHARS = set("*?[")

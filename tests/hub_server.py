@@ -244,7 +244,9 @@ class HubHandler(BaseHTTPRequestHandler):
         with self.state.lock:
             if repo_id in self.state.repos:
                 raise HubError(409, "You already created this model repo", extra={"url": url})
-            repo = Repo(repo_id, private=bool(body.get("private") or False))
+            # huggingface_hub 1.x sends `private`, 2.x sends `visibility`
+            private = bool(body.get("private") or False) or body.get("visibility") == "private"
+            repo = Repo(repo_id, private=private)
             init = self.state.new_commit(repo, {".gitattributes": StoredFile(b"*.safetensors filter=lfs\n", False)},
                                          "initial commit", None)
             repo.branches["main"] = init.oid

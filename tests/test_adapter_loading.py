@@ -187,7 +187,7 @@ def test_wrong_base_is_refused_with_a_clear_error(tmp_path, saved):
 
 def test_bf16_copy_of_the_right_base_is_accepted(saved):
     base_dir, adapter_dir, expected, _ = saved
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.bfloat16),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16),
                                       adapter_dir)
     for layer in edit_layers(model).values():
         assert layer.curvedit_Q["default"].dtype == torch.float32

@@ -320,10 +320,16 @@ def test_device_map_and_fp16_loaded_models(tmp_path, llama):
     ds = Dataset.from_dict({"input_ids": random_token_rows(6, lo=10, hi=30)})
     cfg = FactorConfig(seq_len=16, batch_size=3, label_mode="empirical")
     ref = fit_factors(llama, ds, cfg, progress=False)
+    from accelerate import dispatch_model
+
     mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map="cpu")
-    assert hasattr(mapped, "hf_device_map")
+    # transformers 5 attaches no hooks for a single-device map; dispatch per block as a multi-device map would
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}
+    mapped = dispatch_model(mapped, device_map=device_map, force_hooks=True)
+    assert hasattr(mapped, "hf_device_map") and any(hasattr(m, "_hf_hook") for m in mapped.modules())
     got = fit_factors(mapped, ds, cfg, progress=False)
-    half = fit_factors(AutoModelForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float16), ds, cfg,
+    half = fit_factors(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float16), ds, cfg,
                        progress=False)
     for n in ref.module_names:
         torch.testing.assert_close(got.G[n], ref.G[n])

@@ -16,7 +16,8 @@ CASES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", SMALL, {"gate_proj", "up_proj", "down_proj"}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", SMALL, {"gate_proj", "up_proj", "down_proj"}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(SMALL, head_dim=8), {"gate_proj", "up_proj", "down_proj"}),
-    "phi": ("PhiConfig", "PhiForCausalLM", dict(SMALL, num_key_value_heads=4), {"fc1", "fc2"}),
+    # transformers 5.0's Phi reads config.pad_token_id without a default
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(SMALL, num_key_value_heads=4, pad_token_id=0), {"fc1", "fc2"}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(vocab_size=64, hidden_size=32, intermediate_size=64,
                  num_hidden_layers=2, num_attention_heads=4), {"dense_h_to_4h", "dense_4h_to_h"}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4), {"c_fc", "c_proj"}),

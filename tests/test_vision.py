@@ -234,7 +234,10 @@ def test_vit_adapter_uses_vision_defaults_toggles_merges_and_reloads(tmp_path):
 
     _, peft_model = vit_edit()
     names = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "curvedit_B"))
-    assert names and all(n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n for n in names)
+    # the MLP projections of every block, under transformers 5's names (mlp.fc1/fc2) or the BERT-style ones
+    mlp_leaves = ("mlp.fc1", "mlp.fc2", "intermediate.dense", "output.dense")
+    assert len(names) == 2 * peft_model.config.num_hidden_layers
+    assert all(n.endswith(mlp_leaves) and "attention" not in n for n in names)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         edited = peft_model(pixel_values=x).logits

@@ -6,6 +6,7 @@ connection) loses nothing: fix the cause and call [`push_folder`] on the same fo
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import requests
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -450,10 +450,22 @@ def push_folder(
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
                                  create_pr=create_pr, commit_message=commit_message,
                                  commit_description=commit_description)
-    except (HfHubHTTPError, requests.RequestException, OfflineModeIsEnabled) as err:
+    except (HfHubHTTPError, OfflineModeIsEnabled, *_transport_errors()) as err:
         raise _publish_error(err, folder, repo_id, api.endpoint, stage) from err
     return PublishResult(folder=folder, repo_id=repo_id, repo_url=str(repo_url), commit_url=info.commit_url,
                          commit_oid=info.oid, pr_url=info.pr_url, files=_list_files(folder))
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    # huggingface_hub 1.x talks HTTP through httpx and 2.x through httpx2; neither wraps a failed connection in an
+    # HfHubHTTPError, so it surfaces as the client library's TransportError.
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except ImportError:
+            continue
+    return tuple(found)
 
 
 def _publish_error(err: Exception, folder: Path, repo_id: str, endpoint: str, stage: str) -> PublishError:
@@ -461,7 +473,7 @@ def _publish_error(err: Exception, folder: Path, repo_id: str, endpoint: str, st
     if isinstance(err, OfflineModeIsEnabled):
         return PublishError(f"cannot publish {repo_id}: offline mode is on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE "
                             f"to upload. {keep}", folder=folder, stage=stage)
-    if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+    if isinstance(err, _transport_errors()):
         return PublishError(f"cannot publish {repo_id}: could not connect to the Hub at {endpoint} during {stage} "
                             f"({type(err).__name__}). Check the network and HF_ENDPOINT. {keep}",
                             folder=folder, stage=stage)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -58,6 +59,22 @@ _RMS_RTOL = 1e-2
 
 class WrongBaseModelError(ValueError):
     """The adapter was built for a different base weight (other values or another shape)."""
+
+
+class _FingerprintStore(BufferDict):
+    """The per-adapter fingerprints, which tell their layer when a loader assigns one.
+
+    PEFT loads adapters with ``load_state_dict`` (the layer's ``_load_from_state_dict`` checks the base weight then),
+    but transformers 5's ``load_adapter`` assigns each loaded tensor with ``setattr`` on the owning module. The
+    fingerprint is always loaded, so its assignment is where the layer verifies the loaded edit against its base.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        owner = self.__dict__.get("_owner")
+        layer = owner() if owner is not None else None
+        if layer is not None and torch.is_tensor(value) and name in self._buffers:
+            layer._verify_loaded_edit(name)
 
 
 def _probe_vectors(n: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -241,12 +258,17 @@ class CurvatureEditLayer(BaseTunerLayer):
         self.curvedit_B = BufferDict({}, persistent=True)
         self.curvedit_cutoffs = BufferDict({}, persistent=True)
         self.curvedit_meta = BufferDict({}, persistent=True)
-        self.curvedit_fingerprint = BufferDict({}, persistent=True)
+        self.curvedit_fingerprint = _FingerprintStore({}, persistent=True)
+        # a weak reference: a strong one would be registered as a child module (a cycle in the module tree)
+        self.curvedit_fingerprint.__dict__["_owner"] = weakref.ref(self)
         # The original weight while an edit is merged: restoring it is bit-exact in every dtype. Non-persistent:
         # it is the base weight, saved with the base model.
         self.register_buffer("curvedit_original_weight", None, persistent=False)
         self._curvedit_q_side: dict[str, str] = {}
-        self._curvedit_ready: dict[str, bool] = {}
+        # Adapters whose buffers hold a computed or loaded edit that matched this layer's base weight. A cache of that
+        # check, so that the forward pass never reads a buffer back to the host (a device sync on GPU).
+        self._curvedit_verified: set[str] = set()
+        self._curvedit_module_name = ""  # for error messages; set by update_layer
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -281,6 +303,7 @@ class CurvatureEditLayer(BaseTunerLayer):
         (to be filled by loading a saved adapter)."""
         if not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name {adapter_name!r} is not usable: it must be non-empty and contain no '.'")
+        self._curvedit_module_name = module_name
         keep_mass = _pattern_value(config.keep_mass_pattern, module_name, config.keep_mass)
         device = self.get_base_layer().weight.device
         if eigen is not None:
@@ -290,7 +313,6 @@ class CurvatureEditLayer(BaseTunerLayer):
             config.edited_modules[module_name] = {
                 "k": int(edit.Q.shape[1]), "q_side": edit.q_side, "keep_mass": float(keep_mass),
             }
-            ready = True
         else:
             info = config.edited_modules.get(module_name)
             if info is None and config.edited_modules:
@@ -314,14 +336,16 @@ class CurvatureEditLayer(BaseTunerLayer):
                 meta=torch.zeros(len(META_FIELDS), dtype=torch.float64),
                 fingerprint=torch.zeros(3 + _N_PROBES, dtype=torch.float64),
             )
-            ready = False
         self.curvedit_Q[adapter_name] = edit.Q.to(device)
         self.curvedit_B[adapter_name] = edit.B.to(device)
         self.curvedit_cutoffs[adapter_name] = edit.cutoffs.to(device)
         self.curvedit_meta[adapter_name] = edit.meta.to(device)
         self.curvedit_fingerprint[adapter_name] = edit.fingerprint.to(device)
         self._curvedit_q_side[adapter_name] = edit.q_side
-        self._curvedit_ready[adapter_name] = ready
+        if eigen is not None:
+            self._curvedit_verified.add(adapter_name)
+        else:
+            self._curvedit_verified.discard(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -338,7 +362,7 @@ class CurvatureEditLayer(BaseTunerLayer):
             raise ValueError(f"curvature edit '{adapter_name}' is merged; call unmerge_adapter() before deleting it")
         super().delete_adapter(adapter_name)
         self._curvedit_q_side.pop(adapter_name, None)
-        self._curvedit_ready.pop(adapter_name, None)
+        self._curvedit_verified.discard(adapter_name)
 
     def edited_weight(self, adapter_name: str) -> torch.Tensor:
         """``W'`` of `adapter_name` as a logical ``(d_out, d_in)`` matrix in the buffer dtype."""
@@ -347,12 +371,23 @@ class CurvatureEditLayer(BaseTunerLayer):
         return B @ Q.T if self._curvedit_q_side[adapter_name] == "input" else Q @ B.T
 
     def _check_ready(self, adapter_name: str) -> None:
-        if not self._curvedit_ready.get(adapter_name, False):
+        if adapter_name not in self._curvedit_verified:
+            self._verify_loaded_edit(adapter_name)
+
+    def _verify_loaded_edit(self, adapter_name: str) -> None:
+        """Accept the edit in the buffers of `adapter_name` once it is filled and belongs to this base weight."""
+        if adapter_name not in self.curvedit_Q:
+            return  # the fingerprint arrived before the update_layer that creates the other stores
+        fingerprint = self.curvedit_fingerprint[adapter_name]
+        if fingerprint.device.type == "meta" or not bool(fingerprint[0] > 0):
+            # an unfilled fingerprint: created from the config alone, nothing loaded yet
             raise RuntimeError(
                 f"curvature edit '{adapter_name}' on this layer has no weights yet: it was created from the config "
                 "alone and no saved adapter was loaded into it. Load one with PeftModel.from_pretrained / "
                 "load_adapter, or build it from factors with hf_curvedit.build_curvature_edit."
             )
+        self.check_base(adapter_name, self._curvedit_module_name)
+        self._curvedit_verified.add(adapter_name)
 
     def check_base(self, adapter_name: str, module_name: str = "") -> None:
         """Raise `WrongBaseModelError` if the base weight is not the one `adapter_name` was built for."""
@@ -513,7 +548,7 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
             if meta_key in state_dict:
                 side = float(state_dict[meta_key].reshape(-1)[_M["q_side_output"]])
                 self._curvedit_q_side[name] = "output" if side > 0.5 else "input"
-            self._curvedit_ready[name] = True
+            self._curvedit_verified.add(name)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
