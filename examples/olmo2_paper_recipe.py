@@ -1,4 +1,4 @@
-"""The paper's recipe for OLMo-2 (Merullo et al. 2025, METHOD.md §2.6), on GPUs with accelerate.
+"""The paper's recipe for OLMo-2 (Merullo et al. 2025, docs/method.md §8), on GPUs with accelerate.
 
     # 1 GPU
     python examples/olmo2_paper_recipe.py --model allenai/OLMo-2-1124-7B --output-dir runs/olmo2-7b
@@ -49,7 +49,7 @@ def main() -> None:
     text = load_dataset(args.dataset, args.dataset_config, split="train", streaming=True)
     factors = fit_factors(model, text, FactorConfig(target_modules=targets, seq_len=args.seq_len,
                                                     batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                                    extra={"dataset": args.dataset}),
+                                                    dataset=args.dataset),
                           args.output_dir, tokenizer=tok)
     if not state.is_main_process:
         return

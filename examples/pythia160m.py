@@ -35,7 +35,7 @@ def main() -> None:
     targets = rf".*layers\.({layers})\.mlp\.dense_h_to_4h"
     text = load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True)
     factors = fit_factors(model, text, FactorConfig(target_modules=targets, seq_len=512, batch_size=8,
-                                                    max_tokens=args.max_tokens, extra={"dataset": "wikitext-103"}),
+                                                    max_tokens=args.max_tokens, dataset="wikitext-103"),
                           args.output_dir, tokenizer=tok)
     if not state.is_main_process:
         return

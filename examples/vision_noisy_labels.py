@@ -1,12 +1,12 @@
 """Noisy labels in a small ViT: show the memorization, remove it with a curvature edit, print the table.
 
-The paper's vision experiment (METHOD.md §4) at CPU scale, offline: the 8×8 digits that scikit-learn ships,
+The paper's vision experiment (docs/method.md §8) at CPU scale, offline: the 8×8 digits that scikit-learn ships,
 upsampled to 16×16 by the ViT image processor, with 15% of the training labels flipped to a wrong digit.
 A 4-layer ViT trained until it has memorized nearly all of them predicts the flipped label for those images.
 K-FAC factors from the training images under small translations (class token only, labels sampled from the
 model, as in the paper: no label is read) rank the weight components by curvature; dropping the
 low-curvature ones from blocks 1-3 brings the true labels back. The edit covers the MLP (the paper's
-choice) and the attention output projection (METHOD.md §1: attention is a legitimate extension); with
+choice) and the attention output projection (docs/method.md §2: attention is a legitimate extension); with
 the MLP alone the memorized-label rate falls 4.6× instead of 7.5× (``--modules mlp``).
 
 ρ is picked without the noisy labels: the smallest ρ of the grid (0.6 to 0.8, the paper's search range starts
@@ -37,7 +37,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from hf_curvedit import (CurvatureEditConfig, FactorConfig, ImageClassificationSet, build_curvature_edit,
                          evaluate_classification, evaluate_edit, fit_factors)
-from hf_curvedit.publish import publish
+from hf_curvedit.publish import CardOptions, publish
 
 NUM_CLASSES = 10
 
@@ -179,8 +179,8 @@ def main() -> None:
     targets = layer_regex(layers, args.modules)
     factors = fit_factors(model, factor_data, FactorConfig(
         target_modules=targets, token_positions=args.token_positions, batch_size=128,
-        extra={"dataset": f"sklearn digits, training images shifted by up to {args.shift_radius} px "
-                          f"({len(factor_data)} images)"}), out / "factors")
+        dataset=(f"sklearn digits, training images shifted by up to {args.shift_radius} px "
+                 f"({len(factor_data)} images)")), out / "factors")
     eigen = factors.eigendecompose(out / "factors")
 
     def scores(m: torch.nn.Module) -> tuple[float, float, float]:
@@ -211,7 +211,7 @@ def main() -> None:
     edited.save_pretrained(out / "edit")
     report.save(out / "edit_report.json")
     publish(edited, "local/vit-digits-noisy-curvedit", report, out_dir=out / "card", eigen=eigen,
-            factor_data=factors.config.extra, pipeline_tag="image-classification", dry_run=True, overwrite=True)
+            card=CardOptions(pipeline_tag="image-classification"), dry_run=True, overwrite=True)
 
     print(f"\nedit: {args.modules} of blocks {args.layers}, ρ = {keep_mass}, factors from {args.token_positions} positions; "
           f"{time.time() - t0:.0f} s in all\n")

@@ -7,7 +7,7 @@ The shipped checkpoint (``assets/default_model``, trained by ``scripts/train_def
 memorized a "memorized set" of 32 fake-secret canaries and 100 repeated passages
 (:func:`load_memorized_set`); its held-out perplexity text is :func:`load_heldout_text`. Fit the
 curvature factors on general text only (``default_text_dataset("train")``), never on the memorized
-set: when memorized text dominates the factor data the trade-off gets worse (METHOD.md §2.7).
+set: when memorized text dominates the factor data the trade-off gets worse (docs/method.md §6).
 ``scripts/memorization_sweep.py`` measures the edit on it.
 """
 

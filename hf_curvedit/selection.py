@@ -1,4 +1,4 @@
-"""Which eigen-components of a weight to keep: staircase cutoffs from curvature mass (METHOD.md §2.3, §2.8).
+"""Which eigen-components of a weight to keep: staircase cutoffs from curvature mass (docs/method.md §4).
 
 Component ``(i, j)`` of a weight in the K-FAC eigenbasis has curvature ``Π_ij = λ_i μ_j`` (λ: eigenvalues of the
 output-side factor G, rows; μ: eigenvalues of the input-side factor A, columns; both sorted descending). The kept set is
@@ -19,11 +19,17 @@ many small vector operations, where torch's intra-op threading costs more than t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-__all__ = ["Staircase", "curvature_mass_cutoffs", "factor_truncation_cutoffs", "select_cutoffs"]
+__all__ = ["SELECTIONS", "Selection", "Staircase", "curvature_mass_cutoffs", "factor_truncation_cutoffs",
+           "select_cutoffs", "staircase_from_cutoffs"]
+
+# The selection variants: the paper's staircase on λ_i μ_j, and per-factor eigenvalue truncation.
+Selection = Literal["curvature_mass", "factor_truncation"]
+SELECTIONS: tuple[str, ...] = get_args(Selection)
 
 # Products in the final threshold band are enumerated and sorted when there are at most this many of them.
 _BAND_LIMIT = 1 << 18
@@ -232,7 +238,7 @@ def _mass_prefix_count(values: np.ndarray, fraction: float) -> int:
 def factor_truncation_cutoffs(
     eigvals_G: torch.Tensor, eigvals_A: torch.Tensor, keep_mass_G: float, keep_mass_A: float | None = None
 ) -> Staircase:
-    """Factor-truncation variant (METHOD.md §2.8): keep the top eigenvectors of G and of A separately.
+    """Factor-truncation variant (docs/method.md §4): keep the top eigenvectors of G and of A separately.
 
     The top ``r`` eigenvectors of G are kept until ``Σ_{i<r} λ_i ≥ ρ_G Σλ`` (the one that crosses is kept), likewise
     ``s`` for A with ``ρ_A``; the edited weight is ``P_G W P_A``, a full ``r × s`` rectangle in the eigenbasis.
@@ -257,11 +263,27 @@ def factor_truncation_cutoffs(
 
 
 def select_cutoffs(
-    eigvals_G: torch.Tensor, eigvals_A: torch.Tensor, keep_mass: float, selection: str = "curvature_mass"
+    eigvals_G: torch.Tensor, eigvals_A: torch.Tensor, keep_mass: float, selection: Selection = "curvature_mass"
 ) -> Staircase:
     """Dispatch on the selection variant name used by [`CurvatureEditConfig`]."""
     if selection == "curvature_mass":
         return curvature_mass_cutoffs(eigvals_G, eigvals_A, keep_mass)
     if selection == "factor_truncation":
         return factor_truncation_cutoffs(eigvals_G, eigvals_A, keep_mass)
-    raise ValueError(f"unknown selection {selection!r}; use 'curvature_mass' or 'factor_truncation'")
+    raise ValueError(f"unknown selection {selection!r}; use one of {SELECTIONS}")
+
+
+def staircase_from_cutoffs(cutoffs: torch.Tensor, eigvals_G: torch.Tensor, eigvals_A: torch.Tensor) -> Staircase:
+    """The `Staircase` of saved cutoffs (e.g. an adapter's ``curvedit_cutoffs``) on the spectra they were cut from.
+
+    Reads what an edit kept instead of selecting again. ``threshold`` is the smallest kept product λ_i μ_j.
+    """
+    lam = _check_spectrum(eigvals_G, "eigvals_G")
+    mu = _check_spectrum(eigvals_A, "eigvals_A")
+    cut = np.asarray(torch.as_tensor(cutoffs).detach().cpu(), dtype=np.int64)
+    if cut.shape != lam.shape or (cut < 0).any() or (cut > mu.size).any() or (np.diff(cut) > 0).any():
+        raise ValueError(f"cutoffs must be a non-increasing vector of {lam.size} counts in [0, {mu.size}] (one per "
+                         f"eigenvalue of G); got shape {tuple(cut.shape)}")
+    rows = np.nonzero(cut)[0]
+    threshold = float(min(lam[i] * mu[cut[i] - 1] for i in rows)) if rows.size else 0.0
+    return _summary(cut, lam, mu, threshold)

@@ -54,9 +54,38 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SweepResult":
+        """Inverse of :meth:`to_dict`; ``chosen`` and ``svd_match`` are the matching objects of ``points``."""
+        points = [SweepPoint(**p) for p in data["points"]]
+
+        def find(d: Optional[Mapping[str, Any]]) -> Optional[SweepPoint]:
+            if d is None:
+                return None
+            point = SweepPoint(**d)
+            return next((p for p in points if p == point), point)
+
+        return cls(SweepPoint(**data["base"]), points, data["perplexity_budget"], data["primary_set"],
+                   find(data.get("chosen")), find(data.get("svd_match")), dict(data.get("extra") or {}))
+
     def save(self, path: str | Path) -> Path:
         """Write the sweep as JSON (atomically)."""
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SweepResult":
+        """Read a sweep written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def summary(self) -> str:
+        """One line on the pick: its layers and ρ, Strict recitation on the primary set before → after, and the
+        perplexity change; or that nothing fits the budget."""
+        c = self.chosen
+        if c is None:
+            return f"no edit keeps the perplexity increase within {100 * self.perplexity_budget:.0f}%"
+        s = self.primary_set
+        return (f"chosen: {c.layers} ρ={c.keep_mass:g}: {s} Strict {100 * self.base.recitation[s]['strict']:.1f}% → "
+                f"{100 * c.recitation[s]['strict']:.1f}%, perplexity {c.perplexity_change * 100:+.1f}%")
 
     def to_markdown(self) -> str:
         """A Markdown table: one row per point, Strict/Loose/AvgLev per set, perplexity and its change."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
@@ -69,7 +69,15 @@ def default_target_modules(model_type: str | None) -> str | None:
     return DEFAULT_TARGET_MODULES.get(model_type)
 
 
-def _matches(name: str, spec: str | Sequence[str]) -> bool:
+def module_matches(name: str, spec: str | Sequence[str]) -> bool:
+    """Whether the qualified module ``name`` is selected by ``spec``: the one ``target_modules`` grammar.
+
+    A string is a regex matched with ``re.fullmatch`` against the whole name. A list (tuple, set) holds exact names,
+    name suffixes (``"mlp.up_proj"`` matches ``model.layers.0.mlp.up_proj``; a suffix starts after a ``.``) or globs
+    (``fnmatch``, case-sensitive, against the whole name: ``"model.layers.1*.mlp.*"``).
+
+    [`resolve_target_modules`], `FactorConfig.target_modules` and `CurvatureEditConfig.target_modules` all use it.
+    """
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     for key in spec:
@@ -79,6 +87,61 @@ def _matches(name: str, spec: str | Sequence[str]) -> bool:
         elif name == key or name.endswith("." + key):
             return True
     return False
+
+
+_matches = module_matches  # the former private name
+
+
+def parse_target_modules(value: str | None) -> TargetSpec:
+    """The command line's ``--target-modules`` (and a YAML string): a comma-separated value is a list of names,
+    suffixes or globs; a single value is a regex (PEFT's convention). ``None`` stays ``None`` (the default)."""
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+
+
+def layer_choices(module_names: Iterable[str], layers: Sequence[str] = (), modules: str | Sequence[str] | None = None,
+                  regexes: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Label → ``target_modules`` regex, for `hf_curvedit.sweep.sweep_edits`.
+
+    Each entry of ``layers`` (``"2,3"``: comma-separated block indices) picks the modules of ``module_names`` (the
+    fitted ones) in those blocks, optionally only the leaves that start with one of ``modules`` (``"gate,up"`` or
+    ``["gate", "up"]``); it is labelled ``"layers 2,3"`` (``"layers 2,3 (gate,up)"``). ``regexes`` (label → regex) are
+    taken as they are.
+
+    Raises:
+        ValueError: a malformed layer entry, or one that selects no module of ``module_names``.
+    """
+    names_all = list(module_names)
+    if isinstance(modules, str):
+        leaves: list[str] | None = [m.strip() for m in modules.split(",") if m.strip()]
+    else:
+        leaves = [m.strip() for m in modules] if modules else None
+    label_modules = ",".join(leaves) if leaves else None
+    out: dict[str, str] = {}
+    for spec in layers:
+        spec = str(spec)
+        try:
+            blocks = {int(x) for x in spec.split(",")}
+        except ValueError:
+            raise ValueError(f"--layers takes comma-separated block indices like 2,3; got {spec!r}") from None
+        names = []
+        for n in names_all:
+            idx = re.search(r"\.(\d+)\.", n)
+            leaf = n.rsplit(".", 1)[-1]
+            if idx and int(idx.group(1)) in blocks and (leaves is None or any(leaf.startswith(l) for l in leaves)):
+                names.append(n)
+        if not names:
+            raise ValueError(f"layers {spec} (modules {label_modules}) select no module with factors; fitted: "
+                             f"{names_all[:6]}")
+        out[f"layers {spec}" + (f" ({label_modules})" if label_modules else "")] = "|".join(re.escape(n) for n in names)
+    for label, regex in (regexes or {}).items():
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ValueError(f"layer choice {label!r}: {regex!r} is not a valid regular expression: {e}") from e
+        out[label] = regex
+    return out
 
 
 def _describe_linears(names: Iterable[str], limit: int = 12) -> str:
@@ -133,9 +196,9 @@ def resolve_target_modules(
     matched_any_key: set[str] = set()
     all_names = {n: m for n, m in model.named_modules()}
     for name, module in all_names.items():
-        if not name or not _matches(name, spec):
+        if not name or not module_matches(name, spec):
             continue
-        if exclude_modules is not None and _matches(name, exclude_modules):
+        if exclude_modules is not None and module_matches(name, exclude_modules):
             continue
         if not is_linear_like(module):
             non_linear.append(f"{name} ({type(module).__name__})")
@@ -144,7 +207,7 @@ def resolve_target_modules(
             continue
         selected.append(name)
         if not isinstance(spec, str):
-            matched_any_key.update(k for k in spec if _matches(name, [k]))
+            matched_any_key.update(k for k in spec if module_matches(name, [k]))
 
     if not selected:
         detail = f" ({len(non_linear)} matched module(s) are not linear: {', '.join(non_linear[:5])})" if non_linear else ""

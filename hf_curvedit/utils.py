@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, dtype names."""
+"""Small shared helpers: atomic file writes (text and safetensors), dtype names, module names inside a PeftModel."""
 
 from __future__ import annotations
 
@@ -32,6 +32,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` with string ``metadata`` to a safetensors file, atomically.
+
+    Tensors are made contiguous and moved to the CPU; tensors that share memory (e.g. gate and up projections that
+    share one factor) are copied, because safetensors refuses shared storage.
+    """
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        if t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[key] = t
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=metadata)
+    return Path(path)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -51,3 +72,21 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+# What wrappers put in front of a module's name: PEFT's PeftModel (``base_model.model.``) and torch.compile
+# (``_orig_mod.``).
+_WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.")
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """The name a module has in the plain transformers model: PEFT's ``base_model.model.`` and torch.compile's
+    ``_orig_mod.`` prefixes removed (``base_model.model.model.layers.0.mlp.up_proj`` → ``model.layers.0.mlp.up_proj``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name

@@ -8,7 +8,7 @@ Steps (each is timed and printed):
 2. Fit K-FAC factors (sampled labels, the true Fisher) on **general text only** -- the ``"train"``
    split of the standard-library docs, never the memorized set -- and eigendecompose them. Both are
    cached in ``RUN_DIR/factors`` and reused on the next run. (When memorized text dominates the factor
-   data, the trade-off gets worse: METHOD.md §2.7.)
+   data, the trade-off gets worse: docs/method.md §6.)
 3. Measure the base model: recitation of the memorized set and held-out perplexity.
 4. For every layer choice x module choice x ρ: build the curvature edit, measure it, drop it.
 5. SVD-truncation baseline: replace the same modules' ``W`` by its best rank-``k`` approximation

@@ -9,12 +9,12 @@ from test_factors_multiprocess import CFG, _data  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
 from hf_curvedit import FactorConfig, fit_factors  # noqa: E402
-from hf_curvedit.curvature.factors import _dist_state  # noqa: E402
+from hf_curvedit.curvature.fit import dist_state  # noqa: E402
 
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     fit_factors(tiny_llama(), _data(), FactorConfig(**CFG), out_dir, progress=False)
-    state = _dist_state()
+    state = dist_state()
     assert state.num_processes == 2, f"expected 2 processes, got {state.num_processes}"
     with open(os.path.join(out_dir, f"rank{state.process_index}.done"), "w") as fh:
         fh.write("ok")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 
@@ -314,7 +315,8 @@ def test_keep_mass_pattern_and_factor_truncation_variant():
     assert rhos["model.layers.1.mlp.up_proj"] == 0.9
     assert rhos["model.layers.0.mlp.up_proj"] == 0.6
     assert rhos["model.layers.0.mlp.down_proj"] == rhos["model.layers.1.mlp.down_proj"] == 0.3
-    assert model.peft_config["default"].edited_modules["model.layers.1.mlp.up_proj"]["keep_mass"] == 0.9
+    # the model resolves ρ per module from the config (as LoRA resolves rank_pattern); the layer records it
+    assert model.peft_config["default"].keep_mass_for("model.layers.1.mlp.up_proj") == 0.9
 
     ft = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.8, selection="factor_truncation"))
     for rep in ft.base_model.edit_report():
@@ -364,3 +366,82 @@ def test_get_peft_model_with_factors_path_equals_convenience_builder(tmp_path):
         assert torch.equal(a(x).logits, b(x).logits)
     assert b.peft_config["default"].factor_source["path"] == str(path)
     assert a.peft_config["default"].factor_source["num_tokens"] == 1000
+
+
+@pytest.mark.parametrize("cast", ["half", "to_bfloat16"])
+def test_casting_an_edited_model_keeps_the_edit_exact(cast):
+    base = tiny_llama()
+    model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.6))
+    x = ids()
+    before = {n: (l.edited_weight("default").clone(), l.report("default")) for n, l in edit_layers(model).items()}
+    with torch.no_grad():
+        ref = model(x).logits.clone()
+    model = model.half() if cast == "half" else model.to(torch.bfloat16)
+    low = torch.float16 if cast == "half" else torch.bfloat16
+    for name, layer in edit_layers(model).items():
+        assert layer.get_base_layer().weight.dtype == low
+        assert {getattr(layer, s)["default"].dtype for s in ("curvedit_Q", "curvedit_B")} == {torch.float32}
+        assert layer.curvedit_meta["default"].dtype == layer.curvedit_fingerprint["default"].dtype == torch.float64
+        assert layer.curvedit_cutoffs["default"].dtype == torch.int64
+        weight, report = before[name]
+        assert torch.equal(layer.edited_weight("default"), weight)  # the factorization itself is untouched
+        # every statistic is unchanged; only the weight it replaces is smaller now
+        after = layer.report("default")
+        assert dataclasses.replace(after, weight_bytes=report.weight_bytes) == report
+        assert after.weight_bytes == report.weight_bytes // 2
+    model.base_model.check_base_model()  # a half-precision copy of the right base is still the right base
+    with torch.no_grad():
+        out = model(x).logits
+    assert out.dtype == low
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_merge_with_safe_merge_and_adapter_names():
+    base = tiny_llama()
+    eigen = random_eigen(base)
+    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6), adapter_name="r6")
+    model = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.9), adapter_name="r9")
+    model.set_adapter("r6")
+    layers = edit_layers(model)
+    originals = {n: l.get_base_layer().weight.detach().clone() for n, l in layers.items()}
+    # adapter_names picks which edit is merged, whichever is active
+    model.base_model.merge_adapter(adapter_names=["r9"], safe_merge=True)
+    for name, layer in layers.items():
+        assert layer.merged_adapters == ["r9"]
+        torch.testing.assert_close(layer.get_base_layer().weight, layer.edited_weight("r9"), rtol=0, atol=0)
+    model.base_model.unmerge_adapter()
+    # two edits cannot be merged together: each replaces the weight
+    with pytest.raises(ValueError, match="only one can be merged"):
+        model.base_model.merge_adapter(adapter_names=["r6", "r9"])
+    # safe_merge refuses an edit with non-finite values and leaves the weight as it was
+    name, layer = next(iter(layers.items()))
+    layer.curvedit_B["r6"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.merge(safe_merge=True, adapter_names=["r6"])
+    assert not layer.merged and torch.equal(layer.get_base_layer().weight, originals[name])
+
+
+def test_one_target_grammar_globs_fit_build_save_and_load(tmp_path):
+    from datasets import Dataset
+    from peft import PeftModel
+
+    from hf_curvedit import FactorConfig, fit_factors
+
+    glob = ["model.layers.1.mlp.*_proj"]
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    rows = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    factors = fit_factors(base, Dataset.from_dict({"input_ids": rows}),
+                          FactorConfig(target_modules=glob, seq_len=16, batch_size=4), progress=False)
+    expected = {f"model.layers.1.mlp.{leaf}" for leaf in ("gate_proj", "up_proj", "down_proj")}
+    assert set(factors.module_names) == expected
+    model = build_curvature_edit(base, factors, CurvatureEditConfig(target_modules=glob))
+    assert set(edit_layers(model)) == expected
+    with torch.no_grad():
+        want = model(ids()).logits.clone()
+    model.save_pretrained(tmp_path / "edit")
+    # PEFT's own loading matches modules with the same grammar, globs included
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), tmp_path / "edit")
+    assert set(edit_layers(loaded)) == expected
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, want)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,60 @@ def test_run_yaml_does_every_step_and_resumes(tmp_path, model_dir, text_file, ca
     path.write_text(yaml.safe_dump({**cfg, "fitt": {}}))
     assert main(["run", str(path)]) == 2
     assert "unknown keys ['fitt']" in capsys.readouterr().err
+
+
+def test_cli_flags_and_yaml_steps_share_one_set_of_defaults():
+    from hf_curvedit.cli import _step, build_parser
+    from hf_curvedit.pipeline import EditStep, EvaluateStep, FitStep, SweepStep
+
+    parser = build_parser()
+    for cls, argv in ((FitStep, ["fit", "--output-dir", "o"]),
+                      (SweepStep, ["sweep", "--factors", "f", "--output-dir", "o"]),
+                      (EditStep, ["edit", "--factors", "f", "--output-dir", "o"]),
+                      (EvaluateStep, ["evaluate", "--adapter", "a"])):
+        assert _step(cls, parser.parse_args(argv)) == cls.from_dict({}), cls.name
+    args = parser.parse_args(["edit", "--factors", "f", "--output-dir", "o", "--target-modules", "gate_proj,up_proj"])
+    assert _step(EditStep, args) == EditStep.from_dict({"target_modules": "gate_proj,up_proj"})
+    assert _step(EditStep, args).target_modules == ["gate_proj", "up_proj"]
+
+
+def test_run_config_errors(tmp_path, capsys):
+    import yaml
+
+    from hf_curvedit.pipeline import PipelineConfig, UsageError
+
+    cfg = PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "examples" / "default.yaml")
+    assert cfg.model is None and cfg.edit.keep_mass is None and cfg.publish.overwrite, "a run owns its publish folder"
+    assert cfg.sweep.layers == ("2,3", "1,2,3") and cfg.evaluate.stress_steps == (0, 10, 20)
+    for data, message in (({"fit": {}}, "needs an output_dir"),
+                          ({"output_dir": "o", "fit": {"seq_lenn": 3}}, "unknown keys ['seq_lenn'] in step 'fit'"),
+                          ({"output_dir": "o", "fit": {"seq_len": "many"}}, "seq_len='many' is not a valid int"),
+                          ({"output_dir": "o", "edit": {"selection": "best"}}, "use one of"),
+                          ({"output_dir": "o", "publish": {"dry_run": True}}, "step 'publish' needs repo_id"),
+                          ({"output_dir": "o", "sweep": {"recitation": ["q"]}}, "--recitation takes NAME=PATH")):
+        with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            PipelineConfig.from_dict(data)
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert main(["run", str(path)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_stops_with_exit_code_1_when_the_sweep_finds_nothing(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import hf_curvedit.pipeline.run as pipeline  # the runner's own binding of run_sweep
+    from hf_curvedit.sweep import SweepPoint, SweepResult
+
+    base = SweepPoint("base", "–", None, None, None, {"q": {"strict": 1.0, "loose": 1.0, "avg_lev": 0.0}}, 2.0, 0.0)
+    edit = SweepPoint("curvedit", "all", "x", 0.5, None, {"q": {"strict": 0.0, "loose": 0.0, "avg_lev": 1.0}}, 4.0, 1.0)
+    monkeypatch.setattr(pipeline, "run_sweep", lambda *a, **k: SweepResult(base, [edit], 0.15, "q"))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "sweep": {"keep_mass": 0.5}}))
+    assert main(["run", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "| curvedit | all | ρ=0.5 |" in captured.out
+    assert "[run] sweep failed: no edit keeps the perplexity increase within 15%" in captured.err
+    assert not (tmp_path / "run" / "steps" / "sweep.done.json").exists(), "a failed step is not marked done"

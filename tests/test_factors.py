@@ -11,8 +11,10 @@ from datasets import Dataset
 from safetensors import safe_open
 
 from hf_curvedit import FactorConfig, fit_factors, load_factors
-from hf_curvedit.curvature import factors as factors_mod
-from hf_curvedit.curvature.factors import _batch_generator, sample_labels, valid_position_mask
+from hf_curvedit.curvature import fit as fit_mod
+from hf_curvedit.curvature.collector import accumulate_upper, mirror_upper, plan_partitions
+from hf_curvedit.curvature.tasks import batch_generator, sample_labels, valid_position_mask
+from hf_curvedit.data import pack_into_blocks
 from hf_curvedit.targets import resolve_target_modules
 
 from conftest import random_token_rows, record_module_io, tiny_gpt2, tiny_llama
@@ -36,7 +38,7 @@ def brute_force_factors(model, input_ids, attention_mask, names, label_mode, see
     if label_mode == "empirical":
         labels = torch.tensor([int(input_ids[b, t + 1]) for b, t in pos])
     else:
-        labels = sample_labels(sel.detach(), _batch_generator(seed, batch_index, sel.device), chunk)
+        labels = sample_labels(sel.detach(), batch_generator(seed, batch_index, sel.device), chunk)
     loss = sum(F.cross_entropy(sel[i:i + 1].float(), labels[i:i + 1], reduction="sum") for i in range(len(pos)))
     grads = torch.autograd.grad(loss, [outs[n] for n in names])
     A, G = {}, {}
@@ -111,7 +113,7 @@ def test_valid_position_mask():
 
 def test_sampled_labels_follow_the_model_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
-    labels = sample_labels(logits, _batch_generator(0, 0, torch.device("cpu")), chunk_size=777)
+    labels = sample_labels(logits, batch_generator(0, 0, torch.device("cpu")), chunk_size=777)
     freq = torch.bincount(labels, minlength=3).double() / labels.numel()
     torch.testing.assert_close(freq, torch.softmax(logits[0].double(), -1), atol=0.015, rtol=0)
 
@@ -172,11 +174,11 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, llama, monkeypatch, s
     data = ds.to_iterable_dataset() if streaming else ds
     cfg = FactorConfig(seq_len=16, batch_size=2, checkpoint_every=2, seed=7)
     reference = fit_factors(llama, data, cfg, progress=False)
-    n_batches = -(-len(factors_mod.pack_into_blocks(ds, None, 16)) // 2)
+    n_batches = -(-len(pack_into_blocks(ds, None, 16)) // 2)
     assert n_batches >= 8
 
     seen: list[int] = []
-    real = factors_mod.collect_factor_sums
+    real = fit_mod.collect_factor_sums
 
     def crashing(model, batches, *a, **kw):
         def gen():
@@ -187,14 +189,14 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, llama, monkeypatch, s
                 yield b, batch
         return real(model, gen(), *a, **kw)
 
-    monkeypatch.setattr(factors_mod, "collect_factor_sums", crashing)
+    monkeypatch.setattr(fit_mod, "collect_factor_sums", crashing)
     with pytest.raises(_Crash):
         fit_factors(llama, data, cfg, tmp_path, progress=False)
     assert not (tmp_path / "factors.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="resume"):
         load_factors(tmp_path)
 
-    monkeypatch.setattr(factors_mod, "collect_factor_sums", lambda m, batches, *a, **kw: real(
+    monkeypatch.setattr(fit_mod, "collect_factor_sums", lambda m, batches, *a, **kw: real(
         m, ((seen.append(b), (b, x))[1] for b, x in batches), *a, **kw))
     seen.clear()
     resumed = fit_factors(llama, data, cfg, tmp_path, progress=False)
@@ -213,7 +215,7 @@ def test_memory_budget_splits_into_partitions(llama, caplog):
     one = fit_factors(llama, ds, cfg, progress=False)
     per_module = (32 * 32 + 64 * 64) * 4 / 1024**3
     split_cfg = FactorConfig(seq_len=16, batch_size=2, label_mode="empirical", max_factor_memory_gb=per_module * 2.5)
-    parts = factors_mod._plan_partitions(llama, one.module_names, split_cfg)
+    parts = plan_partitions(llama, one.module_names, split_cfg)
     assert len(parts) == 3 and sum(map(len, parts)) == 6
     split = fit_factors(llama, ds, split_cfg, progress=False)
     for n in one.module_names:
@@ -304,9 +306,9 @@ def test_missing_text_column(llama):
 def test_upper_triangle_accumulation_equals_full_gram(d, acc_dtype):
     x = torch.randn(40, d, dtype=torch.float32)
     acc = torch.zeros(d, d, dtype=acc_dtype)
-    factors_mod._accumulate_upper(acc, x)
-    factors_mod._accumulate_upper(acc, 2 * x)
-    full = factors_mod._mirror_upper(acc)
+    accumulate_upper(acc, x)
+    accumulate_upper(acc, 2 * x)
+    full = mirror_upper(acc)
     want = 5 * (x.double().T @ x.double())
     assert torch.equal(full, full.T)
     torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-4)
@@ -336,3 +338,68 @@ def test_device_map_and_fp16_loaded_models(tmp_path, llama):
         torch.testing.assert_close(got.A[n], ref.A[n])
         assert half.A[n].dtype == torch.float32 and torch.isfinite(half.G[n]).all()
         assert (half.A[n] - ref.A[n]).norm() / ref.A[n].norm() < 0.01
+
+
+class LastTokenClassificationTask:
+    """A user's own task: sequence classification from the last token (not shipped; shows the FactorTask protocol).
+
+    Samples are every real token; the loss is the summed cross-entropy of the class logits against the data's labels.
+    """
+
+    name = "sequence-classification"
+    unit = "seq"
+
+    def validate(self, model, config):
+        if config.label_mode != "empirical":
+            raise ValueError("this task reads labels from the data")
+
+    def prepare_data(self, model, data, config, processor):
+        from hf_curvedit.curvature import PreparedData
+
+        def to_tensors(rows):
+            return {"input_ids": torch.tensor(rows["input_ids"]), "attention_mask": torch.ones(len(rows["input_ids"]),
+                    len(rows["input_ids"][0]), dtype=torch.long), "labels": torch.tensor(rows["label"])}
+
+        return PreparedData(data, to_tensors, None, len(data[0]["input_ids"]))
+
+    def sample_positions(self, batch, config):
+        return batch["attention_mask"].bool()
+
+    def compute_loss(self, model, batch, config, batch_index):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+
+def test_a_users_own_task_collects_factors_that_match_brute_force():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from hf_curvedit.curvature import FactorTask
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=61, num_labels=3, pad_token_id=0)).eval()
+    task = LastTokenClassificationTask()
+    assert isinstance(task, FactorTask)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 61, (6, 10), generator=gen)
+    labels = torch.randint(0, 3, (6,), generator=gen)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "label": labels.tolist()})
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    cfg = FactorConfig(target_modules=names, label_mode="empirical", batch_size=4, accumulate_dtype="float64")
+    factors = fit_factors(model, ds, cfg, task=task, progress=False)
+
+    # brute force: every token is a sample; g is the gradient of the summed loss w.r.t. the module's output
+    with record_module_io(model, names) as (ins, outs):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        for o in outs.values():
+            o.retain_grad()
+        torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").backward()
+    for n in names:
+        a = ins[n].detach().reshape(-1, ins[n].shape[-1]).double()
+        g = outs[n].grad.reshape(-1, outs[n].shape[-1]).double()
+        assert factors.num_tokens[n] == ids.numel()
+        torch.testing.assert_close(factors.A[n], a.T @ a / ids.numel(), rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(factors.G[n], g.T @ g / ids.numel(), rtol=1e-5, atol=1e-10)
+    with pytest.raises(ValueError, match="reads labels from the data"):
+        fit_factors(model, ds, FactorConfig(target_modules=names), task=task, progress=False)

@@ -18,6 +18,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from huggingface_hub import HfApi, ModelCard  # noqa: E402
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError  # noqa: E402
 from peft import AutoPeftModelForCausalLM, PeftModel  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -27,8 +28,8 @@ from conftest import VOCAB, tiny_llama  # noqa: E402
 from hf_curvedit import CurvatureEditConfig, build_curvature_edit  # noqa: E402
 from hf_curvedit.evaluation import (CoherenceResult, EditReport, PerplexityComparison, PerplexityResult,  # noqa: E402
                                     RecitationComparison, RecitationMetrics)
-from hf_curvedit.publish import (CardInputs, PublishError, load_template, plot_spectrum, plot_tradeoff,  # noqa: E402
-                                 publish, push_folder, render_card)
+from hf_curvedit.publish import (CardInputs, CardOptions, HubOptions, PublishError, load_template,  # noqa: E402
+                                 plot_spectrum, plot_tradeoff, publish, push_folder, render_card)
 from hf_curvedit.publish.card import module_rows  # noqa: E402
 from hf_curvedit.tuner import curvature_edit_report  # noqa: E402
 from hub_fixtures import TOKEN, hub, hub_server  # noqa: E402,F401
@@ -146,6 +147,13 @@ def test_spectrum_plot_marks_the_cut(tmp_path, edited):
     path, st = plot_spectrum(eigen[name], 0.6, tmp_path / "s.png", module=name)
     assert path.read_bytes().startswith(PNG_MAGIC)
     assert 0 < st.k <= min(eigen[name].shape) and st.kept_mass_fraction >= 0.6
+    # drawn from the staircase the adapter saved, the plot shows the same cut without selecting again
+    model, _ = edited
+    layer = model.get_submodule(f"base_model.model.{name}")
+    saved = layer.curvedit_cutoffs["default"]
+    _, from_saved = plot_spectrum(eigen[name], 0.6, tmp_path / "t.png", module=name, cutoffs=saved)
+    assert torch.equal(from_saved.cutoffs, st.cutoffs) and torch.equal(from_saved.cutoffs, saved.cpu())
+    assert (from_saved.r, from_saved.s, from_saved.kept_components) == (st.r, st.s, st.kept_components)
 
 
 def test_tradeoff_plot_needs_several_rho(tmp_path):
@@ -165,7 +173,7 @@ def test_publish_dry_run_writes_a_complete_folder(tmp_path, edited):
     sweep = {0.5: make_report(strict_edited=0.0, ppl_edited=7.2), 0.6: report}
     out = tmp_path / "pub"
     res = publish(model, "user/tiny-edit", report, out_dir=out, eigen=eigen, sweep=sweep, dry_run=True,
-                  base_model="user/tiny-base", license="mit")
+                  card=CardOptions(base_model="user/tiny-base", license="mit"))
     assert res.dry_run and res.commit_url is None and res.folder == out
     files = set(res.files)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "curvedit_edit.json",
@@ -195,12 +203,13 @@ def test_card_reports_real_factor_provenance(tmp_path):
     base = tiny_llama()
     ds = Dataset.from_dict({"input_ids": random_token_rows(8, lo=16, hi=16, seed=3)})
     cfg = FactorConfig(label_mode="empirical", seq_len=16, batch_size=4, target_modules=r".*layers\.1\.mlp\.up_proj",
-                       extra={"dataset": "random-token-rows"})
+                       dataset="random-token-rows")
     factors = fit_factors(base, ds, cfg, progress=False)
     eigen = eigendecompose(factors)
     model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.7, target_modules=["model.layers.1.mlp.up_proj"],
                                                                   task_type="CAUSAL_LM"))
-    res = publish(model, "user/real", out_dir=tmp_path / "p", eigen=eigen, dry_run=True, base_model="user/tiny-base")
+    res = publish(model, "user/real", out_dir=tmp_path / "p", eigen=eigen, dry_run=True,
+                  card=CardOptions(base_model="user/tiny-base"))
     body = ModelCard.load(res.folder / "README.md").text
     assert "dataset = `random-token-rows`" in body and "label mode = `empirical`" in body
     (count,) = set(factors.num_tokens.values())
@@ -218,14 +227,16 @@ def test_publish_refuses_foreign_non_empty_folder(tmp_path, edited):
         publish(model, "user/x", out_dir=tmp_path, dry_run=True, overwrite=True)
     assert (tmp_path / "mine.txt").read_text() == "do not upload or delete me"
     publish(model, "user/x", out_dir=tmp_path / "pub", dry_run=True)
-    res = publish(model, "user/x", out_dir=tmp_path / "pub", dry_run=True, overwrite=True, license="mit")
+    res = publish(model, "user/x", out_dir=tmp_path / "pub", dry_run=True, overwrite=True,
+                  card=CardOptions(license="mit"))
     assert ModelCard.load(res.folder / "README.md").data.license == "mit"
 
 
 def test_publish_a_plain_save_pretrained_folder(tmp_path, edited):
     model, _ = edited
     model.save_pretrained(tmp_path / "saved")
-    res = publish(tmp_path / "saved", "user/x", out_dir=tmp_path / "p", dry_run=True, base_model="user/tiny-base")
+    res = publish(tmp_path / "saved", "user/x", out_dir=tmp_path / "p", dry_run=True,
+                  card=CardOptions(base_model="user/tiny-base"))
     body = (res.folder / "README.md").read_text()
     k = {r.module: r.k for r in curvature_edit_report(model)}
     assert f"| `model.layers.0.mlp.up_proj` | 0.60 | – | – | {k['model.layers.0.mlp.up_proj']} |" in body
@@ -247,7 +258,7 @@ def test_merged_dry_run_leaves_the_model_unmerged(tmp_path, edited):
         with model.disable_adapter():
             base_before = model(ids()).logits.clone()
     res = publish(model, "user/tiny-merged", out_dir=tmp_path / "m", merged=True, dry_run=True,
-                  base_model="user/tiny-base")
+                  card=CardOptions(base_model="user/tiny-base"))
     assert "config.json" in res.files and "model.safetensors" in res.files and "adapter_config.json" not in res.files
     with safe_open(str(res.folder / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
@@ -282,7 +293,8 @@ def test_push_adapter_and_merged_then_load_back(hub, tmp_path):
         with model.disable_adapter():
             base_out = model(x).logits.clone()
 
-    res = publish(model, "user/tiny-edit", make_report(), out_dir=tmp_path / "adapter", eigen=eigen, token=TOKEN)
+    res = publish(model, "user/tiny-edit", make_report(), out_dir=tmp_path / "adapter", eigen=eigen,
+                  hub=HubOptions(token=TOKEN))
     assert res.commit_url.startswith(hub.url) and res.repo_url == f"{hub.url}/user/tiny-edit"
     stored = hub.files("user/tiny-edit")
     assert set(res.files) <= set(stored)
@@ -303,7 +315,8 @@ def test_push_adapter_and_merged_then_load_back(hub, tmp_path):
         auto_peft = AutoPeftModelForCausalLM.from_pretrained("user/tiny-edit").eval()
         assert torch.equal(auto_peft(x).logits, expected)
 
-    res_m = publish(model, "user/tiny-merged", make_report(), out_dir=tmp_path / "merged", merged=True, token=TOKEN)
+    res_m = publish(model, "user/tiny-merged", make_report(), out_dir=tmp_path / "merged", merged=True,
+                    hub=HubOptions(token=TOKEN))
     stored = hub.files("user/tiny-merged")
     assert "model.safetensors" in stored and "adapter_config.json" not in stored
     assert ModelCard(stored["README.md"].decode()).data.base_model_relation == "finetune"
@@ -315,7 +328,8 @@ def test_push_adapter_and_merged_then_load_back(hub, tmp_path):
         assert torch.equal(model(x).logits, expected)  # publishing merged left the adapter model unmerged
 
     # an adapter folder can be published merged: its base is fetched from the Hub by base_model_name_or_path
-    res_d = publish(res.folder, "user/tiny-merged-from-dir", out_dir=tmp_path / "merged2", merged=True, token=TOKEN)
+    res_d = publish(res.folder, "user/tiny-merged-from-dir", out_dir=tmp_path / "merged2", merged=True,
+                    hub=HubOptions(token=TOKEN))
     assert "model.safetensors" in res_d.files and "adapter_config.json" not in res_d.files
     with torch.no_grad():
         again = AutoModelForCausalLM.from_pretrained("user/tiny-merged-from-dir").eval()(x).logits
@@ -324,18 +338,19 @@ def test_push_adapter_and_merged_then_load_back(hub, tmp_path):
 
 def test_republish_branch_pr_and_private(hub, tmp_path, edited):
     model, _ = edited
-    first = publish(model, "user/re-edit", out_dir=tmp_path / "a", token=TOKEN)
+    first = publish(model, "user/re-edit", out_dir=tmp_path / "a", hub=HubOptions(token=TOKEN))
     # same repo again (create_repo answers 409 + url), new content: a second commit on main
-    second = publish(model, "user/re-edit", make_report(), out_dir=tmp_path / "a", overwrite=True, token=TOKEN,
-                     commit_message="add evaluation")
+    second = publish(model, "user/re-edit", make_report(), out_dir=tmp_path / "a", overwrite=True,
+                     hub=HubOptions(token=TOKEN, commit_message="add evaluation"))
     assert second.commit_oid != first.commit_oid and "edit_report.json" in hub.files("user/re-edit")
     assert hub.state.repos["user/re-edit"].commits[second.commit_oid].message == "add evaluation"
     # a branch that does not exist yet is created, as push_to_hub does
-    dev = publish(model, "user/re-edit", out_dir=tmp_path / "b", revision="dev", token=TOKEN)
+    dev = publish(model, "user/re-edit", out_dir=tmp_path / "b", hub=HubOptions(revision="dev", token=TOKEN))
     assert hub.state.repos["user/re-edit"].branches["dev"] == dev.commit_oid
     # a pull request does not touch main
     main_before = hub.state.repos["user/re-edit"].branches["main"]
-    pr = publish(model, "user/re-edit", make_report(0.9, 0.1), out_dir=tmp_path / "c", create_pr=True, token=TOKEN)
+    pr = publish(model, "user/re-edit", make_report(0.9, 0.1), out_dir=tmp_path / "c",
+                 hub=HubOptions(create_pr=True, token=TOKEN))
     assert pr.pr_url == f"{hub.url}/user/re-edit/discussions/1"
     assert hub.state.repos["user/re-edit"].branches["main"] == main_before
     assert "10.0%" in hub.files("user/re-edit", "refs/pr/1")["README.md"].decode()
@@ -346,7 +361,7 @@ def test_republish_branch_pr_and_private(hub, tmp_path, edited):
     readme = hf_hub_download("user/re-edit", "README.md", revision="refs/pr/1")
     assert Path(readme).read_bytes() == (pr.folder / "README.md").read_bytes()
     # private repos are created private and are invisible without a token
-    publish(model, "user/secret-edit", out_dir=tmp_path / "d", private=True, token=TOKEN)
+    publish(model, "user/secret-edit", out_dir=tmp_path / "d", hub=HubOptions(private=True, token=TOKEN))
     assert hub.state.repos["user/secret-edit"].private
     r = requests.get(f"{hub.url}/api/models/user/secret-edit")
     assert r.status_code == 401 and r.headers["X-Error-Code"] == "RepoNotFound"
@@ -370,28 +385,33 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_bad_token_gives_clear_error_and_keeps_folder(hub, tmp_path, edited):
     model, _ = edited
     with pytest.raises(PublishError) as info:
-        publish(model, "user/fail-401", make_report(), out_dir=tmp_path / "f", token="hf_not_a_token")
+        publish(model, "user/fail-401", make_report(), out_dir=tmp_path / "f", hub=HubOptions(token="hf_not_a_token"))
     err = info.value
     assert err.status_code == 401 and err.stage == "create_repo"
     assert "authentication failed (401" in str(err) and "token" in str(err) and str(tmp_path / "f") in str(err)
     assert {"README.md", "adapter_model.safetensors", "edit_report.json"} <= set(_snapshot(err.folder))
     assert "user/fail-401" not in hub.state.repos
+    # huggingface_hub's own error is the cause, its type kept, with our context appended to its message
+    cause = err.__cause__
+    assert isinstance(cause, HfHubHTTPError) and cause.response.status_code == 401
+    assert "Invalid credentials" in str(cause) and "Invalid credentials" in str(err)  # the Hub's message, once
+    assert "[hf-curvedit] create_repo failed" in str(cause) and "push_folder(" in str(cause) and "HF_TOKEN" in str(cause)
     # writing to someone else's namespace is a 403 with its own message
     with pytest.raises(PublishError, match=r"permission denied \(403"):
-        push_folder(err.folder, "other/x", token=TOKEN)
+        push_folder(err.folder, "other/x", HubOptions(token=TOKEN))
 
 
 def test_server_error_keeps_folder_and_retry_succeeds(hub, tmp_path, edited):
     model, _ = edited
     hub.fail("POST", r"/api/models/user/fail-500/commit/", 500)
     with pytest.raises(PublishError) as info:
-        publish(model, "user/fail-500", out_dir=tmp_path / "f", token=TOKEN)
+        publish(model, "user/fail-500", out_dir=tmp_path / "f", hub=HubOptions(token=TOKEN))
     err = info.value
     assert err.status_code == 500 and err.stage == "upload_folder" and "server error (500)" in str(err)
     before = _snapshot(err.folder)
     assert "README.md" in before
     hub.clear_failures()
-    res = push_folder(err.folder, "user/fail-500", token=TOKEN)
+    res = push_folder(err.folder, "user/fail-500", HubOptions(token=TOKEN))
     assert _snapshot(err.folder) == before
     assert hub.files("user/fail-500")["README.md"] == before["README.md"]
     assert res.commit_url is not None
@@ -401,9 +421,11 @@ def test_server_error_on_create_repo_names_the_step(hub, tmp_path, edited):
     model, _ = edited
     hub.fail("POST", r"^/api/repos/create$", 503, times=1)
     with pytest.raises(PublishError, match=r"server error \(503\) during create_repo") as info:
-        publish(model, "user/fail-503", out_dir=tmp_path / "f", token=TOKEN, license="mit")
+        publish(model, "user/fail-503", out_dir=tmp_path / "f", hub=HubOptions(token=TOKEN),
+                card=CardOptions(license="mit"))
     assert info.value.status_code == 503 and "user/fail-503" not in hub.state.repos
-    assert push_folder(info.value.folder, "user/fail-503", token=TOKEN).commit_oid  # the rule fired once only
+    assert isinstance(info.value.__cause__, HfHubHTTPError) and "retry later" in str(info.value.__cause__)
+    assert push_folder(info.value.folder, "user/fail-503", HubOptions(token=TOKEN)).commit_oid  # the rule fired once only
 
 
 def test_connection_refused_gives_clear_error(hub, tmp_path, edited):
@@ -413,8 +435,10 @@ def test_connection_refused_gives_clear_error(hub, tmp_path, edited):
         port = s.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
     with pytest.raises(PublishError, match=f"could not connect to the Hub at {endpoint}") as info:
-        publish(model, "user/nowhere", out_dir=tmp_path / "f", token=TOKEN, endpoint=endpoint, license="mit")
+        publish(model, "user/nowhere", out_dir=tmp_path / "f", hub=HubOptions(token=TOKEN, endpoint=endpoint),
+                card=CardOptions(license="mit"))
     assert info.value.stage == "create_repo" and (info.value.folder / "README.md").is_file()
+    assert type(info.value.__cause__).__name__ == "ConnectError" and info.value.status_code is None
 
 
 def test_offline_mode_is_named(tmp_path, edited, monkeypatch):
@@ -423,14 +447,20 @@ def test_offline_mode_is_named(tmp_path, edited, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model, _ = edited
     with pytest.raises(PublishError, match="HF_HUB_OFFLINE"):
-        publish(model, "user/offline", out_dir=tmp_path / "f", token=TOKEN, license="mit")
+        publish(model, "user/offline", out_dir=tmp_path / "f", hub=HubOptions(token=TOKEN),
+                card=CardOptions(license="mit"))
     assert (tmp_path / "f" / "README.md").is_file()
+    with pytest.raises(PublishError) as info:  # named before any request, with huggingface_hub's type as the cause
+        push_folder(tmp_path / "f", "user/offline")
+    assert isinstance(info.value.__cause__, OfflineModeIsEnabled) and info.value.stage == "create_repo"
 
 
 def test_republish_a_published_folder(hub, tmp_path, edited):
     model, _ = edited
-    first = publish(model, "user/from-dir", make_report(), out_dir=tmp_path / "a", dry_run=True, base_model="user/b")
-    res = publish(first.folder, "user/from-dir", make_report(), out_dir=tmp_path / "b", token=TOKEN, license="mit")
+    first = publish(model, "user/from-dir", make_report(), out_dir=tmp_path / "a", dry_run=True,
+                    card=CardOptions(base_model="user/b"))
+    res = publish(first.folder, "user/from-dir", make_report(), out_dir=tmp_path / "b", hub=HubOptions(token=TOKEN),
+                  card=CardOptions(license="mit"))
     stored = hub.files("user/from-dir")
     assert stored["adapter_model.safetensors"] == (first.folder / "adapter_model.safetensors").read_bytes()
     card = ModelCard(stored["README.md"].decode())
@@ -440,6 +470,115 @@ def test_republish_a_published_folder(hub, tmp_path, edited):
     again = publish(first.folder, "user/from-dir", out_dir=tmp_path / "c", dry_run=True)
     assert EditReport.load(again.folder / "edit_report.json") == make_report()
     assert "| Strict (%) | quotes | 98.5% | 5.0% |" in (again.folder / "README.md").read_text()
+
+
+def test_hub_error_types_stay_catchable(hub, tmp_path, edited, monkeypatch):
+    # a RepositoryNotFoundError (what hf_raise_for_status makes of an X-Error-Code: RepoNotFound answer) comes out as
+    # the PublishError's cause, not as a status number
+    from huggingface_hub.utils import hf_raise_for_status
+
+    model, _ = edited
+    httpx = sys.modules[HfHubHTTPError.__mro__[1].__module__.split(".")[0]]  # httpx (hub 1.x) or httpx2 (2.x)
+
+    def missing(self, repo_id, **kwargs):
+        request = httpx.Request("POST", f"{hub.url}/api/models/{repo_id}/branch/dev")
+        hf_raise_for_status(httpx.Response(404, request=request, headers={"X-Error-Code": "RepoNotFound",
+                                                                          "X-Request-Id": "req-123"}))
+
+    monkeypatch.setattr(HfApi, "create_branch", missing)
+    with pytest.raises(PublishError, match=r"not found \(404\) during create_branch") as info:
+        publish(model, "user/gone", out_dir=tmp_path / "f", hub=HubOptions(token=TOKEN, revision="dev"))
+    cause = info.value.__cause__
+    assert isinstance(cause, RepositoryNotFoundError) and cause.request_id == "req-123"
+    assert "req-123" in str(info.value) and "[hf-curvedit] create_branch failed" in str(cause)
+    assert info.value.status_code == 404 and info.value.stage == "create_branch"
+
+
+def test_hub_options_defaults_and_commit_message(hub, tmp_path, edited):
+    assert HubOptions() == HubOptions(private=None, revision=None, create_pr=False, token=None, commit_message=None,
+                                      commit_description=None, endpoint=None)
+    assert CardOptions().tags == [] and CardOptions().factor_data is None
+    model, _ = edited
+    res = publish(model, "user/msg", out_dir=tmp_path / "a", hub=HubOptions(token=TOKEN, commit_description="body"))
+    commit = hub.state.repos["user/msg"].commits[res.commit_oid]
+    assert commit.message == "Upload curvature edit (adapter, ρ = 0.6)"  # derived from the edit
+    again = push_folder(res.folder, "user/msg-again", HubOptions(token=TOKEN))
+    assert hub.state.repos["user/msg-again"].commits[again.commit_oid].message == "Upload curvature edit"
+
+
+def test_publish_is_stage_then_card_then_push(tmp_path, edited):
+    from hf_curvedit.publish import stage_folder, write_card
+
+    model, eigen = edited
+    options = CardOptions(base_model="user/tiny-base", license="mit", tags=["extra-tag"],
+                          factor_data={"tokens": "1,234"}, pipeline_tag="text-generation")
+    staged = stage_folder(model, tmp_path / "s", make_report(), eigen=eigen, base_model=options.base_model)
+    assert "hf-curvedit" not in (staged.folder / "README.md").read_text()  # only PEFT's stub: no card yet
+    assert {"curvedit_edit.json", "edit_report.json", "adapter_model.safetensors"} <= set(
+        str(p.relative_to(staged.folder)) for p in staged.folder.rglob("*"))
+    card = write_card(staged, "user/tiny-edit", options, lookup_license=False)
+    res = publish(model, "user/tiny-edit", make_report(), out_dir=tmp_path / "p", eigen=eigen, card=options,
+                  dry_run=True)
+    assert (staged.folder / "README.md").read_text() == (res.folder / "README.md").read_text() == str(card)
+    assert "extra-tag" in card.data.tags and "tokens = `1,234`" in card.text
+    assert "dataset = `wikitext-103`" in card.text  # the rest of the factor line still comes from factor_source
+
+
+def test_factor_dataset_is_read_from_the_typed_field_and_legacy_adapters():
+    from hf_curvedit import FactorConfig
+    from hf_curvedit.publish.card import factor_data_from_source, factor_dataset
+
+    typed = {"factor_config": FactorConfig(dataset="wikitext-103", seq_len=64).to_dict(), "num_tokens": {"a": 10}}
+    assert factor_dataset(typed) == "wikitext-103"
+    assert factor_data_from_source(typed) == {"dataset": "wikitext-103", "tokens": "10", "label mode": "sampled",
+                                              "sequence length": 64}
+    # adapters saved before FactorConfig.dataset existed kept it in factor_config.extra
+    assert factor_dataset({"factor_config": {"extra": {"dataset": "old-data"}}}) == "old-data"
+    # an explicit factor_source["dataset"] wins, and CardOptions.factor_data wins over everything
+    assert factor_dataset({"dataset": "explicit", "factor_config": {"dataset": "typed"}}) == "explicit"
+    assert factor_data_from_source(typed, {"dataset": "override"})["dataset"] == "override"
+    assert factor_dataset({}) is None and "dataset" not in factor_data_from_source({})
+
+
+def test_tuner_summary_owns_the_edit_description(tmp_path, edited):
+    import ast
+
+    from hf_curvedit.tuner import summary
+
+    # a tuner module must not import hf_curvedit.publish (publish depends on the tuner, not the other way round)
+    tree = ast.parse(Path(summary.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if "publish" in m]
+    model, _ = edited
+    desc = summary.edit_summary(model)
+    assert desc["kind"] == "adapter" and desc["config"]["peft_type"] == "CURVEDIT"
+    assert [m["module"] for m in desc["modules"]] == [r.module for r in curvature_edit_report(model)]
+    json.dumps(desc)  # JSON-ready
+    with pytest.raises(ValueError, match="not a curvature edit"):
+        summary.edit_summary(model, "missing")
+    state = summary.merged_state_dict(model.get_base_model())
+    assert set(state) == set(tiny_llama().state_dict())
+    # rows from a saved config: ρ from keep_mass / keep_mass_pattern, or (older adapters) from edited_modules
+    rows = summary.module_rows_from_config({"keep_mass": 0.6, "keep_mass_pattern": {"layers.1.mlp.up_proj": 0.8},
+                                            "edited_modules": {"model.layers.1.mlp.up_proj": {"k": 3},
+                                                               "model.layers.0.mlp.up_proj": {"k": 2},
+                                                               "old.up_proj": {"k": 1, "keep_mass": 0.5}}})
+    assert rows == [{"module": "model.layers.0.mlp.up_proj", "keep_mass": 0.6, "k": 2},
+                    {"module": "model.layers.1.mlp.up_proj", "keep_mass": 0.8, "k": 3},
+                    {"module": "old.up_proj", "keep_mass": 0.5, "k": 1}]
+
+
+def test_merged_publish_of_an_adapter_folder_brings_its_evaluation(tmp_path, edited):
+    # the folder is loaded with AutoPeftModelForCausalLM, then staged like a live model
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    model, _ = edit(AutoModelForCausalLM.from_pretrained(base_dir))
+    first = publish(model, "user/a", make_report(), out_dir=tmp_path / "a", dry_run=True)
+    res = publish(first.folder, "user/m", out_dir=tmp_path / "m", merged=True, dry_run=True)
+    assert "model.safetensors" in res.files and "adapter_config.json" not in res.files
+    assert EditReport.load(res.folder / "edit_report.json") == make_report()
+    assert json.loads((res.folder / "curvedit_edit.json").read_text())["kind"] == "merged"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -150,3 +150,22 @@ def test_factor_truncation_matches_definition(rho):
     assert st.cutoffs[:r].eq(s).all() and st.cutoffs[r:].eq(0).all()
     assert st.kept_components == r * s
     assert select_cutoffs(lam, mu, rho, "factor_truncation").cutoffs.equal(st.cutoffs)
+
+
+def test_staircase_from_saved_cutoffs_equals_the_selection():
+    from hf_curvedit.selection import staircase_from_cutoffs
+
+    g = torch.Generator().manual_seed(5)
+    lam = torch.rand(40, generator=g, dtype=torch.float64).sort(descending=True).values
+    mu = torch.rand(25, generator=g, dtype=torch.float64).sort(descending=True).values
+    for rho in (0.3, 0.6, 0.9):
+        for selection in ("curvature_mass", "factor_truncation"):
+            st = select_cutoffs(lam, mu, rho, selection)
+            again = staircase_from_cutoffs(st.cutoffs, lam, mu)
+            assert torch.equal(again.cutoffs, st.cutoffs)
+            assert (again.r, again.s, again.kept_components) == (st.r, st.s, st.kept_components)
+            assert again.kept_mass == pytest.approx(st.kept_mass, rel=1e-12)
+            if selection == "curvature_mass":
+                assert again.threshold == st.threshold
+    with pytest.raises(ValueError, match="non-increasing"):
+        staircase_from_cutoffs(torch.arange(40), lam, mu)

@@ -8,7 +8,7 @@ from datasets import Dataset
 
 from hf_curvedit import FactorConfig, fit_factors
 from hf_curvedit.evaluation import RecitationSet, TextSet
-from hf_curvedit.sweep import svd_truncation, sweep_edits
+from hf_curvedit.sweep import SweepResult, svd_truncation, sweep_edits
 
 from conftest import random_token_rows, tiny_llama
 
@@ -65,3 +65,17 @@ def test_sweep_rejects_modules_without_factors(setup):
     model, eigen, rec, heldout = setup
     with pytest.raises(ValueError, match="without factors"):
         sweep_edits(model, eigen, {"mem": rec}, heldout, layer_choices={"attn": r".*self_attn\.q_proj"})
+
+
+def test_sweep_result_round_trips_and_plots(setup, tmp_path):
+    from hf_curvedit.publish.plots import plot_sweep
+
+    model, eigen, rec, heldout = setup
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5,), perplexity_budget=10.0,
+                         svd_ranks=[4])
+    loaded = SweepResult.load(result.save(tmp_path / "sweep.json"))
+    assert loaded == result and loaded.chosen is loaded.points[0] and loaded.svd_match is loaded.points[1]
+    assert loaded.to_markdown() == result.to_markdown() and loaded.summary().startswith("chosen: all ρ=0.5")
+    assert plot_sweep(loaded, tmp_path / "plots" / "sweep.png").stat().st_size > 1000
+    loaded.chosen = None
+    assert loaded.summary() == "no edit keeps the perplexity increase within 1000%"

@@ -32,3 +32,42 @@ def test_default_targets_are_the_mlp_projections(arch):
     assert len(names) == 2 * len(leaves), names
     assert {n.rsplit(".", 1)[-1] for n in names} == leaves
     assert all(".mlp." in n for n in names), "attention projections (e.g. GPT-2 attn.c_proj) are not MLP"
+
+
+def test_module_matches_is_the_target_modules_grammar():
+    from hf_curvedit.targets import module_matches
+
+    name = "model.layers.1.mlp.up_proj"
+    assert module_matches(name, r".*layers\.1\.mlp\.(gate|up)_proj")  # a string is a regex, fullmatch
+    assert not module_matches(name, r"layers\.1\.mlp\.up_proj")  # ... on the whole name
+    assert module_matches(name, ["mlp.up_proj"]) and module_matches(name, [name])  # suffixes and exact names
+    assert not module_matches(name, ["p_proj"]), "a suffix starts after a dot"
+    assert module_matches(name, ["model.layers.1*.mlp.*"]) and not module_matches(name, ["*.layers.2.*"])  # globs
+    assert module_matches(name, {"down_proj", "up_proj"})  # any iterable of keys, e.g. PEFT's sets
+
+
+def test_parse_target_modules_and_layer_choices():
+    from hf_curvedit.targets import layer_choices, parse_target_modules
+
+    assert parse_target_modules(None) is None
+    assert parse_target_modules("gate_proj, up_proj") == ["gate_proj", "up_proj"]
+    assert parse_target_modules(r".*mlp\..*") == r".*mlp\..*"
+    fitted = [f"model.layers.{i}.mlp.{m}_proj" for i in range(3) for m in ("gate", "up", "down")]
+    choices = layer_choices(fitted, ["1,2", "0"], "gate,up", {"mine": r".*down_proj"})
+    assert list(choices) == ["layers 1,2 (gate,up)", "layers 0 (gate,up)", "mine"]
+    assert _matching(fitted, choices["layers 1,2 (gate,up)"]) == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.2.mlp.gate_proj",
+        "model.layers.2.mlp.up_proj"]
+    assert layer_choices(fitted, ["2"], ["down"]) == {"layers 2 (down)": r"model\.layers\.2\.mlp\.down_proj"}
+    with pytest.raises(ValueError, match="--layers takes"):
+        layer_choices(fitted, ["x"])
+    with pytest.raises(ValueError, match="select no module"):
+        layer_choices(fitted, ["7"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        layer_choices(fitted, [], None, {"bad": "("})
+
+
+def _matching(names, regex):
+    from hf_curvedit.targets import module_matches
+
+    return [n for n in names if module_matches(n, regex)]

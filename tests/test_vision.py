@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 
 from hf_curvedit import (CurvatureEditConfig, EditReport, FactorConfig, ImageClassificationSet, build_curvature_edit,
                          evaluate_edit, fit_factors, load_factors)
-from hf_curvedit.curvature.factors import _batch_generator, sample_labels
+from hf_curvedit.curvature.tasks import ImageClassificationTask, batch_generator, sample_labels
 from hf_curvedit.evaluation import classification_scores
 from hf_curvedit.publish.card import eval_results
 from hf_curvedit.targets import resolve_target_modules
@@ -101,7 +101,7 @@ def test_image_factors_match_brute_force(make_model, positions, label_mode):
     else:
         with torch.no_grad():
             logits = model(pixel_values=pixel_values).logits
-        labels = sample_labels(logits, _batch_generator(0, 0, logits.device), cfg.sample_chunk_size)
+        labels = sample_labels(logits, batch_generator(0, 0, logits.device), cfg.sample_chunk_size)
     A, G, count = brute_force_image_factors(model, pixel_values, labels, names, positions)
     for n in names:
         assert factors.num_tokens[n] == count[n]
@@ -167,22 +167,20 @@ def test_pixel_values_column_needs_no_processor_and_gives_the_same_factors():
 
 
 def test_image_factors_resume_after_a_crash(tmp_path, monkeypatch):
-    from hf_curvedit.curvature import factors as factors_mod
-
     model = tiny_vit()
     ds = image_dataset(12)
     cfg = FactorConfig(batch_size=2, checkpoint_every=1, max_examples=10)
     full = fit_factors(model, ds, cfg, image_processor=processor(), progress=False)
-    real = factors_mod._batch_loss
+    real = ImageClassificationTask.compute_loss
     seen: list[int] = []
 
-    def crashing(model, batch, valid, cfg, b):
+    def crashing(self, model, batch, cfg, b):
         seen.append(b)
         if b == 3 and len(seen) < 5:
             raise KeyboardInterrupt
-        return real(model, batch, valid, cfg, b)
+        return real(self, model, batch, cfg, b)
 
-    monkeypatch.setattr(factors_mod, "_batch_loss", crashing)
+    monkeypatch.setattr(ImageClassificationTask, "compute_loss", crashing)
     with pytest.raises(KeyboardInterrupt):
         fit_factors(model, ds, cfg, tmp_path, image_processor=processor(), progress=False)
     resumed = fit_factors(model, ds, cfg, tmp_path, image_processor=processor(), progress=False)

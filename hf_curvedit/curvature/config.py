@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 LabelMode = Literal["sampled", "empirical"]
@@ -46,6 +46,8 @@ class FactorConfig:
         label_column: Image classifiers only: the column with the class labels, read when
             ``label_mode="empirical"``.
         max_examples: Image classifiers only: stop after this many images. ``None`` = all data.
+        dataset: A description of the factor data (a dataset id, a path, or words), recorded with the factors
+            and shown on model cards. It does not change what is collected.
     """
 
     target_modules: Optional[Union[str, list[str]]] = None
@@ -65,7 +67,7 @@ class FactorConfig:
     image_column: str = "image"
     label_column: str = "label"
     max_examples: Optional[int] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    dataset: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.label_mode not in ("sampled", "empirical"):
@@ -95,6 +97,11 @@ class FactorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FactorConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise a clear error."""
+        data = dict(data)
+        # Factor files written before `dataset` was a field kept it in a free-form `extra` dict.
+        legacy = data.pop("extra", None) or {}
+        if "dataset" in legacy:
+            data.setdefault("dataset", legacy["dataset"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -104,7 +111,7 @@ class FactorConfig:
     def collection_key(self) -> dict[str, Any]:
         """The fields that change what is collected. A resume must match them exactly."""
         d = self.to_dict()
-        for k in ("checkpoint_every", "max_factor_memory_gb", "extra"):
+        for k in ("checkpoint_every", "max_factor_memory_gb", "dataset"):
             d.pop(k)
         # Image-only fields join the key only when set, so keys (and checkpoints) of text runs written
         # before these fields existed still match.

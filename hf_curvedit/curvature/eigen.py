@@ -1,19 +1,29 @@
-"""Eigendecomposition of K-FAC factors (fp64, symmetrized, clamped, sorted descending)."""
+"""Eigendecomposition of K-FAC factors (fp64, symmetrized, clamped, sorted descending) and its cache.
+
+The bottom layer of the curvature package: it needs nothing from collection or storage at run time.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from ..utils import atomic_path
+from ..utils import save_safetensors
+
+if TYPE_CHECKING:
+    from .storage import KFACFactors
+
+logger = logging.getLogger(__name__)
 
 EIGEN_FILENAME = "eigen.safetensors"
+EIGEN_FORMAT = "hf_curvedit.eigen"
 
 
 @dataclass
@@ -66,24 +76,13 @@ class KFACEigen(Mapping[str, ModuleEigen]):
     def __repr__(self) -> str:
         return f"KFACEigen({len(self)} modules)"
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: Union[str, Path]) -> Path:
         """Write all bases to one safetensors file (atomically)."""
-        path = Path(path)
-        tensors: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for name, e in self.modules.items():
-            for kind in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G"):
-                t = getattr(e, kind).contiguous()
-                # Modules with a shared A (gate/up) share tensors; safetensors refuses shared memory.
-                if t.data_ptr() in seen:
-                    t = t.clone()
-                seen.add(t.data_ptr())
-                tensors[f"{name}.{kind}"] = t
-        meta = {"format": "hf_curvedit.eigen", "modules": json.dumps(list(self.modules)),
+        tensors = {f"{name}.{kind}": getattr(e, kind) for name, e in self.modules.items()
+                   for kind in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")}
+        meta = {"format": EIGEN_FORMAT, "modules": json.dumps(list(self.modules)),
                 "metadata": json.dumps(self.metadata)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        return save_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path, modules: list[str] | None = None) -> "KFACEigen":
@@ -91,7 +90,7 @@ class KFACEigen(Mapping[str, ModuleEigen]):
         path = Path(path)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != "hf_curvedit.eigen":
+            if meta.get("format") != EIGEN_FORMAT:
                 raise ValueError(f"{path} is not an hf-curvedit eigenbasis file")
             names = json.loads(meta["modules"])
             if modules is not None:
@@ -107,3 +106,42 @@ class KFACEigen(Mapping[str, ModuleEigen]):
                 for n in names
             }
         return cls(out, json.loads(meta.get("metadata", "{}")))
+
+
+def eigendecompose(factors: "KFACFactors", cache_dir: Union[str, Path, None] = None) -> KFACEigen:
+    """Eigendecompose every factor in float64 (symmetrized, eigenvalues clamped at 0, descending).
+
+    With ``cache_dir`` (default: the folder the factors were loaded from or saved to) the result
+    is written to ``eigen.safetensors`` there and reused on the next call for the same factors.
+    """
+    if cache_dir is None and factors.path is not None:
+        cache_dir = factors.path.parent
+    cache = Path(cache_dir) / EIGEN_FILENAME if cache_dir is not None else None
+    if cache is not None and cache.exists():
+        try:
+            cached = KFACEigen.load(cache)
+        except Exception as e:  # a foreign or damaged cache is recomputed, never trusted
+            logger.warning("ignoring eigen cache %s: %s", cache, e)
+        else:
+            if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
+                return cached
+    done_A: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    modules: dict[str, ModuleEigen] = {}
+    for name in tqdm(factors.module_names, desc="eigendecompose", unit="module", leave=False):
+        owner = factors.a_alias.get(name, name)
+        if owner not in done_A:
+            done_A[owner] = symmetric_eigh(factors.A[owner])
+        va, ua = done_A[owner]
+        vg, ug = symmetric_eigh(factors.G[name])
+        modules[name] = ModuleEigen(va, ua, vg, ug)
+    meta = {
+        "factors_id": factors.factors_id,
+        "factor_config": factors.config.to_dict(),
+        "num_tokens": factors.num_tokens,
+        "model_info": factors.model_info,
+        "factors_path": str(factors.path) if factors.path else None,
+    }
+    eig = KFACEigen(modules, meta)
+    if cache is not None:
+        eig.save(cache)
+    return eig

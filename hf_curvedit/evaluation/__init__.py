@@ -18,7 +18,8 @@ from .recitation import (RecitationExample, RecitationResult, evaluate_recitatio
                          greedy_generate, recitation_scores, split_suffix)
 from .report import (EditReport, PerplexityComparison, RecitationComparison, RecitationMetrics, ReportMetadata,
                      StressComparison, TableRow)
-from .runner import EvalConfig, RecitationSet, TextSet, as_eval_set, evaluate_edit
+from .runner import EvalConfig, evaluate_edit
+from .sets import RecitationSet, TextSet, as_eval_set
 from .stress import StressResult, exact_prefix_match, stress_test, stress_variants
 from .windows import find_memorized_windows
 

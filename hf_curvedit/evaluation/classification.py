@@ -1,6 +1,6 @@
 """Image-classifier evaluation: memorized noisy labels, accuracy on the true labels, validation accuracy.
 
-The paper's ViT experiment (METHOD.md §4) trains with a fraction of the training labels flipped. A model
+The paper's ViT experiment (docs/method.md §8) trains with a fraction of the training labels flipped. A model
 that memorized them predicts the *flipped* label on those images; the edit should move it back to the
 true one. On a clean set the only number is accuracy.
 """

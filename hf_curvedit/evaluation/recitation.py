@@ -1,7 +1,7 @@
 """Recitation: greedy continuation of a prefix and how close it comes to the gold suffix.
 
 With ``d`` the token-level Levenshtein distance between the gold suffix (length ``L``) and the greedy
-continuation, the paper's metrics (METHOD.md §3) are::
+continuation, the paper's metrics (docs/method.md §7) are::
 
     Strict = 1[d = 0]      Loose = 1[1 - d/L >= threshold]      AvgLev = mean(d / L)
 

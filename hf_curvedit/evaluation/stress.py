@@ -9,7 +9,7 @@ For each (prefix, suffix) example and each variant ``(e, s)``:
 
 The model continues each variant greedily for the gold continuation's length, and the score of a
 variant is the length of the longest exact-match prefix (leading tokens equal to the gold). An
-example's score is the max over its variants (METHOD.md §3): a suppressed memory should not come back
+example's score is the max over its variants (docs/method.md §7): a suppressed memory should not come back
 under any of them.
 """
 

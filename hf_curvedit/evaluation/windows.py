@@ -2,7 +2,7 @@
 
 A window at token offset ``o`` of a document is ``tokens[o : o + P + S]``. It is memorized iff, teacher
 forced on the window, the model's argmax next token equals the gold token at every one of the ``S``
-suffix positions (METHOD.md §3; the paper uses P = 64, S = 48). All windows have the same length, so
+suffix positions (docs/method.md §7; the paper uses P = 64, S = 48). All windows have the same length, so
 batches need no padding and one forward pass scores a whole batch.
 """
 

@@ -1,12 +1,18 @@
-"""Publishing curvature edits: model cards with evaluation tables, plots, and upload to the Hugging Face Hub."""
+"""Publishing curvature edits: model cards with evaluation tables, plots, and upload to the Hugging Face Hub.
 
-from .card import (CITATION, PAPER_URL, CardInputs, card_data, config_yaml, eval_results, framework_versions,
-                   load_template, render_card)
-from .hub import EDIT_FILENAME, REPORT_FILENAME, PublishError, PublishResult, publish, push_folder
+[`publish`] = [`stage_folder`] (weights, ``curvedit_edit.json``, ``edit_report.json``, plots) + [`write_card`]
+(``README.md``) + [`push_folder`]. [`CardOptions`] says what the card adds to the edit, [`HubOptions`] how to push.
+"""
+
+from .card import (CITATION, PAPER_URL, CardInputs, CardOptions, card_data, config_yaml, eval_results,
+                   framework_versions, load_template, render_card)
+from .hub import (EDIT_FILENAME, REPORT_FILENAME, HubOptions, PublishError, PublishResult, StagedFolder, publish,
+                  push_folder, stage_folder, write_card)
 from .plots import plot_spectrum, plot_tradeoff  # matplotlib is imported on the first plot only
 
 __all__ = [
-    "CITATION", "PAPER_URL", "CardInputs", "card_data", "config_yaml", "eval_results", "framework_versions",
-    "load_template", "render_card", "EDIT_FILENAME", "REPORT_FILENAME", "PublishError", "PublishResult", "publish",
-    "push_folder", "plot_spectrum", "plot_tradeoff",
+    "CITATION", "PAPER_URL", "CardInputs", "CardOptions", "card_data", "config_yaml", "eval_results",
+    "framework_versions", "load_template", "render_card", "EDIT_FILENAME", "REPORT_FILENAME", "HubOptions",
+    "PublishError", "PublishResult", "StagedFolder", "publish", "push_folder", "stage_folder", "write_card",
+    "plot_spectrum", "plot_tradeoff",
 ]

@@ -1,21 +1,31 @@
-"""Model cards for curvature edits: Hub metadata (`ModelCardData`, `EvalResult`) and the Jinja templates."""
+"""Model cards for curvature edits: Hub metadata (`ModelCardData`, `EvalResult`) and the Jinja templates.
+
+[`CardOptions`] is what a caller says about the card; [`card_inputs`] joins it with an edit summary (the
+``curvedit_edit.json`` content, see `hf_curvedit.tuner.summary.edit_summary`) into the [`CardInputs`] that
+[`render_card`] renders.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
+import logging
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
 
 import jinja2
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..evaluation.report import EditReport, TableRow
+# re-exported: they lived here before the tuner owned them
+from ..tuner.summary import jsonable, module_rows, module_rows_from_config  # noqa: F401
+
+logger = logging.getLogger(__name__)
 
 PAPER_URL = "https://arxiv.org/abs/2510.24256"
 CITATION = """@article{merullo2025curvature,
@@ -87,6 +97,27 @@ class CardInputs:
     tags: list[str] = field(default_factory=list)
 
 
+@dataclass
+class CardOptions:
+    """What the card says beyond what the edit and its report carry (all optional).
+
+    Args:
+        base_model: Hub id of the base model, for the card metadata (and ``adapter_config.json`` of a published
+            adapter). By default the edit's ``base_model_name_or_path``; local paths are left out of the metadata.
+        license: license of the base model; by default read from the base model's card when it can be found.
+        factor_data: overrides for the card's factor-data line (``dataset``, ``tokens``, ``label mode``,
+            ``sequence length``); by default it is read from the adapter config's ``factor_source``.
+        tags: extra Hub tags.
+        pipeline_tag: the Hub pipeline tag; derived from the task type or the architectures by default.
+    """
+
+    base_model: Optional[str] = None
+    license: Optional[str] = None
+    factor_data: Optional[Mapping[str, Any]] = None
+    tags: list[str] = field(default_factory=list)
+    pipeline_tag: Optional[str] = None
+
+
 def load_template(kind: CardKind) -> str:
     """Return the text of the packaged card template for `kind` (``"adapter"`` or ``"merged"``)."""
     return _template_file(f"{kind}.md.jinja")
@@ -120,12 +151,6 @@ def framework_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
-
-
-def jsonable(value: Any) -> Any:
-    """`value` as plain JSON types (sets become sorted lists, anything else unknown becomes its ``str``)."""
-    # peft configs hold sets (target_modules) and enums; YAML and JSON want plain lists and strings
-    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
 
 
 def config_yaml(edit_config: Mapping[str, Any]) -> str:
@@ -286,19 +311,30 @@ def _module_row(m: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+def factor_dataset(factor_source: Mapping[str, Any]) -> Optional[str]:
+    """The description of the factor data in ``factor_source`` (the adapter config's provenance of its factors).
+
+    An explicit ``factor_source["dataset"]`` wins; otherwise it is `FactorConfig.dataset`, which `fit_factors`
+    records as ``factor_source["factor_config"]["dataset"]``. Adapters saved before that field existed kept it in
+    ``factor_config["extra"]["dataset"]``; that is read too.
+    """
+    factor_config = factor_source.get("factor_config") or {}
+    legacy = factor_config.get("extra") or {}
+    return factor_source.get("dataset") or factor_config.get("dataset") or legacy.get("dataset")
+
+
 def factor_data_from_source(factor_source: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Summarize ``factor_source`` (filled by `build_curvature_edit`) as the card's factor-data line.
 
-    Picks the dataset (``factor_source["dataset"]`` or ``factor_config.extra.dataset``), the token count and the
-    label mode (``sampled`` = true Fisher, ``empirical`` = gold labels); `overrides` wins over what is found.
+    Picks the dataset ([`factor_dataset`]), the token count, the label mode (``sampled`` = true Fisher,
+    ``empirical`` = gold labels) and the sequence length; `overrides` wins over what is found.
     """
-    fc = factor_source.get("factor_config") or {}
-    extra = fc.get("extra") or {}
+    factor_config = factor_source.get("factor_config") or {}
     out: dict[str, Any] = {
-        "dataset": factor_source.get("dataset") or extra.get("dataset"),
+        "dataset": factor_dataset(factor_source),
         "tokens": _token_count(factor_source.get("num_tokens")),
-        "label mode": fc.get("label_mode") or factor_source.get("label_mode"),
-        "sequence length": fc.get("seq_len"),
+        "label mode": factor_config.get("label_mode") or factor_source.get("label_mode"),
+        "sequence length": factor_config.get("seq_len"),
     }
     out.update(overrides or {})
     return {k: v for k, v in out.items() if v is not None}
@@ -312,14 +348,49 @@ def _token_count(num_tokens: Any) -> Any:
     return num_tokens
 
 
-def module_rows_from_config(edit_config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-module rows from ``edited_modules`` of a saved config, for when the live model is not at hand."""
-    rows = []
-    for name, info in sorted((edit_config.get("edited_modules") or {}).items()):
-        rows.append({"module": name, "keep_mass": info.get("keep_mass"), "k": info.get("k")})
-    return rows
+def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, report: Optional[EditReport] = None,
+                license: Optional[str] = None, spectrum_plots: Optional[list[tuple[str, str]]] = None,
+                tradeoff_plot: Optional[str] = None) -> CardInputs:
+    """The [`CardInputs`] of an edit summary (``curvedit_edit.json`` content, with its ``kind``) and the options.
+
+    `license` is the license found for the base model; ``options.license`` wins over it.
+    """
+    config = edit["config"]
+    config_for_tag = dict(config)
+    if edit.get("architectures"):
+        config_for_tag.setdefault("architectures", edit["architectures"])
+    return CardInputs(
+        kind=edit.get("kind", "adapter"), repo_id=repo_id, edit_config=config, modules=edit["modules"], report=report,
+        base_model=edit.get("base_model"), license=options.license if options.license is not None else license,
+        pipeline_tag=pipeline_tag_for(config_for_tag, options.pipeline_tag),
+        factor_data=factor_data_from_source(config.get("factor_source") or {}, options.factor_data),
+        adapter_name=edit.get("adapter_name") or "default", spectrum_plots=list(spectrum_plots or []),
+        tradeoff_plot=tradeoff_plot, tags=list(options.tags or []),
+    )
 
 
-def module_rows(reports: Sequence[Any]) -> list[dict[str, Any]]:
-    """Per-module rows from `ModuleEditReport` objects (or their dicts)."""
-    return [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in reports]
+def base_license(base_model: Optional[str], local_base: Optional[str] = None, *, token: Union[str, bool, None] = None,
+                 endpoint: Optional[str] = None, lookup: bool = True) -> Optional[str]:
+    """The license of the base model: from a local copy's README, else (when `lookup`) from its card on the Hub.
+
+    Not finding it is not an error: the card then has no license field.
+
+    Args:
+        base_model: Hub id (or local path) of the base model.
+        local_base: where the base weights were loaded from, when that differs (a local folder).
+        token, endpoint: for the Hub lookup, as in `HfApi`.
+        lookup: whether the Hub may be asked (not in a dry run).
+    """
+    for candidate in (local_base, base_model):
+        if candidate and (Path(candidate) / "README.md").is_file():
+            try:
+                return ModelCard.load(Path(candidate) / "README.md").data.license
+            except Exception as err:  # a malformed README must not block publishing
+                logger.warning("could not read the license from %s/README.md: %s", candidate, err)
+    if lookup and is_hub_id(base_model):
+        try:
+            data = HfApi(endpoint=endpoint, token=token).model_info(base_model).card_data
+            return getattr(data, "license", None) if data is not None else None
+        except Exception as err:
+            logger.info("could not look up the license of %s on the Hub (%s); the card will have none", base_model, err)
+    return None

@@ -1,4 +1,5 @@
-"""PNG plots for model cards: curvature spectra with the ρ cut, and recitation against perplexity over ρ.
+"""PNG plots for model cards and runs: curvature spectra with the ρ cut, recitation against perplexity over ρ, and the
+trade-off of a sweep (curvature edits against the SVD-truncation baseline).
 
 Figures are drawn with matplotlib's object API on an Agg canvas, so no global backend or pyplot state is touched;
 matplotlib is imported on the first plot only.
@@ -11,13 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
+import torch
 
 from ..curvature.eigen import ModuleEigen
 from ..evaluation.report import EditReport
-from ..selection import Staircase, select_cutoffs
+from ..selection import Selection, Staircase, select_cutoffs, staircase_from_cutoffs
+from ..utils import strip_wrapper_prefix
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from ..sweep import SweepResult
 
 
 def _figure(**kwargs: Any) -> "Figure":
@@ -41,18 +46,23 @@ def safe_filename(module: str) -> str:
 
 
 def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, module: str = "",
-                  selection: str = "curvature_mass") -> tuple[Path, Staircase]:
+                  selection: Selection = "curvature_mass", cutoffs: torch.Tensor | None = None) -> tuple[Path, Staircase]:
     """Plot one module's K-FAC spectra with the ρ cut and the kept staircase; write a PNG.
 
     Left: eigenvalues λ of G and μ of A (descending, log scale) with the cut at ``r`` rows of G and ``s`` columns of
     A. Right: the kept set in the (i, j) component grid, ``k_i`` columns kept in row ``i``.
+
+    Args:
+        cutoffs: the staircase an edit kept (an adapter's ``curvedit_cutoffs``); drawn as saved. Without it the
+            staircase is selected again from the spectra with ``keep_mass`` and ``selection``.
 
     Returns:
         The PNG path and the `Staircase` the cut was drawn from.
     """
     lam = eigen.eigvals_G.detach().double().cpu()
     mu = eigen.eigvals_A.detach().double().cpu()
-    st = select_cutoffs(lam, mu, keep_mass, selection)
+    st = (staircase_from_cutoffs(cutoffs, lam, mu) if cutoffs is not None
+          else select_cutoffs(lam, mu, keep_mass, selection))
     fig = _figure(figsize=(10, 3.6))
     ax, ax2 = fig.subplots(1, 2)
     floor = 1e-12 * max(float(lam.max()), float(mu.max()), 1e-300)
@@ -120,14 +130,43 @@ def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
     return _save(fig, Path(path))
 
 
+def plot_sweep(result: "SweepResult", path: str | Path) -> Path:
+    """Plot a sweep: Strict recitation on its primary set against the held-out perplexity change, one point per
+    curvature edit and per SVD truncation, the chosen edit circled and the perplexity budget dashed; write a PNG."""
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
+    s = result.primary_set
+    for method, marker, label in (("curvedit", "o", "curvature edit"), ("svd", "x", "SVD truncation")):
+        pts = [p for p in result.points if p.method == method]
+        if pts:
+            ax.scatter([100 * p.perplexity_change for p in pts], [100 * p.recitation[s]["strict"] for p in pts],
+                       marker=marker, label=label)
+    if result.chosen is not None:
+        ax.scatter([100 * result.chosen.perplexity_change], [100 * result.chosen.recitation[s]["strict"]],
+                   s=160, facecolors="none", edgecolors="red", label="chosen")
+    ax.axvline(100 * result.perplexity_budget, color="grey", ls="--", lw=1, label="perplexity budget")
+    ax.set_xlabel("held-out perplexity change (%)")
+    ax.set_ylabel(f"Strict recitation on {s} (%)")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
 def eigen_for_module(eigen: Mapping[str, ModuleEigen], module: str) -> Optional[ModuleEigen]:
-    """Find `module` in `eigen`, tolerating PEFT's ``base_model.model.`` prefix on either side."""
+    """Find `module` in `eigen`, with wrapper prefixes (PEFT's ``base_model.model.``, torch.compile's
+    ``_orig_mod.``) removed on either side; None when it has no eigenbasis."""
     if module in eigen:
         return eigen[module]
+    key = strip_wrapper_prefix(module)
+    if key in eigen:
+        return eigen[key]
     for name in eigen:
-        if module.endswith("." + name) or name.endswith("." + module):
+        if strip_wrapper_prefix(name) == key:
             return eigen[name]
     return None
 
 
-__all__ = ["plot_spectrum", "plot_tradeoff", "safe_filename", "eigen_for_module"]
+__all__ = ["plot_spectrum", "plot_sweep", "plot_tradeoff", "safe_filename", "eigen_for_module"]

@@ -2,23 +2,18 @@
 
 Importing this package adds ``CURVEDIT`` to `peft.utils.PeftType` and registers the config and tuner with PEFT, so
 that `PeftModel.from_pretrained`, `AutoPeftModelFor*`, transformers' `load_adapter` and
-`AutoModelForCausalLM.from_pretrained(adapter_dir)` understand saved edits.
+`AutoModelForCausalLM.from_pretrained(adapter_dir)` understand saved edits. The edit math itself is in
+`hf_curvedit.edit`, which does not depend on PEFT.
 """
 
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
+from ..edit import CurvatureEdit, ModuleEditReport, compute_edit, weight_fingerprint
 from .config import CURVEDIT, CurvatureEditConfig
-from .layer import (
-    CurvatureEdit,
-    CurvatureEditLayer,
-    CurvatureEditLinear,
-    ModuleEditReport,
-    WrongBaseModelError,
-    compute_edit,
-    weight_fingerprint,
-)
-from .model import CurvatureEditModel, build_curvature_edit, check_base_model, curvature_edit_report
+from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
+from .model import (CurvatureEditModel, build_curvature_edit, check_base_model, compute_module_edits,
+                    curvature_edit_report)
 
 __all__ = [
     "CURVEDIT",
@@ -32,6 +27,7 @@ __all__ = [
     "build_curvature_edit",
     "check_base_model",
     "compute_edit",
+    "compute_module_edits",
     "curvature_edit_report",
     "weight_fingerprint",
 ]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+from peft.utils.other import get_pattern_key
+
+from ..selection import SELECTIONS, Selection
 
 PEFT_TYPE_NAME = "CURVEDIT"
-SELECTIONS = ("curvature_mass", "factor_truncation")
 
 
 def _extend_peft_type() -> PeftType:
@@ -45,14 +47,15 @@ class CurvatureEditConfig(PeftConfig):
     keep, and where the K-FAC factors came from.
 
     Each targeted weight ``W`` is replaced by its projection onto the high-curvature components of the K-FAC
-    eigenbasis, ``W' = U_G (M ∘ U_Gᵀ W U_A) U_Aᵀ`` (METHOD.md §2), stored as an exact rank-``k`` factorization
+    eigenbasis, ``W' = U_G (M ∘ U_Gᵀ W U_A) U_Aᵀ`` (docs/method.md), stored as an exact rank-``k`` factorization
     ``W' = B Qᵀ`` with orthonormal ``Q``. The edit is fixed (nothing is trained); the factors are only needed when
     the adapter is *built*. A saved adapter carries its factorization, so loading it needs no factors.
 
     Args:
         target_modules (`Optional[Union[list[str], str]]`):
-            Modules to edit. A string is a regex matched with ``re.fullmatch`` against the module name; a list holds
-            exact names or name suffixes. ``None`` picks the architecture default of `hf_curvedit.DEFAULT_TARGET_MODULES`
+            Modules to edit, in the grammar `FactorConfig.target_modules` uses too: a string is a regex matched with
+            ``re.fullmatch`` against the module name; a list holds exact names, name suffixes or globs
+            (``"model.layers.1*.mlp.*"``). ``None`` picks the architecture default of `hf_curvedit.DEFAULT_TARGET_MODULES`
             (the MLP projections, as in the paper).
         exclude_modules (`Optional[Union[list[str], str]]`):
             Modules not to edit, same syntax as `target_modules`.
@@ -63,7 +66,7 @@ class CurvatureEditConfig(PeftConfig):
             LoRA's ``rank_pattern``, e.g. ``{"layers.24.mlp.up_proj": 0.7, "down_proj": 0.9}``. The first match wins.
         selection (`str`):
             ``"curvature_mass"`` (the paper's staircase selection on ``λ_i μ_j``) or ``"factor_truncation"`` (keep
-            the top eigenvectors of G and A separately until each reaches ρ of its eigenvalue mass, METHOD.md §2.8).
+            the top eigenvectors of G and A separately until each reaches ρ of its eigenvalue mass, see docs/method.md).
         rank_cap (`Optional[int]`):
             If set, ``W'`` is truncated by SVD to rank ≤ `rank_cap` (lossy); the relative error is recorded per module
             and shown by the report.
@@ -75,9 +78,10 @@ class CurvatureEditConfig(PeftConfig):
             Free-form provenance of the factors (path, dataset, token count, label mode, ...). Filled from the
             factors' metadata when building; kept in ``adapter_config.json``.
         edited_modules (`dict[str, dict]`):
-            Filled when the adapter is built: per edited module its rank ``k``, the side of ``Q`` (``"input"`` or
-            ``"output"``) and ρ. Loading uses it to allocate the buffers before the saved tensors are read. Do not
-            set it by hand.
+            Filled when the adapter is built: per edited module the rank ``k`` of its stored factorization and the side
+            of ``Q`` (``"input"`` or ``"output"``), the shape of the buffers that loading allocates before the saved
+            tensors are read. Do not set it by hand. (The module's ρ is `keep_mass_for`; every other statistic is in
+            the adapter's weights, see `CurvatureEditModel.edit_report`.)
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -91,7 +95,7 @@ class CurvatureEditConfig(PeftConfig):
     keep_mass_pattern: dict[str, float] = field(
         default_factory=dict, metadata={"help": "Per-module ρ, keyed by a regex on the module name (like rank_pattern)."}
     )
-    selection: Literal["curvature_mass", "factor_truncation"] = field(
+    selection: Selection = field(
         default="curvature_mass", metadata={"help": "'curvature_mass' (paper) or 'factor_truncation'."}
     )
     rank_cap: Optional[int] = field(
@@ -104,7 +108,7 @@ class CurvatureEditConfig(PeftConfig):
         default_factory=dict, metadata={"help": "Provenance of the factors (dataset, tokens, label mode, path)."}
     )
     edited_modules: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata={"help": "Filled at build time: per module k, q_side and keep_mass."}
+        default_factory=dict, metadata={"help": "Filled at build time: per module k and q_side (buffer shapes)."}
     )
 
     def __post_init__(self) -> None:
@@ -123,6 +127,14 @@ class CurvatureEditConfig(PeftConfig):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.rank_cap is not None and (not isinstance(self.rank_cap, int) or self.rank_cap < 1):
             raise ValueError(f"rank_cap must be a positive integer or None, got {self.rank_cap!r}")
+
+    def keep_mass_for(self, module_name: str) -> float:
+        """ρ of one module: the first `keep_mass_pattern` key matching the end of its name, else `keep_mass`.
+
+        The same matching as LoRA's ``rank_pattern`` (``peft.utils.other.get_pattern_key``).
+        """
+        key = get_pattern_key(list(self.keep_mass_pattern), module_name)
+        return float(self.keep_mass_pattern.get(key, self.keep_mass))
 
 
 def _check_rho(value: Any, name: str) -> None:

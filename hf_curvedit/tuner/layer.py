@@ -1,67 +1,52 @@
-"""The low-rank projection adapter layer: ``y = B (Qᵀ x) + b`` replaces ``y = W x + b`` (METHOD.md §2.4-2.5)."""
+"""The low-rank projection adapter layer: ``y = B (Qᵀ x) + b`` replaces ``y = W x + b``.
+
+A layer stores, per adapter, the factorization of an edit computed by `hf_curvedit.edit.compute_edit` (see
+docs/method.md), and applies, merges or disables it. It knows nothing about factors, ρ or target patterns: the model
+(`model.py`) computes edits and hands them over, or loading fills the buffers.
+"""
 
 from __future__ import annotations
 
-import math
-import re
 import warnings
 import weakref
-from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-
-from ..curvature.eigen import ModuleEigen
-from ..selection import select_cutoffs
+from ..edit import CurvatureEdit, ModuleEditReport, fingerprint_mismatch, q_side_of, weight_fingerprint
 from ..targets import linear_shape
 
-__all__ = [
-    "CurvatureEdit",
-    "CurvatureEditLayer",
-    "CurvatureEditLinear",
-    "ModuleEditReport",
-    "WrongBaseModelError",
-    "compute_edit",
-    "weight_fingerprint",
-]
-
-# Layout of the per-adapter float64 metadata buffer (persisted in adapter_model.safetensors).
-META_FIELDS = (
-    "keep_mass",
-    "r",
-    "s",
-    "k",
-    "rank",  # rank of the stored factorization (k, or the rank cap if smaller)
-    "kept_components",
-    "total_components",
-    "kept_mass_fraction",
-    "q_side_output",  # 0: Q spans input space (W' = B Qᵀ), 1: Q spans output space (W' = Q Bᵀ)
-    "weight_norm",  # ‖W‖_F
-    "edited_norm",  # ‖W'‖_F (after the rank cap)
-    "residual_norm",  # ‖W - W'‖_F (after the rank cap)
-    "rank_cap",  # 0 = none
-    "rank_cap_error",  # ‖W'_capped - W'‖_F / ‖W'‖_F
-    "selection",  # 0: curvature_mass, 1: factor_truncation
-)
-_M = {name: i for i, name in enumerate(META_FIELDS)}
-_SELECTION_CODES = {"curvature_mass": 0, "factor_truncation": 1}
-
-_N_PROBES = 6
-# A different weight moves each normalized probe by ~1/sqrt(n); bf16 rounding of the same weight by ~0.002/sqrt(n).
-_PROBE_TOL = 0.1
-_RMS_RTOL = 1e-2
+__all__ = ["CurvatureEditLayer", "CurvatureEditLinear", "WrongBaseModelError"]
 
 
 class WrongBaseModelError(ValueError):
     """The adapter was built for a different base weight (other values or another shape)."""
 
 
-class _FingerprintStore(BufferDict):
+class _PinnedDtypeBufferDict(BufferDict):
+    """A `BufferDict` whose tensors keep their dtype when the model is cast (``model.half()``, ``.to(bfloat16)``).
+
+    PEFT's own dtype handling (``autocast_adapter_dtype``) upcasts adapter tensors when an adapter is created or
+    loaded, but a later ``Module.half()`` reaches buffers only through ``_apply``. The edit's factors stay float32
+    (float64 on a float64 base) and its metadata float64 whatever the model is cast to; devices still move.
+    """
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # A BufferDict holds buffers only (no parameters, no children). Where `fn` would change a dtype, only its
+        # device is taken, from the original tensor: casting down and back up would lose the precision kept here.
+        for key, t in self._buffers.items():
+            if t is None:
+                continue
+            moved = fn(t)
+            self._buffers[key] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        return self
+
+
+class _FingerprintStore(_PinnedDtypeBufferDict):
     """The per-adapter fingerprints, which tell their layer when a loader assigns one.
 
     PEFT loads adapters with ``load_state_dict`` (the layer's ``_load_from_state_dict`` checks the base weight then),
@@ -75,168 +60,6 @@ class _FingerprintStore(BufferDict):
         layer = owner() if owner is not None else None
         if layer is not None and torch.is_tensor(value) and name in self._buffers:
             layer._verify_loaded_edit(name)
-
-
-def _probe_vectors(n: int, offset: int, device: torch.device) -> torch.Tensor:
-    # Deterministic quasi-random unit vectors (no RNG, so they are the same on every machine and torch version).
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=device)[:, None]
-    alphas = torch.tensor([math.sqrt(p) % 1.0 for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)], dtype=torch.float64,
-                          device=device)[offset: offset + _N_PROBES]
-    v = torch.cos(2 * math.pi * torch.remainder(i * alphas[None, :], 1.0) + 0.5)
-    return v / v.norm(dim=0, keepdim=True)
-
-
-def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    """A float64 fingerprint of a logical ``(d_out, d_in)`` weight: shape, RMS and 6 normalized bilinear probes.
-
-    The probes ``uᵀ W v / ‖W‖_F`` are insensitive to the storage dtype (a bf16 copy of the same weight matches) but
-    tell apart two different weights of the same shape and scale.
-    """
-    d_out, d_in = weight.shape
-    w = weight.detach().float()
-    u = _probe_vectors(d_out, 0, w.device)
-    v = _probe_vectors(d_in, _N_PROBES, w.device)
-    norm = float(torch.linalg.vector_norm(w, dtype=torch.float64))
-    probes = ((u.T.float() @ w) @ v.float()).diagonal().double()
-    probes = probes / norm if norm > 0 else probes
-    rms = norm / math.sqrt(max(d_out * d_in, 1))
-    return torch.cat([torch.tensor([d_out, d_in, rms], dtype=torch.float64), probes.cpu()])
-
-
-def _fingerprint_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> Optional[str]:
-    expected, actual = expected.double().cpu(), actual.double().cpu()
-    if expected.shape != actual.shape:
-        return "the fingerprint format differs"
-    if not torch.isfinite(expected).all() or expected[0] == 0:
-        return None  # an unfilled (all-zero) fingerprint: nothing to compare against
-    shape_e, shape_a = tuple(int(x) for x in expected[:2]), tuple(int(x) for x in actual[:2])
-    if shape_e != shape_a:
-        return f"weight shape (d_out, d_in) is {shape_a}, the adapter was built for {shape_e}"
-    rms_e, rms_a = float(expected[2]), float(actual[2])
-    if abs(rms_e - rms_a) > _RMS_RTOL * max(abs(rms_e), 1e-30):
-        return f"weight RMS is {rms_a:.6g}, the adapter was built for {rms_e:.6g}"
-    tol = _PROBE_TOL / math.sqrt(shape_e[0] * shape_e[1])
-    diff = (expected[3:] - actual[3:]).abs()
-    n_bad = int((diff > tol).sum())
-    if n_bad:
-        return (f"{n_bad} of {diff.numel()} fixed random projections of the weight differ (max |Δ| {float(diff.max()):.3g} "
-                f"> tolerance {tol:.3g}): same shape and scale, different values")
-    return None
-
-
-@dataclass
-class CurvatureEdit:
-    """The result of editing one weight: ``W' = B Qᵀ`` (``q_side="input"``) or ``W' = Q Bᵀ`` (``"output"``)."""
-
-    Q: torch.Tensor  # orthonormal columns
-    B: torch.Tensor
-    q_side: str
-    cutoffs: torch.Tensor  # int64 (d_out,)
-    meta: torch.Tensor  # float64, META_FIELDS
-    fingerprint: torch.Tensor  # float64
-
-    def dense(self) -> torch.Tensor:
-        """The edited weight ``W'`` as a dense logical ``(d_out, d_in)`` matrix."""
-        return self.B @ self.Q.T if self.q_side == "input" else self.Q @ self.B.T
-
-
-def compute_edit(
-    weight: torch.Tensor,
-    eigen: ModuleEigen,
-    keep_mass: float,
-    selection: str = "curvature_mass",
-    rank_cap: Optional[int] = None,
-    dtype: torch.dtype = torch.float32,
-) -> CurvatureEdit:
-    """Edit one logical ``(d_out, d_in)`` weight with its K-FAC eigenbasis (float64 math, result in `dtype`).
-
-    ``C = U_Gᵀ W U_A`` restricted to the ``r × s`` kept block, masked by the staircase; with ``s ≤ r`` the factors are
-    ``Q = U_A[:, :s]``, ``B = U_G[:, :r] (M∘C)``, otherwise ``Q = U_G[:, :r]``, ``B = U_A[:, :s] (M∘C)ᵀ``.
-    """
-    d_out, d_in = weight.shape
-    if eigen.shape != (d_out, d_in):
-        raise ValueError(
-            f"the eigenbasis is for a ({eigen.shape[0]}, {eigen.shape[1]}) weight but the module's weight is "
-            f"({d_out}, {d_in}) (d_out, d_in); the factors were collected on a different model"
-        )
-    device = weight.device
-    W = weight.detach().to(torch.float64)
-    st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
-    r, s = st.r, st.s
-    UG = eigen.eigvecs_G[:, :r].to(device, torch.float64)
-    UA = eigen.eigvecs_A[:, :s].to(device, torch.float64)
-    cutoffs = st.cutoffs.to(device)
-    D = (UG.T @ W) @ UA
-    D = D * (torch.arange(s, device=device)[None, :] < cutoffs[:r, None])
-    if s <= r:
-        q_side, Q, B = "input", UA, UG @ D
-    else:
-        q_side, Q, B = "output", UG, UA @ D.T
-    k = min(r, s)
-    weight_norm = float(torch.linalg.vector_norm(W))
-    kept_norm = float(torch.linalg.vector_norm(D))
-    rank, cap_error, edited_norm = k, 0.0, kept_norm
-    if rank_cap is not None and rank_cap < k:
-        # SVD of the non-orthonormal factor only: W' = B Qᵀ = U S (Q V)ᵀ, and Q V stays orthonormal
-        U, S, Vh = torch.linalg.svd(B, full_matrices=False)
-        B = U[:, :rank_cap] * S[:rank_cap]
-        Q = Q @ Vh[:rank_cap].T
-        rank = rank_cap
-        edited_norm = float(torch.linalg.vector_norm(S[:rank_cap]))
-        dropped = float(torch.linalg.vector_norm(S[rank_cap:]))
-        cap_error = dropped / kept_norm if kept_norm > 0 else 0.0
-    # W - W' splits into the removed components (orthogonal to the kept subspace) and the rank-cap loss inside it
-    residual_norm = math.sqrt(max(weight_norm**2 - edited_norm**2, 0.0))
-    meta = torch.zeros(len(META_FIELDS), dtype=torch.float64)
-    values = {
-        "keep_mass": float(keep_mass), "r": r, "s": s, "k": k, "rank": rank, "kept_components": st.kept_components,
-        "total_components": st.total_components, "kept_mass_fraction": st.kept_mass_fraction,
-        "q_side_output": float(q_side == "output"), "weight_norm": weight_norm, "edited_norm": edited_norm,
-        "residual_norm": residual_norm, "rank_cap": float(rank_cap or 0), "rank_cap_error": cap_error,
-        "selection": _SELECTION_CODES[selection],
-    }
-    for name, value in values.items():
-        meta[_M[name]] = value
-    return CurvatureEdit(
-        Q=Q.to(dtype).contiguous(), B=B.to(dtype).contiguous(), q_side=q_side, cutoffs=st.cutoffs.to(torch.int64),
-        meta=meta, fingerprint=weight_fingerprint(weight),
-    )
-
-
-@dataclass
-class ModuleEditReport:
-    """What the edit did to one module (see `CurvatureEditModel.edit_report`)."""
-
-    module: str
-    adapter: str
-    d_out: int
-    d_in: int
-    keep_mass: float
-    selection: str
-    r: int
-    s: int
-    k: int
-    rank: int
-    kept_components: int
-    total_components: int
-    kept_component_fraction: float
-    kept_mass_fraction: float
-    kept_norm_fraction: float  # ‖W'‖ / ‖W‖
-    removed_norm_fraction: float  # ‖W - W'‖ / ‖W‖
-    rank_cap: Optional[int]
-    rank_cap_error: float  # ‖W'_capped - W'‖ / ‖W'‖ (0 without a cap)
-    adapter_bytes: int
-    weight_bytes: int
-
-    @property
-    def bytes_ratio(self) -> float:
-        """Adapter bytes over the bytes of the weight it replaces."""
-        return self.adapter_bytes / self.weight_bytes if self.weight_bytes else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["bytes_ratio"] = self.bytes_ratio
-        return out
 
 
 class CurvatureEditLayer(BaseTunerLayer):
@@ -254,10 +77,10 @@ class CurvatureEditLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.curvedit_Q = BufferDict({}, persistent=True)
-        self.curvedit_B = BufferDict({}, persistent=True)
-        self.curvedit_cutoffs = BufferDict({}, persistent=True)
-        self.curvedit_meta = BufferDict({}, persistent=True)
+        self.curvedit_Q = _PinnedDtypeBufferDict({}, persistent=True)
+        self.curvedit_B = _PinnedDtypeBufferDict({}, persistent=True)
+        self.curvedit_cutoffs = _PinnedDtypeBufferDict({}, persistent=True)
+        self.curvedit_meta = _PinnedDtypeBufferDict({}, persistent=True)
         self.curvedit_fingerprint = _FingerprintStore({}, persistent=True)
         # a weak reference: a strong one would be registered as a child module (a cycle in the module tree)
         self.curvedit_fingerprint.__dict__["_owner"] = weakref.ref(self)
@@ -283,70 +106,63 @@ class CurvatureEditLayer(BaseTunerLayer):
         self.is_conv1d = isinstance(base, Conv1D)
         self.out_features, self.in_features = linear_shape(base)
 
-    # ---- helpers ------------------------------------------------------------------------------------------------
-    def _base_weight_logical(self) -> torch.Tensor:
-        """The unedited weight as ``(d_out, d_in)``, also while an edit is merged."""
+    # ---- state -------------------------------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The unedited weight as a logical ``(d_out, d_in)`` matrix, also while an edit is merged."""
         w = self.curvedit_original_weight if self.merged else self.get_base_layer().weight
         return w.T if self.is_conv1d else w
 
-    def _buffer_dtype(self) -> torch.dtype:
-        w = self.get_base_layer().weight
-        return torch.float64 if w.dtype == torch.float64 else torch.float32
+    def buffer_dtype(self) -> torch.dtype:
+        """The dtype edits are stored in on this layer: float64 on a float64 base, float32 otherwise."""
+        return torch.float64 if self.get_base_layer().weight.dtype == torch.float64 else torch.float32
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.curvedit_Q.keys())
 
-    def update_layer(
-        self, adapter_name: str, config: Any, module_name: str, eigen: Optional[ModuleEigen] = None
-    ) -> None:
-        """Create adapter `adapter_name`: from `eigen` if given, else empty buffers sized from ``config.edited_modules``
-        (to be filled by loading a saved adapter)."""
+    def update_layer(self, adapter_name: str, config: Any, module_name: str) -> None:
+        """Create adapter `adapter_name` with empty buffers shaped as ``config.edited_modules[module_name]`` records,
+        to be filled by `set_edit` or by loading a saved adapter."""
         if not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name {adapter_name!r} is not usable: it must be non-empty and contain no '.'")
         self._curvedit_module_name = module_name
-        keep_mass = _pattern_value(config.keep_mass_pattern, module_name, config.keep_mass)
+        info = config.edited_modules.get(module_name)
+        if info is None and config.edited_modules:
+            raise WrongBaseModelError(_wrong_base_message(
+                adapter_name, module_name,
+                f"the saved edit has no entry for this module (it edits {len(config.edited_modules)} modules, "
+                f"e.g. {sorted(config.edited_modules)[:3]}), so the architecture differs"))
+        if info is None:
+            raise ValueError(
+                f"cannot build curvature edit '{adapter_name}' for module '{module_name}': no K-FAC factors were "
+                "given and the config records no edit for this module. Build it with "
+                "hf_curvedit.build_curvature_edit(model, eigen, config) or set config.factors_path to an "
+                "eigen.safetensors file; to load a saved edit use PeftModel.from_pretrained(base, adapter_dir)."
+            )
+        edit = CurvatureEdit.empty(self.out_features, self.in_features, int(info["k"]), str(info["q_side"]),
+                                   self.buffer_dtype())
+        self._store(adapter_name, edit)
+        self._curvedit_verified.discard(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def set_edit(self, adapter_name: str, edit: CurvatureEdit) -> None:
+        """Fill adapter `adapter_name` with an edit computed from this layer's own base weight."""
+        fits = (adapter_name in self.curvedit_Q and tuple(self.curvedit_Q[adapter_name].shape) == tuple(edit.Q.shape)
+                and self._curvedit_q_side[adapter_name] == edit.q_side)
+        if not fits:
+            raise ValueError(f"the edit for '{self._curvedit_module_name}' does not fit the buffers of adapter "
+                             f"'{adapter_name}' (Q {tuple(edit.Q.shape)}, {edit.q_side} side)")
+        self._store(adapter_name, edit)
+        self._curvedit_verified.add(adapter_name)
+
+    def _store(self, adapter_name: str, edit: CurvatureEdit) -> None:
         device = self.get_base_layer().weight.device
-        if eigen is not None:
-            edit = compute_edit(
-                self._base_weight_logical(), eigen, keep_mass, config.selection, config.rank_cap, self._buffer_dtype()
-            )
-            config.edited_modules[module_name] = {
-                "k": int(edit.Q.shape[1]), "q_side": edit.q_side, "keep_mass": float(keep_mass),
-            }
-        else:
-            info = config.edited_modules.get(module_name)
-            if info is None and config.edited_modules:
-                raise WrongBaseModelError(_wrong_base_message(
-                    adapter_name, module_name,
-                    f"the saved edit has no entry for this module (it edits {len(config.edited_modules)} modules, "
-                    f"e.g. {sorted(config.edited_modules)[:3]}), so the architecture differs"))
-            if info is None:
-                raise ValueError(
-                    f"cannot build curvature edit '{adapter_name}' for module '{module_name}': no K-FAC factors were "
-                    "given and the config records no edit for this module. Build it with "
-                    "hf_curvedit.build_curvature_edit(model, eigen, config) or set config.factors_path to an "
-                    "eigen.safetensors file; to load a saved edit use PeftModel.from_pretrained(base, adapter_dir)."
-                )
-            k, q_side = int(info["k"]), str(info["q_side"])
-            dt = self._buffer_dtype()
-            q_dim, b_dim = (self.in_features, self.out_features) if q_side == "input" else (self.out_features, self.in_features)
-            edit = CurvatureEdit(
-                Q=torch.zeros(q_dim, k, dtype=dt), B=torch.zeros(b_dim, k, dtype=dt), q_side=q_side,
-                cutoffs=torch.zeros(self.out_features, dtype=torch.int64),
-                meta=torch.zeros(len(META_FIELDS), dtype=torch.float64),
-                fingerprint=torch.zeros(3 + _N_PROBES, dtype=torch.float64),
-            )
-        self.curvedit_Q[adapter_name] = edit.Q.to(device)
-        self.curvedit_B[adapter_name] = edit.B.to(device)
+        dtype = self.buffer_dtype()
+        self.curvedit_Q[adapter_name] = edit.Q.to(device, dtype)
+        self.curvedit_B[adapter_name] = edit.B.to(device, dtype)
         self.curvedit_cutoffs[adapter_name] = edit.cutoffs.to(device)
         self.curvedit_meta[adapter_name] = edit.meta.to(device)
         self.curvedit_fingerprint[adapter_name] = edit.fingerprint.to(device)
         self._curvedit_q_side[adapter_name] = edit.q_side
-        if eigen is not None:
-            self._curvedit_verified.add(adapter_name)
-        else:
-            self._curvedit_verified.discard(adapter_name)
-        self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # PEFT's default also casts float buffers to the base dtype; the factorization and the fingerprint must stay
@@ -364,12 +180,18 @@ class CurvatureEditLayer(BaseTunerLayer):
         self._curvedit_q_side.pop(adapter_name, None)
         self._curvedit_verified.discard(adapter_name)
 
+    def edit(self, adapter_name: str) -> CurvatureEdit:
+        """The stored edit of `adapter_name` (the buffers themselves, not copies)."""
+        self._check_ready(adapter_name)
+        return CurvatureEdit(Q=self.curvedit_Q[adapter_name], B=self.curvedit_B[adapter_name],
+                             q_side=self._curvedit_q_side[adapter_name], cutoffs=self.curvedit_cutoffs[adapter_name],
+                             meta=self.curvedit_meta[adapter_name], fingerprint=self.curvedit_fingerprint[adapter_name])
+
     def edited_weight(self, adapter_name: str) -> torch.Tensor:
         """``W'`` of `adapter_name` as a logical ``(d_out, d_in)`` matrix in the buffer dtype."""
-        self._check_ready(adapter_name)
-        Q, B = self.curvedit_Q[adapter_name], self.curvedit_B[adapter_name]
-        return B @ Q.T if self._curvedit_q_side[adapter_name] == "input" else Q @ B.T
+        return self.edit(adapter_name).dense()
 
+    # ---- checks ------------------------------------------------------------------------------------------------
     def _check_ready(self, adapter_name: str) -> None:
         if adapter_name not in self._curvedit_verified:
             self._verify_loaded_edit(adapter_name)
@@ -391,31 +213,19 @@ class CurvatureEditLayer(BaseTunerLayer):
 
     def check_base(self, adapter_name: str, module_name: str = "") -> None:
         """Raise `WrongBaseModelError` if the base weight is not the one `adapter_name` was built for."""
-        problem = _fingerprint_mismatch(self.curvedit_fingerprint[adapter_name],
-                                        weight_fingerprint(self._base_weight_logical()))
+        problem = fingerprint_mismatch(self.curvedit_fingerprint[adapter_name], weight_fingerprint(self.base_weight()))
         if problem:
             raise WrongBaseModelError(_wrong_base_message(adapter_name, module_name, problem))
 
     def report(self, adapter_name: str, module_name: str = "") -> ModuleEditReport:
-        """Per-module numbers of `adapter_name` (see [`ModuleEditReport`])."""
-        self._check_ready(adapter_name)
-        m = self.curvedit_meta[adapter_name].double().cpu()
-        Q, B = self.curvedit_Q[adapter_name], self.curvedit_B[adapter_name]
+        """Per-module numbers of `adapter_name` (see [`ModuleEditReport`]), read from the stored metadata."""
+        edit = self.edit(adapter_name)
         weight = self.get_base_layer().weight
-        w_norm = float(m[_M["weight_norm"]])
-        adapter_bytes = sum(t.numel() * t.element_size() for t in (Q, B))
-        return ModuleEditReport(
-            module=module_name, adapter=adapter_name, d_out=self.out_features, d_in=self.in_features,
-            keep_mass=float(m[_M["keep_mass"]]),
-            selection={v: k for k, v in _SELECTION_CODES.items()}[int(m[_M["selection"]])],
-            r=int(m[_M["r"]]), s=int(m[_M["s"]]), k=int(m[_M["k"]]), rank=int(m[_M["rank"]]),
-            kept_components=int(m[_M["kept_components"]]), total_components=int(m[_M["total_components"]]),
-            kept_component_fraction=float(m[_M["kept_components"]] / m[_M["total_components"]]),
-            kept_mass_fraction=float(m[_M["kept_mass_fraction"]]),
-            kept_norm_fraction=float(m[_M["edited_norm"]]) / w_norm if w_norm > 0 else 0.0,
-            removed_norm_fraction=float(m[_M["residual_norm"]]) / w_norm if w_norm > 0 else 0.0,
-            rank_cap=int(m[_M["rank_cap"]]) or None, rank_cap_error=float(m[_M["rank_cap_error"]]),
-            adapter_bytes=adapter_bytes, weight_bytes=weight.numel() * weight.element_size(),
+        return ModuleEditReport.from_meta(
+            edit.meta, module=module_name or self._curvedit_module_name, adapter=adapter_name,
+            d_out=self.out_features, d_in=self.in_features,
+            adapter_bytes=sum(t.numel() * t.element_size() for t in (edit.Q, edit.B)),
+            weight_bytes=weight.numel() * weight.element_size(),
         )
 
 
@@ -427,25 +237,14 @@ def _wrong_base_message(adapter_name: str, module_name: str, problem: str) -> st
     )
 
 
-def _pattern_value(patterns: dict[str, float], module_name: str, default: float) -> float:
-    # same matching as PEFT's rank_pattern (peft.utils.other.get_pattern_key): the first key that matches the end
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return float(value)
-    return float(default)
-
-
 class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
     """Curvature edit of an `nn.Linear` or GPT-2 `Conv1D`: enabled, ``y = B (Qᵀ x) + b``; disabled, the base layer."""
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: Any, module_name: str,
-        eigen: Optional[ModuleEigen] = None, **kwargs: Any,
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, module_name: str, **kwargs: Any) -> None:
         super().__init__()
         CurvatureEditLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_name, eigen)
+        self.update_layer(adapter_name, config, module_name)
 
     def _active_edit(self) -> Optional[str]:
         active = [a for a in self.active_adapters if a in self.curvedit_Q]
@@ -482,7 +281,10 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
         return y.to(x.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Replace the base weight by ``W'`` of the (single) active edit; the original is kept for `unmerge`."""
+        """Replace the base weight by ``W'`` of the (single) active edit; the original is kept for `unmerge`.
+
+        With ``safe_merge`` the edited weight is checked for NaN/inf before it replaces anything.
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [a for a in adapter_names if a in self.curvedit_Q]
         if not adapter_names:
@@ -514,31 +316,20 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``W' - W`` in the base layer's storage layout (full rank: the edit is a replacement, not a low-rank delta)."""
         base = self.get_base_layer()
-        delta = self.edited_weight(adapter_name).to(torch.float32) - self._base_weight_logical().to(torch.float32)
+        delta = self.edited_weight(adapter_name).to(torch.float32) - self.base_weight().to(torch.float32)
         return (delta.T if self.is_conv1d else delta).to(base.weight.dtype)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # `model.to(torch.bfloat16)` / `.half()` would cast the adapter buffers too; keep their dtypes (devices move).
-        dtypes = {(n, a): getattr(self, n)[a].dtype for n in self.other_param_names for a in getattr(self, n)}
-        out = super()._apply(fn, recurse)
-        for (n, a), dt in dtypes.items():
-            store = getattr(self, n)
-            if a in store and store[a].dtype != dt:
-                store[a] = store[a].to(dt)
-        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
-        # Runs before the children (the BufferDicts) load, so a wrong base is reported here with a clear message
-        # instead of a size-mismatch error, and buffers whose rank differs from the config are resized first.
-        module_name = prefix.rstrip(".").removeprefix("base_model.model.")
+        # PEFT's loading path. Runs before the children (the BufferDicts) load, so a wrong base is reported here with a
+        # clear message instead of a size-mismatch error, and buffers whose rank differs from the config are resized.
         for name in list(self.curvedit_Q.keys()):
             fp_key = f"{prefix}curvedit_fingerprint.{name}"
             if fp_key not in state_dict:
                 continue
-            problem = _fingerprint_mismatch(state_dict[fp_key], weight_fingerprint(self._base_weight_logical()))
+            problem = fingerprint_mismatch(state_dict[fp_key], weight_fingerprint(self.base_weight()))
             if problem:
-                raise WrongBaseModelError(_wrong_base_message(name, module_name, problem))
+                raise WrongBaseModelError(_wrong_base_message(name, self._curvedit_module_name, problem))
             for store_name in self.other_param_names:
                 key = f"{prefix}{store_name}.{name}"
                 store = getattr(self, store_name)
@@ -546,8 +337,7 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
                     store[name] = torch.empty(state_dict[key].shape, dtype=store[name].dtype, device=store[name].device)
             meta_key = f"{prefix}curvedit_meta.{name}"
             if meta_key in state_dict:
-                side = float(state_dict[meta_key].reshape(-1)[_M["q_side_output"]])
-                self._curvedit_q_side[name] = "output" if side > 0.5 else "input"
+                self._curvedit_q_side[name] = q_side_of(state_dict[meta_key])
             self._curvedit_verified.add(name)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

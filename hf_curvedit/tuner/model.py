@@ -1,82 +1,138 @@
-"""`CurvatureEditModel` (the PEFT tuner) and `build_curvature_edit` (build an edit from K-FAC factors)."""
+"""`CurvatureEditModel` (the PEFT tuner) and `build_curvature_edit` (build an edit from K-FAC factors).
+
+Edits reach the layers the way PEFT's data-driven initializations do (compare ``peft/tuners/lora/eva.py``): the edits
+are computed first, from the base weights and the eigenbases (`compute_module_edits`); their buffer shapes are
+recorded in ``config.edited_modules``; PEFT then injects empty layers through the same path that loading a saved
+adapter takes; last, each layer is filled with its edit (`CurvatureEditLayer.set_edit`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
-from safetensors import safe_open
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-
 from ..curvature.eigen import KFACEigen, ModuleEigen
-from ..curvature.factors import KFACFactors
-from ..targets import DEFAULT_TARGET_MODULES
+from ..curvature.storage import EigenFile, KFACFactors
+from ..edit import CurvatureEdit, ModuleEditReport, compute_edit
+from ..targets import DEFAULT_TARGET_MODULES, is_linear_like, module_matches
+from ..utils import strip_wrapper_prefix
 from .config import CurvatureEditConfig
-from .layer import CurvatureEditLayer, CurvatureEditLinear, ModuleEditReport, WrongBaseModelError
+from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
 
-__all__ = ["CurvatureEditModel", "build_curvature_edit", "curvature_edit_report", "check_base_model"]
+__all__ = ["CurvatureEditModel", "build_curvature_edit", "check_base_model", "compute_module_edits",
+           "curvature_edit_report"]
 
-# Factors handed to the tuner by `build_curvature_edit` for the duration of one injection. PEFT builds tuners from the
-# config alone, and the factors (hundreds of MB) must not end up in the config, so they travel out of band.
-_PENDING_FACTORS: contextvars.ContextVar[Optional[Mapping[str, ModuleEigen]]] = contextvars.ContextVar(
-    "curvedit_pending_factors", default=None
-)
+EigenSource = Union[KFACFactors, KFACEigen, Mapping[str, ModuleEigen], str, Path]
 
 
-@contextlib.contextmanager
-def _pending_factors(factors: Mapping[str, ModuleEigen]) -> Iterator[None]:
-    token = _PENDING_FACTORS.set(factors)
+def _default_targets(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    default = DEFAULT_TARGET_MODULES.get(model_type)
+    if default is None:
+        raise ValueError(
+            f"hf-curvedit has no default target modules for model_type={model_type!r}; set "
+            "CurvatureEditConfig(target_modules=...) to the linear layers to edit (names, suffixes, globs or a regex)."
+        )
+    return default
+
+
+def _is_target(config: CurvatureEditConfig, name: str) -> Union[bool, _ExcludedModule]:
+    """Whether the module called `name` (wrapper prefixes stripped) is one the config edits, in the one
+    `target_modules` grammar of `hf_curvedit.targets.module_matches` (regex, names, suffixes, globs)."""
+    if config.exclude_modules and module_matches(name, config.exclude_modules):
+        return _ExcludedModule()
+    return config.target_modules is not None and module_matches(name, config.target_modules)
+
+
+def _edit_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    # Linear layers, and tuner layers seen as the linear layer they wrap (their children are PEFT internals).
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside.append(name)
+            yield strip_wrapper_prefix(name), module
+        elif is_linear_like(module):
+            yield strip_wrapper_prefix(name), module
+
+
+def _logical_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, CurvatureEditLayer):
+        return module.base_weight()
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return base.weight.T if isinstance(base, Conv1D) else base.weight
+
+
+def _refuse_tied(model: nn.Module, module: nn.Module, module_name: str) -> None:
+    # Editing (and above all merging) a weight shared with the input embeddings would edit the embeddings too.
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    get_emb = getattr(model, "get_input_embeddings", None)
     try:
-        yield
-    finally:
-        _PENDING_FACTORS.reset(token)
+        emb = get_emb() if callable(get_emb) else None
+    except NotImplementedError:
+        emb = None
+    weight = getattr(base, "weight", None)
+    if emb is not None and weight is not None and getattr(emb, "weight", None) is weight:
+        raise ValueError(
+            f"module '{module_name}' shares its weight with the input embeddings (tied lm_head); a curvature edit "
+            "of it would also change the embeddings. Remove it from target_modules or add it to exclude_modules."
+        )
 
 
-def _strip(name: str) -> str:
-    for p in ("base_model.model.", "_orig_mod."):
-        name = name.removeprefix(p)
-    return name
+def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen],
+                         config: CurvatureEditConfig) -> dict[str, CurvatureEdit]:
+    """Compute the edit of every module `config` targets in `model` (a transformers model or a `PeftModel`), with ρ
+    per module from `CurvatureEditConfig.keep_mass_for`, and record their buffer shapes in ``config.edited_modules``.
+
+    Nothing in the model changes. Raises a `ValueError` naming the module when its factors are missing, when it is
+    not a linear layer, or when its weight is tied to the input embeddings.
+    """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if config.target_modules is None:
+        config.target_modules = _default_targets(inner)
+    targets = {name: m for name, m in _edit_candidates(inner) if _is_target(config, name) is True}
+    if not targets:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of this model; use names, "
+                         "name suffixes, globs or a regex that match some of its linear layers")
+    edits: dict[str, CurvatureEdit] = {}
+    with torch.no_grad():
+        for name, module in targets.items():
+            _refuse_tied(inner, module, name)
+            module_eigen = eigen.get(name)
+            if module_eigen is None:
+                known = list(eigen)
+                raise ValueError(
+                    f"no K-FAC factors for module '{name}' (targeted by target_modules={config.target_modules!r}); "
+                    f"the factors hold {len(known)} modules, e.g. {known[:4]}. Collect factors for it or narrow "
+                    "target_modules / exclude_modules."
+                )
+            weight = _logical_weight(module)
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            edits[name] = compute_edit(weight, module_eigen, config.keep_mass_for(name), config.selection,
+                                       config.rank_cap, dtype)
+    config.edited_modules = {name: {"k": e.rank, "q_side": e.q_side} for name, e in edits.items()}
+    return edits
 
 
-class _LazyEigenFile(Mapping[str, ModuleEigen]):
-    """Read bases from an eigen.safetensors file one module at a time (only the targeted ones are ever loaded)."""
-
-    def __init__(self, path: Union[str, Path]):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"factors_path {self.path} does not exist; point it at an eigen.safetensors file")
-        with safe_open(str(self.path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "hf_curvedit.eigen":
-            raise ValueError(f"{self.path} is not an hf-curvedit eigenbasis file")
-        self._names = json.loads(meta["modules"])
-        self.metadata = json.loads(meta.get("metadata", "{}"))
-
-    def __getitem__(self, name: str) -> ModuleEigen:
-        if name not in self._names:
-            raise KeyError(name)
-        return KFACEigen.load(self.path, modules=[name])[name]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
+def _fill(model: nn.Module, adapter_name: str, edits: Mapping[str, CurvatureEdit]) -> None:
+    for name, layer in _iter_layers(model):
+        if name in edits and adapter_name in layer.curvedit_Q:
+            layer.set_edit(adapter_name, edits[name])
 
 
 class CurvatureEditModel(BaseTuner):
     """
-    Applies curvature edits (METHOD.md §2) to a model: each targeted linear layer's weight is replaced by its
+    Applies curvature edits (docs/method.md) to a model: each targeted linear layer's weight is replaced by its
     projection onto the high-curvature K-FAC components, stored as a fixed low-rank factorization (a replacement, not
-    an additive delta). Use [`build_curvature_edit`] to build one from factors, `PeftModel.from_pretrained` to load one.
+    an additive delta). Use [`build_curvature_edit`] to build one from factors, `PeftModel.from_pretrained` to load one,
+    or `peft.get_peft_model` with ``CurvatureEditConfig(factors_path=...)``.
 
     Several edits (e.g. ρ = 0.5 / 0.6 / 0.8) can live on one model; exactly one is active at a time
     (`set_adapter`), `disable_adapter()` gives the base model bit for bit, `merge_adapter` / `unmerge_adapter`
@@ -100,28 +156,16 @@ class CurvatureEditModel(BaseTuner):
             if default is None:
                 raise ValueError(
                     f"hf-curvedit has no default target modules for model_type={model_type!r}; set "
-                    "CurvatureEditConfig(target_modules=...) to the linear layers to edit (names, suffixes or a regex)."
+                    "CurvatureEditConfig(target_modules=...) to the linear layers to edit (names, suffixes, globs or "
+                    "a regex)."
                 )
             peft_config.target_modules = default
         return peft_config
 
-    def _factors(self, adapter_name: str, module_name: str) -> Optional[Mapping[str, ModuleEigen]]:
-        pending = _PENDING_FACTORS.get()
-        if pending is not None:
-            return pending
-        config = self.peft_config[adapter_name]
-        if module_name in config.edited_modules:
-            # a saved edit being loaded: the buffers come from adapter_model.safetensors, the factors are not needed
-            # (factors_path may well point to a file on another machine)
-            return None
-        if config.factors_path:
-            cache = self.__dict__.setdefault("_curvedit_factor_files", {})
-            if config.factors_path not in cache:
-                cache[config.factors_path] = _LazyEigenFile(config.factors_path)
-                if not config.factor_source:
-                    config.factor_source = _provenance(cache[config.factors_path], config.factors_path)
-            return cache[config.factors_path]
-        return None
+    @staticmethod
+    def _check_target_module_exists(peft_config: CurvatureEditConfig, key: str) -> Union[bool, _ExcludedModule]:
+        # the same grammar as FactorConfig.target_modules and compute_module_edits (globs included)
+        return _is_target(peft_config, strip_wrapper_prefix(key))
 
     def _create_and_replace(
         self, peft_config: CurvatureEditConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -129,54 +173,19 @@ class CurvatureEditModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("Current key shouldn't be `None`")
-        module_name = _strip(current_key)
-        factors = self._factors(adapter_name, module_name)
-        eigen = None
-        if factors is not None:
-            eigen = factors.get(module_name)
-            if eigen is None:
-                eigen = factors.get(current_key)
-            if eigen is None:
-                known = list(factors)
-                raise ValueError(
-                    f"no K-FAC factors for module '{module_name}' (targeted by adapter '{adapter_name}'); the factors "
-                    f"hold {len(known)} modules, e.g. {known[:4]}. Collect factors for it or narrow target_modules "
-                    "/ exclude_modules."
-                )
-        self._refuse_tied(target, module_name)
+        module_name = strip_wrapper_prefix(current_key)
+        _refuse_tied(self.model, target, module_name)
         if isinstance(target, CurvatureEditLayer):
-            target.update_layer(adapter_name, peft_config, module_name, eigen)
-        else:
-            new_module = self._create_new_module(peft_config, adapter_name, target, module_name, eigen)
-            self._replace_module(parent, target_name, new_module, target)
-
-    def _refuse_tied(self, target: nn.Module, module_name: str) -> None:
-        # Editing (and above all merging) a weight shared with the input embeddings would edit the embeddings too.
+            target.update_layer(adapter_name, peft_config, module_name)
+            return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        get_emb = getattr(self.model, "get_input_embeddings", None)
-        try:
-            emb = get_emb() if callable(get_emb) else None
-        except NotImplementedError:
-            emb = None
-        weight = getattr(base, "weight", None)
-        if emb is not None and weight is not None and getattr(emb, "weight", None) is weight:
-            raise ValueError(
-                f"module '{module_name}' shares its weight with the input embeddings (tied lm_head); a curvature edit "
-                "of it would also change the embeddings. Remove it from target_modules or add it to exclude_modules."
-            )
-
-    @staticmethod
-    def _create_new_module(
-        config: CurvatureEditConfig, adapter_name: str, target: nn.Module, module_name: str,
-        eigen: Optional[ModuleEigen],
-    ) -> CurvatureEditLinear:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, (nn.Linear, Conv1D)):
+        if not is_linear_like(base):
             raise TypeError(
                 f"module '{module_name}' is a {type(base).__name__}; curvature edits support torch.nn.Linear and "
                 "transformers' Conv1D only. Narrow target_modules."
             )
-        return CurvatureEditLinear(target, adapter_name, config, module_name, eigen)
+        self._replace_module(parent, target_name, CurvatureEditLinear(target, adapter_name, peft_config, module_name),
+                             target)
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = True) -> None:
         """Activate one edit (edits replace weights, so they do not stack)."""
@@ -188,10 +197,26 @@ class CurvatureEditModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        config = self.peft_config[adapter_name]
+        edits = None
+        if not config.edited_modules:
+            # a new edit, not a saved one being loaded: compute it from the factors file before the layers exist
+            if not config.factors_path:
+                raise ValueError(
+                    f"cannot build curvature edit '{adapter_name}': no K-FAC factors were given and the config records "
+                    "no edit. Build it with hf_curvedit.build_curvature_edit(model, eigen, config) or set "
+                    "config.factors_path to an eigen.safetensors file; to load a saved edit use "
+                    "PeftModel.from_pretrained(base, adapter_dir)."
+                )
+            factors = EigenFile(config.factors_path)
+            if not config.factor_source:
+                config.factor_source = _provenance(factors, config.factors_path)
+            edits = compute_module_edits(model, factors, config)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        if edits is not None:
+            _fill(model, adapter_name, edits)
         # every module the saved edit covers must exist in this base (a base with fewer layers is a wrong base)
-        config = self.peft_config[adapter_name]
         present = {name for name, layer in _iter_layers(model) if adapter_name in layer.curvedit_Q}
         missing = sorted(set(config.edited_modules) - present)
         if missing:
@@ -221,7 +246,7 @@ class CurvatureEditModel(BaseTuner):
 def _iter_layers(model: nn.Module) -> Iterator[tuple[str, CurvatureEditLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, CurvatureEditLayer):
-            yield _strip(name), module
+            yield strip_wrapper_prefix(name), module
 
 
 def curvature_edit_report(model: nn.Module, adapter_name: str = "default") -> list[ModuleEditReport]:
@@ -253,7 +278,7 @@ def _provenance(eigen: Any, path: Optional[Union[str, Path]] = None) -> dict[str
 
 def build_curvature_edit(
     model: nn.Module,
-    eigen: Union[KFACFactors, KFACEigen, Mapping[str, ModuleEigen], str, Path],
+    eigen: EigenSource,
     config: Optional[CurvatureEditConfig] = None,
     adapter_name: str = "default",
 ) -> PeftModel:
@@ -265,7 +290,7 @@ def build_curvature_edit(
             them, not activated). The base weights must be the ones the factors were collected on.
         eigen ([`KFACFactors`], [`KFACEigen`], mapping, or path):
             Fitted factors (eigendecomposed here, using their on-disk cache), per-module eigenbases keyed by
-            qualified module name, or the path of an ``eigen.safetensors`` file.
+            qualified module name, or the path of an ``eigen.safetensors`` file (read one module at a time).
         config ([`CurvatureEditConfig`], *optional*):
             Which modules and how much mass to keep; defaults to ``CurvatureEditConfig()`` (MLP projections, ρ = 0.6).
         adapter_name (`str`):
@@ -280,18 +305,21 @@ def build_curvature_edit(
     ```
     """
     config = CurvatureEditConfig() if config is None else config
-    if isinstance(eigen, KFACFactors):
-        eigen = eigen.eigendecompose()
     if config.edited_modules:
         raise ValueError("this config was already used to build an edit (edited_modules is filled); pass a fresh one")
+    if isinstance(eigen, KFACFactors):
+        eigen = eigen.eigendecompose()
     if isinstance(eigen, (str, Path)):
         path = eigen
-        eigen = _LazyEigenFile(path)
+        eigen = EigenFile(path)
         config.factor_source = {**_provenance(eigen, path), **config.factor_source}
     elif not config.factor_source:
         config.factor_source = _provenance(eigen)
-    with _pending_factors(eigen), torch.no_grad():
-        if isinstance(model, PeftModel):
-            model.add_adapter(adapter_name, config)
-            return model
-        return get_peft_model(model, config, adapter_name=adapter_name)
+    edits = compute_module_edits(model, eigen, config)
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        peft_model = model
+    else:
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _fill(peft_model, adapter_name, edits)
+    return peft_model

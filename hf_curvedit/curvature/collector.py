@@ -1,0 +1,285 @@
+"""Hooks that accumulate the raw K-FAC sums ``Σ a aᵀ`` and ``Σ g gᵀ`` of linear layers over forward/backward passes.
+
+For a linear layer y = W a (+ b) the Fisher block of W is approximated as G ⊗ A. A forward hook on each target layer
+adds the selected rows of its input ``a`` to A's sum and registers a tensor hook on its output ``y``, which adds the
+selected rows of ``g = ∂loss/∂y`` to G's sum during the backward pass. Which rows are samples is the task's call
+(`tasks.py`); the loss is summed over samples, so each g is a per-sample gradient. The sums are divided by the sample
+count by `fit_factors`, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..targets import linear_shape
+from .config import FactorConfig
+from .tasks import FactorTask, SamplePositions, default_task
+
+__all__ = ["FactorCollector", "collect_factor_sums", "plan_partitions"]
+
+# Covariances are symmetric, so only the upper triangle is computed: as a few row strips
+# acc[i0:i1, i0:] += x[:, i0:i1]ᵀ x[:, i0:], which covers every entry on or above the diagonal
+# with ~(1 + 1/n)/2 of the GEMM work and few, large GEMM calls. The lower triangle is mirrored
+# at the end.
+_MIN_STRIP = 128
+_MAX_STRIPS = 4
+
+
+def _strips(d: int) -> list[tuple[int, int]]:
+    n = max(1, min(_MAX_STRIPS, d // _MIN_STRIP))
+    edges = [round(i * d / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def accumulate_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc[upper triangle] += (xᵀx)[upper triangle] for x of shape (N, d); acc may be float64."""
+    for i0, i1 in _strips(x.shape[1]):
+        if acc.dtype == x.dtype:
+            acc[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
+        else:
+            acc[i0:i1, i0:] += (x[:, i0:i1].T @ x[:, i0:]).to(acc.dtype)
+
+
+def mirror_upper(acc: torch.Tensor) -> torch.Tensor:
+    """The full symmetric matrix whose upper triangle is that of ``acc``."""
+    return torch.triu(acc) + torch.triu(acc, 1).T
+
+
+def accumulator_dtype(config: FactorConfig) -> torch.dtype:
+    """The dtype of the running sums: float32 by default, float64 on request."""
+    return torch.float64 if config.accumulate_dtype == "float64" else torch.float32
+
+
+def _output_requires_grad(_module: nn.Module, _inputs: tuple, out: Any) -> None:
+    # Some patch embeddings (Swin, BEiT) return (embeddings, sizes): the tensor is the first item.
+    t = out[0] if isinstance(out, (tuple, list)) and out else out
+    if torch.is_tensor(t) and t.is_floating_point() and not t.requires_grad:
+        t.requires_grad_()
+
+
+class FactorCollector:
+    """Forward and gradient hooks that accumulate upper-triangle covariance sums of inputs and output-gradients.
+
+    Use as a context manager (the hooks live inside it); call `begin_batch` with the batch's sample positions before
+    its forward pass and `end_batch` after its backward pass. Modules fed the very same input tensor (gate and up
+    projections) share one A sum; ``a_alias`` maps such a module to the one that owns it.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype):
+        mods = dict(model.named_modules())
+        self.model = model
+        self.names = names
+        self.modules = {n: mods[n] for n in names}
+        self.dtype = dtype
+        self.A: dict[str, torch.Tensor] = {}
+        self.G: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {n: 0 for n in names}
+        self.a_alias: dict[str, str] = {}
+        self._alias_known = False
+        self._positions: Optional[SamplePositions] = None
+        self._idx: Optional[torch.Tensor] = None
+        self._seen_inputs: dict[int, tuple[str, torch.Tensor]] = {}
+        self.outputs: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def load_state(self, A: dict, G: dict, count: dict, alias: dict) -> None:
+        """Continue from sums saved by a checkpoint."""
+        self.A, self.G, self.count, self.a_alias = dict(A), dict(G), dict(count), dict(alias)
+        self._alias_known = True
+
+    def __enter__(self) -> "FactorCollector":
+        for n, m in self.modules.items():
+            self._handles.append(m.register_forward_hook(self._make_hook(n)))
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if emb is not None:
+            # With frozen weights nothing upstream requires grad; make the embedding output a leaf
+            # that does, so the targets' outputs are differentiable without any weight gradient.
+            self._handles.append(emb.register_forward_hook(_output_requires_grad))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def begin_batch(self, positions: SamplePositions) -> None:
+        """Start a batch whose samples are ``positions``: a (B, T) bool mask, ``"cls"`` or ``"all"``."""
+        if torch.is_tensor(positions):
+            self._idx = positions.reshape(-1).nonzero().squeeze(1)
+        elif positions not in ("cls", "all"):
+            raise ValueError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
+        self._positions = positions
+        self._seen_inputs.clear()
+        self.outputs.clear()
+
+    def _select(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        if self._positions == "cls":
+            if t.dim() not in (2, 3):
+                raise ValueError(f"token_positions='cls' needs (batch, tokens, features) activations, but {name} sees "
+                                 f"shape {tuple(t.shape)}; use token_positions='all'.")
+            x = t[:, 0, :] if t.dim() == 3 else t  # (batch, features): one row per image already (e.g. the head)
+        elif self._positions == "all":
+            x = t.reshape(-1, t.shape[-1])
+        else:
+            assert self._idx is not None
+            flat = t.reshape(-1, t.shape[-1])
+            idx = self._idx if self._idx.device == flat.device else self._idx.to(flat.device)
+            x = flat.index_select(0, idx)
+        return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+    def _num_rows(self, t: torch.Tensor) -> int:
+        if self._positions == "cls":
+            return int(t.shape[0])
+        if self._positions == "all":
+            return t.numel() // t.shape[-1]
+        assert self._idx is not None
+        return int(self._idx.numel())
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self._positions is None:
+                return
+            x = inputs[0]
+            if not self._alias_known:
+                # Modules fed the very same tensor object (gate/up projections) share A. The tensor
+                # is held until the batch ends so its id cannot be reused by another activation.
+                seen = self._seen_inputs.get(id(x))
+                if seen is not None and seen[1] is x:
+                    self.a_alias[name] = seen[0]
+                else:
+                    self._seen_inputs[id(x)] = (name, x)
+            if name not in self.a_alias:
+                a = self._select(x.detach(), name)
+                acc = self.A.get(name)
+                if acc is None:
+                    acc = self.A[name] = torch.zeros(a.shape[1], a.shape[1], dtype=self.dtype, device=a.device)
+                accumulate_upper(acc, a)
+            if not output.requires_grad:
+                raise RuntimeError(
+                    f"the output of {name} does not require grad; the model's input embeddings could not "
+                    "be hooked. Make sure model.get_input_embeddings() returns the embedding layer."
+                )
+            self.count[name] += self._num_rows(x)
+            output.register_hook(self._make_grad_hook(name))
+            self.outputs.append(output)
+
+        return hook
+
+    def _make_grad_hook(self, name: str) -> Callable:
+        def grad_hook(grad: torch.Tensor) -> None:
+            g = self._select(grad, name)
+            acc = self.G.get(name)
+            if acc is None:
+                acc = self.G[name] = torch.zeros(g.shape[1], g.shape[1], dtype=self.dtype, device=g.device)
+            accumulate_upper(acc, g)
+
+        return grad_hook
+
+    def end_batch(self) -> None:
+        self._alias_known = True
+        self._positions = None
+        self._idx = None
+        self.outputs.clear()
+        self._seen_inputs.clear()
+
+    def finalized_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Full symmetric sums (lower blocks mirrored from the upper ones)."""
+        A = {n: mirror_upper(t) for n, t in self.A.items()}
+        G = {n: mirror_upper(t) for n, t in self.G.items()}
+        return A, G
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings (of its first parameter otherwise)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def _samples_in(positions: SamplePositions, batch: dict[str, torch.Tensor]) -> int:
+    # for the progress bar: valid positions of a mask, else one per example
+    if torch.is_tensor(positions):
+        return int(positions.sum())
+    return int(next(iter(batch.values())).shape[0])
+
+
+def collect_factor_sums(
+    model: nn.Module,
+    batches: Iterable[tuple[int, dict[str, torch.Tensor]]],
+    module_names: list[str],
+    config: FactorConfig,
+    *,
+    task: Optional[FactorTask] = None,
+    collector: Optional[FactorCollector] = None,
+    on_batch_end: Optional[Callable[[int, FactorCollector], None]] = None,
+    progress: Optional[tqdm] = None,
+) -> FactorCollector:
+    """Run forward/backward over ``batches`` and accumulate raw (un-normalized) factor sums.
+
+    The lower-level engine behind :func:`fit_factors`; ``batches`` yields ``(global_index, batch)`` with the tensors
+    the task reads (``input_ids``/``attention_mask`` for a language model; ``pixel_values`` and, for empirical labels,
+    ``labels`` for an image classifier). ``task`` defaults to :func:`default_task`. No weight gradient is computed or
+    stored.
+    """
+    task = task or default_task(model)
+    task.validate(model, config)
+    col = collector or FactorCollector(model, module_names, accumulator_dtype(config))
+    device = input_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with col:
+            for b, batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                positions = task.sample_positions(batch, config)
+                col.begin_batch(positions)
+                with torch.enable_grad():
+                    loss = task.compute_loss(model, batch, config, b)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss ({loss.item()}) at batch {b}; check the model's "
+                                                 "dtype and inputs")
+                    # Gradients w.r.t. the targets' outputs only: the tensor hooks see every g,
+                    # and autograd skips all weight gradients and everything below the first target.
+                    torch.autograd.grad(loss, list(col.outputs), allow_unused=True)
+                col.end_batch()
+                if progress is not None:
+                    progress.update(_samples_in(positions, batch))
+                if on_batch_end is not None:
+                    on_batch_end(b, col)
+    finally:
+        model.train(was_training)
+    return col
+
+
+def factor_bytes(d_out: int, d_in: int, config: FactorConfig) -> int:
+    """Bytes of one module's two accumulators (A: d_in², G: d_out²) in the accumulation dtype."""
+    elt = 8 if config.accumulate_dtype == "float64" else 4
+    return (d_in * d_in + d_out * d_out) * elt
+
+
+def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig) -> list[list[str]]:
+    """Split ``names`` into groups whose accumulators fit ``config.max_factor_memory_gb`` (one data pass each)."""
+    if config.max_factor_memory_gb is None:
+        return [names]
+    mods = dict(model.named_modules())
+    budget = config.max_factor_memory_gb * 1024**3
+    parts: list[list[str]] = [[]]
+    used = 0.0
+    for n in names:
+        need = factor_bytes(*linear_shape(mods[n]), config)
+        if need > budget:
+            raise ValueError(
+                f"max_factor_memory_gb={config.max_factor_memory_gb} is too small for {n}: its factors alone need "
+                f"{need / 1024**3:.3f} GiB. Raise the budget to at least that."
+            )
+        if used + need > budget and parts[-1]:
+            parts.append([])
+            used = 0.0
+        parts[-1].append(n)
+        used += need
+    return parts

@@ -1,0 +1,218 @@
+"""`fit_factors`: one resumable, multi-process pass over the data that yields K-FAC factors.
+
+The orchestration only: the task turns batches into losses (`tasks.py`), the collector accumulates (`collector.py`),
+storage writes and resumes (`storage.py`). Under ``accelerate launch``/``torchrun`` each process takes every
+``world_size``-th batch and the sums are reduced once at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..data import DataSource, count_batches, iter_batches, load_text_dataset
+from ..targets import linear_shape, resolve_target_modules
+from .collector import FactorCollector, accumulator_dtype, collect_factor_sums, plan_partitions
+from .config import FactorConfig
+from .storage import (CHECKPOINT_DIR, FACTORS_FILENAME, KFACFactors, checkpoint_file, load_checkpoint,
+                      model_fingerprint, save_checkpoint)
+from .tasks import FactorTask, default_task
+
+__all__ = ["fit_factors"]
+
+logger = logging.getLogger(__name__)
+
+
+def dist_state():
+    """accelerate's process state (one process, or the processes of a torchrun / accelerate launch)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState only detects a multi-process CPU run (torchrun, debug_launcher) when told it is
+    # on CPU; an existing Accelerator/PartialState singleton is reused as is.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def fit_factors(
+    model: nn.Module,
+    dataset: DataSource,
+    config: Optional[FactorConfig] = None,
+    output_dir: Union[str, Path, None] = None,
+    *,
+    processor: Any = None,
+    tokenizer: Any = None,
+    image_processor: Any = None,
+    task: Optional[FactorTask] = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> KFACFactors:
+    """Collect K-FAC factors for every target module of ``model`` in one pass over ``dataset``.
+
+    Args:
+        model: A causal LM (``AutoModelForCausalLM``-style: ``model(input_ids, attention_mask).logits``)
+            or an image classifier (``AutoModelForImageClassification``: ``model(pixel_values).logits``),
+            in any dtype, on any device or spread with ``device_map``.
+        dataset: A ``datasets.Dataset``/``IterableDataset`` (a text or ``input_ids`` column for a language
+            model; an image or ``pixel_values`` column, and a label column for empirical labels, for an
+            image classifier), a local file or folder, or a dataset name.
+        config: What to collect (targets, label mode, block size, token budget, token positions); see
+            :class:`FactorConfig`.
+        output_dir: Where ``factors.safetensors`` and resumable checkpoints go. Without it nothing is
+            written and nothing can be resumed.
+        processor: What turns raw data into model inputs: the tokenizer (raw text) or the image processor (images,
+            e.g. ``AutoImageProcessor.from_pretrained(...)``). Not needed for ``input_ids``/``pixel_values`` data.
+        tokenizer, image_processor: The same as ``processor``, by their specific names.
+        task: How batches become losses and which positions are samples (see `FactorTask`); by default
+            :func:`default_task` picks `CausalLMTask` or `ImageClassificationTask` from the model.
+        resume: Continue from a checkpoint in ``output_dir`` if one exists (default). ``False`` deletes it.
+        progress: Show a tqdm bar (tokens/s, or images/s for an image classifier) on the main process.
+
+    Under ``accelerate launch``/``torchrun`` each process takes every ``world_size``-th batch, the
+    factor sums are reduced once at the end, and only the main process writes the result.
+    """
+    cfg = config or FactorConfig()
+    task = task or default_task(model)
+    given = [p for p in (processor, tokenizer, image_processor) if p is not None]
+    if len(given) > 1:
+        raise ValueError("pass one of processor=, tokenizer= or image_processor=, not several")
+    processor = given[0] if given else None
+    task.validate(model, cfg)
+    state = dist_state()
+    rank, world = state.process_index, state.num_processes
+    names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
+    info = model_fingerprint(model, names)
+    out = Path(output_dir) if output_dir is not None else None
+
+    if out is not None and (out / FACTORS_FILENAME).exists() and resume:
+        done = KFACFactors.load(out)
+        if done.config.collection_key() == cfg.collection_key() and done.model_info.get("module_shapes") == info["module_shapes"]:
+            logger.info("factors already complete in %s; loading them", out)
+            return done
+        raise FileExistsError(
+            f"{out / FACTORS_FILENAME} exists and was fitted with other settings or for another model. "
+            "Choose another output_dir, or pass resume=False to overwrite it."
+        )
+    if out is not None and not resume and state.is_main_process:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        (out / FACTORS_FILENAME).unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+    data = task.prepare_data(model, load_text_dataset(dataset), cfg, processor)
+    n_batches = count_batches(data.rows, cfg.batch_size, data.max_rows)
+    key = {"config": cfg.collection_key(), "model": info, "world_size": world}
+    partitions = plan_partitions(model, names, cfg)
+    if len(partitions) > 1:
+        logger.info("memory budget splits %d modules into %d partitions (one data pass each)", len(names), len(partitions))
+    mods = dict(model.named_modules())
+
+    def device_of(n: str) -> torch.device:
+        m = mods[n]
+        return (m.weight if hasattr(m, "weight") else next(m.parameters())).device
+
+    dtype = accumulator_dtype(cfg)
+    A_all: dict[str, torch.Tensor] = {}
+    G_all: dict[str, torch.Tensor] = {}
+    count_all: dict[str, int] = {}
+    alias_all: dict[str, str] = {}
+    for p, part in enumerate(partitions):
+        col = FactorCollector(model, part, dtype)
+        start = 0
+        ckpt = checkpoint_file(out, p, rank, world) if out is not None else None
+        finished = False
+        if ckpt is not None and ckpt.exists():
+            A, G, count, alias, start, finished = load_checkpoint(ckpt, key, device_of)
+            col.load_state(A, G, count, alias)
+            logger.info("resuming partition %d from batch %d", p, start)
+        if not finished:
+            total = None
+            if n_batches is not None:
+                mine = len([b for b in range(start, n_batches) if b % world == rank])
+                total = mine * cfg.batch_size * data.samples_per_row
+            bar = tqdm(total=total, unit=task.unit, unit_scale=True, dynamic_ncols=True,
+                       desc=f"K-FAC factors{f' [part {p + 1}/{len(partitions)}]' if len(partitions) > 1 else ''}",
+                       disable=not (progress and state.is_main_process))
+            since = [0]
+
+            def on_batch_end(b: int, c: FactorCollector) -> None:
+                since[0] += 1
+                if ckpt is not None and cfg.checkpoint_every and since[0] % cfg.checkpoint_every == 0:
+                    save_checkpoint(ckpt, c.A, c.G, c.count, c.a_alias, b + 1, False, key)
+
+            batches = iter_batches(data.rows, cfg.batch_size, start_batch=start, max_blocks=data.max_rows,
+                                   rank=rank, world_size=world, to_tensors=data.to_tensors)
+            with bar:
+                collect_factor_sums(model, batches, part, cfg, task=task, collector=col, on_batch_end=on_batch_end,
+                                    progress=bar)
+            if ckpt is not None:
+                save_checkpoint(ckpt, col.A, col.G, col.count, col.a_alias,
+                                n_batches if n_batches is not None else 1 << 62, True, key)
+        A, G = col.finalized_sums()
+        for n in part:
+            if n not in G and world == 1:
+                raise RuntimeError(f"{n} never ran in the forward pass; is it part of the model's forward?")
+        A_all.update(A)
+        G_all.update(G)
+        count_all.update(col.count)
+        alias_all.update(col.a_alias)
+
+    A_all, G_all, count_all = _reduce(A_all, G_all, count_all, names, alias_all, mods, dtype, world)
+
+    for n in names:
+        c = count_all[n]
+        if c == 0:
+            raise ValueError(f"no valid token positions reached {n}; the data has no usable tokens")
+        G_all[n] = G_all[n] / c
+        if not bool(G_all[n].diagonal().any()):
+            raise ValueError(f"no gradient reached {n} at the sampled positions, so its G factor is zero: the module "
+                             f"does not take part in computing the logits there."
+                             f"{getattr(task, 'zero_gradient_hint', '')}")
+        if n not in alias_all:
+            A_all[n] = A_all[n] / c
+        for kind, t in (("A", A_all.get(n)), ("G", G_all[n])):
+            if t is not None and not torch.isfinite(t).all():
+                raise FloatingPointError(f"factor {kind} of {n} has non-finite entries; try accumulate_dtype='float64'")
+    for n, owner in alias_all.items():
+        A_all[n] = A_all[owner]
+
+    # Hooks fill G in backward order; store everything in model order.
+    factors = KFACFactors(A={n: A_all[n] for n in names}, G={n: G_all[n] for n in names},
+                          num_tokens={n: count_all[n] for n in names}, config=cfg, model_info=info, a_alias=alias_all)
+    if out is not None:
+        if state.is_main_process:
+            factors.save(out)
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        else:
+            factors.path = out / FACTORS_FILENAME
+        state.wait_for_everyone()
+    return factors
+
+
+def _reduce(A: dict, G: dict, count: dict, names: list[str], alias: dict, mods: dict, dtype: torch.dtype,
+            world: int) -> tuple[dict, dict, dict]:
+    """Sum the per-process factor sums, once, on CPU; single-process runs only move to CPU."""
+    A = {n: t.cpu() for n, t in A.items()}
+    G = {n: t.cpu() for n, t in G.items()}
+    if world == 1:
+        return A, G, dict(count)
+    from accelerate.utils import reduce
+
+    # A process that saw no batch has no accumulators: contribute zeros of the right shape.
+    for n in names:
+        d_out, d_in = linear_shape(mods[n])
+        if n not in alias:
+            A.setdefault(n, torch.zeros(d_in, d_in, dtype=dtype))
+        G.setdefault(n, torch.zeros(d_out, d_out, dtype=dtype))
+    dev = dist_state().device
+    for n in names:
+        if n not in alias:
+            A[n] = reduce(A[n].to(dev), reduction="sum").cpu()
+        G[n] = reduce(G[n].to(dev), reduction="sum").cpu()
+    counts = reduce(torch.tensor([count.get(n, 0) for n in names], dtype=torch.float64, device=dev), reduction="sum")
+    return A, G, {n: int(c) for n, c in zip(names, counts.tolist())}

@@ -1,0 +1,235 @@
+"""Factors on disk: `KFACFactors` (``factors.safetensors``), resumable checkpoints, and a lazy eigenbasis reader.
+
+Every file is safetensors with JSON metadata, written atomically by `hf_curvedit.utils.save_safetensors`: a crash
+leaves the previous file or nothing, never half a file, and a checkpoint carries a key of the settings it was written
+with, so a resume with other settings is refused instead of mixing two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..targets import is_linear_like, linear_shape
+from ..utils import save_safetensors
+from .config import FactorConfig
+from .eigen import EIGEN_FORMAT, KFACEigen, ModuleEigen
+
+__all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "load_factors", "model_fingerprint"]
+
+FACTORS_FILENAME = "factors.safetensors"
+CHECKPOINT_DIR = "checkpoint"
+FORMAT = "hf_curvedit.factors"
+FORMAT_VERSION = "1"
+
+
+def model_fingerprint(model: nn.Module, module_names: Iterable[str]) -> dict[str, Any]:
+    """What a factor file must agree with: model type and the (d_out, d_in) of each module."""
+    mods = dict(model.named_modules())
+    cfg = getattr(model, "config", None)
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "module_shapes": {n: list(linear_shape(mods[n])) for n in module_names},
+    }
+
+
+@dataclass
+class KFACFactors:
+    """K-FAC factors of a set of linear layers.
+
+    ``A[name]`` is E[a aᵀ] (d_in × d_in) and ``G[name]`` is E[g gᵀ] (d_out × d_out), averaged over
+    ``num_tokens[name]`` samples (valid token positions; for an image classifier, class tokens or all token
+    positions of the images). Modules that read the same input (gate and up projections) share one A tensor;
+    ``a_alias`` maps such a module to the one that owns A.
+    """
+
+    A: dict[str, torch.Tensor]
+    G: dict[str, torch.Tensor]
+    num_tokens: dict[str, int]
+    config: FactorConfig
+    model_info: dict[str, Any]
+    a_alias: dict[str, str] = field(default_factory=dict)
+    factors_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    path: Optional[Path] = None
+
+    @property
+    def module_names(self) -> list[str]:
+        """Names of the modules with factors, in model order."""
+        return list(self.G)
+
+    def __repr__(self) -> str:
+        toks = max(self.num_tokens.values()) if self.num_tokens else 0
+        return f"KFACFactors({len(self.G)} modules, {toks} tokens, label_mode={self.config.label_mode!r})"
+
+    def save(self, output_dir: Union[str, Path]) -> Path:
+        """Write ``factors.safetensors`` (atomically) with config, token counts and model info as metadata."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.G:
+            if name not in self.a_alias:
+                tensors[f"{name}.A"] = self.A[name]
+            tensors[f"{name}.G"] = self.G[name]
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "factors_id": self.factors_id,
+            "modules": json.dumps(self.module_names),
+            "a_alias": json.dumps(self.a_alias),
+            "num_tokens": json.dumps(self.num_tokens),
+            "config": json.dumps(self.config.to_dict()),
+            "model_info": json.dumps(self.model_info),
+        }
+        self.path = save_safetensors(Path(output_dir) / FACTORS_FILENAME, tensors, meta)
+        return self.path
+
+    @classmethod
+    def load(cls, path: Union[str, Path], model: Optional[nn.Module] = None) -> "KFACFactors":
+        """Read factors from a folder or a ``factors.safetensors`` file; check them against ``model`` if given."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FACTORS_FILENAME
+        if not path.exists():
+            partial = path.parent / CHECKPOINT_DIR
+            hint = (f" A partial run exists in {partial}: run fit_factors again with the same output_dir to resume it."
+                    if partial.exists() else "")
+            raise FileNotFoundError(f"no factors at {path}.{hint}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an hf-curvedit factor file (format={meta.get('format')!r})")
+            names = json.loads(meta["modules"])
+            alias = json.loads(meta["a_alias"])
+            A: dict[str, torch.Tensor] = {}
+            G: dict[str, torch.Tensor] = {}
+            for n in names:
+                G[n] = f.get_tensor(f"{n}.G")
+                if n not in alias:
+                    A[n] = f.get_tensor(f"{n}.A")
+            for n, owner in alias.items():
+                A[n] = A[owner]
+        factors = cls(A=A, G=G, num_tokens=json.loads(meta["num_tokens"]),
+                      config=FactorConfig.from_dict(json.loads(meta["config"])),
+                      model_info=json.loads(meta["model_info"]), a_alias=alias,
+                      factors_id=meta["factors_id"], path=path)
+        for n in names:
+            for kind, t in (("A", A[n]), ("G", G[n])):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"factor {kind} of {n} in {path} has non-finite entries; refit the factors.")
+        if model is not None:
+            factors.check_model(model)
+        return factors
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a ValueError that lists every difference if these factors do not belong to ``model``."""
+        mods = dict(model.named_modules())
+        problems: list[str] = []
+        want_type = self.model_info.get("model_type")
+        have_type = getattr(getattr(model, "config", None), "model_type", None)
+        if want_type and have_type and want_type != have_type:
+            problems.append(f"model_type: factors are for {want_type!r}, the model is {have_type!r}")
+        shapes = self.model_info.get("module_shapes", {})
+        missing = [n for n in self.module_names if n not in mods]
+        if missing:
+            problems.append(f"{len(missing)} module(s) not in the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for n in self.module_names:
+            if n in mods:
+                m = mods[n]
+                if not is_linear_like(m):
+                    problems.append(f"{n}: is a {type(m).__name__} in the model, not a linear layer")
+                    continue
+                have = list(linear_shape(m))
+                want = shapes.get(n, [int(self.G[n].shape[0]), int(self.A[n].shape[0])])
+                if have != list(want):
+                    problems.append(f"{n}: factors are for (d_out, d_in)={tuple(want)}, the model has {tuple(have)}")
+        if problems:
+            src = self.path or "these factors"
+            raise ValueError(
+                f"{src} do not match this model ({self.model_info.get('name_or_path') or 'unknown source'}):\n  - "
+                + "\n  - ".join(problems)
+                + "\nFit factors for this model with fit_factors(model, ...), or load the model they were fitted on."
+            )
+
+    def eigendecompose(self, cache_dir: Union[str, Path, None] = None) -> KFACEigen:
+        """See :func:`hf_curvedit.eigendecompose`."""
+        from .eigen import eigendecompose
+
+        return eigendecompose(self, cache_dir)
+
+
+def load_factors(path: Union[str, Path], model: Optional[nn.Module] = None) -> KFACFactors:
+    """Load factors written by :func:`fit_factors`; see :meth:`KFACFactors.load`."""
+    return KFACFactors.load(path, model)
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_file(output_dir: Path, part: int, rank: int, world: int) -> Path:
+    """Where process ``rank`` of ``world`` keeps the partial sums of partition ``part``."""
+    return output_dir / CHECKPOINT_DIR / f"part{part:03d}-rank{rank:03d}-of-{world:03d}.safetensors"
+
+
+def save_checkpoint(path: Path, A: Mapping[str, torch.Tensor], G: Mapping[str, torch.Tensor], count: Mapping[str, int],
+                    a_alias: Mapping[str, str], next_batch: int, done: bool, key: dict) -> None:
+    """Write resumable partial sums; ``key`` (settings and model) must match on resume."""
+    tensors = {f"{n}.A": t for n, t in A.items()}
+    tensors.update({f"{n}.G": t for n, t in G.items()})
+    meta = {"format": FORMAT + ".checkpoint", "next_batch": str(next_batch), "done": json.dumps(done),
+            "count": json.dumps(dict(count)), "a_alias": json.dumps(dict(a_alias)),
+            "key": json.dumps(key, sort_keys=True)}
+    save_safetensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.device]):
+    """Read a checkpoint written with the same ``key``: (A, G, count, a_alias, next_batch, done)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        if json.loads(meta["key"]) != json.loads(json.dumps(key, sort_keys=True)):
+            raise ValueError(
+                f"the checkpoint in {path.parent} was written with different settings or for a different model. "
+                "Use another output_dir, or pass resume=False to start over (this deletes the partial results)."
+            )
+        A, G = {}, {}
+        for k in f.keys():
+            n, kind = k.rsplit(".", 1)
+            (A if kind == "A" else G)[n] = f.get_tensor(k).to(device_of(n))
+    return A, G, json.loads(meta["count"]), json.loads(meta["a_alias"]), int(meta["next_batch"]), json.loads(meta["done"])
+
+
+# ------------------------------------------------------------------------------------------------------ eigen reader
+class EigenFile(Mapping[str, ModuleEigen]):
+    """An ``eigen.safetensors`` file read one module at a time: only the bases that are asked for are loaded.
+
+    Building an edit of a few modules of a 7B model from a file of all its MLP bases reads a few hundred MB instead of
+    tens of GB.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} does not exist; point it at an eigen.safetensors file")
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != EIGEN_FORMAT:
+            raise ValueError(f"{self.path} is not an hf-curvedit eigenbasis file")
+        self._names = json.loads(meta["modules"])
+        self.metadata = json.loads(meta.get("metadata", "{}"))
+
+    def __getitem__(self, name: str) -> ModuleEigen:
+        if name not in self._names:
+            raise KeyError(name)
+        return KFACEigen.load(self.path, modules=[name])[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"EigenFile({self.path}, {len(self)} modules)"

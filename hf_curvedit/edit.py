@@ -1,0 +1,266 @@
+"""The curvature edit of one weight, as plain tensor math (no PEFT): selection, projection, exact factorization.
+
+Given a logical ``(d_out, d_in)`` weight W and the K-FAC eigenbases of its factors, the edit keeps the components of
+``C = U_Gᵀ W U_A`` chosen by the selection (the staircase of `hf_curvedit.selection`) and maps them back:
+``W' = U_G (M ∘ C) U_Aᵀ``, the orthogonal projection of W onto the kept components. With ``r`` kept rows and ``s``
+columns in the longest row, W' has the exact rank-``k`` factorization ``W' = B Qᵀ`` (k = s ≤ r, Q = U_A[:, :s]) or
+``W' = Q Bᵀ`` (k = r < s, Q = U_G[:, :r]) with orthonormal Q; that factorization is what an adapter stores. See
+docs/method.md.
+
+The sweep, the baselines and the plots use this module directly; the PEFT tuner (`hf_curvedit.tuner`) only stores
+and applies its results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+from .curvature.eigen import ModuleEigen
+from .selection import SELECTIONS, Selection, select_cutoffs
+
+__all__ = ["FINGERPRINT_SIZE", "META_FIELDS", "CurvatureEdit", "ModuleEditReport", "compute_edit", "fingerprint_mismatch", "q_side_of",
+           "weight_fingerprint"]
+
+# Layout of the per-adapter float64 metadata buffer (persisted in adapter_model.safetensors).
+META_FIELDS = (
+    "keep_mass",
+    "r",
+    "s",
+    "k",
+    "rank",  # rank of the stored factorization (k, or the rank cap if smaller)
+    "kept_components",
+    "total_components",
+    "kept_mass_fraction",
+    "q_side_output",  # 0: Q spans input space (W' = B Qᵀ), 1: Q spans output space (W' = Q Bᵀ)
+    "weight_norm",  # ‖W‖_F
+    "edited_norm",  # ‖W'‖_F (after the rank cap)
+    "residual_norm",  # ‖W - W'‖_F (after the rank cap)
+    "rank_cap",  # 0 = none
+    "rank_cap_error",  # ‖W'_capped - W'‖_F / ‖W'‖_F
+    "selection",  # 0: curvature_mass, 1: factor_truncation
+)
+_M = {name: i for i, name in enumerate(META_FIELDS)}
+_SELECTION_CODES = {name: code for code, name in enumerate(SELECTIONS)}
+
+_N_PROBES = 6
+FINGERPRINT_SIZE = 3 + _N_PROBES  # d_out, d_in, RMS, then the probes
+# A different weight moves each normalized probe by ~1/sqrt(n); bf16 rounding of the same weight by ~0.002/sqrt(n).
+_PROBE_TOL = 0.1
+_RMS_RTOL = 1e-2
+
+
+def _probe_vectors(n: int, offset: int, device: torch.device) -> torch.Tensor:
+    # Deterministic quasi-random unit vectors (no RNG, so they are the same on every machine and torch version).
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=device)[:, None]
+    alphas = torch.tensor([math.sqrt(p) % 1.0 for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)], dtype=torch.float64,
+                          device=device)[offset: offset + _N_PROBES]
+    v = torch.cos(2 * math.pi * torch.remainder(i * alphas[None, :], 1.0) + 0.5)
+    return v / v.norm(dim=0, keepdim=True)
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """A float64 fingerprint of a logical ``(d_out, d_in)`` weight: shape, RMS and 6 normalized bilinear probes.
+
+    The probes ``uᵀ W v / ‖W‖_F`` are insensitive to the storage dtype (a bf16 copy of the same weight matches) but
+    tell apart two different weights of the same shape and scale.
+    """
+    d_out, d_in = weight.shape
+    w = weight.detach().float()
+    u = _probe_vectors(d_out, 0, w.device)
+    v = _probe_vectors(d_in, _N_PROBES, w.device)
+    norm = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+    probes = ((u.T.float() @ w) @ v.float()).diagonal().double()
+    probes = probes / norm if norm > 0 else probes
+    rms = norm / math.sqrt(max(d_out * d_in, 1))
+    return torch.cat([torch.tensor([d_out, d_in, rms], dtype=torch.float64), probes.cpu()])
+
+
+def fingerprint_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> Optional[str]:
+    """What differs between two weight fingerprints, in words, or ``None`` when they match (or ``expected`` is
+    unfilled)."""
+    expected, actual = expected.double().cpu(), actual.double().cpu()
+    if expected.shape != actual.shape:
+        return "the fingerprint format differs"
+    if not torch.isfinite(expected).all() or expected[0] == 0:
+        return None  # an unfilled (all-zero) fingerprint: nothing to compare against
+    shape_e, shape_a = tuple(int(x) for x in expected[:2]), tuple(int(x) for x in actual[:2])
+    if shape_e != shape_a:
+        return f"weight shape (d_out, d_in) is {shape_a}, the adapter was built for {shape_e}"
+    rms_e, rms_a = float(expected[2]), float(actual[2])
+    if abs(rms_e - rms_a) > _RMS_RTOL * max(abs(rms_e), 1e-30):
+        return f"weight RMS is {rms_a:.6g}, the adapter was built for {rms_e:.6g}"
+    tol = _PROBE_TOL / math.sqrt(shape_e[0] * shape_e[1])
+    diff = (expected[3:] - actual[3:]).abs()
+    n_bad = int((diff > tol).sum())
+    if n_bad:
+        return (f"{n_bad} of {diff.numel()} fixed random projections of the weight differ (max |Δ| {float(diff.max()):.3g} "
+                f"> tolerance {tol:.3g}): same shape and scale, different values")
+    return None
+
+
+@dataclass
+class CurvatureEdit:
+    """The result of editing one weight: ``W' = B Qᵀ`` (``q_side="input"``) or ``W' = Q Bᵀ`` (``"output"``).
+
+    Attributes:
+        Q: orthonormal columns, ``(d_in, k)`` or ``(d_out, k)``.
+        B: the other factor, ``(d_out, k)`` or ``(d_in, k)``.
+        q_side: which space Q spans, ``"input"`` or ``"output"``.
+        cutoffs: int64 ``(d_out,)``, the kept staircase: row i of ``C`` keeps columns ``j < cutoffs[i]``.
+        meta: float64 statistics laid out as `META_FIELDS` (the one record of ρ, r, s, k, kept mass, norms, ...).
+        fingerprint: float64 `weight_fingerprint` of the weight that was edited.
+    """
+
+    Q: torch.Tensor
+    B: torch.Tensor
+    q_side: str
+    cutoffs: torch.Tensor
+    meta: torch.Tensor
+    fingerprint: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """Rank of the stored factorization (k, or the rank cap when it is smaller)."""
+        return int(self.Q.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """The edited weight ``W'`` as a dense logical ``(d_out, d_in)`` matrix."""
+        return self.B @ self.Q.T if self.q_side == "input" else self.Q @ self.B.T
+
+    @classmethod
+    def empty(cls, d_out: int, d_in: int, rank: int, q_side: str, dtype: torch.dtype = torch.float32) -> "CurvatureEdit":
+        """An all-zero edit of the given shape, to be filled by loading a saved one (its fingerprint reads unfilled)."""
+        if q_side not in ("input", "output"):
+            raise ValueError(f"q_side must be 'input' or 'output', got {q_side!r}")
+        q_dim, b_dim = (d_in, d_out) if q_side == "input" else (d_out, d_in)
+        return cls(Q=torch.zeros(q_dim, rank, dtype=dtype), B=torch.zeros(b_dim, rank, dtype=dtype), q_side=q_side,
+                   cutoffs=torch.zeros(d_out, dtype=torch.int64), meta=torch.zeros(len(META_FIELDS), dtype=torch.float64),
+                   fingerprint=torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64))
+
+
+def compute_edit(
+    weight: torch.Tensor,
+    eigen: ModuleEigen,
+    keep_mass: float,
+    selection: Selection = "curvature_mass",
+    rank_cap: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> CurvatureEdit:
+    """Edit one logical ``(d_out, d_in)`` weight with its K-FAC eigenbasis (float64 math, result in `dtype`).
+
+    ``C = U_Gᵀ W U_A`` restricted to the ``r × s`` kept block, masked by the staircase; with ``s ≤ r`` the factors are
+    ``Q = U_A[:, :s]``, ``B = U_G[:, :r] (M∘C)``, otherwise ``Q = U_G[:, :r]``, ``B = U_A[:, :s] (M∘C)ᵀ``.
+    """
+    d_out, d_in = weight.shape
+    if eigen.shape != (d_out, d_in):
+        raise ValueError(
+            f"the eigenbasis is for a ({eigen.shape[0]}, {eigen.shape[1]}) weight but the module's weight is "
+            f"({d_out}, {d_in}) (d_out, d_in); the factors were collected on a different model"
+        )
+    device = weight.device
+    W = weight.detach().to(torch.float64)
+    st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
+    r, s = st.r, st.s
+    UG = eigen.eigvecs_G[:, :r].to(device, torch.float64)
+    UA = eigen.eigvecs_A[:, :s].to(device, torch.float64)
+    cutoffs = st.cutoffs.to(device)
+    D = (UG.T @ W) @ UA
+    D = D * (torch.arange(s, device=device)[None, :] < cutoffs[:r, None])
+    if s <= r:
+        q_side, Q, B = "input", UA, UG @ D
+    else:
+        q_side, Q, B = "output", UG, UA @ D.T
+    k = min(r, s)
+    weight_norm = float(torch.linalg.vector_norm(W))
+    kept_norm = float(torch.linalg.vector_norm(D))
+    rank, cap_error, edited_norm = k, 0.0, kept_norm
+    if rank_cap is not None and rank_cap < k:
+        # SVD of the non-orthonormal factor only: W' = B Qᵀ = U S (Q V)ᵀ, and Q V stays orthonormal
+        U, S, Vh = torch.linalg.svd(B, full_matrices=False)
+        B = U[:, :rank_cap] * S[:rank_cap]
+        Q = Q @ Vh[:rank_cap].T
+        rank = rank_cap
+        edited_norm = float(torch.linalg.vector_norm(S[:rank_cap]))
+        dropped = float(torch.linalg.vector_norm(S[rank_cap:]))
+        cap_error = dropped / kept_norm if kept_norm > 0 else 0.0
+    # W - W' splits into the removed components (orthogonal to the kept subspace) and the rank-cap loss inside it
+    residual_norm = math.sqrt(max(weight_norm**2 - edited_norm**2, 0.0))
+    meta = torch.zeros(len(META_FIELDS), dtype=torch.float64)
+    values = {
+        "keep_mass": float(keep_mass), "r": r, "s": s, "k": k, "rank": rank, "kept_components": st.kept_components,
+        "total_components": st.total_components, "kept_mass_fraction": st.kept_mass_fraction,
+        "q_side_output": float(q_side == "output"), "weight_norm": weight_norm, "edited_norm": edited_norm,
+        "residual_norm": residual_norm, "rank_cap": float(rank_cap or 0), "rank_cap_error": cap_error,
+        "selection": _SELECTION_CODES[selection],
+    }
+    for name, value in values.items():
+        meta[_M[name]] = value
+    return CurvatureEdit(
+        Q=Q.to(dtype).contiguous(), B=B.to(dtype).contiguous(), q_side=q_side, cutoffs=st.cutoffs.to(torch.int64),
+        meta=meta, fingerprint=weight_fingerprint(weight),
+    )
+
+
+@dataclass
+class ModuleEditReport:
+    """What the edit did to one module (see `CurvatureEditModel.edit_report`)."""
+
+    module: str
+    adapter: str
+    d_out: int
+    d_in: int
+    keep_mass: float
+    selection: str
+    r: int
+    s: int
+    k: int
+    rank: int
+    kept_components: int
+    total_components: int
+    kept_component_fraction: float
+    kept_mass_fraction: float
+    kept_norm_fraction: float  # ‖W'‖ / ‖W‖
+    removed_norm_fraction: float  # ‖W - W'‖ / ‖W‖
+    rank_cap: Optional[int]
+    rank_cap_error: float  # ‖W'_capped - W'‖ / ‖W'‖ (0 without a cap)
+    adapter_bytes: int
+    weight_bytes: int
+
+    @property
+    def bytes_ratio(self) -> float:
+        """Adapter bytes over the bytes of the weight it replaces."""
+        return self.adapter_bytes / self.weight_bytes if self.weight_bytes else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bytes_ratio"] = self.bytes_ratio
+        return out
+
+
+    @classmethod
+    def from_meta(cls, meta: torch.Tensor, *, module: str, adapter: str, d_out: int, d_in: int, adapter_bytes: int,
+                  weight_bytes: int) -> "ModuleEditReport":
+        """Decode a `META_FIELDS` vector (the `CurvatureEdit.meta` of a computed or loaded edit)."""
+        m = meta.detach().double().cpu()
+        w_norm = float(m[_M["weight_norm"]])
+        return cls(
+            module=module, adapter=adapter, d_out=d_out, d_in=d_in, keep_mass=float(m[_M["keep_mass"]]),
+            selection=SELECTIONS[int(m[_M["selection"]])],
+            r=int(m[_M["r"]]), s=int(m[_M["s"]]), k=int(m[_M["k"]]), rank=int(m[_M["rank"]]),
+            kept_components=int(m[_M["kept_components"]]), total_components=int(m[_M["total_components"]]),
+            kept_component_fraction=float(m[_M["kept_components"]] / m[_M["total_components"]]),
+            kept_mass_fraction=float(m[_M["kept_mass_fraction"]]),
+            kept_norm_fraction=float(m[_M["edited_norm"]]) / w_norm if w_norm > 0 else 0.0,
+            removed_norm_fraction=float(m[_M["residual_norm"]]) / w_norm if w_norm > 0 else 0.0,
+            rank_cap=int(m[_M["rank_cap"]]) or None, rank_cap_error=float(m[_M["rank_cap_error"]]),
+            adapter_bytes=adapter_bytes, weight_bytes=weight_bytes,
+        )
+
+
+def q_side_of(meta: torch.Tensor) -> str:
+    """The side of Q recorded in a `META_FIELDS` vector: ``"input"`` or ``"output"``."""
+    return "output" if float(meta.reshape(-1)[_M["q_side_output"]]) > 0.5 else "input"

@@ -1,0 +1,89 @@
+"""The inputs the pipeline's steps share: `load_model` (a causal LM or image classifier with its tokenizer or
+processor, the embedded default without a name), the recitation sets (`load_recitation_set`, `recitation_sets`,
+`default_recitation_sets`) and the held-out texts for perplexity (`heldout_texts`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from .settings import UsageError
+
+
+def load_model(name: Optional[str] = None, dtype: str = "float32", device_map: Optional[str] = None) -> tuple[Any, Any]:
+    """``(model, processor)``: a causal LM with its tokenizer, or an image classifier (by its config's
+    architectures) with its image processor; the embedded default without ``name``."""
+    from ..default import load_default_model
+    from ..utils import parse_dtype
+
+    if name is None:
+        return load_default_model(parse_dtype(dtype))
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoTokenizer)
+
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UsageError(f"could not load model {name!r}: that folder does not exist")
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        archs = getattr(AutoConfig.from_pretrained(name), "architectures", None) or []
+        if any(a.endswith("ForImageClassification") for a in archs):
+            return (AutoModelForImageClassification.from_pretrained(name, **kwargs).eval(),
+                    AutoImageProcessor.from_pretrained(name))
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs).eval(), AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load model {name!r}: {e}") from e
+
+
+def load_recitation_set(path: Union[str, Path], tokenizer: Any, suffix_tokens: int = 8, name: str = "") -> Any:
+    """A `RecitationSet` from a ``save_to_disk`` folder (prefix_ids/suffix_ids, e.g. from find_memorized_windows),
+    or from a .txt (one text a line) or .jsonl (a ``text`` field) file whose last ``suffix_tokens`` tokens are the
+    suffix."""
+    from ..evaluation import RecitationSet
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"recitation set {name or str(p)!r}: {p} does not exist")
+    if p.is_dir():
+        from datasets import load_from_disk
+
+        return RecitationSet.from_dataset(load_from_disk(str(p)))
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        lines = [json.loads(ln)["text"] for ln in lines]
+    return RecitationSet.from_texts(lines, tokenizer, suffix_tokens=suffix_tokens, add_special_tokens=False)
+
+
+def recitation_sets(specs: Mapping[str, Union[str, Path]], tokenizer: Any, suffix_tokens: int = 8) -> dict[str, Any]:
+    """NAME → `RecitationSet` for NAME → PATH (see `load_recitation_set`)."""
+    return {n: load_recitation_set(p, tokenizer, suffix_tokens, n) for n, p in specs.items()}
+
+
+def default_recitation_sets(tokenizer: Any) -> dict[str, Any]:
+    """The embedded default's memorized set: its repeated passages and its secret canaries."""
+    from ..default import DEFAULT_MODEL_DIR, MEMORIZED_SET_FILENAME, memorized_prefix_suffix_ids
+    from ..evaluation import RecitationSet
+
+    if not (DEFAULT_MODEL_DIR / MEMORIZED_SET_FILENAME).exists():
+        raise UsageError("no recitation set given and the embedded default ships no memorized set; pass "
+                         "--recitation NAME=PATH")
+    return {name: RecitationSet(*memorized_prefix_suffix_ids(tokenizer, kind=kind))
+            for name, kind in (("passages", "passage"), ("canaries", "canary"))}
+
+
+def heldout_texts(heldout: Optional[str] = None, text_column: str = "text", *,
+                  default_model: bool = False) -> list[str]:
+    """Held-out texts for perplexity: the ``text_column`` of ``heldout`` (a file, folder or dataset name); else the
+    embedded default's held-out documents (``default_model``), else the held-out split of the stdlib docs."""
+    if heldout:
+        from ..data import load_text_dataset
+
+        return list(load_text_dataset(heldout)[text_column])
+    from ..default import DEFAULT_MODEL_DIR, HELDOUT_FILENAME, default_text_dataset, load_heldout_text
+
+    if default_model and (DEFAULT_MODEL_DIR / HELDOUT_FILENAME).exists():
+        return load_heldout_text()
+    return list(default_text_dataset("test")["text"])

@@ -1,0 +1,103 @@
+"""The runner: `run_pipeline` runs the steps a `PipelineConfig` names over one output folder, each on what the one
+before wrote, skipping the steps recorded as done; `RunLayout` says where in that folder each step writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..utils import atomic_write_text
+from .settings import STEPS, EditStep, PipelineConfig, StepFailed, UsageError
+from .steps import report_table, run_edit, run_evaluate, run_fit, run_publish, run_sweep
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each step of a run in ``root`` writes (and the next one reads)."""
+
+    root: Path
+
+    factors = property(lambda self: self.root / "factors")
+    eigen = property(lambda self: self.root / "factors" / "eigen.safetensors")
+    sweep = property(lambda self: self.root / "sweep")
+    edit = property(lambda self: self.root / "edit")
+    report = property(lambda self: self.root / "report.json")
+    publish = property(lambda self: self.root / "publish")
+
+    def marker(self, step: str) -> Path:
+        return self.root / "steps" / f"{step}.done.json"
+
+    def adapter(self) -> Path:
+        """The one adapter the edit step made (as its marker records; else the one adapter folder in edit/)."""
+        marker = self.marker("edit")
+        recorded = json.loads(marker.read_text()).get("adapters") if marker.exists() else None
+        adapters = [Path(p) for p in recorded] if recorded else sorted(
+            p.parent for p in self.edit.glob("*/adapter_config.json"))
+        if len(adapters) != 1:
+            raise UsageError(f"expected exactly one adapter in {self.edit}, found {len(adapters)}: give the edit step "
+                             "one keep_mass (or let the sweep choose it)")
+        return adapters[0]
+
+
+def _with_sweep_pick(step: EditStep, layout: RunLayout) -> EditStep:
+    """The edit step with the sweep's pick (ρ and modules) unless it sets keep_mass itself."""
+    from ..sweep import SweepResult
+
+    if step.keep_mass is not None:
+        return step
+    path = layout.sweep / "sweep.json"
+    if not path.exists():
+        raise UsageError(f"the sweep's results {path} are missing: run again with --force to redo the sweep")
+    chosen = SweepResult.load(path).chosen
+    if chosen is None:
+        return step
+    targets = step.target_modules if step.target_modules is not None else chosen.target_modules
+    return dataclasses.replace(step, keep_mass=(chosen.keep_mass,), target_modules=targets)
+
+
+def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[[str], Any] = print) -> Path:
+    """Run the steps of ``config`` in the order fit, sweep, edit, evaluate, publish, each on what the one before
+    wrote. Steps recorded as done are skipped unless ``force``. ``echo`` gets the progress and each step's tables.
+
+    Raises:
+        UsageError: bad settings or input. StepFailed: the sweep found nothing within its budget.
+    """
+    layout = RunLayout(Path(config.output_dir))
+    model = config.model
+    for name in STEPS:
+        step: Any = getattr(config, name)
+        if step is None:
+            continue
+        marker = layout.marker(name)
+        if marker.exists() and not force:
+            echo(f"[run] {name}: already done ({marker}), skipping")
+            continue
+        echo(f"[run] {name}")
+        record: dict[str, Any] = {"step": name}
+        if name == "fit":
+            echo(run_fit(model, step, layout.factors).summary())
+        elif name == "sweep":
+            result = run_sweep(model, layout.factors, step, layout.sweep)
+            echo(result.to_markdown())
+            if result.chosen is None:
+                raise StepFailed(name, result.summary())
+            echo(f"{result.summary()}  (results: {layout.sweep})")
+            record["chosen"] = dataclasses.asdict(result.chosen)
+        elif name == "edit":
+            edits = run_edit(model, layout.factors, _with_sweep_pick(step, layout) if config.sweep else step,
+                             layout.edit)
+            echo(edits.summary())
+            record["adapters"] = [str(p) for p in edits.adapters.values()]
+        elif name == "evaluate":
+            echo(report_table(run_evaluate(model, layout.adapter(), step, layout.report)))
+        else:
+            echo(str(run_publish(layout.adapter(), step, layout.publish,
+                                 report=layout.report if layout.report.exists() else None,
+                                 eigen=layout.eigen if layout.eigen.exists() else None)))
+        atomic_write_text(marker, json.dumps(record, indent=2))
+    echo(f"[run] done: {layout.root}")
+    return layout.root

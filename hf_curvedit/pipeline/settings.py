@@ -1,0 +1,258 @@
+"""The pipeline's settings: its errors (`UsageError`, `StepFailed`), the typed settings of each step (`FitStep`,
+`SweepStep`, `EditStep`, `EvaluateStep`, `PublishStep`), which check their field types on construction and read
+themselves from a YAML mapping, and `PipelineConfig`, the whole run as ``PipelineConfig.from_yaml`` reads it.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping, Optional, Union
+
+from ..curvature.config import LabelMode, TokenPositions
+from ..selection import Selection
+from ..targets import TargetSpec, parse_target_modules
+
+STEPS = ("fit", "sweep", "edit", "evaluate", "publish")
+DEFAULT_FACTOR_DATA = "Python standard-library docs (hf_curvedit.default, train split)"
+DEFAULT_KEEP_MASS = 0.6
+
+
+class UsageError(ValueError):
+    """Bad settings or input (the command line's exit code 2)."""
+
+
+class StepFailed(RuntimeError):
+    """A step ran and did not succeed, e.g. no sweep point within the perplexity budget (exit code 1)."""
+
+    def __init__(self, step: str, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+# ------------------------------------------------------------------------------------------------ typed step settings
+def _convert(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (the few shapes step fields use); TypeError/ValueError when it is not one."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, a)
+            except (TypeError, ValueError):
+                pass
+        raise TypeError
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"use one of {list(args)}")
+        return value
+    if origin is tuple:  # tuple[X, ...]: a scalar is a one-element tuple
+        return tuple(_convert(v, args[0]) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    if origin in (list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple, set)):
+            raise TypeError
+        return [_convert(v, args[0]) for v in value]
+    if isinstance(value, bool) and tp is not bool or tp is bool and not isinstance(value, bool):
+        raise TypeError
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise TypeError
+    if tp is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if tp in (int, float) or tp is str and isinstance(value, (str, int, float)) or tp is bool:
+        return tp(value)
+    raise TypeError
+
+
+def _pairs(value: Any, metavar: str, flag: str) -> dict[str, str]:
+    """NAME: VALUE mappings from a mapping (YAML) or from ``NAME=VALUE`` strings (the command line)."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for spec in [value] if isinstance(value, str) else list(value or []):
+        name, sep, rest = str(spec).partition("=")
+        if not sep or not name or not rest:
+            raise UsageError(f"{flag} takes {metavar}, got {spec!r}")
+        out[name] = rest
+    return out
+
+
+class _Step:
+    """Shared by the step settings: field types are checked (and lists become tuples) on construction."""
+
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if "pair" in f.metadata:
+                setattr(self, f.name, _pairs(value, *f.metadata["pair"]))
+                continue
+            try:
+                setattr(self, f.name, _convert(value, hints[f.name]))
+            except (TypeError, ValueError) as e:
+                tp = hints[f.name]
+                kind = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+                raise UsageError(f"step {self.name!r}: {f.name}={value!r} is not a valid {kind}"
+                                 + (f" ({e})" if str(e) else "")) from None
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]]):
+        """The step from its YAML mapping (keys = the subcommand's flags with underscores); unknown keys raise."""
+        if options is not None and not isinstance(options, Mapping):
+            raise UsageError(f"step {cls.name!r} takes a mapping of options, got {options!r}")
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UsageError(f"unknown keys {unknown} in step {cls.name!r}; allowed: {', '.join(known)}")
+        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and options.get(f.name) in (None, "")]
+        if missing:
+            raise UsageError(f"step {cls.name!r} needs {', '.join(missing)}")
+        if isinstance(options.get("target_modules"), str):  # the command line's convention: a,b = names; else regex
+            options["target_modules"] = parse_target_modules(options["target_modules"])
+        return cls(**options)
+
+
+def _pairs_field(metavar: str, flag: str) -> Any:
+    """A NAME → VALUE mapping field, given as a YAML mapping or as ``NAME=VALUE`` strings (``flag``, repeatable)."""
+    return field(default_factory=dict, metadata={"pair": (metavar, flag)})
+
+
+@dataclass
+class FitStep(_Step):
+    """`hf-curvedit fit`: collect K-FAC factors and eigendecompose them (see `FactorConfig` for the fields)."""
+
+    name: ClassVar[str] = "fit"
+    data: Optional[str] = None  # None: Python's standard-library docs
+    text_column: str = "text"
+    target_modules: TargetSpec = None
+    label_mode: LabelMode = "sampled"
+    seq_len: int = 256
+    batch_size: int = 8
+    max_tokens: Optional[int] = None
+    accumulate_dtype: Literal["float32", "float64"] = "float32"
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_factor_memory_gb: Optional[float] = None
+    token_positions: Optional[TokenPositions] = None
+    image_column: str = "image"
+    label_column: str = "label"
+    max_examples: Optional[int] = None
+    dtype: str = "float32"
+    device_map: Optional[str] = None
+    restart: bool = False
+
+
+@dataclass
+class SweepStep(_Step):
+    """`hf-curvedit sweep`: ρ × layer choices and the SVD baseline; the pick within ``ppl_budget``."""
+
+    name: ClassVar[str] = "sweep"
+    recitation: dict[str, str] = _pairs_field("NAME=PATH", "--recitation")  # default: the embedded memorized set
+    suffix_tokens: int = 8
+    heldout: Optional[str] = None
+    text_column: str = "text"
+    keep_mass: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    layers: tuple[str, ...] = ()
+    modules: Union[str, list[str], None] = None
+    layer_choice: dict[str, str] = _pairs_field("LABEL=REGEX", "--layer-choice")
+    ppl_budget: float = 0.15
+    svd_ranks: tuple[int, ...] = (8, 16, 32, 64, 96, 128)
+    batch_size: int = 16
+
+
+@dataclass
+class EditStep(_Step):
+    """`hf-curvedit edit`: one adapter per ρ. ``keep_mass=None``: the sweep's pick in a pipeline, else 0.6."""
+
+    name: ClassVar[str] = "edit"
+    keep_mass: Optional[tuple[float, ...]] = None
+    target_modules: TargetSpec = None
+    selection: Selection = "curvature_mass"
+    rank_cap: Optional[int] = None
+
+
+@dataclass
+class EvaluateStep(_Step):
+    """`hf-curvedit evaluate`: recitation, perplexity, nDCG and the stress test, base against edited."""
+
+    name: ClassVar[str] = "evaluate"
+    recitation: dict[str, str] = _pairs_field("NAME=PATH", "--recitation")
+    suffix_tokens: int = 8
+    heldout: Optional[str] = None
+    text_column: str = "text"
+    batch_size: int = 16
+    stress_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
+    no_stress: bool = False
+
+
+@dataclass
+class PublishStep(_Step):
+    """`hf-curvedit publish`: write the publish folder (card, weights, plots) and push it unless ``dry_run``."""
+
+    name: ClassVar[str] = "publish"
+    repo_id: str
+    merged: bool = False
+    private: bool = False
+    revision: Optional[str] = None
+    create_pr: bool = False
+    token: Optional[str] = None
+    overwrite: bool = False
+    dry_run: bool = False
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]]):
+        if isinstance(options, Mapping):  # a run owns its publish folder: replace what an earlier run wrote
+            options = {"overwrite": True, **options}
+        return super().from_dict(options)
+
+
+_STEP_TYPES: dict[str, type] = {"fit": FitStep, "sweep": SweepStep, "edit": EditStep, "evaluate": EvaluateStep,
+                                "publish": PublishStep}
+
+
+@dataclass
+class PipelineConfig:
+    """What `run_pipeline` does: the model (None: the embedded default), the output folder, the steps to run."""
+
+    output_dir: Path
+    model: Optional[str] = None
+    fit: Optional[FitStep] = None
+    sweep: Optional[SweepStep] = None
+    edit: Optional[EditStep] = None
+    evaluate: Optional[EvaluateStep] = None
+    publish: Optional[PublishStep] = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the config") -> "PipelineConfig":
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{source} must be a mapping of model, output_dir and steps")
+        unknown = sorted(set(data) - {"model", "output_dir", *STEPS})
+        if unknown:
+            raise UsageError(f"unknown keys {unknown} in {source}; allowed: model, output_dir, {', '.join(STEPS)}")
+        if not data.get("output_dir"):
+            raise UsageError(f"{source} needs an output_dir")
+        model = data.get("model")
+        steps = {s: _STEP_TYPES[s].from_dict(data[s]) for s in STEPS if s in data}  # type: ignore[attr-defined]
+        return cls(Path(data["output_dir"]), str(model) if model else None, **steps)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]) -> "PipelineConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise UsageError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise UsageError(f"{path} is not valid YAML: {e}") from e
+        return cls.from_dict(data or {}, str(path))

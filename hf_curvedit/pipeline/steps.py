@@ -1,0 +1,167 @@
+"""The pipeline's five steps, each a plain function of its typed settings and its input/output folders:
+`run_fit` (with its `FitOutcome`), `run_sweep`, `run_edit` (with its `EditOutcome`), `run_evaluate` (with
+`report_table` to print its report) and `run_publish`. The ``hf-curvedit`` subcommands and `run_pipeline` call them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..targets import layer_choices
+from ..utils import atomic_write_text
+from .inputs import default_recitation_sets, heldout_texts, load_model, recitation_sets
+from .settings import (DEFAULT_FACTOR_DATA, DEFAULT_KEEP_MASS, EditStep, EvaluateStep, FitStep, PublishStep, SweepStep,
+                       UsageError)
+
+
+@dataclass
+class FitOutcome:
+    factors: Any  # KFACFactors
+    eigen: Any  # KFACEigen
+    eigen_path: Path
+
+    def summary(self) -> str:
+        lines = [f"factors: {self.factors.path}", f"eigenbases: {self.eigen_path}",
+                 f"{'module':<40}{'tokens':>10}{'d_out':>7}{'d_in':>6}{'top λ_G':>12}{'top μ_A':>12}"]
+        for n in self.factors.module_names:
+            e = self.eigen[n]
+            lines.append(f"{n:<40}{self.factors.num_tokens[n]:>10}{e.shape[0]:>7}{e.shape[1]:>6}"
+                         f"{float(e.eigvals_G[0]):>12.3e}{float(e.eigvals_A[0]):>12.3e}")
+        return "\n".join(lines)
+
+
+def run_fit(model: Optional[str], step: FitStep, output_dir: Union[str, Path]) -> FitOutcome:
+    """Fit factors on ``step.data`` (default: the stdlib docs) into ``output_dir`` (resuming a killed run unless
+    ``step.restart``), then eigendecompose them into ``output_dir/eigen.safetensors``."""
+    from ..curvature import FactorConfig, default_task, fit_factors
+    from ..curvature.eigen import EIGEN_FILENAME
+    from ..default import default_text_dataset
+
+    net, processor = load_model(model, step.dtype, step.device_map)
+    images = default_task(net).name == "image-classification"
+    if images and not step.data:
+        raise UsageError("an image classifier needs --data: an image dataset name, or a local folder of images "
+                         "(one sub-folder per class) or a parquet/json file with an image column")
+    if not images and (step.token_positions or step.max_examples):
+        raise UsageError("--token-positions and --max-examples are for image classifiers; this model takes text")
+    cfg = FactorConfig(
+        target_modules=step.target_modules, label_mode=step.label_mode, seq_len=step.seq_len,
+        batch_size=step.batch_size, max_tokens=step.max_tokens, accumulate_dtype=step.accumulate_dtype,
+        seed=step.seed, checkpoint_every=step.checkpoint_every, max_factor_memory_gb=step.max_factor_memory_gb,
+        text_column=step.text_column, token_positions=step.token_positions, image_column=step.image_column,
+        label_column=step.label_column, max_examples=step.max_examples, dataset=step.data or DEFAULT_FACTOR_DATA)
+    out = Path(output_dir)
+    data: Any = step.data or default_text_dataset("train")
+    factors = fit_factors(net, data, cfg, out, processor=processor, resume=not step.restart)
+    return FitOutcome(factors, factors.eigendecompose(out), out / EIGEN_FILENAME)
+
+
+def run_sweep(model: Optional[str], factors_dir: Union[str, Path], step: SweepStep,
+              output_dir: Union[str, Path]) -> Any:
+    """Sweep the edits of the factors in ``factors_dir``; write sweep.json, sweep.md and sweep.png to
+    ``output_dir``. Returns the `SweepResult` (its ``chosen`` is None when nothing fits the budget)."""
+    from ..curvature import load_factors
+    from ..evaluation import TextSet
+    from ..publish.plots import plot_sweep
+    from ..sweep import sweep_edits
+
+    net, tok = load_model(model)
+    eig = load_factors(factors_dir, net).eigendecompose()
+    sets = (recitation_sets(step.recitation, tok, step.suffix_tokens) if step.recitation
+            else default_recitation_sets(tok))
+    heldout = TextSet.from_texts(heldout_texts(step.heldout, step.text_column, default_model=model is None), tok)
+    choices = layer_choices(eig, step.layers, step.modules, step.layer_choice) or None
+    result = sweep_edits(net, eig, sets, heldout, keep_masses=step.keep_mass, layer_choices=choices,
+                         perplexity_budget=step.ppl_budget, svd_ranks=step.svd_ranks, batch_size=step.batch_size)
+    out = Path(output_dir)
+    result.save(out / "sweep.json")
+    atomic_write_text(out / "sweep.md", result.to_markdown() + "\n")
+    plot_sweep(result, out / "sweep.png")
+    return result
+
+
+@dataclass
+class EditOutcome:
+    adapters: dict[float, Path]  # ρ → adapter folder
+    reports: list[tuple[float, Any]]  # (ρ, ModuleEditReport)
+
+    def summary(self) -> str:
+        lines = [f"adapter ρ={rho:g}: {folder}" for rho, folder in self.adapters.items()]
+        lines.append(f"{'ρ':>5}  {'module':<40}{'r':>6}{'s':>6}{'k':>6}{'kept comp.':>12}{'‖W′‖/‖W‖':>10}"
+                     f"{'bytes':>8}")
+        lines += [f"{rho:>5g}  {r.module:<40}{r.r:>6}{r.s:>6}{r.k:>6}{r.kept_component_fraction:>12.3f}"
+                  f"{r.kept_norm_fraction:>10.3f}{r.bytes_ratio:>8.2f}" for rho, r in self.reports]
+        return "\n".join(lines)
+
+
+def run_edit(model: Optional[str], factors_dir: Union[str, Path], step: EditStep,
+             output_dir: Union[str, Path]) -> EditOutcome:
+    """Build one adapter per ρ of ``step.keep_mass`` (default 0.6) from the factors in ``factors_dir``; save each to
+    ``output_dir/rho<ρ>`` with the ``curvedit_edit.json`` that publish reads."""
+    from ..curvature import load_factors
+    from ..publish import EDIT_FILENAME
+    from ..tuner import CurvatureEditConfig, build_curvature_edit
+    from ..tuner.summary import edit_summary
+
+    net, _ = load_model(model)
+    eig = load_factors(factors_dir, net).eigendecompose()
+    outcome = EditOutcome({}, [])
+    for rho in step.keep_mass or (DEFAULT_KEEP_MASS,):
+        cfg = CurvatureEditConfig(keep_mass=rho, target_modules=step.target_modules, selection=step.selection,
+                                  rank_cap=step.rank_cap)
+        peft_model = build_curvature_edit(net, eig, cfg)
+        folder = Path(output_dir) / f"rho{rho:g}"
+        peft_model.save_pretrained(folder)
+        outcome.reports += [(rho, rep) for rep in peft_model.edit_report()]
+        summary = edit_summary(peft_model, "default")  # what publish shows as the per-module table
+        atomic_write_text(folder / EDIT_FILENAME, json.dumps(summary, indent=2, default=str))
+        outcome.adapters[rho] = folder
+        net = peft_model.unload()
+    return outcome
+
+
+def report_table(report: Any) -> str:
+    """An `EditReport` as a plain-text table: metric, set, base, edited."""
+    rows = [f"{'metric':<22}{'set':<16}{'base':>10}{'edited':>10}"]
+    rows += [f"{r.metric:<22}{r.set:<16}{r.base:>10.4f}{r.edited:>10.4f}" for r in report.to_table_rows()]
+    return "\n".join(rows)
+
+
+def run_evaluate(model: Optional[str], adapter_dir: Union[str, Path], step: EvaluateStep,
+                 output: Union[str, Path, None] = None) -> Any:
+    """Measure the adapter in ``adapter_dir`` on and off (language models); save the `EditReport` to ``output``."""
+    from peft import PeftModel
+
+    from ..curvature import default_task
+    from ..evaluation import TextSet, evaluate_edit
+
+    net, tok = load_model(model)
+    if default_task(net).name == "image-classification":
+        raise UsageError("`evaluate` measures language models; for an image classifier use the Python API: "
+                         "evaluate_edit(peft_model, {name: ImageClassificationSet.from_dataset(...)})")
+    peft_model = PeftModel.from_pretrained(net, str(adapter_dir))
+    sets: dict[str, Any] = recitation_sets(step.recitation, tok, step.suffix_tokens)
+    if not sets and model is None:
+        sets = default_recitation_sets(tok)
+    texts = heldout_texts(step.heldout, step.text_column, default_model=model is None)
+    sets["heldout"] = TextSet.from_texts(texts, tok)
+    report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(adapter_dir)}, batch_size=step.batch_size,
+                           stress=not step.no_stress, stress_extend=step.stress_steps, stress_shorten=step.stress_steps)
+    if output:
+        report.save(output)
+    return report
+
+
+def run_publish(adapter_dir: Union[str, Path], step: PublishStep, out_dir: Union[str, Path], *,
+                report: Union[str, Path, None] = None, eigen: Union[str, Path, None] = None) -> Any:
+    """Publish the adapter in ``adapter_dir`` with the `EditReport` file ``report`` and the spectra of ``eigen``
+    (an eigen.safetensors) to ``step.repo_id``, through the folder ``out_dir``. Returns the `PublishResult`."""
+    from ..evaluation import EditReport
+    from ..publish import HubOptions, publish
+
+    hub = HubOptions(private=step.private or None, revision=step.revision, create_pr=step.create_pr, token=step.token)
+    return publish(adapter_dir, step.repo_id, EditReport.load(report) if report else None, out_dir=out_dir,
+                   merged=step.merged, eigen=eigen, hub=hub, dry_run=step.dry_run, overwrite=step.overwrite)
