@@ -35,8 +35,15 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from hf_curvedit import (CurvatureEditConfig, FactorConfig, ImageClassificationSet, build_curvature_edit,
-                         evaluate_classification, evaluate_edit, fit_factors)
+from hf_curvedit import (
+    CurvatureEditConfig,
+    FactorConfig,
+    ImageClassificationSet,
+    build_curvature_edit,
+    evaluate_classification,
+    evaluate_edit,
+    fit_factors,
+)
 from hf_curvedit.publish import CardOptions, publish
 
 NUM_CLASSES = 10

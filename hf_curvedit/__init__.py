@@ -2,37 +2,71 @@
 
 Importing this package registers the ``CURVEDIT`` PEFT method, so that ``PeftModel``,
 ``AutoPeftModelFor*`` and transformers' adapter loading understand saved curvature edits.
+
+The flow: `fit_factors` (K-FAC factors over ordinary text) → `eigendecompose` → `build_curvature_edit`
+(a PEFT adapter per `CurvatureEditConfig`) → `evaluate_edit` (an `EditReport`) → `hf_curvedit.publish.publish`
+(model card and Hub upload). See docs/method.md for the method.
 """
 
 __version__ = "0.1.0"
 
-from .targets import DEFAULT_TARGET_MODULES, resolve_target_modules
-from .curvature import FactorConfig, KFACEigen, KFACFactors, ModuleEigen, eigendecompose, fit_factors, load_factors
-
-# --- tuner (adapter) exports: owned by the adapter work ---
-# Importing .tuner registers PeftType.CURVEDIT with PEFT (see hf_curvedit/tuner/__init__.py).
-from .selection import Staircase, curvature_mass_cutoffs, factor_truncation_cutoffs, select_cutoffs
-from .tuner import (
-    CurvatureEditConfig,
-    CurvatureEditModel,
-    ModuleEditReport,
-    WrongBaseModelError,
-    build_curvature_edit,
-    check_base_model,
-    curvature_edit_report,
-)
-# --- end tuner ---
-
-# --- evaluation exports: owned by the evaluation work ---
-from .evaluation import (EditReport, EvalConfig, ImageClassificationSet, RecitationSet, TextSet, coherence_ndcg,
-                         evaluate_classification, evaluate_edit,
-                         evaluate_recitation, evaluate_text_recitation, find_memorized_windows, metric_path,
-                         perplexity, recitation_scores, stress_test)
-# --- end evaluation ---
-
-# --- publish exports ---
 # `hf_curvedit.publish` stays the subpackage (call `hf_curvedit.publish.publish(...)`): re-exporting the function
 # under the same name would shadow the package and break `import hf_curvedit.publish.card as card`.
 from . import publish
-from .publish import PublishError, PublishResult, push_folder, render_card
-# --- end publish ---
+from .curvature import (
+                        CausalLMTask,
+                        FactorConfig,
+                        FactorTask,
+                        ImageClassificationTask,
+                        KFACEigen,
+                        KFACFactors,
+                        ModuleEigen,
+                        default_task,
+                        eigendecompose,
+                        fit_factors,
+                        load_factors,
+)
+from .edit import CurvatureEdit, compute_edit
+from .evaluation import (
+                        EditReport,
+                        EvalConfig,
+                        ImageClassificationSet,
+                        RecitationSet,
+                        TextSet,
+                        coherence_ndcg,
+                        evaluate_classification,
+                        evaluate_edit,
+                        evaluate_recitation,
+                        evaluate_text_recitation,
+                        find_memorized_windows,
+                        metric_path,
+                        perplexity,
+                        recitation_scores,
+                        stress_test,
+)
+from .publish import CardOptions, HubOptions, PublishError, PublishResult, push_folder, render_card
+from .selection import Staircase, curvature_mass_cutoffs, factor_truncation_cutoffs, select_cutoffs
+from .targets import DEFAULT_TARGET_MODULES, resolve_target_modules
+
+# Importing .tuner registers PeftType.CURVEDIT with PEFT (see hf_curvedit/tuner/__init__.py).
+from .tuner import (
+                        CurvatureEditConfig,
+                        CurvatureEditModel,
+                        ModuleEditReport,
+                        WrongBaseModelError,
+                        build_curvature_edit,
+                        check_base_model,
+                        curvature_edit_report,
+)
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES", "CardOptions", "CausalLMTask", "CurvatureEdit", "CurvatureEditConfig",
+    "CurvatureEditModel", "EditReport", "EvalConfig", "FactorConfig", "FactorTask", "HubOptions",
+    "ImageClassificationSet", "ImageClassificationTask", "KFACEigen", "KFACFactors", "ModuleEditReport", "ModuleEigen",
+    "PublishError", "PublishResult", "RecitationSet", "Staircase", "TextSet", "WrongBaseModelError", "__version__",
+    "build_curvature_edit", "check_base_model", "coherence_ndcg", "compute_edit", "curvature_edit_report",
+    "curvature_mass_cutoffs", "default_task", "eigendecompose", "evaluate_classification", "evaluate_edit",
+    "evaluate_recitation", "evaluate_text_recitation", "factor_truncation_cutoffs", "find_memorized_windows",
+    "fit_factors", "load_factors", "metric_path", "perplexity", "publish", "push_folder", "recitation_scores",
+    "render_card", "resolve_target_modules", "select_cutoffs", "stress_test",
+]

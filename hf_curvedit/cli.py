@@ -20,12 +20,28 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import Any, Sequence, get_args
+from collections.abc import Sequence
+from typing import Any, get_args
 
 from .curvature.config import LabelMode, TokenPositions
-from .pipeline import (DEFAULT_KEEP_MASS, EditStep, EvaluateStep, FitStep, PipelineConfig, PublishStep, StepFailed,
-                       SweepStep, UsageError, report_table, run_edit, run_evaluate, run_fit, run_pipeline, run_publish,
-                       run_sweep)
+from .pipeline import (
+    DEFAULT_KEEP_MASS,
+    EditStep,
+    EvaluateStep,
+    FitStep,
+    PipelineConfig,
+    PublishStep,
+    StepFailed,
+    SweepStep,
+    UsageError,
+    report_table,
+    run_edit,
+    run_evaluate,
+    run_fit,
+    run_pipeline,
+    run_publish,
+    run_sweep,
+)
 from .selection import SELECTIONS
 from .targets import parse_target_modules
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Union
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 DatasetLike = Union[Dataset, IterableDataset]
-DataSource = Union[Dataset, IterableDataset, DatasetDict, IterableDatasetDict, str, Path, Sequence[Union[str, Path]]]
+DataSource = Union[Dataset, IterableDataset, DatasetDict, IterableDatasetDict, str, Path, Sequence[str | Path]]
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
              ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -79,7 +79,7 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.tensor([d_out, d_in, rms], dtype=torch.float64), probes.cpu()])
 
 
-def fingerprint_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> Optional[str]:
+def fingerprint_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> str | None:
     """What differs between two weight fingerprints, in words, or ``None`` when they match (or ``expected`` is
     unfilled)."""
     expected, actual = expected.double().cpu(), actual.double().cpu()
@@ -132,7 +132,7 @@ class CurvatureEdit:
         return self.B @ self.Q.T if self.q_side == "input" else self.Q @ self.B.T
 
     @classmethod
-    def empty(cls, d_out: int, d_in: int, rank: int, q_side: str, dtype: torch.dtype = torch.float32) -> "CurvatureEdit":
+    def empty(cls, d_out: int, d_in: int, rank: int, q_side: str, dtype: torch.dtype = torch.float32) -> CurvatureEdit:
         """An all-zero edit of the given shape, to be filled by loading a saved one (its fingerprint reads unfilled)."""
         if q_side not in ("input", "output"):
             raise ValueError(f"q_side must be 'input' or 'output', got {q_side!r}")
@@ -147,7 +147,7 @@ def compute_edit(
     eigen: ModuleEigen,
     keep_mass: float,
     selection: Selection = "curvature_mass",
-    rank_cap: Optional[int] = None,
+    rank_cap: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> CurvatureEdit:
     """Edit one logical ``(d_out, d_in)`` weight with its K-FAC eigenbasis (float64 math, result in `dtype`).
@@ -225,7 +225,7 @@ class ModuleEditReport:
     kept_mass_fraction: float
     kept_norm_fraction: float  # ‖W'‖ / ‖W‖
     removed_norm_fraction: float  # ‖W - W'‖ / ‖W‖
-    rank_cap: Optional[int]
+    rank_cap: int | None
     rank_cap_error: float  # ‖W'_capped - W'‖ / ‖W'‖ (0 without a cap)
     adapter_bytes: int
     weight_bytes: int
@@ -243,7 +243,7 @@ class ModuleEditReport:
 
     @classmethod
     def from_meta(cls, meta: torch.Tensor, *, module: str, adapter: str, d_out: int, d_in: int, adapter_bytes: int,
-                  weight_bytes: int) -> "ModuleEditReport":
+                  weight_bytes: int) -> ModuleEditReport:
         """Decode a `META_FIELDS` vector (the `CurvatureEdit.meta` of a computed or loaded edit)."""
         m = meta.detach().double().cpu()
         w_norm = float(m[_M["weight_norm"]])

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,9 +32,9 @@ class SweepPoint:
 
     method: str  # "base", "curvedit" or "svd"
     layers: str  # label of the layer/module choice
-    target_modules: Optional[str]
-    keep_mass: Optional[float]
-    rank: Optional[int]
+    target_modules: str | None
+    keep_mass: float | None
+    rank: int | None
     recitation: dict[str, dict[str, float]]  # set -> {"strict", "loose", "avg_lev"}
     perplexity: float
     perplexity_change: float  # relative to the base, e.g. 0.12 = +12%
@@ -47,19 +48,19 @@ class SweepResult:
     points: list[SweepPoint]
     perplexity_budget: float
     primary_set: str
-    chosen: Optional[SweepPoint] = None
-    svd_match: Optional[SweepPoint] = None
+    chosen: SweepPoint | None = None
+    svd_match: SweepPoint | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SweepResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepResult:
         """Inverse of :meth:`to_dict`; ``chosen`` and ``svd_match`` are the matching objects of ``points``."""
         points = [SweepPoint(**p) for p in data["points"]]
 
-        def find(d: Optional[Mapping[str, Any]]) -> Optional[SweepPoint]:
+        def find(d: Mapping[str, Any] | None) -> SweepPoint | None:
             if d is None:
                 return None
             point = SweepPoint(**d)
@@ -73,7 +74,7 @@ class SweepResult:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "SweepResult":
+    def load(cls, path: str | Path) -> SweepResult:
         """Read a sweep written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
@@ -106,7 +107,7 @@ class SweepResult:
 
 
 def _measure(model: nn.Module, sets: Mapping[str, RecitationSet], heldout: TextSet, batch_size: int,
-             pad_token_id: Optional[int]) -> tuple[dict[str, dict[str, float]], float]:
+             pad_token_id: int | None) -> tuple[dict[str, dict[str, float]], float]:
     rec = {}
     for name, s in sets.items():
         r = evaluate_recitation(model, s.prefixes, s.suffixes, batch_size=batch_size, pad_token_id=pad_token_id,
@@ -146,9 +147,9 @@ def sweep_edits(
     layer_choices: Mapping[str, str] | None = None,
     perplexity_budget: float = 0.15,
     svd_ranks: Sequence[int] | None = None,
-    primary_set: Optional[str] = None,
+    primary_set: str | None = None,
     batch_size: int = 16,
-    pad_token_id: Optional[int] = None,
+    pad_token_id: int | None = None,
 ) -> SweepResult:
     """Measure every ρ × layer choice (and optionally an SVD baseline) and pick the best edit within budget.
 

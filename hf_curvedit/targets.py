@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
 
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D

@@ -43,8 +43,13 @@ from pathlib import Path
 import torch
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
-from hf_curvedit.default import (DEFAULT_MODEL_DIR, default_text_dataset, load_default_model, load_heldout_text,
-                                 load_memorized_set)
+from hf_curvedit.default import (
+    DEFAULT_MODEL_DIR,
+    default_text_dataset,
+    load_default_model,
+    load_heldout_text,
+    load_memorized_set,
+)
 from hf_curvedit.evaluation import evaluate_recitation, perplexity
 from hf_curvedit.sweep import svd_truncation
 from hf_curvedit.targets import resolve_target_modules

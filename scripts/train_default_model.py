@@ -54,8 +54,13 @@ from pathlib import Path
 
 import torch
 
-from hf_curvedit.default import (DEFAULT_MODEL_DIR, byte_tokenizer, default_model_config, default_text_dataset,
-                                 stdlib_docs)
+from hf_curvedit.default import (
+    DEFAULT_MODEL_DIR,
+    byte_tokenizer,
+    default_model_config,
+    default_text_dataset,
+    stdlib_docs,
+)
 
 # Modules whose docstring paragraphs become the repeated passages. None of them is in
 # hf_curvedit.default.STDLIB_MODULES (the general text).

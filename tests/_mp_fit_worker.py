@@ -6,8 +6,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_factors_multiprocess import CFG, _data  # noqa: E402
+from testing_utils import tiny_llama  # noqa: E402
 
-from conftest import tiny_llama  # noqa: E402
 from hf_curvedit import FactorConfig, fit_factors  # noqa: E402
 from hf_curvedit.curvature.fit import dist_state  # noqa: E402
 

@@ -7,10 +7,9 @@ as well (and restored by monkeypatch). transformers 5 asks `huggingface_hub.cons
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-
 from hub_server import HubServer
 
 TOKEN = "hf_test_token"

@@ -27,7 +27,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -56,7 +55,7 @@ class Commit:
     oid: str
     files: dict[str, StoredFile]
     message: str
-    parent: Optional[str]
+    parent: str | None
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     next_pr: int = 1
 
-    def resolve(self, revision: str) -> Optional[Commit]:
+    def resolve(self, revision: str) -> Commit | None:
         if revision in self.branches:
             return self.commits[self.branches[revision]]
         return self.commits.get(revision)
@@ -78,7 +77,7 @@ class FailRule:
     method: str
     path_regex: str
     status: int
-    times: Optional[int]
+    times: int | None
 
 
 class HubState:
@@ -92,7 +91,7 @@ class HubState:
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.RLock()
 
-    def new_commit(self, repo: Repo, files: dict[str, StoredFile], message: str, parent: Optional[str]) -> Commit:
+    def new_commit(self, repo: Repo, files: dict[str, StoredFile], message: str, parent: str | None) -> Commit:
         digest = hashlib.sha1(f"{repo.repo_id}|{parent}|{message}|{time.time_ns()}".encode())
         for path in sorted(files):
             digest.update(path.encode() + files[path].oid.encode())
@@ -102,7 +101,7 @@ class HubState:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None, extra: Optional[dict] = None):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
 
@@ -111,7 +110,7 @@ _REPO = r"(?P<repo>[\w.\-]+/[\w.\-]+)"
 
 
 class HubHandler(BaseHTTPRequestHandler):
-    server: "HubServer"
+    server: HubServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args) -> None:  # keep pytest output clean
@@ -146,7 +145,7 @@ class HubHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None,
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
               content_type: str = "application/json") -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -157,10 +156,10 @@ class HubHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, obj, headers: Optional[dict] = None) -> None:
+    def _json(self, status: int, obj, headers: dict | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
 
-    def _user(self) -> Optional[str]:
+    def _user(self) -> str | None:
         auth = self.headers.get("Authorization", "")
         if not auth:
             return None
@@ -365,7 +364,7 @@ class HubHandler(BaseHTTPRequestHandler):
         meta = yaml.safe_load(m.group(1)) if m else None
         return {"cardData": meta} if isinstance(meta, dict) else {}
 
-    def tree(self, query, repo: str, rev: str, subpath: Optional[str] = None) -> None:
+    def tree(self, query, repo: str, rev: str, subpath: str | None = None) -> None:
         self._body()
         r = self._repo(repo)
         commit = self._commit(r, rev)
@@ -425,13 +424,13 @@ class HubServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, tokens: Optional[dict[str, str]] = None, port: int = 0):
+    def __init__(self, tokens: dict[str, str] | None = None, port: int = 0):
         super().__init__(("127.0.0.1", port), HubHandler)
         self.state = HubState(tokens or {"hf_test_token": "user"})
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._thread = threading.Thread(target=self.serve_forever, name="hub-server", daemon=True)
         self._thread.start()
         return self
@@ -442,7 +441,7 @@ class HubServer(ThreadingHTTPServer):
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def fail(self, method: str, path_regex: str, status: int, times: Optional[int] = None) -> None:
+    def fail(self, method: str, path_regex: str, status: int, times: int | None = None) -> None:
         """Answer `status` to requests whose method is `method` and path matches `path_regex` (`times` times, or
         always when ``None``)."""
         with self.state.lock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import os
 
 import pytest
@@ -13,81 +12,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft import get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from testing_utils import dense_edit, edit_gpt2, edit_layers, edit_llama, ids, logical_weight, random_eigen  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 import hf_curvedit  # noqa: E402,F401  (registers the PEFT method)
-from hf_curvedit import CurvatureEditConfig, KFACEigen, ModuleEigen, build_curvature_edit  # noqa: E402
-from hf_curvedit.curvature.eigen import symmetric_eigh  # noqa: E402
-from hf_curvedit.targets import linear_shape, resolve_target_modules  # noqa: E402
+from hf_curvedit import CurvatureEditConfig, KFACEigen, build_curvature_edit  # noqa: E402
 from hf_curvedit.tuner import CurvatureEditLayer, curvature_edit_report  # noqa: E402
-
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128)
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).eval()
-
-
-def _spd(n: int, g: torch.Generator) -> torch.Tensor:
-    # a spread spectrum, like real activation / gradient covariances
-    X = torch.randn(n, 2 * n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)[:, None]
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return Q @ (X @ X.T) @ Q.T / (2 * n)
-
-
-@functools.lru_cache(maxsize=None)
-def _random_eigen(shapes: tuple[tuple[str, int, int], ...], seed: int) -> KFACEigen:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, d_out, d_in in shapes:
-        la, va = symmetric_eigh(_spd(d_in, g))
-        lg, vg = symmetric_eigh(_spd(d_out, g))
-        out[name] = ModuleEigen(la, va, lg, vg)
-    return KFACEigen(out, {"num_tokens": 1000, "model_name_or_path": "tiny"})
-
-
-def random_eigen(model: torch.nn.Module, seed: int = 1, names: list[str] | None = None) -> KFACEigen:
-    """Eigenbases of random SPD factors for the targeted modules (cached: eigh is slow on a busy 2-core box)."""
-    shapes = tuple((n, *linear_shape(model.get_submodule(n))) for n in (names or resolve_target_modules(model)))
-    return _random_eigen(shapes, seed)
-
-
-def logical_weight(module: torch.nn.Module) -> torch.Tensor:
-    w = module.weight.detach()
-    return w.T if type(module).__name__ == "Conv1D" else w
-
-
-def dense_edit(weight: torch.Tensor, e: ModuleEigen, rho: float) -> torch.Tensor:
-    """W' = U_G (M ∘ C) U_Aᵀ in float64, with M from a brute-force sort of all products."""
-    from test_selection import brute_force_mask
-
-    W = weight.double()
-    C = e.eigvecs_G.T @ W @ e.eigvecs_A
-    M = brute_force_mask(e.eigvals_G, e.eigvals_A, rho)
-    return e.eigvecs_G @ (C * M) @ e.eigvecs_A.T
-
-
-def ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def edit_layers(model) -> dict[str, CurvatureEditLayer]:
-    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, CurvatureEditLayer)}
-
 
 # ------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_enabled_forward_equals_dense_formula_in_fp64(arch):
-    base = (tiny_llama() if arch == "llama" else tiny_gpt2()).double()
+    base = (edit_llama() if arch == "llama" else edit_gpt2()).double()
     reference = copy.deepcopy(base)
     eigen = random_eigen(base)
     rho = 0.6
@@ -111,7 +48,7 @@ def test_enabled_forward_equals_dense_formula_in_fp64(arch):
 
 
 def test_adapter_state_is_an_exact_orthonormal_factorization_in_fp32_buffers():
-    base = tiny_llama()
+    base = edit_llama()
     eigen = random_eigen(base)
     model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
@@ -136,7 +73,7 @@ def test_adapter_state_is_an_exact_orthonormal_factorization_in_fp32_buffers():
 
 
 def test_disabled_adapter_is_bit_exact_base():
-    base = tiny_llama()
+    base = edit_llama()
     x = ids()
     with torch.no_grad():
         ref = base(x).logits.clone()
@@ -153,14 +90,14 @@ def test_disabled_adapter_is_bit_exact_base():
 
 
 def test_set_adapter_switches_between_edits_with_different_rho():
-    eigen = random_eigen(tiny_llama())
+    eigen = random_eigen(edit_llama())
     x = ids()
     singles = {}
     for rho in (0.5, 0.9):
-        m = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=rho), adapter_name=f"r{int(rho * 10)}")
+        m = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=rho), adapter_name=f"r{int(rho * 10)}")
         with torch.no_grad():
             singles[rho] = m(x).logits
-    model = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.5), adapter_name="r5")
+    model = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=0.5), adapter_name="r5")
     model = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.9), adapter_name="r9")
     assert model.active_adapter == "r5"  # adding does not activate
     with torch.no_grad():
@@ -188,7 +125,7 @@ def test_set_adapter_switches_between_edits_with_different_rho():
 
 
 def test_merge_unmerge_round_trip_is_bit_exact_in_fp32():
-    base = tiny_llama()
+    base = edit_llama()
     originals = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     x = ids()
     with torch.no_grad():
@@ -212,7 +149,7 @@ def test_merge_unmerge_round_trip_is_bit_exact_in_fp32():
 
 
 def test_bf16_base_keeps_fp32_adapter_and_merge_round_trip_is_bit_exact():
-    base = tiny_llama()
+    base = edit_llama()
     model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.6))
     model = model.to(torch.bfloat16)
     layers = edit_layers(model)
@@ -238,8 +175,8 @@ def test_bf16_base_keeps_fp32_adapter_and_merge_round_trip_is_bit_exact():
 
 def test_merge_and_unload_and_unload():
     x = ids()
-    eigen = random_eigen(tiny_llama())
-    model = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.6))
+    eigen = random_eigen(edit_llama())
+    model = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=0.6))
     with torch.no_grad():
         edited = model(x).logits
     plain = model.merge_and_unload()
@@ -249,7 +186,7 @@ def test_merge_and_unload_and_unload():
     with torch.no_grad():
         torch.testing.assert_close(plain(x).logits, edited, rtol=1e-4, atol=1e-5)
 
-    fresh = tiny_llama()
+    fresh = edit_llama()
     with torch.no_grad():
         ref = fresh(x).logits.clone()
     model = build_curvature_edit(fresh, eigen, CurvatureEditConfig(keep_mass=0.6))
@@ -261,7 +198,7 @@ def test_merge_and_unload_and_unload():
 
 
 def test_report_numbers_are_consistent():
-    base = tiny_llama()
+    base = edit_llama()
     weights = {n: logical_weight(m).double().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     eigen = random_eigen(base)
     model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6))
@@ -282,9 +219,9 @@ def test_report_numbers_are_consistent():
 
 
 def test_rank_cap_truncates_by_svd_and_records_its_error():
-    base = tiny_llama()
+    base = edit_llama()
     eigen = random_eigen(base)
-    uncapped = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.6))
+    uncapped = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=0.6))
     full = {n: l.edited_weight("default").double() for n, l in edit_layers(uncapped).items()}
     model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6, rank_cap=10))
     for name, layer in edit_layers(model).items():
@@ -301,16 +238,16 @@ def test_rank_cap_truncates_by_svd_and_records_its_error():
         B = layer.curvedit_B["default"].double()
         assert torch.linalg.matrix_rank(B @ Q.double().T).item() == 10
     # a cap at or above k changes nothing
-    same = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.6, rank_cap=10_000))
+    same = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=0.6, rank_cap=10_000))
     for name, layer in edit_layers(same).items():
         assert layer.report("default").rank_cap_error == 0.0
         torch.testing.assert_close(layer.edited_weight("default").double(), full[name], rtol=0, atol=0)
 
 
 def test_keep_mass_pattern_and_factor_truncation_variant():
-    eigen = random_eigen(tiny_llama())
+    eigen = random_eigen(edit_llama())
     cfg = CurvatureEditConfig(keep_mass=0.6, keep_mass_pattern={r"layers\.1\.mlp\.up_proj": 0.9, "down_proj": 0.3})
-    model = build_curvature_edit(tiny_llama(), eigen, cfg)
+    model = build_curvature_edit(edit_llama(), eigen, cfg)
     rhos = {r.module: r.keep_mass for r in model.base_model.edit_report()}
     assert rhos["model.layers.1.mlp.up_proj"] == 0.9
     assert rhos["model.layers.0.mlp.up_proj"] == 0.6
@@ -318,7 +255,7 @@ def test_keep_mass_pattern_and_factor_truncation_variant():
     # the model resolves ρ per module from the config (as LoRA resolves rank_pattern); the layer records it
     assert model.peft_config["default"].keep_mass_for("model.layers.1.mlp.up_proj") == 0.9
 
-    ft = build_curvature_edit(tiny_llama(), eigen, CurvatureEditConfig(keep_mass=0.8, selection="factor_truncation"))
+    ft = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=0.8, selection="factor_truncation"))
     for rep in ft.base_model.edit_report():
         assert rep.selection == "factor_truncation"
         assert rep.kept_components == rep.r * rep.s
@@ -336,31 +273,31 @@ def test_config_validation_and_missing_factor_errors(tmp_path):
     with pytest.raises(ValueError, match="rank_cap"):
         CurvatureEditConfig(rank_cap=0)
     # factors for only some targeted modules: the missing one is named
-    base = tiny_llama()
+    base = edit_llama()
     partial = KFACEigen({k: v for k, v in random_eigen(base).items() if "layers.0" in k})
     with pytest.raises(ValueError, match=r"no K-FAC factors for module 'model\.layers\.1\.mlp\.gate_proj'"):
         build_curvature_edit(base, partial, CurvatureEditConfig())
     # get_peft_model without any factors explains how to provide them
     with pytest.raises(ValueError, match="build_curvature_edit"):
-        get_peft_model(tiny_llama(), CurvatureEditConfig())
+        get_peft_model(edit_llama(), CurvatureEditConfig())
     # a tied lm_head is refused (editing it would edit the embeddings)
-    gpt2 = tiny_gpt2()
+    gpt2 = edit_gpt2()
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
     with pytest.raises(ValueError, match="tied"):
         build_curvature_edit(gpt2, random_eigen(gpt2, names=["lm_head"]), CurvatureEditConfig(target_modules=["lm_head"]))
     # factors of another architecture
-    other = random_eigen(tiny_llama(intermediate_size=96))
+    other = random_eigen(edit_llama(intermediate_size=96))
     with pytest.raises(ValueError, match="different model"):
-        build_curvature_edit(tiny_llama(), other, CurvatureEditConfig())
+        build_curvature_edit(edit_llama(), other, CurvatureEditConfig())
 
 
 def test_get_peft_model_with_factors_path_equals_convenience_builder(tmp_path):
-    eigen = random_eigen(tiny_llama())
+    eigen = random_eigen(edit_llama())
     path = eigen.save(tmp_path / "eigen.safetensors")
     x = ids()
-    a = get_peft_model(tiny_llama(), CurvatureEditConfig(keep_mass=0.7, factors_path=str(path),
+    a = get_peft_model(edit_llama(), CurvatureEditConfig(keep_mass=0.7, factors_path=str(path),
                                                           target_modules=["up_proj", "gate_proj"]))
-    b = build_curvature_edit(tiny_llama(), path, CurvatureEditConfig(keep_mass=0.7, target_modules=["up_proj", "gate_proj"]))
+    b = build_curvature_edit(edit_llama(), path, CurvatureEditConfig(keep_mass=0.7, target_modules=["up_proj", "gate_proj"]))
     assert set(edit_layers(a)) == set(edit_layers(b)) == {k for k in eigen if "down_proj" not in k}
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits)
@@ -370,7 +307,7 @@ def test_get_peft_model_with_factors_path_equals_convenience_builder(tmp_path):
 
 @pytest.mark.parametrize("cast", ["half", "to_bfloat16"])
 def test_casting_an_edited_model_keeps_the_edit_exact(cast):
-    base = tiny_llama()
+    base = edit_llama()
     model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.6))
     x = ids()
     before = {n: (l.edited_weight("default").clone(), l.report("default")) for n, l in edit_layers(model).items()}
@@ -397,7 +334,7 @@ def test_casting_an_edited_model_keeps_the_edit_exact(cast):
 
 
 def test_merge_with_safe_merge_and_adapter_names():
-    base = tiny_llama()
+    base = edit_llama()
     eigen = random_eigen(base)
     model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6), adapter_name="r6")
     model = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.9), adapter_name="r9")
@@ -428,7 +365,7 @@ def test_one_target_grammar_globs_fit_build_save_and_load(tmp_path):
     from hf_curvedit import FactorConfig, fit_factors
 
     glob = ["model.layers.1.mlp.*_proj"]
-    base = tiny_llama()
+    base = edit_llama()
     base.save_pretrained(tmp_path / "base")
     rows = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0)).tolist()
     factors = fit_factors(base, Dataset.from_dict({"input_ids": rows}),

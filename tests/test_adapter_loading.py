@@ -15,11 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel  # noqa: E402
 from peft.utils import PeftType  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from testing_utils import edit_gpt2, edit_layers, edit_llama, ids, random_eigen  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_curvedit  # noqa: E402
 from hf_curvedit import CurvatureEditConfig, WrongBaseModelError, build_curvature_edit  # noqa: E402
-from test_adapter import edit_layers, ids, random_eigen, tiny_gpt2, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def saved(tmp_path_factory):
     """A tiny Llama base saved to disk, and a ρ = 0.6 edit of it saved next to it."""
     root = tmp_path_factory.mktemp("curvedit")
     base_dir, adapter_dir = root / "base", root / "edit"
-    tiny_llama().save_pretrained(base_dir)
+    edit_llama().save_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     eigen = random_eigen(base)
     model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6, task_type="CAUSAL_LM"))
@@ -106,7 +106,7 @@ def test_loaded_edit_keeps_its_metadata_and_merges(saved):
 
 def test_several_adapters_save_and_load(tmp_path, saved):
     base_dir, _, _, _ = saved
-    eigen = random_eigen(tiny_llama())
+    eigen = random_eigen(edit_llama())
     model = build_curvature_edit(AutoModelForCausalLM.from_pretrained(base_dir).eval(), eigen,
                                  CurvatureEditConfig(keep_mass=0.5), adapter_name="rho5")
     build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.8, target_modules=["up_proj"]),
@@ -160,20 +160,20 @@ def test_wrong_base_is_refused_with_a_clear_error(tmp_path, saved):
     base_dir, adapter_dir, _, _ = saved
     # same architecture, other weights
     other_dir = tmp_path / "other"
-    tiny_llama(seed=123).save_pretrained(other_dir)
+    edit_llama(seed=123).save_pretrained(other_dir)
     with pytest.raises(WrongBaseModelError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj.*different values"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other_dir), adapter_dir)
     with pytest.raises(WrongBaseModelError, match="different base model"):
         AutoModelForCausalLM.from_pretrained(other_dir).load_adapter(str(adapter_dir))
     # other shapes
     wide_dir = tmp_path / "wide"
-    tiny_llama(intermediate_size=96).save_pretrained(wide_dir)
+    edit_llama(intermediate_size=96).save_pretrained(wide_dir)
     with pytest.raises(WrongBaseModelError, match=r"shape \(d_out, d_in\) is \(96, 64\).*\(128, 64\)"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(wide_dir), adapter_dir)
     # other depth: fewer layers (edited modules missing) and more layers (modules the edit does not know)
     for n_layers in (1, 3):
         d = tmp_path / f"depth{n_layers}"
-        tiny_llama(num_hidden_layers=n_layers).save_pretrained(d)
+        edit_llama(num_hidden_layers=n_layers).save_pretrained(d)
         with pytest.raises(WrongBaseModelError, match="model.layers"):
             PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d), adapter_dir)
     # a weight changed after building is caught by the explicit check
@@ -198,7 +198,7 @@ def test_bf16_copy_of_the_right_base_is_accepted(saved):
 
 
 def test_gpt2_conv1d_save_load_round_trip(tmp_path):
-    base = tiny_gpt2()
+    base = edit_gpt2()
     base.save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.7))
@@ -220,7 +220,7 @@ def test_unloaded_buffers_are_not_used_silently(saved):
     from peft import get_peft_model
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
-    model = get_peft_model(tiny_llama(), config)
+    model = get_peft_model(edit_llama(), config)
     with pytest.raises(RuntimeError, match="no weights yet"):
         model(ids())
 
@@ -231,7 +231,7 @@ def test_end_to_end_from_fitted_factors(tmp_path):
 
     from hf_curvedit import FactorConfig, eigendecompose, fit_factors
 
-    base = tiny_llama()
+    base = edit_llama()
     gen = torch.Generator().manual_seed(0)
     data = Dataset.from_dict({"input_ids": [torch.randint(0, 128, (16,), generator=gen).tolist() for _ in range(32)]})
     factors = fit_factors(base, data, FactorConfig(seq_len=16, batch_size=8, max_tokens=512),
@@ -246,7 +246,7 @@ def test_end_to_end_from_fitted_factors(tmp_path):
     with torch.no_grad():
         expected = model(x).logits.clone()
     model.save_pretrained(tmp_path / "edit")
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "edit")
+    loaded = PeftModel.from_pretrained(edit_llama(), tmp_path / "edit")
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, expected)
 
@@ -256,7 +256,7 @@ def test_builder_accepts_fitted_factors_directly(tmp_path):
 
     from hf_curvedit import FactorConfig, fit_factors
 
-    base = tiny_llama()
+    base = edit_llama()
     gen = torch.Generator().manual_seed(1)
     data = Dataset.from_dict({"input_ids": [torch.randint(0, 128, (16,), generator=gen).tolist() for _ in range(16)]})
     factors = fit_factors(base, data, FactorConfig(seq_len=16, batch_size=8), output_dir=tmp_path, progress=False)

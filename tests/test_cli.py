@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import load_factors
 from hf_curvedit.cli import main
 from hf_curvedit.default import byte_tokenizer
-
-from conftest import tiny_llama
 
 
 @pytest.fixture

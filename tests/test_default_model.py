@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_curvedit.default import (DEFAULT_MODEL_DIR, default_text_dataset, load_default_model, load_heldout_text,
-                                 load_memorized_set, memorized_prefix_suffix_ids)
+from hf_curvedit.default import (
+    DEFAULT_MODEL_DIR,
+    default_text_dataset,
+    load_default_model,
+    load_heldout_text,
+    load_memorized_set,
+    memorized_prefix_suffix_ids,
+)
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(),
                                 reason="no trained default checkpoint shipped")

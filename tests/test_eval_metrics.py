@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from hf_curvedit.evaluation import (
-    available_metrics, exact_prefix_match, metric_path, ndcg_at_k, ndcg_per_position, perplexity,
-    recitation_scores, sliding_windows, split_suffix, stress_test, stress_variants,
+    available_metrics,
+    exact_prefix_match,
+    metric_path,
+    ndcg_at_k,
+    ndcg_per_position,
+    perplexity,
+    recitation_scores,
+    sliding_windows,
+    split_suffix,
+    stress_test,
+    stress_variants,
 )
 from hf_curvedit.evaluation.perplexity import score_text
 
@@ -247,9 +256,9 @@ def test_stress_variants_and_prefix_match():
 # ---------------------------------------------------------------- evaluate modules, offline
 
 def test_evaluate_modules_load_offline(monkeypatch, tmp_path):
-    import evaluate
-
     import socket
+
+    import evaluate
 
     for var in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "1")

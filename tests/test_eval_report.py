@@ -10,9 +10,26 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_curvedit
 from hf_curvedit.evaluation import (
-    CoherenceResult, EditReport, EvalConfig, PerplexityComparison, PerplexityResult, RecitationComparison,
-    RecitationMetrics, RecitationSet, ReportMetadata, StressComparison, StressResult, TextSet, as_eval_set,
-    evaluate_edit, evaluate_recitation, greedy_generate, next_token_topk, ndcg_at_k, perplexity, stress_test,
+    CoherenceResult,
+    EditReport,
+    EvalConfig,
+    PerplexityComparison,
+    PerplexityResult,
+    RecitationComparison,
+    RecitationMetrics,
+    RecitationSet,
+    ReportMetadata,
+    StressComparison,
+    StressResult,
+    TextSet,
+    as_eval_set,
+    evaluate_edit,
+    evaluate_recitation,
+    greedy_generate,
+    ndcg_at_k,
+    next_token_topk,
+    perplexity,
+    stress_test,
 )
 
 VOCAB = 64

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from safetensors import safe_open
+from testing_utils import random_token_rows, record_module_io, tiny_gpt2, tiny_llama
 
 from hf_curvedit import FactorConfig, fit_factors, load_factors
 from hf_curvedit.curvature import fit as fit_mod
@@ -16,8 +17,6 @@ from hf_curvedit.curvature.collector import accumulate_upper, mirror_upper, plan
 from hf_curvedit.curvature.tasks import batch_generator, sample_labels, valid_position_mask
 from hf_curvedit.data import pack_into_blocks
 from hf_curvedit.targets import resolve_target_modules
-
-from conftest import random_token_rows, record_module_io, tiny_gpt2, tiny_llama
 
 
 def brute_force_factors(model, input_ids, attention_mask, names, label_mode, seed=0, batch_index=0, chunk=2048):
@@ -144,8 +143,8 @@ def test_save_load_roundtrip_and_metadata(tmp_path, llama):
 
 
 def test_text_input_with_tokenizer_and_streaming(tmp_path, llama):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 61)} | {"<unk>": 0}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from testing_utils import random_token_rows, tiny_llama
 
 from hf_curvedit import FactorConfig, fit_factors, load_factors
-
-from conftest import random_token_rows, tiny_llama
 
 CFG = dict(seq_len=16, batch_size=2, label_mode="sampled", seed=3, checkpoint_every=1)
 

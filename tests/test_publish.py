@@ -7,33 +7,52 @@ import json
 import os
 import socket
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import requests
+import tomllib
 import torch
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hub_fixtures import TOKEN  # noqa: E402
 from huggingface_hub import HfApi, ModelCard  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError  # noqa: E402
 from peft import AutoPeftModelForCausalLM, PeftModel  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from testing_utils import (  # noqa: E402
+    VOCAB,
+    random_eigen,  # noqa: E402
+    tiny_llama,
+)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_curvedit  # noqa: E402,F401
-from conftest import VOCAB, tiny_llama  # noqa: E402
 from hf_curvedit import CurvatureEditConfig, build_curvature_edit  # noqa: E402
-from hf_curvedit.evaluation import (CoherenceResult, EditReport, PerplexityComparison, PerplexityResult,  # noqa: E402
-                                    RecitationComparison, RecitationMetrics)
-from hf_curvedit.publish import (CardInputs, CardOptions, HubOptions, PublishError, load_template,  # noqa: E402
-                                 plot_spectrum, plot_tradeoff, publish, push_folder, render_card)
+from hf_curvedit.evaluation import (  # noqa: E402
+    CoherenceResult,
+    EditReport,
+    PerplexityComparison,
+    PerplexityResult,
+    RecitationComparison,
+    RecitationMetrics,
+)
+from hf_curvedit.publish import (  # noqa: E402
+    CardInputs,
+    CardOptions,
+    HubOptions,
+    PublishError,
+    load_template,
+    plot_spectrum,
+    plot_tradeoff,
+    publish,
+    push_folder,
+    render_card,
+)
 from hf_curvedit.publish.card import module_rows  # noqa: E402
 from hf_curvedit.tuner import curvature_edit_report  # noqa: E402
-from hub_fixtures import TOKEN, hub, hub_server  # noqa: E402,F401
-from test_adapter import random_eigen  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -196,8 +215,8 @@ def test_publish_dry_run_writes_a_complete_folder(tmp_path, edited):
 
 def test_card_reports_real_factor_provenance(tmp_path):
     from datasets import Dataset
+    from testing_utils import random_token_rows
 
-    from conftest import random_token_rows
     from hf_curvedit import FactorConfig, eigendecompose, fit_factors
 
     base = tiny_llama()
@@ -522,6 +541,14 @@ def test_publish_is_stage_then_card_then_push(tmp_path, edited):
     assert (staged.folder / "README.md").read_text() == (res.folder / "README.md").read_text() == str(card)
     assert "extra-tag" in card.data.tags and "tokens = `1,234`" in card.text
     assert "dataset = `wikitext-103`" in card.text  # the rest of the factor line still comes from factor_source
+    # the spectrum plots draw the staircases the adapter saved: staging reads them back from its weights
+    from hf_curvedit.publish.stage import _saved_cutoffs
+
+    saved = _saved_cutoffs(staged.folder)
+    layers = {r.module: r for r in curvature_edit_report(model, "default")}
+    assert set(saved) == set(layers) and len(staged.spectrum_plots) == len(layers)
+    for name, cut in saved.items():
+        assert torch.equal(cut, model.get_submodule(f"base_model.model.{name}").curvedit_cutoffs["default"])
 
 
 def test_factor_dataset_is_read_from_the_typed_field_and_legacy_adapters():

@@ -6,31 +6,13 @@ import time
 
 import pytest
 import torch
+from testing_utils import brute_force_mask
 
 from hf_curvedit.selection import (
     curvature_mass_cutoffs,
     factor_truncation_cutoffs,
     select_cutoffs,
 )
-
-
-def brute_force_mask(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Tensor:
-    """Sort all products by (Π desc, i asc, j asc), keep the shortest prefix whose mass reaches ρ·total."""
-    lam = lam.double()
-    mu = mu.double()
-    prods = (lam[:, None] * mu[None, :]).reshape(-1)
-    # row-major flattening + stable sort = the documented tie rule
-    order = torch.sort(prods, descending=True, stable=True).indices
-    positive = prods[order] > 0
-    if rho >= 1.0:
-        n_take = int(positive.sum())
-    else:
-        cum = torch.cumsum(prods[order], 0)
-        total = float(cum[-1])
-        n_take = int(torch.nonzero(cum >= rho * total)[0]) + 1
-    mask = torch.zeros(prods.numel(), dtype=torch.bool)
-    mask[order[:n_take]] = True
-    return mask.reshape(lam.numel(), mu.numel())
 
 
 def _sorted_desc(x: torch.Tensor) -> torch.Tensor:

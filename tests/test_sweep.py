@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from testing_utils import random_token_rows, tiny_llama
 
 from hf_curvedit import FactorConfig, fit_factors
 from hf_curvedit.evaluation import RecitationSet, TextSet
 from hf_curvedit.sweep import SweepResult, svd_truncation, sweep_edits
-
-from conftest import random_token_rows, tiny_llama
 
 
 @pytest.fixture(scope="module")

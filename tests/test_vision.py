@@ -10,15 +10,22 @@ import torch.nn.functional as F
 import transformers as T
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
+from testing_utils import record_module_io, tiny_llama
 
-from hf_curvedit import (CurvatureEditConfig, EditReport, FactorConfig, ImageClassificationSet, build_curvature_edit,
-                         evaluate_edit, fit_factors, load_factors)
+from hf_curvedit import (
+    CurvatureEditConfig,
+    EditReport,
+    FactorConfig,
+    ImageClassificationSet,
+    build_curvature_edit,
+    evaluate_edit,
+    fit_factors,
+    load_factors,
+)
 from hf_curvedit.curvature.tasks import ImageClassificationTask, batch_generator, sample_labels
 from hf_curvedit.evaluation import classification_scores
 from hf_curvedit.publish.card import eval_results
 from hf_curvedit.targets import resolve_target_modules
-
-from conftest import record_module_io, tiny_llama
 
 NUM_LABELS = 5
 VIT_KW = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -5,8 +5,15 @@ from .config import FactorConfig
 from .eigen import KFACEigen, ModuleEigen, eigendecompose, symmetric_eigh
 from .fit import fit_factors
 from .storage import EigenFile, KFACFactors, load_factors
-from .tasks import (CausalLMTask, FactorTask, ImageClassificationTask, PreparedData, default_task, sample_labels,
-                    valid_position_mask)
+from .tasks import (
+                    CausalLMTask,
+                    FactorTask,
+                    ImageClassificationTask,
+                    PreparedData,
+                    default_task,
+                    sample_labels,
+                    valid_position_mask,
+)
 
 __all__ = ["CausalLMTask", "EigenFile", "FactorCollector", "FactorConfig", "FactorTask", "ImageClassificationTask",
            "KFACEigen", "KFACFactors", "ModuleEigen", "PreparedData", "collect_factor_sums", "default_task",

@@ -9,7 +9,8 @@ count by `fit_factors`, not here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -80,8 +81,8 @@ class FactorCollector:
         self.count: dict[str, int] = {n: 0 for n in names}
         self.a_alias: dict[str, str] = {}
         self._alias_known = False
-        self._positions: Optional[SamplePositions] = None
-        self._idx: Optional[torch.Tensor] = None
+        self._positions: SamplePositions | None = None
+        self._idx: torch.Tensor | None = None
         self._seen_inputs: dict[int, tuple[str, torch.Tensor]] = {}
         self.outputs: list[torch.Tensor] = []
         self._handles: list[Any] = []
@@ -91,7 +92,7 @@ class FactorCollector:
         self.A, self.G, self.count, self.a_alias = dict(A), dict(G), dict(count), dict(alias)
         self._alias_known = True
 
-    def __enter__(self) -> "FactorCollector":
+    def __enter__(self) -> FactorCollector:
         for n, m in self.modules.items():
             self._handles.append(m.register_forward_hook(self._make_hook(n)))
         emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
@@ -214,10 +215,10 @@ def collect_factor_sums(
     module_names: list[str],
     config: FactorConfig,
     *,
-    task: Optional[FactorTask] = None,
-    collector: Optional[FactorCollector] = None,
-    on_batch_end: Optional[Callable[[int, FactorCollector], None]] = None,
-    progress: Optional[tqdm] = None,
+    task: FactorTask | None = None,
+    collector: FactorCollector | None = None,
+    on_batch_end: Callable[[int, FactorCollector], None] | None = None,
+    progress: tqdm | None = None,
 ) -> FactorCollector:
     """Run forward/backward over ``batches`` and accumulate raw (un-normalized) factor sums.
 

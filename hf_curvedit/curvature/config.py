@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 LabelMode = Literal["sampled", "empirical"]
 TokenPositions = Literal["cls", "all"]
@@ -50,24 +50,24 @@ class FactorConfig:
             and shown on model cards. It does not change what is collected.
     """
 
-    target_modules: Optional[Union[str, list[str]]] = None
-    exclude_modules: Optional[Union[str, list[str]]] = None
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
     label_mode: LabelMode = "sampled"
     seq_len: int = 512
     batch_size: int = 8
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     packing: bool = True
     text_column: str = "text"
     accumulate_dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
     sample_chunk_size: int = 2048
     checkpoint_every: int = 50
-    max_factor_memory_gb: Optional[float] = None
-    token_positions: Optional[TokenPositions] = None
+    max_factor_memory_gb: float | None = None
+    token_positions: TokenPositions | None = None
     image_column: str = "image"
     label_column: str = "label"
-    max_examples: Optional[int] = None
-    dataset: Optional[str] = None
+    max_examples: int | None = None
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         if self.label_mode not in ("sampled", "empirical"):
@@ -95,7 +95,7 @@ class FactorConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FactorConfig":
+    def from_dict(cls, data: dict[str, Any]) -> FactorConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise a clear error."""
         data = dict(data)
         # Factor files written before `dataset` was a field kept it in a free-form `extra` dict.

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -76,7 +77,7 @@ class KFACEigen(Mapping[str, ModuleEigen]):
     def __repr__(self) -> str:
         return f"KFACEigen({len(self)} modules)"
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: str | Path) -> Path:
         """Write all bases to one safetensors file (atomically)."""
         tensors = {f"{name}.{kind}": getattr(e, kind) for name, e in self.modules.items()
                    for kind in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")}
@@ -85,7 +86,7 @@ class KFACEigen(Mapping[str, ModuleEigen]):
         return save_safetensors(path, tensors, meta)
 
     @classmethod
-    def load(cls, path: str | Path, modules: list[str] | None = None) -> "KFACEigen":
+    def load(cls, path: str | Path, modules: list[str] | None = None) -> KFACEigen:
         """Read bases from ``path``; ``modules`` restricts which ones are loaded."""
         path = Path(path)
         with safe_open(str(path), framework="pt") as f:
@@ -108,7 +109,7 @@ class KFACEigen(Mapping[str, ModuleEigen]):
         return cls(out, json.loads(meta.get("metadata", "{}")))
 
 
-def eigendecompose(factors: "KFACFactors", cache_dir: Union[str, Path, None] = None) -> KFACEigen:
+def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) -> KFACEigen:
     """Eigendecompose every factor in float64 (symmetrized, eigenvalues clamped at 0, descending).
 
     With ``cache_dir`` (default: the folder the factors were loaded from or saved to) the result

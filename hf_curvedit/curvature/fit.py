@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,8 +20,15 @@ from ..data import DataSource, count_batches, iter_batches, load_text_dataset
 from ..targets import linear_shape, resolve_target_modules
 from .collector import FactorCollector, accumulator_dtype, collect_factor_sums, plan_partitions
 from .config import FactorConfig
-from .storage import (CHECKPOINT_DIR, FACTORS_FILENAME, KFACFactors, checkpoint_file, load_checkpoint,
-                      model_fingerprint, save_checkpoint)
+from .storage import (
+    CHECKPOINT_DIR,
+    FACTORS_FILENAME,
+    KFACFactors,
+    checkpoint_file,
+    load_checkpoint,
+    model_fingerprint,
+    save_checkpoint,
+)
 from .tasks import FactorTask, default_task
 
 __all__ = ["fit_factors"]
@@ -43,13 +50,13 @@ def dist_state():
 def fit_factors(
     model: nn.Module,
     dataset: DataSource,
-    config: Optional[FactorConfig] = None,
-    output_dir: Union[str, Path, None] = None,
+    config: FactorConfig | None = None,
+    output_dir: str | Path | None = None,
     *,
     processor: Any = None,
     tokenizer: Any = None,
     image_processor: Any = None,
-    task: Optional[FactorTask] = None,
+    task: FactorTask | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> KFACFactors:

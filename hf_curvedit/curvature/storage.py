@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -58,7 +59,7 @@ class KFACFactors:
     model_info: dict[str, Any]
     a_alias: dict[str, str] = field(default_factory=dict)
     factors_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    path: Optional[Path] = None
+    path: Path | None = None
 
     @property
     def module_names(self) -> list[str]:
@@ -69,7 +70,7 @@ class KFACFactors:
         toks = max(self.num_tokens.values()) if self.num_tokens else 0
         return f"KFACFactors({len(self.G)} modules, {toks} tokens, label_mode={self.config.label_mode!r})"
 
-    def save(self, output_dir: Union[str, Path]) -> Path:
+    def save(self, output_dir: str | Path) -> Path:
         """Write ``factors.safetensors`` (atomically) with config, token counts and model info as metadata."""
         tensors: dict[str, torch.Tensor] = {}
         for name in self.G:
@@ -90,7 +91,7 @@ class KFACFactors:
         return self.path
 
     @classmethod
-    def load(cls, path: Union[str, Path], model: Optional[nn.Module] = None) -> "KFACFactors":
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> KFACFactors:
         """Read factors from a folder or a ``factors.safetensors`` file; check them against ``model`` if given."""
         path = Path(path)
         if path.is_dir():
@@ -156,14 +157,14 @@ class KFACFactors:
                 + "\nFit factors for this model with fit_factors(model, ...), or load the model they were fitted on."
             )
 
-    def eigendecompose(self, cache_dir: Union[str, Path, None] = None) -> KFACEigen:
+    def eigendecompose(self, cache_dir: str | Path | None = None) -> KFACEigen:
         """See :func:`hf_curvedit.eigendecompose`."""
         from .eigen import eigendecompose
 
         return eigendecompose(self, cache_dir)
 
 
-def load_factors(path: Union[str, Path], model: Optional[nn.Module] = None) -> KFACFactors:
+def load_factors(path: str | Path, model: nn.Module | None = None) -> KFACFactors:
     """Load factors written by :func:`fit_factors`; see :meth:`KFACFactors.load`."""
     return KFACFactors.load(path, model)
 
@@ -209,7 +210,7 @@ class EigenFile(Mapping[str, ModuleEigen]):
     tens of GB.
     """
 
-    def __init__(self, path: Union[str, Path]):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist; point it at an eigen.safetensors file")

@@ -18,14 +18,15 @@ Shipped tasks:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Literal, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import (DatasetLike, count_batches, image_batch_converter, pack_into_blocks, select_image_columns)
+from ..data import DatasetLike, count_batches, image_batch_converter, pack_into_blocks, select_image_columns
 from .config import FactorConfig
 
 __all__ = ["CausalLMTask", "FactorTask", "ImageClassificationTask", "PreparedData", "SamplePositions", "default_task",
@@ -48,8 +49,8 @@ class PreparedData:
     """
 
     rows: DatasetLike
-    to_tensors: Optional[Callable[[dict[str, list]], dict[str, torch.Tensor]]]
-    max_rows: Optional[int]
+    to_tensors: Callable[[dict[str, list]], dict[str, torch.Tensor]] | None
+    max_rows: int | None
     samples_per_row: int
 
 
@@ -109,7 +110,7 @@ def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.
     return g
 
 
-def _targets(logits: torch.Tensor, gold: Optional[torch.Tensor], config: FactorConfig, batch_index: int) -> torch.Tensor:
+def _targets(logits: torch.Tensor, gold: torch.Tensor | None, config: FactorConfig, batch_index: int) -> torch.Tensor:
     if config.label_mode == "empirical":
         assert gold is not None
         return gold

@@ -10,14 +10,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .classification import (ClassificationComparison, ClassificationMetrics, ImageClassificationSet,
-                             classification_scores, evaluate_classification, predict_classes)
+from .classification import (
+    ClassificationComparison,
+    ClassificationMetrics,
+    ImageClassificationSet,
+    classification_scores,
+    evaluate_classification,
+    predict_classes,
+)
 from .coherence import CoherenceResult, coherence_ndcg, ndcg_at_k, ndcg_per_position, next_token_topk
 from .perplexity import PerplexityResult, perplexity, perplexity_from_nll, sliding_windows
-from .recitation import (RecitationExample, RecitationResult, evaluate_recitation, evaluate_text_recitation,
-                         greedy_generate, recitation_scores, split_suffix)
-from .report import (EditReport, PerplexityComparison, RecitationComparison, RecitationMetrics, ReportMetadata,
-                     StressComparison, TableRow)
+from .recitation import (
+    RecitationExample,
+    RecitationResult,
+    evaluate_recitation,
+    evaluate_text_recitation,
+    greedy_generate,
+    recitation_scores,
+    split_suffix,
+)
+from .report import (
+    EditReport,
+    PerplexityComparison,
+    RecitationComparison,
+    RecitationMetrics,
+    ReportMetadata,
+    StressComparison,
+    TableRow,
+)
 from .runner import EvalConfig, evaluate_edit
 from .sets import RecitationSet, TextSet, as_eval_set
 from .stress import StressResult, exact_prefix_match, stress_test, stress_variants

@@ -7,8 +7,9 @@ true one. On a clean set the only number is accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -60,7 +61,7 @@ class ImageClassificationSet:
     @classmethod
     def from_dataset(cls, dataset: Any, image_processor: Any = None, *, image_column: str = "image",
                      label_column: str = "label", true_label_column: str | None = None,
-                     num_channels: int | None = 3) -> "ImageClassificationSet":
+                     num_channels: int | None = 3) -> ImageClassificationSet:
         """From a ``datasets.Dataset`` with images (through ``image_processor``) or ``pixel_values``, a label
         column and optionally a true-label column. The set holds all pixel values in memory: for a large
         split, evaluate a ``dataset.select(...)`` sample. ``num_channels`` should be the model's

@@ -18,8 +18,9 @@ from being negligible next to a swap of ranks 1 and 2 by orders of magnitude.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -11,14 +11,24 @@ the model recites less.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from ._common import (as_id_list, batched, left_pad, logits_of, model_device, progress, resolve_pad_id,
-                      supported_kwargs, tokenize_texts)
+from ._common import (
+    as_id_list,
+    batched,
+    left_pad,
+    logits_of,
+    model_device,
+    progress,
+    resolve_pad_id,
+    supported_kwargs,
+    tokenize_texts,
+)
 
 DEFAULT_LOOSE_THRESHOLD = 0.75
 DEFAULT_QUOTE_SUFFIX_TOKENS = 8

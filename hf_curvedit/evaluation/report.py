@@ -34,7 +34,7 @@ class RecitationMetrics:
         return len(self.distances)
 
     @classmethod
-    def from_result(cls, result: RecitationResult) -> "RecitationMetrics":
+    def from_result(cls, result: RecitationResult) -> RecitationMetrics:
         return cls(result.strict, result.loose, result.avg_lev, result.loose_threshold,
                    [e.distance for e in result.examples], [e.length for e in result.examples])
 
@@ -143,7 +143,7 @@ class EditReport:
         return {"format_version": REPORT_FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EditReport":
+    def from_dict(cls, data: dict[str, Any]) -> EditReport:
         """Inverse of [`to_dict`]."""
         version = data.get("format_version", REPORT_FORMAT_VERSION)
         if version != REPORT_FORMAT_VERSION:
@@ -171,7 +171,7 @@ class EditReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "EditReport":
+    def from_json(cls, text: str) -> EditReport:
         """Inverse of [`to_json`]."""
         return cls.from_dict(json.loads(text))
 
@@ -180,6 +180,6 @@ class EditReport:
         return atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "EditReport":
+    def load(cls, path: str | Path) -> EditReport:
         """Read a report written by [`save`]."""
         return cls.from_json(Path(path).read_text(encoding="utf-8"))

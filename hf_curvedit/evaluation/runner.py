@@ -5,18 +5,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, ContextManager
 
 import torch
 
 from ._common import resolve_pad_id
-from .classification import ClassificationComparison, ClassificationMetrics, ImageClassificationSet, evaluate_classification
+from .classification import (
+    ClassificationComparison,
+    ClassificationMetrics,
+    ImageClassificationSet,
+    evaluate_classification,
+)
 from .coherence import DEFAULT_NDCG_K, CoherenceResult, ndcg_at_k
 from .perplexity import PerplexityResult, perplexity_from_nll, resolve_block_size, score_text
 from .recitation import DEFAULT_LOOSE_THRESHOLD, evaluate_recitation
-from .report import (EditReport, PerplexityComparison, RecitationComparison, RecitationMetrics, ReportMetadata,
-                     StressComparison)
+from .report import (
+    EditReport,
+    PerplexityComparison,
+    RecitationComparison,
+    RecitationMetrics,
+    ReportMetadata,
+    StressComparison,
+)
 from .sets import EvalSetLike, RecitationSet, TextSet, as_eval_set
 from .stress import DEFAULT_STRESS_STEPS, StressResult, stress_test
 

@@ -3,8 +3,9 @@ a dataset or a list as one of them (or `ImageClassificationSet`, defined with it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ._common import as_id_list
 from .classification import ImageClassificationSet
@@ -41,7 +42,7 @@ class RecitationSet:
         return len(self.prefixes)
 
     @classmethod
-    def from_dataset(cls, dataset: Any) -> "RecitationSet":
+    def from_dataset(cls, dataset: Any) -> RecitationSet:
         """From a dataset with ``prefix_ids`` and ``suffix_ids`` (and optionally ``context_ids``) columns, such as
         the output of [`find_memorized_windows`]."""
         cols = dataset.column_names
@@ -50,13 +51,13 @@ class RecitationSet:
         return cls(dataset["prefix_ids"], dataset["suffix_ids"], dataset["context_ids"] if "context_ids" in cols else None)
 
     @classmethod
-    def from_pairs(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> "RecitationSet":
+    def from_pairs(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> RecitationSet:
         """From ``[(prefix_ids, suffix_ids), ...]``."""
         return cls([p for p, _ in pairs], [s for _, s in pairs])
 
     @classmethod
     def from_texts(cls, texts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any = None,
-                   suffix_tokens: int = DEFAULT_QUOTE_SUFFIX_TOKENS, add_special_tokens: bool = True) -> "RecitationSet":
+                   suffix_tokens: int = DEFAULT_QUOTE_SUFFIX_TOKENS, add_special_tokens: bool = True) -> RecitationSet:
         """From raw texts such as famous quotes (or token-id lists): the last ``suffix_tokens`` tokens are the suffix."""
         prefixes, suffixes = split_suffix(texts, suffix_tokens, tokenizer=tokenizer, add_special_tokens=add_special_tokens)
         return cls(prefixes, suffixes)
@@ -74,13 +75,13 @@ class TextSet:
             raise ValueError("a TextSet needs at least one document with 2 or more tokens")
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], tokenizer: Any, add_special_tokens: bool = True) -> "TextSet":
+    def from_texts(cls, texts: Sequence[str], tokenizer: Any, add_special_tokens: bool = True) -> TextSet:
         """Tokenize raw held-out texts."""
         return cls(coerce_sequences(list(texts), tokenizer, add_special_tokens=add_special_tokens))
 
     @classmethod
     def from_dataset(cls, dataset: Any, tokenizer: Any = None, text_column: str = "text",
-                     input_ids_column: str = "input_ids") -> "TextSet":
+                     input_ids_column: str = "input_ids") -> TextSet:
         """From a dataset with an ``input_ids`` column, or a ``text`` column plus a tokenizer."""
         return cls(coerce_sequences(dataset, tokenizer, text_column=text_column, input_ids_column=input_ids_column))
 

@@ -8,7 +8,8 @@ batches need no padding and one forward pass scores a whole batch.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import datasets
 import torch

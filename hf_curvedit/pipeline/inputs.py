@@ -6,13 +6,14 @@ processor, the embedded default without a name), the recitation sets (`load_reci
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from .settings import UsageError
 
 
-def load_model(name: Optional[str] = None, dtype: str = "float32", device_map: Optional[str] = None) -> tuple[Any, Any]:
+def load_model(name: str | None = None, dtype: str = "float32", device_map: str | None = None) -> tuple[Any, Any]:
     """``(model, processor)``: a causal LM with its tokenizer, or an image classifier (by its config's
     architectures) with its image processor; the embedded default without ``name``."""
     from ..default import load_default_model
@@ -20,8 +21,13 @@ def load_model(name: Optional[str] = None, dtype: str = "float32", device_map: O
 
     if name is None:
         return load_default_model(parse_dtype(dtype))
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification,
-                              AutoTokenizer)
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoTokenizer,
+    )
 
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise UsageError(f"could not load model {name!r}: that folder does not exist")
@@ -38,7 +44,7 @@ def load_model(name: Optional[str] = None, dtype: str = "float32", device_map: O
         raise UsageError(f"could not load model {name!r}: {e}") from e
 
 
-def load_recitation_set(path: Union[str, Path], tokenizer: Any, suffix_tokens: int = 8, name: str = "") -> Any:
+def load_recitation_set(path: str | Path, tokenizer: Any, suffix_tokens: int = 8, name: str = "") -> Any:
     """A `RecitationSet` from a ``save_to_disk`` folder (prefix_ids/suffix_ids, e.g. from find_memorized_windows),
     or from a .txt (one text a line) or .jsonl (a ``text`` field) file whose last ``suffix_tokens`` tokens are the
     suffix."""
@@ -57,7 +63,7 @@ def load_recitation_set(path: Union[str, Path], tokenizer: Any, suffix_tokens: i
     return RecitationSet.from_texts(lines, tokenizer, suffix_tokens=suffix_tokens, add_special_tokens=False)
 
 
-def recitation_sets(specs: Mapping[str, Union[str, Path]], tokenizer: Any, suffix_tokens: int = 8) -> dict[str, Any]:
+def recitation_sets(specs: Mapping[str, str | Path], tokenizer: Any, suffix_tokens: int = 8) -> dict[str, Any]:
     """NAME → `RecitationSet` for NAME → PATH (see `load_recitation_set`)."""
     return {n: load_recitation_set(p, tokenizer, suffix_tokens, n) for n, p in specs.items()}
 
@@ -74,7 +80,7 @@ def default_recitation_sets(tokenizer: Any) -> dict[str, Any]:
             for name, kind in (("passages", "passage"), ("canaries", "canary"))}
 
 
-def heldout_texts(heldout: Optional[str] = None, text_column: str = "text", *,
+def heldout_texts(heldout: str | None = None, text_column: str = "text", *,
                   default_model: bool = False) -> list[str]:
     """Held-out texts for perplexity: the ``text_column`` of ``heldout`` (a file, folder or dataset name); else the
     embedded default's held-out documents (``default_model``), else the held-out split of the stdlib docs."""

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..utils import atomic_write_text
 from .settings import STEPS, EditStep, PipelineConfig, StepFailed, UsageError

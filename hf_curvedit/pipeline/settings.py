@@ -8,10 +8,12 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import os
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Optional, Union
+from typing import Any, ClassVar, Literal, Union
 
 from ..curvature.config import LabelMode, TokenPositions
 from ..selection import Selection
@@ -38,7 +40,7 @@ class StepFailed(RuntimeError):
 def _convert(value: Any, tp: Any) -> Any:
     """``value`` as type ``tp`` (the few shapes step fields use); TypeError/ValueError when it is not one."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:  # Optional[X] and X | None
         if value is None and type(None) in args:
             return None
         for a in (a for a in args if a is not type(None)):
@@ -102,7 +104,7 @@ class _Step:
                                  + (f" ({e})" if str(e) else "")) from None
 
     @classmethod
-    def from_dict(cls, options: Optional[Mapping[str, Any]]):
+    def from_dict(cls, options: Mapping[str, Any] | None):
         """The step from its YAML mapping (keys = the subcommand's flags with underscores); unknown keys raise."""
         if options is not None and not isinstance(options, Mapping):
             raise UsageError(f"step {cls.name!r} takes a mapping of options, got {options!r}")
@@ -131,23 +133,23 @@ class FitStep(_Step):
     """`hf-curvedit fit`: collect K-FAC factors and eigendecompose them (see `FactorConfig` for the fields)."""
 
     name: ClassVar[str] = "fit"
-    data: Optional[str] = None  # None: Python's standard-library docs
+    data: str | None = None  # None: Python's standard-library docs
     text_column: str = "text"
     target_modules: TargetSpec = None
     label_mode: LabelMode = "sampled"
     seq_len: int = 256
     batch_size: int = 8
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     accumulate_dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
     checkpoint_every: int = 50
-    max_factor_memory_gb: Optional[float] = None
-    token_positions: Optional[TokenPositions] = None
+    max_factor_memory_gb: float | None = None
+    token_positions: TokenPositions | None = None
     image_column: str = "image"
     label_column: str = "label"
-    max_examples: Optional[int] = None
+    max_examples: int | None = None
     dtype: str = "float32"
-    device_map: Optional[str] = None
+    device_map: str | None = None
     restart: bool = False
 
 
@@ -158,11 +160,11 @@ class SweepStep(_Step):
     name: ClassVar[str] = "sweep"
     recitation: dict[str, str] = _pairs_field("NAME=PATH", "--recitation")  # default: the embedded memorized set
     suffix_tokens: int = 8
-    heldout: Optional[str] = None
+    heldout: str | None = None
     text_column: str = "text"
     keep_mass: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     layers: tuple[str, ...] = ()
-    modules: Union[str, list[str], None] = None
+    modules: str | list[str] | None = None
     layer_choice: dict[str, str] = _pairs_field("LABEL=REGEX", "--layer-choice")
     ppl_budget: float = 0.15
     svd_ranks: tuple[int, ...] = (8, 16, 32, 64, 96, 128)
@@ -174,10 +176,10 @@ class EditStep(_Step):
     """`hf-curvedit edit`: one adapter per ρ. ``keep_mass=None``: the sweep's pick in a pipeline, else 0.6."""
 
     name: ClassVar[str] = "edit"
-    keep_mass: Optional[tuple[float, ...]] = None
+    keep_mass: tuple[float, ...] | None = None
     target_modules: TargetSpec = None
     selection: Selection = "curvature_mass"
-    rank_cap: Optional[int] = None
+    rank_cap: int | None = None
 
 
 @dataclass
@@ -187,7 +189,7 @@ class EvaluateStep(_Step):
     name: ClassVar[str] = "evaluate"
     recitation: dict[str, str] = _pairs_field("NAME=PATH", "--recitation")
     suffix_tokens: int = 8
-    heldout: Optional[str] = None
+    heldout: str | None = None
     text_column: str = "text"
     batch_size: int = 16
     stress_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
@@ -202,14 +204,14 @@ class PublishStep(_Step):
     repo_id: str
     merged: bool = False
     private: bool = False
-    revision: Optional[str] = None
+    revision: str | None = None
     create_pr: bool = False
-    token: Optional[str] = None
+    token: str | None = None
     overwrite: bool = False
     dry_run: bool = False
 
     @classmethod
-    def from_dict(cls, options: Optional[Mapping[str, Any]]):
+    def from_dict(cls, options: Mapping[str, Any] | None):
         if isinstance(options, Mapping):  # a run owns its publish folder: replace what an earlier run wrote
             options = {"overwrite": True, **options}
         return super().from_dict(options)
@@ -224,15 +226,15 @@ class PipelineConfig:
     """What `run_pipeline` does: the model (None: the embedded default), the output folder, the steps to run."""
 
     output_dir: Path
-    model: Optional[str] = None
-    fit: Optional[FitStep] = None
-    sweep: Optional[SweepStep] = None
-    edit: Optional[EditStep] = None
-    evaluate: Optional[EvaluateStep] = None
-    publish: Optional[PublishStep] = None
+    model: str | None = None
+    fit: FitStep | None = None
+    sweep: SweepStep | None = None
+    edit: EditStep | None = None
+    evaluate: EvaluateStep | None = None
+    publish: PublishStep | None = None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "the config") -> "PipelineConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "the config") -> PipelineConfig:
         if not isinstance(data, Mapping):
             raise UsageError(f"{source} must be a mapping of model, output_dir and steps")
         unknown = sorted(set(data) - {"model", "output_dir", *STEPS})
@@ -245,7 +247,7 @@ class PipelineConfig:
         return cls(Path(data["output_dir"]), str(model) if model else None, **steps)
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "PipelineConfig":
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
         import yaml
 
         path = Path(path)

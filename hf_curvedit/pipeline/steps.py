@@ -8,13 +8,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..targets import layer_choices
 from ..utils import atomic_write_text
 from .inputs import default_recitation_sets, heldout_texts, load_model, recitation_sets
-from .settings import (DEFAULT_FACTOR_DATA, DEFAULT_KEEP_MASS, EditStep, EvaluateStep, FitStep, PublishStep, SweepStep,
-                       UsageError)
+from .settings import (
+    DEFAULT_FACTOR_DATA,
+    DEFAULT_KEEP_MASS,
+    EditStep,
+    EvaluateStep,
+    FitStep,
+    PublishStep,
+    SweepStep,
+    UsageError,
+)
 
 
 @dataclass
@@ -33,7 +41,7 @@ class FitOutcome:
         return "\n".join(lines)
 
 
-def run_fit(model: Optional[str], step: FitStep, output_dir: Union[str, Path]) -> FitOutcome:
+def run_fit(model: str | None, step: FitStep, output_dir: str | Path) -> FitOutcome:
     """Fit factors on ``step.data`` (default: the stdlib docs) into ``output_dir`` (resuming a killed run unless
     ``step.restart``), then eigendecompose them into ``output_dir/eigen.safetensors``."""
     from ..curvature import FactorConfig, default_task, fit_factors
@@ -59,8 +67,8 @@ def run_fit(model: Optional[str], step: FitStep, output_dir: Union[str, Path]) -
     return FitOutcome(factors, factors.eigendecompose(out), out / EIGEN_FILENAME)
 
 
-def run_sweep(model: Optional[str], factors_dir: Union[str, Path], step: SweepStep,
-              output_dir: Union[str, Path]) -> Any:
+def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
+              output_dir: str | Path) -> Any:
     """Sweep the edits of the factors in ``factors_dir``; write sweep.json, sweep.md and sweep.png to
     ``output_dir``. Returns the `SweepResult` (its ``chosen`` is None when nothing fits the budget)."""
     from ..curvature import load_factors
@@ -97,8 +105,8 @@ class EditOutcome:
         return "\n".join(lines)
 
 
-def run_edit(model: Optional[str], factors_dir: Union[str, Path], step: EditStep,
-             output_dir: Union[str, Path]) -> EditOutcome:
+def run_edit(model: str | None, factors_dir: str | Path, step: EditStep,
+             output_dir: str | Path) -> EditOutcome:
     """Build one adapter per ρ of ``step.keep_mass`` (default 0.6) from the factors in ``factors_dir``; save each to
     ``output_dir/rho<ρ>`` with the ``curvedit_edit.json`` that publish reads."""
     from ..curvature import load_factors
@@ -130,8 +138,8 @@ def report_table(report: Any) -> str:
     return "\n".join(rows)
 
 
-def run_evaluate(model: Optional[str], adapter_dir: Union[str, Path], step: EvaluateStep,
-                 output: Union[str, Path, None] = None) -> Any:
+def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
+                 output: str | Path | None = None) -> Any:
     """Measure the adapter in ``adapter_dir`` on and off (language models); save the `EditReport` to ``output``."""
     from peft import PeftModel
 
@@ -155,8 +163,8 @@ def run_evaluate(model: Optional[str], adapter_dir: Union[str, Path], step: Eval
     return report
 
 
-def run_publish(adapter_dir: Union[str, Path], step: PublishStep, out_dir: Union[str, Path], *,
-                report: Union[str, Path, None] = None, eigen: Union[str, Path, None] = None) -> Any:
+def run_publish(adapter_dir: str | Path, step: PublishStep, out_dir: str | Path, *,
+                report: str | Path | None = None, eigen: str | Path | None = None) -> Any:
     """Publish the adapter in ``adapter_dir`` with the `EditReport` file ``report`` and the spectra of ``eigen``
     (an eigen.safetensors) to ``step.repo_id``, through the folder ``out_dir``. Returns the `PublishResult`."""
     from ..evaluation import EditReport

@@ -4,15 +4,25 @@
 (``README.md``) + [`push_folder`]. [`CardOptions`] says what the card adds to the edit, [`HubOptions`] how to push.
 """
 
-from .card import (CITATION, PAPER_URL, CardInputs, CardOptions, card_data, config_yaml, eval_results,
-                   framework_versions, load_template, render_card)
-from .hub import (EDIT_FILENAME, REPORT_FILENAME, HubOptions, PublishError, PublishResult, StagedFolder, publish,
-                  push_folder, stage_folder, write_card)
-from .plots import plot_spectrum, plot_tradeoff  # matplotlib is imported on the first plot only
+from .card import (
+                   CITATION,
+                   PAPER_URL,
+                   CardInputs,
+                   CardOptions,
+                   card_data,
+                   config_yaml,
+                   eval_results,
+                   framework_versions,
+                   load_template,
+                   render_card,
+)
+from .hub import HubOptions, PublishError, PublishResult, publish, push_folder, write_card
+from .plots import plot_spectrum, plot_sweep, plot_tradeoff  # matplotlib is imported on the first plot only
+from .stage import EDIT_FILENAME, REPORT_FILENAME, StagedFolder, stage_folder
 
 __all__ = [
     "CITATION", "PAPER_URL", "CardInputs", "CardOptions", "card_data", "config_yaml", "eval_results",
     "framework_versions", "load_template", "render_card", "EDIT_FILENAME", "REPORT_FILENAME", "HubOptions",
     "PublishError", "PublishResult", "StagedFolder", "publish", "push_folder", "stage_folder", "write_card",
-    "plot_spectrum", "plot_tradeoff",
+    "plot_spectrum", "plot_sweep", "plot_tradeoff",
 ]

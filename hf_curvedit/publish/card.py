@@ -12,16 +12,18 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal
 
 import jinja2
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..evaluation.report import EditReport, TableRow
+
 # re-exported: they lived here before the tuner owned them
 from ..tuner.summary import jsonable, module_rows, module_rows_from_config  # noqa: F401
 
@@ -86,14 +88,14 @@ class CardInputs:
     repo_id: str
     edit_config: dict[str, Any]
     modules: list[dict[str, Any]]
-    report: Optional[EditReport] = None
-    base_model: Optional[str] = None
-    license: Optional[str] = None
-    pipeline_tag: Optional[str] = None
+    report: EditReport | None = None
+    base_model: str | None = None
+    license: str | None = None
+    pipeline_tag: str | None = None
     factor_data: dict[str, Any] = field(default_factory=dict)
     adapter_name: str = "default"
     spectrum_plots: list[tuple[str, str]] = field(default_factory=list)
-    tradeoff_plot: Optional[str] = None
+    tradeoff_plot: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -111,11 +113,11 @@ class CardOptions:
         pipeline_tag: the Hub pipeline tag; derived from the task type or the architectures by default.
     """
 
-    base_model: Optional[str] = None
-    license: Optional[str] = None
-    factor_data: Optional[Mapping[str, Any]] = None
+    base_model: str | None = None
+    license: str | None = None
+    factor_data: Mapping[str, Any] | None = None
     tags: list[str] = field(default_factory=list)
-    pipeline_tag: Optional[str] = None
+    pipeline_tag: str | None = None
 
 
 def load_template(kind: CardKind) -> str:
@@ -135,7 +137,7 @@ def _template_file(name: str) -> str:
         ) from None
 
 
-def is_hub_id(name: Optional[str]) -> bool:
+def is_hub_id(name: str | None) -> bool:
     """Whether `name` looks like a Hub repo id (``"org/name"`` or ``"name"``) rather than a local path."""
     if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
         return False
@@ -158,7 +160,7 @@ def config_yaml(edit_config: Mapping[str, Any]) -> str:
     return yaml.safe_dump(jsonable(dict(edit_config)), sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def pipeline_tag_for(edit_config: Mapping[str, Any], explicit: Optional[str] = None) -> Optional[str]:
+def pipeline_tag_for(edit_config: Mapping[str, Any], explicit: str | None = None) -> str | None:
     """The Hub pipeline tag: `explicit`, else from the PEFT ``task_type``, else from the model's architectures."""
     if explicit:
         return explicit
@@ -188,7 +190,7 @@ def _is_percent(metric: str) -> bool:
 
 def _format_row(row: TableRow) -> dict[str, str]:
     if _is_percent(row.metric):
-        def show(v: Optional[float]) -> str:
+        def show(v: float | None) -> str:
             return "–" if v is None else f"{100 * v:.1f}%"
         change = "–" if row.base is None else f"{100 * (row.edited - row.base):+.1f} pt"
         metric = f"{row.metric} (%)"
@@ -248,7 +250,7 @@ def card_data(inputs: CardInputs) -> ModelCardData:
     )
 
 
-def _eval_meta(report: Optional[EditReport]) -> str:
+def _eval_meta(report: EditReport | None) -> str:
     if report is None:
         return ""
     parts = []
@@ -311,7 +313,7 @@ def _module_row(m: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def factor_dataset(factor_source: Mapping[str, Any]) -> Optional[str]:
+def factor_dataset(factor_source: Mapping[str, Any]) -> str | None:
     """The description of the factor data in ``factor_source`` (the adapter config's provenance of its factors).
 
     An explicit ``factor_source["dataset"]`` wins; otherwise it is `FactorConfig.dataset`, which `fit_factors`
@@ -323,7 +325,7 @@ def factor_dataset(factor_source: Mapping[str, Any]) -> Optional[str]:
     return factor_source.get("dataset") or factor_config.get("dataset") or legacy.get("dataset")
 
 
-def factor_data_from_source(factor_source: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def factor_data_from_source(factor_source: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Summarize ``factor_source`` (filled by `build_curvature_edit`) as the card's factor-data line.
 
     Picks the dataset ([`factor_dataset`]), the token count, the label mode (``sampled`` = true Fisher,
@@ -348,9 +350,9 @@ def _token_count(num_tokens: Any) -> Any:
     return num_tokens
 
 
-def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, report: Optional[EditReport] = None,
-                license: Optional[str] = None, spectrum_plots: Optional[list[tuple[str, str]]] = None,
-                tradeoff_plot: Optional[str] = None) -> CardInputs:
+def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, report: EditReport | None = None,
+                license: str | None = None, spectrum_plots: list[tuple[str, str]] | None = None,
+                tradeoff_plot: str | None = None) -> CardInputs:
     """The [`CardInputs`] of an edit summary (``curvedit_edit.json`` content, with its ``kind``) and the options.
 
     `license` is the license found for the base model; ``options.license`` wins over it.
@@ -369,8 +371,8 @@ def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, 
     )
 
 
-def base_license(base_model: Optional[str], local_base: Optional[str] = None, *, token: Union[str, bool, None] = None,
-                 endpoint: Optional[str] = None, lookup: bool = True) -> Optional[str]:
+def base_license(base_model: str | None, local_base: str | None = None, *, token: str | bool | None = None,
+                 endpoint: str | None = None, lookup: bool = True) -> str | None:
     """The license of the base model: from a local copy's README, else (when `lookup`) from its card on the Hub.
 
     Not finding it is not an error: the card then has no license field.

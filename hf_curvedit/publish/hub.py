@@ -1,6 +1,6 @@
 """`publish`: write a curvature edit (adapter or merged) with its card, plots and evaluation to a folder, then push it.
 
-`publish` is three steps, each usable alone: [`stage_folder`] writes the weights, ``curvedit_edit.json``,
+`publish` is three steps, each usable alone: [`stage_folder`] (in `stage.py`) writes the weights, ``curvedit_edit.json``,
 ``edit_report.json`` and the plots; [`write_card`] renders ``README.md``; [`push_folder`] uploads the folder. How to
 push is one [`HubOptions`], what the card says beyond the edit is one [`CardOptions`]. The folder is always complete
 on disk before any request, so a failed upload (bad token, server error, no connection) loses nothing: fix the cause
@@ -16,9 +16,6 @@ the same text is there whichever of the two is caught or logged. Wrapping rather
 keeps `except PublishError` as the one place that knows about the folder; branch on the hub type with
 ``isinstance(err.__cause__, RepositoryNotFoundError)``.
 
-Size: about 490 lines, over the project's ~400, because publish's three steps share the folder format (file names,
-`StagedFolder`, the edit summary) and read best together. The seams for a split are marked: the staging helpers
-(which would go to a ``publish/stage.py``, the plot helpers to ``plots.py``) and the push errors.
 """
 
 from __future__ import annotations
@@ -26,32 +23,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
-import logging
-import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from peft import PeftModel
 
-from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..evaluation.report import EditReport
-from ..tuner.summary import edit_summary, is_curvature_edit_config, module_rows_from_config, save_adapter, save_merged
-from .card import CardOptions, base_license, card_inputs, is_hub_id, render_card
-
-logger = logging.getLogger(__name__)
+from .card import CardOptions, base_license, card_inputs, render_card
+from .stage import (
+    EDIT_FILENAME,
+    PLOTS_DIR,
+    REPORT_FILENAME,
+    SWEEP_FILENAME,
+    EigenLike,
+    StagedFolder,
+    list_files,
+    stage_folder,
+)
 
 __all__ = ["EDIT_FILENAME", "REPORT_FILENAME", "SWEEP_FILENAME", "PLOTS_DIR", "CardOptions", "HubOptions",
            "PublishError", "PublishResult", "StagedFolder", "publish", "push_folder", "stage_folder", "write_card"]
-
-EDIT_FILENAME = "curvedit_edit.json"
-REPORT_FILENAME = "edit_report.json"
-SWEEP_FILENAME = "edit_sweep.json"
-PLOTS_DIR = "plots"
-EigenLike = Union[KFACEigen, Mapping[str, ModuleEigen], str, Path]
 
 
 class PublishError(RuntimeError):
@@ -65,7 +60,7 @@ class PublishError(RuntimeError):
         stage: which step failed (``"create_repo"``, ``"create_branch"``, ``"upload_folder"``).
     """
 
-    def __init__(self, message: str, *, folder: Path, stage: str, status_code: Optional[int] = None):
+    def __init__(self, message: str, *, folder: Path, stage: str, status_code: int | None = None):
         super().__init__(message)
         self.folder = folder
         self.stage = stage
@@ -88,10 +83,10 @@ class PublishResult:
 
     folder: Path
     repo_id: str
-    repo_url: Optional[str] = None
-    commit_url: Optional[str] = None
-    commit_oid: Optional[str] = None
-    pr_url: Optional[str] = None
+    repo_url: str | None = None
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    pr_url: str | None = None
     files: list[str] = field(default_factory=list)
 
     @property
@@ -113,32 +108,20 @@ class HubOptions:
         endpoint: Hub endpoint; ``HF_ENDPOINT`` by default.
     """
 
-    private: Optional[bool] = None
-    revision: Optional[str] = None
+    private: bool | None = None
+    revision: str | None = None
     create_pr: bool = False
-    token: Union[str, bool, None] = None
-    commit_message: Optional[str] = None
-    commit_description: Optional[str] = None
-    endpoint: Optional[str] = None
+    token: str | bool | None = None
+    commit_message: str | None = None
+    commit_description: str | None = None
+    endpoint: str | None = None
 
 
-@dataclass
-class StagedFolder:
-    """A folder written by [`stage_folder`], with what its card is rendered from (paths relative to `folder`)."""
-
-    folder: Path
-    edit: dict[str, Any]  # the curvedit_edit.json content: config, module rows, kind, the base_model to show
-    local_base: Optional[str] = None  # where the base weights were loaded from, for the license lookup
-    report: Optional[EditReport] = None
-    spectrum_plots: list[tuple[str, str]] = field(default_factory=list)  # (module, PNG path)
-    tradeoff_plot: Optional[str] = None
-
-
-def publish(model_or_dir: Union[PeftModel, str, Path], repo_id: str, report: Optional[EditReport] = None, *,
-            out_dir: Union[str, Path], merged: bool = False, adapter_name: Optional[str] = None,
-            eigen: Optional[EigenLike] = None, sweep: Optional[Mapping[float, EditReport]] = None, tokenizer: Any = None,
-            card: Optional[CardOptions] = None, hub: Optional[HubOptions] = None, dry_run: bool = False,
-            overwrite: bool = False, max_shard_size: Union[int, str] = "5GB") -> PublishResult:
+def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditReport | None = None, *,
+            out_dir: str | Path, merged: bool = False, adapter_name: str | None = None,
+            eigen: EigenLike | None = None, sweep: Mapping[float, EditReport] | None = None, tokenizer: Any = None,
+            card: CardOptions | None = None, hub: HubOptions | None = None, dry_run: bool = False,
+            overwrite: bool = False, max_shard_size: int | str = "5GB") -> PublishResult:
     """Write a curvature edit to a local folder with its model card, plots and evaluation, then push it to the Hub.
 
     The folder gets the weights (`save_pretrained` of the adapter, or of the merged model), ``README.md`` (the card),
@@ -193,53 +176,14 @@ def publish(model_or_dir: Union[PeftModel, str, Path], repo_id: str, report: Opt
                           max_shard_size=max_shard_size)
     write_card(staged, repo_id, card, hub, lookup_license=not dry_run)
     if dry_run:
-        return PublishResult(folder=staged.folder, repo_id=repo_id, files=_list_files(staged.folder))
+        return PublishResult(folder=staged.folder, repo_id=repo_id, files=list_files(staged.folder))
     if hub.commit_message is None:
         hub = dataclasses.replace(hub, commit_message=_commit_message(staged.edit))
     return push_folder(staged.folder, repo_id, hub)
 
 
-def stage_folder(model_or_dir: Union[PeftModel, str, Path], out_dir: Union[str, Path],
-                 report: Optional[EditReport] = None, *, merged: bool = False, adapter_name: Optional[str] = None,
-                 eigen: Optional[EigenLike] = None, sweep: Optional[Mapping[float, EditReport]] = None,
-                 tokenizer: Any = None, base_model: Optional[str] = None, overwrite: bool = False,
-                 max_shard_size: Union[int, str] = "5GB") -> StagedFolder:
-    """Write everything but the card to `out_dir`: weights, ``curvedit_edit.json``, ``edit_report.json``, plots.
-
-    Arguments are as in [`publish`] (`base_model` is ``CardOptions.base_model``: it is also written into the
-    adapter config). Nothing is sent to the Hub.
-    """
-    out_dir = Path(out_dir)
-    model, source = _open(model_or_dir, out_dir, merged)
-    if source is not None:  # an earlier publish folder brings its evaluation along unless a new one is given
-        if report is None and (source / REPORT_FILENAME).is_file():
-            report = EditReport.load(source / REPORT_FILENAME)
-        if sweep is None and (source / SWEEP_FILENAME).is_file():
-            sweep = {float(k): EditReport.from_dict(v) for k, v in _read_json(source / SWEEP_FILENAME).items()}
-    if model is not None:
-        edit, local_base = _write_model(model, adapter_name, out_dir, merged, overwrite, max_shard_size)
-    else:
-        assert source is not None
-        edit, local_base = _copy_folder(source, out_dir, merged, overwrite)
-    if base_model is not None:
-        edit["base_model"] = base_model
-        if edit["kind"] == "adapter":
-            edit["config"]["base_model_name_or_path"] = base_model
-            _set_adapter_base(out_dir, base_model)
-    if not is_hub_id(edit.get("base_model")):
-        logger.warning("the base model (%s) is not a Hub repo id: the card will have no base_model metadata. Pass "
-                       "card=CardOptions(base_model='org/name') to publish() to link it", edit.get("base_model") or "unknown")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    (out_dir / EDIT_FILENAME).write_text(json.dumps(edit, indent=2, default=str) + "\n", encoding="utf-8")
-    if report is not None:
-        report.save(out_dir / REPORT_FILENAME)
-    return StagedFolder(folder=out_dir, edit=edit, local_base=local_base, report=report,
-                        spectrum_plots=_spectrum_plots(eigen, edit, out_dir), tradeoff_plot=_tradeoff_plot(sweep, out_dir))
-
-
-def write_card(staged: StagedFolder, repo_id: str, card: Optional[CardOptions] = None,
-               hub: Optional[HubOptions] = None, *, lookup_license: bool = True) -> ModelCard:
+def write_card(staged: StagedFolder, repo_id: str, card: CardOptions | None = None,
+               hub: HubOptions | None = None, *, lookup_license: bool = True) -> ModelCard:
     """Render the card of a staged folder and save it as its ``README.md``.
 
     Without ``card.license``, the base model's license is read from its local README or (when `lookup_license`)
@@ -258,7 +202,7 @@ def write_card(staged: StagedFolder, repo_id: str, card: Optional[CardOptions] =
     return rendered
 
 
-def push_folder(folder: Union[str, Path], repo_id: str, hub: Optional[HubOptions] = None) -> PublishResult:
+def push_folder(folder: str | Path, repo_id: str, hub: HubOptions | None = None) -> PublishResult:
     """Upload a folder written by [`publish`] (e.g. again, after a failed upload) in one commit.
 
     Creates the repo if needed (``exist_ok=True``) and the branch ``hub.revision`` if needed (unless it is a PR
@@ -289,140 +233,12 @@ def push_folder(folder: Union[str, Path], repo_id: str, hub: Optional[HubOptions
                                  create_pr=hub.create_pr, commit_message=hub.commit_message or "Upload curvature edit",
                                  commit_description=hub.commit_description)
     return PublishResult(folder=folder, repo_id=repo_id, repo_url=str(repo_url), commit_url=info.commit_url,
-                         commit_oid=info.oid, pr_url=info.pr_url, files=_list_files(folder))
-
-
-# ------------------------------------------------------------------------------------------------- staging helpers
-def _open(model_or_dir: Union[PeftModel, str, Path], out_dir: Path,
-          merged: bool) -> tuple[Optional[PeftModel], Optional[Path]]:
-    # (the model to save, the source folder): a PeftModel is saved; a folder is copied, except that an adapter
-    # folder published merged is loaded (base included) so that it can be merged.
-    if isinstance(model_or_dir, PeftModel):
-        return model_or_dir, None
-    if not isinstance(model_or_dir, (str, Path)):
-        raise TypeError(f"model_or_dir must be a peft.PeftModel or a folder path, got {type(model_or_dir).__name__}")
-    source = Path(model_or_dir)
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source} is not a folder; pass a PeftModel or a folder written by "
-                                f"save_pretrained/publish")
-    if source.resolve() == out_dir.resolve():
-        raise ValueError("out_dir must differ from the source folder: publish writes a fresh folder")
-    if merged and (source / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        return AutoPeftModelForCausalLM.from_pretrained(source).eval(), source
-    return None, source
-
-
-def _write_model(model: PeftModel, adapter_name: Optional[str], out_dir: Path, merged: bool, overwrite: bool,
-                 max_shard_size: Union[int, str]) -> tuple[dict[str, Any], Optional[str]]:
-    name = adapter_name or model.active_adapter
-    edit = edit_summary(model, name)  # raises ValueError when the adapter is not a curvature edit
-    edit["kind"] = "merged" if merged else "adapter"
-    _prepare_out_dir(out_dir, overwrite)
-    if merged:
-        save_merged(model, name, out_dir, max_shard_size)
-    else:
-        save_adapter(model, name, out_dir)
-    return edit, edit["base_model"]
-
-
-def _copy_folder(source: Path, out_dir: Path, merged: bool, overwrite: bool) -> tuple[dict[str, Any], Optional[str]]:
-    edit, local_base = _edit_from_folder(source)
-    if merged and edit["kind"] != "merged":
-        raise ValueError(f"{source} is not an adapter or merged curvature edit folder")
-    _prepare_out_dir(out_dir, overwrite)
-    shutil.copytree(source, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md", ".git", ".cache"))
-    return edit, local_base
-
-
-def _edit_from_folder(source: Path) -> tuple[dict[str, Any], Optional[str]]:
-    if (source / EDIT_FILENAME).is_file():
-        edit = _read_json(source / EDIT_FILENAME)
-        edit.setdefault("kind", "adapter")
-        return edit, edit.get("config", {}).get("base_model_name_or_path")
-    if (source / "adapter_config.json").is_file():
-        cfg = _read_json(source / "adapter_config.json")
-        if not is_curvature_edit_config(cfg):
-            raise ValueError(f"{source} holds a {cfg.get('peft_type')} adapter, not a curvature edit (CURVEDIT)")
-        base = cfg.get("base_model_name_or_path")
-        return {"adapter_name": "default", "config": cfg, "modules": module_rows_from_config(cfg),
-                "base_model": base, "kind": "adapter"}, base
-    raise ValueError(f"{source} has neither adapter_config.json nor {EDIT_FILENAME}: it is not a curvature edit "
-                     f"folder. Publish the PeftModel itself, or a folder written by save_pretrained/publish")
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir} exists and is not a folder; pass a folder path")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        # Everything in the folder is uploaded, so stale files from something else must not be there. Only a folder
-        # that an earlier publish() wrote (it holds EDIT_FILENAME) is cleared, never an arbitrary one.
-        if not overwrite:
-            raise FileExistsError(f"out_dir {out_dir} is not empty; everything in it would be uploaded. Pass an empty "
-                                  f"or new folder, or overwrite=True to replace an earlier publish() folder")
-        if not (out_dir / EDIT_FILENAME).is_file():
-            raise FileExistsError(f"out_dir {out_dir} is not empty and was not written by publish() (no "
-                                  f"{EDIT_FILENAME}); refusing to delete it. Pass an empty or new folder")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _set_adapter_base(out_dir: Path, base_model: str) -> None:
-    path = out_dir / "adapter_config.json"
-    cfg = _read_json(path)
-    cfg["base_model_name_or_path"] = base_model
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _spectrum_plots(eigen: Optional[EigenLike], edit: Mapping[str, Any], out_dir: Path) -> list[tuple[str, str]]:
-    from .plots import safe_filename
-
-    if eigen is None:
-        # keep the spectra an earlier publish drew (when republishing its folder)
-        found = [(m["module"], f"{PLOTS_DIR}/spectrum_{safe_filename(m['module'])}.png") for m in edit["modules"]]
-        return [(name, rel) for name, rel in found if (out_dir / rel).is_file()]
-    from .plots import eigen_for_module, plot_spectrum  # matplotlib only when a plot is drawn
-
-    if isinstance(eigen, (str, Path)):
-        eigen = KFACEigen.load(eigen)
-    selection = edit["config"].get("selection", "curvature_mass")
-    plots = []
-    for m in edit["modules"]:
-        name = m["module"]
-        e = eigen_for_module(eigen, name)
-        if e is None:
-            logger.warning("no eigenbasis for edited module %s: its spectrum plot is skipped", name)
-            continue
-        rel = f"{PLOTS_DIR}/spectrum_{safe_filename(name)}.png"
-        plot_spectrum(e, float(m["keep_mass"]), out_dir / rel, module=name, selection=selection)
-        plots.append((name, rel))
-    return plots
-
-
-def _tradeoff_plot(sweep: Optional[Mapping[float, EditReport]], out_dir: Path) -> Optional[str]:
-    if sweep is None or len(sweep) < 2:
-        return None
-    from .plots import plot_tradeoff  # matplotlib is imported only when a plot is drawn
-
-    rel = f"{PLOTS_DIR}/recitation_vs_perplexity.png"
-    plot_tradeoff(sweep, out_dir / rel)
-    (out_dir / SWEEP_FILENAME).write_text(
-        json.dumps({str(k): v.to_dict() for k, v in sorted(sweep.items())}, indent=2), encoding="utf-8")
-    return rel
+                         commit_oid=info.oid, pr_url=info.pr_url, files=list_files(folder))
 
 
 def _commit_message(edit: Mapping[str, Any]) -> str:
     rho = sorted({m.get("keep_mass") for m in edit["modules"] if m.get("keep_mass") is not None})
     return f"Upload curvature edit ({edit['kind']}, ρ = {', '.join(f'{r:g}' for r in rho) or '?'})"
-
-
-def _list_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------- push errors
@@ -468,7 +284,7 @@ class _Target:
         return (f"The local folder {self.folder} is complete and unchanged; fix the cause and retry with "
                 f"push_folder({str(self.folder)!r}, {self.repo_id!r}).")
 
-    def fix(self, status: Optional[int]) -> str:
+    def fix(self, status: int | None) -> str:
         if status == 401:
             return ("The token is missing or invalid: pass HubOptions(token=<a write token>), set HF_TOKEN, or run "
                     "`hf auth login`.")

@@ -8,8 +8,9 @@ matplotlib is imported on the first plot only.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..sweep import SweepResult
 
 
-def _figure(**kwargs: Any) -> "Figure":
+def _figure(**kwargs: Any) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -34,7 +35,7 @@ def _figure(**kwargs: Any) -> "Figure":
     return fig
 
 
-def _save(fig: "Figure", path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     return path
@@ -89,7 +90,7 @@ def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, mod
 
 
 def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
-                  perplexity_set: Optional[str] = None) -> Path:
+                  perplexity_set: str | None = None) -> Path:
     """Plot recitation (Strict, per recitation set) against perplexity over several ρ; write a PNG.
 
     Args:
@@ -130,7 +131,7 @@ def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
     return _save(fig, Path(path))
 
 
-def plot_sweep(result: "SweepResult", path: str | Path) -> Path:
+def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     """Plot a sweep: Strict recitation on its primary set against the held-out perplexity change, one point per
     curvature edit and per SVD truncation, the chosen edit circled and the perplexity budget dashed; write a PNG."""
     fig = _figure(figsize=(6, 4))
@@ -155,7 +156,7 @@ def plot_sweep(result: "SweepResult", path: str | Path) -> Path:
     return path
 
 
-def eigen_for_module(eigen: Mapping[str, ModuleEigen], module: str) -> Optional[ModuleEigen]:
+def eigen_for_module(eigen: Mapping[str, ModuleEigen], module: str) -> ModuleEigen | None:
     """Find `module` in `eigen`, with wrapper prefixes (PEFT's ``base_model.model.``, torch.compile's
     ``_orig_mod.``) removed on either side; None when it has no eigenbasis."""
     if module in eigen:

@@ -12,8 +12,13 @@ from peft.utils import register_peft_method
 from ..edit import CurvatureEdit, ModuleEditReport, compute_edit, weight_fingerprint
 from .config import CURVEDIT, CurvatureEditConfig
 from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
-from .model import (CurvatureEditModel, build_curvature_edit, check_base_model, compute_module_edits,
-                    curvature_edit_report)
+from .model import (
+    CurvatureEditModel,
+    build_curvature_edit,
+    check_base_model,
+    compute_module_edits,
+    curvature_edit_report,
+)
 
 __all__ = [
     "CURVEDIT",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -84,11 +84,11 @@ class CurvatureEditConfig(PeftConfig):
             the adapter's weights, see `CurvatureEditModel.edit_report`.)
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Modules to edit: regex string, or list of names/suffixes. None = architecture default."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules not to edit (regex string, or list of names/suffixes)."}
     )
     keep_mass: float = field(default=0.6, metadata={"help": "Fraction ρ of curvature mass to keep, in (0, 1]."})
@@ -98,10 +98,10 @@ class CurvatureEditConfig(PeftConfig):
     selection: Selection = field(
         default="curvature_mass", metadata={"help": "'curvature_mass' (paper) or 'factor_truncation'."}
     )
-    rank_cap: Optional[int] = field(
+    rank_cap: int | None = field(
         default=None, metadata={"help": "Truncate each edited weight by SVD to at most this rank (lossy)."}
     )
-    factors_path: Optional[str] = field(
+    factors_path: str | None = field(
         default=None, metadata={"help": "eigen.safetensors to build from when using peft.get_peft_model."}
     )
     factor_source: dict[str, Any] = field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -164,7 +164,7 @@ class CurvatureEditLayer(BaseTunerLayer):
         self.curvedit_fingerprint[adapter_name] = edit.fingerprint.to(device)
         self._curvedit_q_side[adapter_name] = edit.q_side
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # PEFT's default also casts float buffers to the base dtype; the factorization and the fingerprint must stay
         # in float32/float64 (and the cutoffs int64), so only the device moves.
         target = device if device is not None else self.get_base_layer().weight.device
@@ -246,7 +246,7 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
-    def _active_edit(self) -> Optional[str]:
+    def _active_edit(self) -> str | None:
         active = [a for a in self.active_adapters if a in self.curvedit_Q]
         if len(active) > 1:
             raise ValueError(
@@ -280,7 +280,7 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
             y = y + bias.to(y.dtype)
         return y.to(x.dtype)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Replace the base weight by ``W'`` of the (single) active edit; the original is kept for `unmerge`.
 
         With ``safe_merge`` the edited weight is checked for NaN/inf before it replaces anything.

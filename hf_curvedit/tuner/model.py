@@ -8,8 +8,9 @@ adapter takes; last, each layer is filled with its edit (`CurvatureEditLayer.set
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Union
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -42,7 +43,7 @@ def _default_targets(model: nn.Module) -> str:
     return default
 
 
-def _is_target(config: CurvatureEditConfig, name: str) -> Union[bool, _ExcludedModule]:
+def _is_target(config: CurvatureEditConfig, name: str) -> bool | _ExcludedModule:
     """Whether the module called `name` (wrapper prefixes stripped) is one the config edits, in the one
     `target_modules` grammar of `hf_curvedit.targets.module_matches` (regex, names, suffixes, globs)."""
     if config.exclude_modules and module_matches(name, config.exclude_modules):
@@ -163,13 +164,13 @@ class CurvatureEditModel(BaseTuner):
         return peft_config
 
     @staticmethod
-    def _check_target_module_exists(peft_config: CurvatureEditConfig, key: str) -> Union[bool, _ExcludedModule]:
+    def _check_target_module_exists(peft_config: CurvatureEditConfig, key: str) -> bool | _ExcludedModule:
         # the same grammar as FactorConfig.target_modules and compute_module_edits (globs included)
         return _is_target(peft_config, strip_wrapper_prefix(key))
 
     def _create_and_replace(
         self, peft_config: CurvatureEditConfig, adapter_name: str, target: nn.Module, target_name: str,
-        parent: nn.Module, current_key: Optional[str] = None, **optional_kwargs: Any,
+        parent: nn.Module, current_key: str | None = None, **optional_kwargs: Any,
     ) -> None:
         if current_key is None:
             raise ValueError("Current key shouldn't be `None`")
@@ -187,7 +188,7 @@ class CurvatureEditModel(BaseTuner):
         self._replace_module(parent, target_name, CurvatureEditLinear(target, adapter_name, peft_config, module_name),
                              target)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = True) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = True) -> None:
         """Activate one edit (edits replace weights, so they do not stack)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) > 1:
@@ -196,7 +197,7 @@ class CurvatureEditModel(BaseTuner):
         super().set_adapter(adapter_name, inference_mode=True)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+                       low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         config = self.peft_config[adapter_name]
         edits = None
         if not config.edited_modules:
@@ -234,11 +235,11 @@ class CurvatureEditModel(BaseTuner):
                 module.unmerge()
         return super().unload()
 
-    def edit_report(self, adapter_name: Optional[str] = None) -> list[ModuleEditReport]:
+    def edit_report(self, adapter_name: str | None = None) -> list[ModuleEditReport]:
         """Per-module report of `adapter_name` (default: the active one), in model order."""
         return curvature_edit_report(self.model, adapter_name or self.active_adapters[0])
 
-    def check_base_model(self, adapter_name: Optional[str] = None) -> None:
+    def check_base_model(self, adapter_name: str | None = None) -> None:
         """Raise `WrongBaseModelError` if any edited module's base weight is not the one the edit was built for."""
         check_base_model(self.model, adapter_name or self.active_adapters[0])
 
@@ -265,7 +266,7 @@ def check_base_model(model: nn.Module, adapter_name: str = "default") -> None:
             layer.check_base(adapter_name, name)
 
 
-def _provenance(eigen: Any, path: Optional[Union[str, Path]] = None) -> dict[str, Any]:
+def _provenance(eigen: Any, path: str | Path | None = None) -> dict[str, Any]:
     meta = dict(getattr(eigen, "metadata", {}) or {})
     out: dict[str, Any] = {}
     if path is not None:
@@ -279,7 +280,7 @@ def _provenance(eigen: Any, path: Optional[Union[str, Path]] = None) -> dict[str
 def build_curvature_edit(
     model: nn.Module,
     eigen: EigenSource,
-    config: Optional[CurvatureEditConfig] = None,
+    config: CurvatureEditConfig | None = None,
     adapter_name: str = "default",
 ) -> PeftModel:
     """Build a curvature edit from K-FAC eigenbases and return the edited `PeftModel`.

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -102,7 +103,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_merged(model: PeftModel, adapter_name: str, folder: Union[str, Path], max_shard_size: Union[int, str] = "5GB") -> None:
+def save_merged(model: PeftModel, adapter_name: str, folder: str | Path, max_shard_size: int | str = "5GB") -> None:
     """Save `model` with the edit `adapter_name` merged as a plain transformers checkpoint (safetensors) in `folder`.
 
     The model is merged in place and unmerged afterwards (bit-exact in fp32) rather than deep-copied.
@@ -124,7 +125,7 @@ def save_merged(model: PeftModel, adapter_name: str, folder: Union[str, Path], m
         model.unmerge_adapter()
 
 
-def save_adapter(model: PeftModel, adapter_name: str, folder: Union[str, Path]) -> None:
+def save_adapter(model: PeftModel, adapter_name: str, folder: str | Path) -> None:
     """Save the adapter `adapter_name` of `model` at the root of `folder`, where ``from_pretrained(repo_id)`` looks.
 
     (PEFT's `save_pretrained` puts a non-default adapter in a sub-folder named after it.)

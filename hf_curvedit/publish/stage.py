@@ -1,0 +1,228 @@
+"""Staging: write everything of a published edit but its card to a local folder, before anything is sent.
+
+The folder gets the weights (`save_pretrained` of the adapter, or of the merged model), ``curvedit_edit.json`` (the
+edit's config and per-module report), ``edit_report.json`` (the evaluation) and ``plots/*.png``. The spectrum plots
+draw the staircase the adapter saved (``curvedit_cutoffs``) when the folder holds adapter weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+
+from ..curvature.eigen import KFACEigen, ModuleEigen
+from ..evaluation.report import EditReport
+from ..tuner.summary import edit_summary, is_curvature_edit_config, module_rows_from_config, save_adapter, save_merged
+from ..utils import strip_wrapper_prefix
+from .card import is_hub_id
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EDIT_FILENAME", "PLOTS_DIR", "REPORT_FILENAME", "SWEEP_FILENAME", "StagedFolder", "stage_folder"]
+
+EDIT_FILENAME = "curvedit_edit.json"
+REPORT_FILENAME = "edit_report.json"
+SWEEP_FILENAME = "edit_sweep.json"
+PLOTS_DIR = "plots"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EigenLike = Union[KFACEigen, Mapping[str, ModuleEigen], str, Path]
+
+
+@dataclass
+class StagedFolder:
+    """A folder written by [`stage_folder`], with what its card is rendered from (paths relative to `folder`)."""
+
+    folder: Path
+    edit: dict[str, Any]  # the curvedit_edit.json content: config, module rows, kind, the base_model to show
+    local_base: str | None = None  # where the base weights were loaded from, for the license lookup
+    report: EditReport | None = None
+    spectrum_plots: list[tuple[str, str]] = field(default_factory=list)  # (module, PNG path)
+    tradeoff_plot: str | None = None
+
+
+def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,
+                 report: EditReport | None = None, *, merged: bool = False, adapter_name: str | None = None,
+                 eigen: EigenLike | None = None, sweep: Mapping[float, EditReport] | None = None,
+                 tokenizer: Any = None, base_model: str | None = None, overwrite: bool = False,
+                 max_shard_size: int | str = "5GB") -> StagedFolder:
+    """Write everything but the card to `out_dir`: weights, ``curvedit_edit.json``, ``edit_report.json``, plots.
+
+    Arguments are as in [`publish`] (`base_model` is ``CardOptions.base_model``: it is also written into the
+    adapter config). Nothing is sent to the Hub.
+    """
+    out_dir = Path(out_dir)
+    model, source = _open(model_or_dir, out_dir, merged)
+    if source is not None:  # an earlier publish folder brings its evaluation along unless a new one is given
+        if report is None and (source / REPORT_FILENAME).is_file():
+            report = EditReport.load(source / REPORT_FILENAME)
+        if sweep is None and (source / SWEEP_FILENAME).is_file():
+            sweep = {float(k): EditReport.from_dict(v) for k, v in _read_json(source / SWEEP_FILENAME).items()}
+    if model is not None:
+        edit, local_base = _write_model(model, adapter_name, out_dir, merged, overwrite, max_shard_size)
+    else:
+        assert source is not None
+        edit, local_base = _copy_folder(source, out_dir, merged, overwrite)
+    if base_model is not None:
+        edit["base_model"] = base_model
+        if edit["kind"] == "adapter":
+            edit["config"]["base_model_name_or_path"] = base_model
+            _set_adapter_base(out_dir, base_model)
+    if not is_hub_id(edit.get("base_model")):
+        logger.warning("the base model (%s) is not a Hub repo id: the card will have no base_model metadata. Pass "
+                       "card=CardOptions(base_model='org/name') to publish() to link it", edit.get("base_model") or "unknown")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / EDIT_FILENAME).write_text(json.dumps(edit, indent=2, default=str) + "\n", encoding="utf-8")
+    if report is not None:
+        report.save(out_dir / REPORT_FILENAME)
+    return StagedFolder(folder=out_dir, edit=edit, local_base=local_base, report=report,
+                        spectrum_plots=_spectrum_plots(eigen, edit, out_dir), tradeoff_plot=_tradeoff_plot(sweep, out_dir))
+
+
+def _open(model_or_dir: PeftModel | str | Path, out_dir: Path,
+          merged: bool) -> tuple[PeftModel | None, Path | None]:
+    # (the model to save, the source folder): a PeftModel is saved; a folder is copied, except that an adapter
+    # folder published merged is loaded (base included) so that it can be merged.
+    if isinstance(model_or_dir, PeftModel):
+        return model_or_dir, None
+    if not isinstance(model_or_dir, (str, Path)):
+        raise TypeError(f"model_or_dir must be a peft.PeftModel or a folder path, got {type(model_or_dir).__name__}")
+    source = Path(model_or_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is not a folder; pass a PeftModel or a folder written by "
+                                f"save_pretrained/publish")
+    if source.resolve() == out_dir.resolve():
+        raise ValueError("out_dir must differ from the source folder: publish writes a fresh folder")
+    if merged and (source / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(source).eval(), source
+    return None, source
+
+
+def _write_model(model: PeftModel, adapter_name: str | None, out_dir: Path, merged: bool, overwrite: bool,
+                 max_shard_size: int | str) -> tuple[dict[str, Any], str | None]:
+    name = adapter_name or model.active_adapter
+    edit = edit_summary(model, name)  # raises ValueError when the adapter is not a curvature edit
+    edit["kind"] = "merged" if merged else "adapter"
+    _prepare_out_dir(out_dir, overwrite)
+    if merged:
+        save_merged(model, name, out_dir, max_shard_size)
+    else:
+        save_adapter(model, name, out_dir)
+    return edit, edit["base_model"]
+
+
+def _copy_folder(source: Path, out_dir: Path, merged: bool, overwrite: bool) -> tuple[dict[str, Any], str | None]:
+    edit, local_base = _edit_from_folder(source)
+    if merged and edit["kind"] != "merged":
+        raise ValueError(f"{source} is not an adapter or merged curvature edit folder")
+    _prepare_out_dir(out_dir, overwrite)
+    shutil.copytree(source, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md", ".git", ".cache"))
+    return edit, local_base
+
+
+def _edit_from_folder(source: Path) -> tuple[dict[str, Any], str | None]:
+    if (source / EDIT_FILENAME).is_file():
+        edit = _read_json(source / EDIT_FILENAME)
+        edit.setdefault("kind", "adapter")
+        return edit, edit.get("config", {}).get("base_model_name_or_path")
+    if (source / "adapter_config.json").is_file():
+        cfg = _read_json(source / "adapter_config.json")
+        if not is_curvature_edit_config(cfg):
+            raise ValueError(f"{source} holds a {cfg.get('peft_type')} adapter, not a curvature edit (CURVEDIT)")
+        base = cfg.get("base_model_name_or_path")
+        return {"adapter_name": "default", "config": cfg, "modules": module_rows_from_config(cfg),
+                "base_model": base, "kind": "adapter"}, base
+    raise ValueError(f"{source} has neither adapter_config.json nor {EDIT_FILENAME}: it is not a curvature edit "
+                     f"folder. Publish the PeftModel itself, or a folder written by save_pretrained/publish")
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} exists and is not a folder; pass a folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        # Everything in the folder is uploaded, so stale files from something else must not be there. Only a folder
+        # that an earlier publish() wrote (it holds EDIT_FILENAME) is cleared, never an arbitrary one.
+        if not overwrite:
+            raise FileExistsError(f"out_dir {out_dir} is not empty; everything in it would be uploaded. Pass an empty "
+                                  f"or new folder, or overwrite=True to replace an earlier publish() folder")
+        if not (out_dir / EDIT_FILENAME).is_file():
+            raise FileExistsError(f"out_dir {out_dir} is not empty and was not written by publish() (no "
+                                  f"{EDIT_FILENAME}); refusing to delete it. Pass an empty or new folder")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _set_adapter_base(out_dir: Path, base_model: str) -> None:
+    path = out_dir / "adapter_config.json"
+    cfg = _read_json(path)
+    cfg["base_model_name_or_path"] = base_model
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _spectrum_plots(eigen: EigenLike | None, edit: Mapping[str, Any], out_dir: Path) -> list[tuple[str, str]]:
+    from .plots import safe_filename
+
+    if eigen is None:
+        # keep the spectra an earlier publish drew (when republishing its folder)
+        found = [(m["module"], f"{PLOTS_DIR}/spectrum_{safe_filename(m['module'])}.png") for m in edit["modules"]]
+        return [(name, rel) for name, rel in found if (out_dir / rel).is_file()]
+    from .plots import eigen_for_module, plot_spectrum  # matplotlib only when a plot is drawn
+
+    if isinstance(eigen, (str, Path)):
+        eigen = KFACEigen.load(eigen)
+    selection = edit["config"].get("selection", "curvature_mass")
+    saved = _saved_cutoffs(out_dir)
+    plots = []
+    for m in edit["modules"]:
+        name = m["module"]
+        e = eigen_for_module(eigen, name)
+        if e is None:
+            logger.warning("no eigenbasis for edited module %s: its spectrum plot is skipped", name)
+            continue
+        rel = f"{PLOTS_DIR}/spectrum_{safe_filename(name)}.png"
+        plot_spectrum(e, float(m["keep_mass"]), out_dir / rel, module=name, selection=selection,
+                      cutoffs=saved.get(name))
+        plots.append((name, rel))
+    return plots
+
+
+def _saved_cutoffs(folder: Path) -> dict[str, torch.Tensor]:
+    # The staircase each module's adapter kept, from the adapter weights in the folder (a merged checkpoint has none:
+    # its plots select the staircase again from the spectra, which gives the same cut).
+    path = folder / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return {}
+    suffix = ".curvedit_cutoffs"
+    with safe_open(str(path), framework="pt") as f:
+        return {strip_wrapper_prefix(key[:-len(suffix)]): f.get_tensor(key) for key in f.keys() if key.endswith(suffix)}
+
+
+def _tradeoff_plot(sweep: Mapping[float, EditReport] | None, out_dir: Path) -> str | None:
+    if sweep is None or len(sweep) < 2:
+        return None
+    from .plots import plot_tradeoff  # matplotlib is imported only when a plot is drawn
+
+    rel = f"{PLOTS_DIR}/recitation_vs_perplexity.png"
+    plot_tradeoff(sweep, out_dir / rel)
+    (out_dir / SWEEP_FILENAME).write_text(
+        json.dumps({str(k): v.to_dict() for k, v in sorted(sweep.items())}, indent=2), encoding="utf-8")
+    return rel
+
+
+def list_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))

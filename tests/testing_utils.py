@@ -1,0 +1,142 @@
+"""Helpers shared by the tests: tiny models built from configs, random factors, brute-force references.
+
+Fixtures live in ``conftest.py``; everything a test module imports lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from hf_curvedit import KFACEigen, ModuleEigen
+from hf_curvedit.curvature.eigen import symmetric_eigh
+from hf_curvedit.targets import linear_shape, resolve_target_modules
+from hf_curvedit.tuner import CurvatureEditLayer
+
+VOCAB = 61
+
+
+@contextlib.contextmanager
+def record_module_io(model: torch.nn.Module, names: list[str]) -> Iterator[tuple[dict, dict]]:
+    """Record the first input and the output of each named module during the forward passes in the block."""
+    mods = dict(model.named_modules())
+    ins: dict = {}
+    outs: dict = {}
+
+    def capture(n):
+        def hook(module, inputs, output):
+            ins[n], outs[n] = inputs[0], output
+        return hook
+
+    hooks = [mods[n].register_forward_hook(capture(n)) for n in names]
+    try:
+        yield ins, outs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, pad_token_id=0)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def random_token_rows(n: int, lo: int = 3, hi: int = 24, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g)
+    return [torch.randint(1, VOCAB, (int(l),), generator=g).tolist() for l in lengths]
+
+
+# ------------------------------------------------------------ the adapter tests' models and factors
+EDIT_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128)
+
+
+def edit_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """The Llama the adapter tests edit (hidden 64, MLP 128, vocabulary 128)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**EDIT_LLAMA, **overrides})).eval()
+
+
+def edit_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """The GPT-2 the adapter tests edit (Conv1D layers, tied lm_head)."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).eval()
+
+
+def _spd(n: int, g: torch.Generator) -> torch.Tensor:
+    # a spread spectrum, like real activation / gradient covariances
+    X = torch.randn(n, 2 * n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)[:, None]
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ (X @ X.T) @ Q.T / (2 * n)
+
+
+@functools.cache
+def _random_eigen(shapes: tuple[tuple[str, int, int], ...], seed: int) -> KFACEigen:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, d_out, d_in in shapes:
+        la, va = symmetric_eigh(_spd(d_in, g))
+        lg, vg = symmetric_eigh(_spd(d_out, g))
+        out[name] = ModuleEigen(la, va, lg, vg)
+    return KFACEigen(out, {"num_tokens": 1000, "model_name_or_path": "tiny"})
+
+
+def random_eigen(model: torch.nn.Module, seed: int = 1, names: list[str] | None = None) -> KFACEigen:
+    """Eigenbases of random SPD factors for the targeted modules (cached: eigh is slow on a busy 2-core box)."""
+    shapes = tuple((n, *linear_shape(model.get_submodule(n))) for n in (names or resolve_target_modules(model)))
+    return _random_eigen(shapes, seed)
+
+
+def logical_weight(module: torch.nn.Module) -> torch.Tensor:
+    w = module.weight.detach()
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
+def dense_edit(weight: torch.Tensor, e: ModuleEigen, rho: float) -> torch.Tensor:
+    """W' = U_G (M ∘ C) U_Aᵀ in float64, with M from a brute-force sort of all products."""
+    W = weight.double()
+    C = e.eigvecs_G.T @ W @ e.eigvecs_A
+    M = brute_force_mask(e.eigvals_G, e.eigvals_A, rho)
+    return e.eigvecs_G @ (C * M) @ e.eigvecs_A.T
+
+
+def ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def edit_layers(model) -> dict[str, CurvatureEditLayer]:
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, CurvatureEditLayer)}
+
+
+def brute_force_mask(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Tensor:
+    """Sort all products by (Π desc, i asc, j asc), keep the shortest prefix whose mass reaches ρ·total."""
+    lam = lam.double()
+    mu = mu.double()
+    prods = (lam[:, None] * mu[None, :]).reshape(-1)
+    # row-major flattening + stable sort = the documented tie rule
+    order = torch.sort(prods, descending=True, stable=True).indices
+    positive = prods[order] > 0
+    if rho >= 1.0:
+        n_take = int(positive.sum())
+    else:
+        cum = torch.cumsum(prods[order], 0)
+        total = float(cum[-1])
+        n_take = int(torch.nonzero(cum >= rho * total)[0]) + 1
+    mask = torch.zeros(prods.numel(), dtype=torch.bool)
+    mask[order[:n_take]] = True
+    return mask.reshape(lam.numel(), mu.numel())
