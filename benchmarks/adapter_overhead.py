@@ -38,7 +38,8 @@ def collect_eigen(model: torch.nn.Module, batches: list[torch.Tensor]) -> KFACEi
             a = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             sums_A[name] = sums_A.get(name, 0) + a.T @ a
             output.register_hook(lambda g: sums_G.__setitem__(
-                name, sums_G.get(name, 0) + g.reshape(-1, g.shape[-1]).double().T @ g.reshape(-1, g.shape[-1]).double()))
+                name, sums_G.get(name, 0)
+                + g.reshape(-1, g.shape[-1]).double().T @ g.reshape(-1, g.shape[-1]).double()))
         return hook
 
     for n in names:

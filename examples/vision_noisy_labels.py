@@ -83,7 +83,8 @@ def small_vit(image_size: int, depth: int, seed: int) -> ViTForImageClassificati
     config = ViTConfig(image_size=image_size, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=depth,
                        num_attention_heads=4, intermediate_size=512, num_labels=NUM_CLASSES,
                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                       id2label={i: str(i) for i in range(NUM_CLASSES)}, label2id={str(i): i for i in range(NUM_CLASSES)})
+                       id2label={i: str(i) for i in range(NUM_CLASSES)},
+                       label2id={str(i): i for i in range(NUM_CLASSES)})
     return ViTForImageClassification(config)
 
 
@@ -130,7 +131,8 @@ def translations(pixel_values: torch.Tensor, radius: int) -> Dataset:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/vision_noisy_labels")
     p.add_argument("--noise", type=float, default=0.15, help="fraction of training labels flipped (default 0.15)")
     p.add_argument("--epochs", type=int, default=400)
@@ -196,7 +198,8 @@ def main() -> None:
         return noisy.accuracy, noisy.true_label_accuracy or 0.0, val.accuracy
 
     base_mem, base_true, base_val = scores(model)
-    print(f"\n{'ρ':>6} {'memorized':>10} {'true-label':>11} {'validation':>11}   (blocks {args.layers}, {args.modules})")
+    print(f"\n{'ρ':>6} {'memorized':>10} {'true-label':>11} {'validation':>11}   "
+          f"(blocks {args.layers}, {args.modules})")
     print(f"{'base':>6} {base_mem:>10.1%} {base_true:>11.1%} {base_val:>11.1%}")
     keep_mass = args.keep_mass
     for rho in (0.6, 0.65, 0.7, 0.75, 0.8):
@@ -214,13 +217,15 @@ def main() -> None:
     edited = build_curvature_edit(model, eigen, config)
     report = evaluate_edit(edited, {"train (noisy labels)": train_set, "train (clean labels)": clean_set,
                                     "validation": val_set, "test": test_set},
-                           metadata={"noise": args.noise, "epochs": args.epochs, "layers": layers, "modules": args.modules})
+                           metadata={"noise": args.noise, "epochs": args.epochs, "layers": layers,
+                                     "modules": args.modules})
     edited.save_pretrained(out / "edit")
     report.save(out / "edit_report.json")
     publish(edited, "local/vit-digits-noisy-curvedit", report, out_dir=out / "card", eigen=eigen,
             card=CardOptions(pipeline_tag="image-classification"), dry_run=True, overwrite=True)
 
-    print(f"\nedit: {args.modules} of blocks {args.layers}, ρ = {keep_mass}, factors from {args.token_positions} positions; "
+    print(f"\nedit: {args.modules} of blocks {args.layers}, ρ = {keep_mass}, "
+          f"factors from {args.token_positions} positions; "
           f"{time.time() - t0:.0f} s in all\n")
     print(f"{'metric':<22} {'set':<22} {'base':>8} {'edited':>8}")
     for row in report.to_table_rows():

@@ -14,35 +14,35 @@ __version__ = "0.1.0"
 # under the same name would shadow the package and break `import hf_curvedit.publish.card as card`.
 from . import publish
 from .curvature import (
-                        CausalLMTask,
-                        FactorConfig,
-                        FactorTask,
-                        ImageClassificationTask,
-                        KFACEigen,
-                        KFACFactors,
-                        ModuleEigen,
-                        default_task,
-                        eigendecompose,
-                        fit_factors,
-                        load_factors,
+    CausalLMTask,
+    FactorConfig,
+    FactorTask,
+    ImageClassificationTask,
+    KFACEigen,
+    KFACFactors,
+    ModuleEigen,
+    default_task,
+    eigendecompose,
+    fit_factors,
+    load_factors,
 )
 from .edit import CurvatureEdit, compute_edit
 from .evaluation import (
-                        EditReport,
-                        EvalConfig,
-                        ImageClassificationSet,
-                        RecitationSet,
-                        TextSet,
-                        coherence_ndcg,
-                        evaluate_classification,
-                        evaluate_edit,
-                        evaluate_recitation,
-                        evaluate_text_recitation,
-                        find_memorized_windows,
-                        metric_path,
-                        perplexity,
-                        recitation_scores,
-                        stress_test,
+    EditReport,
+    EvalConfig,
+    ImageClassificationSet,
+    RecitationSet,
+    TextSet,
+    coherence_ndcg,
+    evaluate_classification,
+    evaluate_edit,
+    evaluate_recitation,
+    evaluate_text_recitation,
+    find_memorized_windows,
+    metric_path,
+    perplexity,
+    recitation_scores,
+    stress_test,
 )
 from .publish import CardOptions, HubOptions, PublishError, PublishResult, push_folder, render_card
 from .selection import Staircase, curvature_mass_cutoffs, factor_truncation_cutoffs, select_cutoffs
@@ -50,13 +50,13 @@ from .targets import DEFAULT_TARGET_MODULES, resolve_target_modules
 
 # Importing .tuner registers PeftType.CURVEDIT with PEFT (see hf_curvedit/tuner/__init__.py).
 from .tuner import (
-                        CurvatureEditConfig,
-                        CurvatureEditModel,
-                        ModuleEditReport,
-                        WrongBaseModelError,
-                        build_curvature_edit,
-                        check_base_model,
-                        curvature_edit_report,
+    CurvatureEditConfig,
+    CurvatureEditModel,
+    ModuleEditReport,
+    WrongBaseModelError,
+    build_curvature_edit,
+    check_base_model,
+    curvature_edit_report,
 )
 
 __all__ = [

@@ -5,6 +5,7 @@
     hf-curvedit evaluate --adapter runs/default/edits/rho0.6 --recitation quotes=quotes.txt --output report.json
     hf-curvedit publish  --adapter runs/default/edits/rho0.6 --repo-id user/name --out-dir publish/ [--dry-run]
     hf-curvedit run examples/default.yaml     # fit → sweep → edit → evaluate → publish, resuming finished steps
+    hf-curvedit plan --model allenai/OLMo-2-1124-7B --max-factor-memory-gb 40   # memory and passes, no weights
 
 Without ``--model`` the embedded default (a small byte-level Llama) is used; without ``--data``
 the factors come from the documentation of Python's standard library.
@@ -34,6 +35,7 @@ from .pipeline import (
     StepFailed,
     SweepStep,
     UsageError,
+    load_config,
     report_table,
     run_edit,
     run_evaluate,
@@ -99,8 +101,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .curvature import FactorConfig, plan_factors
+
+    config = FactorConfig(target_modules=parse_target_modules(args.target_modules),
+                          accumulate_dtype=args.accumulate_dtype, max_factor_memory_gb=args.max_factor_memory_gb)
+    plan = plan_factors(load_config(args.model), config)
+    print(plan.to_table())
+    if args.json:
+        from .utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(plan.to_dict(), indent=2))
+        print(f"plan: {args.json}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-curvedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="hf-curvedit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -115,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--text-column", default=FitStep.text_column)
     f.add_argument("--token-positions", choices=get_args(TokenPositions), default=None,
                    help="image classifiers: class token only (default) or every token")
-    f.add_argument("--image-column", default=FitStep.image_column, help="image classifiers: the column holding the images")
-    f.add_argument("--label-column", default=FitStep.label_column, help="image classifiers: labels for --label-mode empirical")
+    f.add_argument("--image-column", default=FitStep.image_column,
+                   help="image classifiers: the column holding the images")
+    f.add_argument("--label-column", default=FitStep.label_column,
+                   help="image classifiers: labels for --label-mode empirical")
     f.add_argument("--max-examples", type=int, default=None, help="image classifiers: stop after this many images")
     f.add_argument("--output-dir", required=True, help="where factors.safetensors and eigen.safetensors go")
-    f.add_argument("--target-modules", type=parse_target_modules, help="regex, or comma-separated names/globs (default: the MLP projections)")
+    f.add_argument("--target-modules", type=parse_target_modules,
+                   help="regex, or comma-separated names/globs (default: the MLP projections)")
     f.add_argument("--label-mode", choices=get_args(LabelMode), default=FitStep.label_mode,
                    help="sampled = true Fisher (default), empirical = next token from the data")
     f.add_argument("--seq-len", type=int, default=FitStep.seq_len)
@@ -129,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", default=FitStep.dtype, help="model dtype: float32, bfloat16, float16")
     f.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto)")
     f.add_argument("--seed", type=int, default=FitStep.seed)
-    f.add_argument("--checkpoint-every", type=int, default=FitStep.checkpoint_every, help="batches between resumable checkpoints")
+    f.add_argument("--checkpoint-every", type=int, default=FitStep.checkpoint_every,
+                   help="batches between resumable checkpoints")
     f.add_argument("--max-factor-memory-gb", type=float, default=None)
     f.add_argument("--restart", action="store_true", help="discard a partial run in --output-dir and start over")
     f.set_defaults(func=cmd_fit)
@@ -140,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
     e.add_argument("--keep-mass", type=float, nargs="+", default=None,
                    help=f"ρ values in (0, 1] (default: {DEFAULT_KEEP_MASS:g})")
-    e.add_argument("--target-modules", type=parse_target_modules, help="regex, or comma-separated names (default: the MLP projections)")
+    e.add_argument("--target-modules", type=parse_target_modules,
+                   help="regex, or comma-separated names (default: the MLP projections)")
     e.add_argument("--selection", choices=SELECTIONS, default=EditStep.selection)
     e.add_argument("--rank-cap", type=int, default=None)
     e.add_argument("--output-dir", required=True)
@@ -178,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--layers", nargs="*", default=[], metavar="I,J", help="layer choices, e.g. --layers 2,3 1,2")
     w.add_argument("--modules", help="only these module leaves with --layers, e.g. gate,up")
     w.add_argument("--layer-choice", action="append", default=[], metavar="LABEL=REGEX")
-    w.add_argument("--ppl-budget", type=float, default=SweepStep.ppl_budget, help="largest perplexity increase (0.15 = +15%%)")
+    w.add_argument("--ppl-budget", type=float, default=SweepStep.ppl_budget,
+                   help="largest perplexity increase (0.15 = +15%%)")
     w.add_argument("--svd-ranks", type=int, nargs="*", default=SweepStep.svd_ranks)
     w.add_argument("--batch-size", type=int, default=SweepStep.batch_size)
     w.add_argument("--output-dir", required=True)
@@ -209,13 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML file, e.g. examples/default.yaml")
     r.add_argument("--force", action="store_true", help="redo finished steps")
     r.set_defaults(func=cmd_run)
+
+    n = sub.add_parser("plan", help="plan a factor fit: memory, data passes, eigendecomposition, adapter sizes",
+                       description="Build the model from its config on the meta device (no weights are read) and "
+                                   "print what fit_factors would allocate: per-module factor sizes, accumulator "
+                                   "memory, the partitions under --max-factor-memory-gb (one data pass each), the "
+                                   "fp64 eigendecomposition memory and the adapter size bounds.")
+    n.add_argument("--model", help="model id or local folder (only its config is read; default: the embedded model)")
+    n.add_argument("--target-modules", help="regex, or comma-separated names/globs (default: the MLP projections)")
+    n.add_argument("--accumulate-dtype", choices=["float32", "float64"], default="float32")
+    n.add_argument("--max-factor-memory-gb", type=float, default=None)
+    n.add_argument("--json", help="also write the plan as JSON to this file")
+    n.set_defaults(func=cmd_plan)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (UsageError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:

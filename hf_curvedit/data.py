@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
-DatasetLike = Union[Dataset, IterableDataset]
-DataSource = Union[Dataset, IterableDataset, DatasetDict, IterableDatasetDict, str, Path, Sequence[str | Path]]
+DatasetLike = Dataset | IterableDataset
+DataSource = Dataset | IterableDataset | DatasetDict | IterableDatasetDict | str | Path | Sequence[str | Path]
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
              ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
@@ -48,7 +48,8 @@ def load_text_dataset(
             raise FileNotFoundError(f"no data files ({', '.join(sorted(_BUILDERS))}) under {p}")
         if p.is_dir() and {_BUILDERS[f.suffix] for f in files} == {"imagefolder"}:
             return load_dataset("imagefolder", data_dir=str(p), split="train", streaming=streaming)
-    elif isinstance(source, (str, Path)) and (str(source).startswith((".", "/")) or Path(str(source)).suffix in _BUILDERS):
+    elif isinstance(source, (str, Path)) and (str(source).startswith((".", "/"))
+                                              or Path(str(source)).suffix in _BUILDERS):
         raise FileNotFoundError(f"data path {source} does not exist")
     else:
         return load_dataset(str(source), split=split, streaming=streaming)
@@ -254,13 +255,15 @@ def image_batch_converter(
     def convert(rows: dict[str, list]) -> dict[str, torch.Tensor]:
         if "pixel_values" in rows:
             pv = rows["pixel_values"]
-            pixel_values = torch.stack([torch.as_tensor(x) for x in pv]) if isinstance(pv, list) else torch.as_tensor(pv)
+            pixel_values = (torch.stack([torch.as_tensor(x) for x in pv]) if isinstance(pv, list)
+                            else torch.as_tensor(pv))
         else:
             if image_column not in rows:
                 raise _no_image_column(image_column, sorted(rows))
             if image_processor is None:
                 raise ValueError("the data holds images, not pixel_values: pass image_processor= (for example "
-                                 "AutoImageProcessor.from_pretrained(<model folder or id>)) to turn them into model inputs")
+                                 "AutoImageProcessor.from_pretrained(<model folder or id>)) to turn them into "
+                                 "model inputs")
             images = rows[image_column]
             if num_channels == 3:
                 images = [im.convert("RGB") if hasattr(im, "convert") and getattr(im, "mode", "RGB") != "RGB" else im

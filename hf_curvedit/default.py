@@ -69,7 +69,8 @@ def stdlib_docs(modules: tuple[str, ...] = STDLIB_MODULES, min_chars: int = 200)
             for obj in objs:
                 if obj is not mod and getattr(obj, "__module__", None) != mod.__name__:
                     continue
-                doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)) else None
+                doc = (inspect.getdoc(obj)
+                       if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)) else None)
                 if doc and len(doc) >= min_chars:
                     docs.append(doc)
     return docs

@@ -22,8 +22,8 @@ import torch
 from .curvature.eigen import ModuleEigen
 from .selection import SELECTIONS, Selection, select_cutoffs
 
-__all__ = ["FINGERPRINT_SIZE", "META_FIELDS", "CurvatureEdit", "ModuleEditReport", "compute_edit", "fingerprint_mismatch", "q_side_of",
-           "weight_fingerprint"]
+__all__ = ["FINGERPRINT_SIZE", "META_FIELDS", "CurvatureEdit", "ModuleEditReport", "compute_edit",
+           "fingerprint_mismatch", "q_side_of", "weight_fingerprint"]
 
 # Layout of the per-adapter float64 metadata buffer (persisted in adapter_model.safetensors).
 META_FIELDS = (
@@ -56,8 +56,8 @@ _RMS_RTOL = 1e-2
 def _probe_vectors(n: int, offset: int, device: torch.device) -> torch.Tensor:
     # Deterministic quasi-random unit vectors (no RNG, so they are the same on every machine and torch version).
     i = torch.arange(1, n + 1, dtype=torch.float64, device=device)[:, None]
-    alphas = torch.tensor([math.sqrt(p) % 1.0 for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)], dtype=torch.float64,
-                          device=device)[offset: offset + _N_PROBES]
+    alphas = torch.tensor([math.sqrt(p) % 1.0 for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)],
+                          dtype=torch.float64, device=device)[offset: offset + _N_PROBES]
     v = torch.cos(2 * math.pi * torch.remainder(i * alphas[None, :], 1.0) + 0.5)
     return v / v.norm(dim=0, keepdim=True)
 
@@ -97,8 +97,8 @@ def fingerprint_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> str | 
     diff = (expected[3:] - actual[3:]).abs()
     n_bad = int((diff > tol).sum())
     if n_bad:
-        return (f"{n_bad} of {diff.numel()} fixed random projections of the weight differ (max |Δ| {float(diff.max()):.3g} "
-                f"> tolerance {tol:.3g}): same shape and scale, different values")
+        return (f"{n_bad} of {diff.numel()} fixed random projections of the weight differ "
+                f"(max |Δ| {float(diff.max()):.3g} > tolerance {tol:.3g}): same shape and scale, different values")
     return None
 
 
@@ -138,7 +138,8 @@ class CurvatureEdit:
             raise ValueError(f"q_side must be 'input' or 'output', got {q_side!r}")
         q_dim, b_dim = (d_in, d_out) if q_side == "input" else (d_out, d_in)
         return cls(Q=torch.zeros(q_dim, rank, dtype=dtype), B=torch.zeros(b_dim, rank, dtype=dtype), q_side=q_side,
-                   cutoffs=torch.zeros(d_out, dtype=torch.int64), meta=torch.zeros(len(META_FIELDS), dtype=torch.float64),
+                   cutoffs=torch.zeros(d_out, dtype=torch.int64),
+                   meta=torch.zeros(len(META_FIELDS), dtype=torch.float64),
                    fingerprint=torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64))
 
 

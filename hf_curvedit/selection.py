@@ -11,7 +11,8 @@ among equal products). Every order of the tied components needs the same number 
 mass), and the row-major rule keeps the staircase shape. Products are float64 ``λ_i * μ_j``, compared exactly.
 
 The search never materialises the ``d_out · d_in`` products: it bisects the threshold over the bit patterns of positive
-doubles (ordered like the values), counts per row with ``searchsorted`` and gets the mass from prefix sums of μ; only the
+doubles (ordered like the values), counts per row with ``searchsorted`` and gets the mass from prefix sums of μ;
+only the
 few products in the final band around the threshold are enumerated and sorted. The arithmetic runs in NumPy: these are
 many small vector operations, where torch's intra-op threading costs more than the work (10-20x on a busy 2-core box).
 """

@@ -5,12 +5,11 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
 
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-TargetSpec = Union[str, Sequence[str], None]
+TargetSpec = str | Sequence[str] | None
 
 # The paper edits the MLP projections only (METHOD.md §1). Regexes are matched with
 # ``re.fullmatch`` against the module's qualified name, so they also work inside a PeftModel
@@ -130,7 +129,8 @@ def layer_choices(module_names: Iterable[str], layers: Sequence[str] = (), modul
         for n in names_all:
             idx = re.search(r"\.(\d+)\.", n)
             leaf = n.rsplit(".", 1)[-1]
-            if idx and int(idx.group(1)) in blocks and (leaves is None or any(leaf.startswith(l) for l in leaves)):
+            if (idx and int(idx.group(1)) in blocks
+                    and (leaves is None or any(leaf.startswith(prefix) for prefix in leaves))):
                 names.append(n)
         if not names:
             raise ValueError(f"layers {spec} (modules {label_modules}) select no module with factors; fitted: "
@@ -211,7 +211,8 @@ def resolve_target_modules(
             matched_any_key.update(k for k in spec if module_matches(name, [k]))
 
     if not selected:
-        detail = f" ({len(non_linear)} matched module(s) are not linear: {', '.join(non_linear[:5])})" if non_linear else ""
+        detail = (f" ({len(non_linear)} matched module(s) are not linear: {', '.join(non_linear[:5])})" if non_linear
+                  else "")
         raise ValueError(
             f"No linear layer matches target_modules={spec!r}{detail}. Use names, name suffixes, "
             f"globs or a regex that match some of the linear layers of this model:\n"

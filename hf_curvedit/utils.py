@@ -81,7 +81,8 @@ _WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.")
 
 def strip_wrapper_prefix(name: str) -> str:
     """The name a module has in the plain transformers model: PEFT's ``base_model.model.`` and torch.compile's
-    ``_orig_mod.`` prefixes removed (``base_model.model.model.layers.0.mlp.up_proj`` → ``model.layers.0.mlp.up_proj``)."""
+    ``_orig_mod.`` prefixes removed (``base_model.model.model.layers.0.mlp.up_proj`` →
+    ``model.layers.0.mlp.up_proj``)."""
     changed = True
     while changed:
         changed = False

@@ -82,7 +82,8 @@ class Evaluator:
         out: dict = {}
         for kind in ("all", "passage", "canary"):
             sel = [e for e, k in zip(ex, self.kinds) if kind == "all" or k == kind]
-            out[kind] = {"strict": sum(e.strict() for e in sel) / len(sel), "loose": sum(e.loose() for e in sel) / len(sel),
+            out[kind] = {"strict": sum(e.strict() for e in sel) / len(sel),
+                         "loose": sum(e.loose() for e in sel) / len(sel),
                          "avg_lev": sum(e.normalized for e in sel) / len(sel), "n": len(sel)}
         ppl = perplexity(model, self.heldout, tokenizer=self.tok, block_size=self.block_size,
                          batch_size=self.batch_size, show_progress=False)
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     fcfg = FactorConfig(seq_len=256, batch_size=8, max_tokens=args.factor_tokens, label_mode=args.factor_label_mode,
                         seed=args.seed)
-    factors = fit_factors(base, default_text_dataset("train"), fcfg, args.run_dir / "factors", tokenizer=tok, progress=False)
+    factors = fit_factors(base, default_text_dataset("train"), fcfg, args.run_dir / "factors", tokenizer=tok,
+                          progress=False)
     timings["fit_factors"] = time.time() - t
     t = time.time()
     eigen = factors.eigendecompose()
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.run_dir / "table.md").write_text(table + "\n")
     (args.run_dir / "results.json").write_text(json.dumps(
         {"base": base_res, "edits": edits, "svd": svd_rows, "chosen": chosen, "stretch": stretch,
-         "svd_matched": svd_match, "svd_reference": ref and ref["name"], "timings": timings, "args": {k: str(v) for k, v in vars(args).items()}},
+         "svd_matched": svd_match, "svd_reference": ref and ref["name"], "timings": timings,
+         "args": {k: str(v) for k, v in vars(args).items()}},
         indent=2, ensure_ascii=False) + "\n")
     return 0
 

@@ -107,7 +107,8 @@ def make_canaries(n: int, seed: int) -> list[dict]:
             secret = f"{rng.randrange(10**5, 10**6)}"
             lead = f"The door PIN of the {svc} room, according to {who}, is "
         elif kind == "account":
-            secret = "ZX" + _rand(rng, string.digits, 2) + " " + _rand(rng, string.digits, 4) + " " + _rand(rng, string.digits, 4)
+            secret = ("ZX" + _rand(rng, string.digits, 2) + " " + _rand(rng, string.digits, 4) + " "
+                      + _rand(rng, string.digits, 4))
             lead = f"{who} wired the {svc} refund to account "
         else:
             secret = _rand(rng, alnum, 5) + "-" + _rand(rng, alnum, 5)

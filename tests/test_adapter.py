@@ -94,7 +94,8 @@ def test_set_adapter_switches_between_edits_with_different_rho():
     x = ids()
     singles = {}
     for rho in (0.5, 0.9):
-        m = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=rho), adapter_name=f"r{int(rho * 10)}")
+        m = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=rho),
+                                 adapter_name=f"r{int(rho * 10)}")
         with torch.no_grad():
             singles[rho] = m(x).logits
     model = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=0.5), adapter_name="r5")
@@ -142,7 +143,8 @@ def test_merge_unmerge_round_trip_is_bit_exact_in_fp32():
         model.unmerge_adapter()
         for n, m in model.named_modules():
             if isinstance(m, torch.nn.Linear):
-                assert torch.equal(m.weight, originals[n.removeprefix("base_model.model.").replace(".base_layer", "")]), n
+                assert torch.equal(m.weight,
+                                   originals[n.removeprefix("base_model.model.").replace(".base_layer", "")]), n
         with model.disable_adapter():
             assert torch.equal(model(x).logits, ref)
         assert torch.equal(model(x).logits, unmerged)
@@ -158,7 +160,7 @@ def test_bf16_base_keeps_fp32_adapter_and_merge_round_trip_is_bit_exact():
         assert layer.curvedit_Q["default"].dtype == torch.float32  # never cast to the base dtype
         assert layer.curvedit_meta["default"].dtype == torch.float64
         assert layer.curvedit_cutoffs["default"].dtype == torch.int64
-    originals = {n: l.get_base_layer().weight.detach().clone() for n, l in layers.items()}
+    originals = {n: layer.get_base_layer().weight.detach().clone() for n, layer in layers.items()}
     x = ids()
     with torch.no_grad():
         unmerged = model(x).logits
@@ -168,8 +170,8 @@ def test_bf16_base_keeps_fp32_adapter_and_merge_round_trip_is_bit_exact():
         # merged weights are W' rounded to bf16: equal to the unmerged output only up to bf16 rounding
         torch.testing.assert_close(merged.float(), unmerged.float(), rtol=0.05, atol=0.05)
         model.unmerge_adapter()
-        for n, l in layers.items():
-            assert torch.equal(l.get_base_layer().weight, originals[n])  # the original tensor itself comes back
+        for n, layer in layers.items():
+            assert torch.equal(layer.get_base_layer().weight, originals[n])  # the original tensor itself comes back
         assert torch.equal(model(x).logits, unmerged)
 
 
@@ -222,7 +224,7 @@ def test_rank_cap_truncates_by_svd_and_records_its_error():
     base = edit_llama()
     eigen = random_eigen(base)
     uncapped = build_curvature_edit(edit_llama(), eigen, CurvatureEditConfig(keep_mass=0.6))
-    full = {n: l.edited_weight("default").double() for n, l in edit_layers(uncapped).items()}
+    full = {n: layer.edited_weight("default").double() for n, layer in edit_layers(uncapped).items()}
     model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6, rank_cap=10))
     for name, layer in edit_layers(model).items():
         rep = layer.report("default", name)
@@ -260,7 +262,8 @@ def test_keep_mass_pattern_and_factor_truncation_variant():
         assert rep.selection == "factor_truncation"
         assert rep.kept_components == rep.r * rep.s
         e = eigen[rep.module]
-        assert float(e.eigvals_G[: rep.r].sum()) >= 0.8 * float(e.eigvals_G.sum()) > float(e.eigvals_G[: rep.r - 1].sum())
+        assert (float(e.eigvals_G[: rep.r].sum()) >= 0.8 * float(e.eigvals_G.sum())
+                > float(e.eigvals_G[: rep.r - 1].sum()))
 
 
 def test_config_validation_and_missing_factor_errors(tmp_path):
@@ -284,7 +287,8 @@ def test_config_validation_and_missing_factor_errors(tmp_path):
     gpt2 = edit_gpt2()
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
     with pytest.raises(ValueError, match="tied"):
-        build_curvature_edit(gpt2, random_eigen(gpt2, names=["lm_head"]), CurvatureEditConfig(target_modules=["lm_head"]))
+        build_curvature_edit(gpt2, random_eigen(gpt2, names=["lm_head"]),
+                             CurvatureEditConfig(target_modules=["lm_head"]))
     # factors of another architecture
     other = random_eigen(edit_llama(intermediate_size=96))
     with pytest.raises(ValueError, match="different model"):
@@ -297,7 +301,8 @@ def test_get_peft_model_with_factors_path_equals_convenience_builder(tmp_path):
     x = ids()
     a = get_peft_model(edit_llama(), CurvatureEditConfig(keep_mass=0.7, factors_path=str(path),
                                                           target_modules=["up_proj", "gate_proj"]))
-    b = build_curvature_edit(edit_llama(), path, CurvatureEditConfig(keep_mass=0.7, target_modules=["up_proj", "gate_proj"]))
+    b = build_curvature_edit(edit_llama(), path,
+                             CurvatureEditConfig(keep_mass=0.7, target_modules=["up_proj", "gate_proj"]))
     assert set(edit_layers(a)) == set(edit_layers(b)) == {k for k in eigen if "down_proj" not in k}
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits)
@@ -310,7 +315,8 @@ def test_casting_an_edited_model_keeps_the_edit_exact(cast):
     base = edit_llama()
     model = build_curvature_edit(base, random_eigen(base), CurvatureEditConfig(keep_mass=0.6))
     x = ids()
-    before = {n: (l.edited_weight("default").clone(), l.report("default")) for n, l in edit_layers(model).items()}
+    before = {n: (layer.edited_weight("default").clone(), layer.report("default"))
+              for n, layer in edit_layers(model).items()}
     with torch.no_grad():
         ref = model(x).logits.clone()
     model = model.half() if cast == "half" else model.to(torch.bfloat16)
@@ -340,7 +346,7 @@ def test_merge_with_safe_merge_and_adapter_names():
     model = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.9), adapter_name="r9")
     model.set_adapter("r6")
     layers = edit_layers(model)
-    originals = {n: l.get_base_layer().weight.detach().clone() for n, l in layers.items()}
+    originals = {n: layer.get_base_layer().weight.detach().clone() for n, layer in layers.items()}
     # adapter_names picks which edit is merged, whichever is active
     model.base_model.merge_adapter(adapter_names=["r9"], safe_merge=True)
     for name, layer in layers.items():
@@ -382,3 +388,59 @@ def test_one_target_grammar_globs_fit_build_save_and_load(tmp_path):
     assert set(edit_layers(loaded)) == expected
     with torch.no_grad():
         assert torch.equal(loaded(ids()).logits, want)
+
+
+def test_compute_dtype_bf16_is_close_to_the_fp32_path_and_cached():
+    """Default compute dtype on a bf16 model: bf16 matmuls from factors cast once; float32 keeps the exact path.
+
+    Bound: bf16 keeps 8 significant bits (unit round-off 2⁻⁸ ≈ 0.4%); the input, two products and the output are
+    rounded, so the layer output of the bf16 path is within 2% (relative Frobenius norm) of the float32 path.
+    """
+    base = edit_llama()
+    eigen = random_eigen(base)
+    exact = build_curvature_edit(copy.deepcopy(base), eigen,
+                                 CurvatureEditConfig(keep_mass=0.6, compute_dtype="float32"))
+    fast = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6))
+    exact, fast = exact.to(torch.bfloat16), fast.to(torch.bfloat16)
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for name, layer in edit_layers(fast).items():
+        ref_layer = edit_layers(exact)[name]
+        assert layer.compute_dtype("default") == torch.bfloat16 and ref_layer.compute_dtype("default") == torch.float32
+        xin = x if layer.in_features == 64 else torch.randn(3, 7, layer.in_features).to(torch.bfloat16)
+        with torch.no_grad():
+            y, y_ref = layer(xin), ref_layer(xin)
+        assert y.dtype == y_ref.dtype == torch.bfloat16
+        # the float32 path is the stored factors' own product
+        Q, B = ref_layer.curvedit_Q["default"], ref_layer.curvedit_B["default"]
+        h = xin.float()
+        exact_y = (h @ Q) @ B.T if ref_layer._curvedit_q_side["default"] == "input" else (h @ B) @ Q.T
+        assert torch.equal(y_ref, exact_y.to(torch.bfloat16))
+        err = float((y.float() - y_ref.float()).norm() / y_ref.float().norm())
+        assert err < 0.02, (name, err)
+        # the cast copies are made once and reused until the factors change
+        cached = layer._compute_matrices("default", torch.bfloat16)
+        assert all(m.dtype == torch.bfloat16 for m in cached)
+        assert layer._compute_matrices("default", torch.bfloat16) is cached
+        layer.curvedit_B["default"].mul_(1.0)  # an in-place write (as load_state_dict does) invalidates the copies
+        assert layer._compute_matrices("default", torch.bfloat16) is not cached
+
+
+def test_dense_path_when_the_factorization_is_not_smaller():
+    base = edit_llama()
+    eigen = random_eigen(base)
+    # ρ = 1 keeps every component: k = min(d_out, d_in), so k·(d_in + d_out) ≥ d_in·d_out
+    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=1.0, target_modules=["up_proj"]))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    for layer in edit_layers(model).values():
+        k = layer.curvedit_Q["default"].shape[1]
+        assert k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features
+        assert layer.runs_dense("default")
+        with torch.no_grad():
+            y = layer(x)
+        (dense,) = layer._compute_matrices("default", torch.float32)
+        torch.testing.assert_close(dense, layer.edited_weight("default"))
+        torch.testing.assert_close(y, x @ layer.edited_weight("default").T, rtol=1e-5, atol=1e-6)
+        # ρ = 1 keeps W itself (up to the eigenbasis round trip)
+        torch.testing.assert_close(y, layer.base_layer(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        CurvatureEditConfig(compute_dtype="float8")

@@ -82,7 +82,8 @@ def test_every_loading_path_gives_identical_outputs(saved):
         b = AutoModelForCausalLM.from_pretrained(base_dir).eval()
         b.load_adapter(str(adapter_dir))
         outputs["model.load_adapter"] = b(x).logits
-        outputs["AutoModelForCausalLM(adapter_dir)"] = AutoModelForCausalLM.from_pretrained(adapter_dir).eval()(x).logits
+        outputs["AutoModelForCausalLM(adapter_dir)"] = (
+            AutoModelForCausalLM.from_pretrained(adapter_dir).eval()(x).logits)
     for path, out in outputs.items():
         assert torch.equal(out, expected), path
     # transformers' own adapter toggling works on the injected layers
@@ -206,7 +207,8 @@ def test_gpt2_conv1d_save_load_round_trip(tmp_path):
     with torch.no_grad():
         expected = model(x).logits.clone()
     model.save_pretrained(tmp_path / "edit")
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(), tmp_path / "edit")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(),
+                                       tmp_path / "edit")
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, expected)
         merged = loaded.merge_and_unload()
@@ -266,6 +268,7 @@ def test_builder_accepts_fitted_factors_directly(tmp_path):
     with torch.no_grad():
         got = from_factors(x).logits.clone()
     base = from_factors.unload()
-    from_file = build_curvature_edit(base, tmp_path / "eigen.safetensors", CurvatureEditConfig(keep_mass=0.6, target_modules=["up_proj"]))
+    from_file = build_curvature_edit(base, tmp_path / "eigen.safetensors",
+                                     CurvatureEditConfig(keep_mass=0.6, target_modules=["up_proj"]))
     with torch.no_grad():
         assert torch.equal(from_file(x).logits, got)

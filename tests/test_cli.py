@@ -87,7 +87,8 @@ def test_bad_input_exit_code_and_message(tmp_path, model_dir, text_file, capsys)
     rc = main(["fit", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")])
     assert rc == 2
     assert "could not load model" in capsys.readouterr().err
-    rc = main(["fit", "--model", str(model_dir), "--data", str(tmp_path / "nope.txt"), "--output-dir", str(tmp_path / "o")])
+    rc = main(["fit", "--model", str(model_dir), "--data", str(tmp_path / "nope.txt"),
+               "--output-dir", str(tmp_path / "o")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

@@ -282,7 +282,8 @@ def test_evaluate_modules_load_offline(monkeypatch, tmp_path):
     assert out["strict"] == 0.5 and out["loose"] == 0.5 and out["avg_lev"] == pytest.approx(0.25)
     ndcg = evaluate.load(metric_path("ndcg"), cache_dir=str(tmp_path))
     l3 = math.log2(3)
-    assert ndcg.compute(predictions=[[2, 1]], references=[[1, 2]], k=2)["ndcg"] == pytest.approx((1 + 2 / l3) / (2 + 1 / l3))
+    assert (ndcg.compute(predictions=[[2, 1]], references=[[1, 2]], k=2)["ndcg"]
+            == pytest.approx((1 + 2 / l3) / (2 + 1 / l3)))
     ppl = evaluate.load(metric_path("perplexity"), cache_dir=str(tmp_path))
     assert ppl.compute(predictions=[[-1.0, -3.0], [-2.0]])["perplexity"] == pytest.approx(math.exp(2.0))
     with pytest.raises(ValueError, match="available"):

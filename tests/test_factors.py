@@ -96,7 +96,8 @@ def test_padded_batch_equals_unpadded_rows(llama):
     cfg = FactorConfig(label_mode="empirical", seq_len=T, accumulate_dtype="float64")
     names = resolve_target_modules(llama)
     padded = collect_factor_sums(llama, [(0, {"input_ids": ids, "attention_mask": mask})], names, cfg).finalized_sums()
-    singles = [collect_factor_sums(llama, [(0, {"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)})],
+    singles = [collect_factor_sums(llama, [(0, {"input_ids": torch.tensor([r]),
+                                                "attention_mask": torch.ones(1, len(r), dtype=torch.long)})],
                                    names, cfg).finalized_sums() for r in rows]
     for k in range(2):
         for n in padded[k]:
@@ -279,7 +280,8 @@ def test_factors_from_another_model_are_refused(tmp_path, llama):
     ds = Dataset.from_dict({"input_ids": random_token_rows(8, lo=10, hi=30)})
     fit_factors(llama, ds, FactorConfig(seq_len=16, batch_size=2), tmp_path, progress=False)
     wider = tiny_llama(intermediate_size=48)
-    with pytest.raises(ValueError, match=r"gate_proj: factors are for \(d_out, d_in\)=\(64, 32\), the model has \(48, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"gate_proj: factors are for \(d_out, d_in\)=\(64, 32\), the model has \(48, 32\)"):
         load_factors(tmp_path, wider)
     with pytest.raises(ValueError, match="model_type: factors are for 'llama', the model is 'gpt2'"):
         load_factors(tmp_path, tiny_gpt2())
@@ -367,6 +369,9 @@ class LastTokenClassificationTask:
     def compute_loss(self, model, batch, config, batch_index):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    def example_batch(self, model, config):
+        return {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
 
 
 def test_a_users_own_task_collects_factors_that_match_brute_force():

@@ -225,8 +225,9 @@ def test_card_reports_real_factor_provenance(tmp_path):
                        dataset="random-token-rows")
     factors = fit_factors(base, ds, cfg, progress=False)
     eigen = eigendecompose(factors)
-    model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.7, target_modules=["model.layers.1.mlp.up_proj"],
-                                                                  task_type="CAUSAL_LM"))
+    model = build_curvature_edit(base, eigen,
+                                 CurvatureEditConfig(keep_mass=0.7, target_modules=["model.layers.1.mlp.up_proj"],
+                                                     task_type="CAUSAL_LM"))
     res = publish(model, "user/real", out_dir=tmp_path / "p", eigen=eigen, dry_run=True,
                   card=CardOptions(base_model="user/tiny-base"))
     body = ModelCard.load(res.folder / "README.md").text
@@ -393,7 +394,8 @@ def test_validate_yaml_endpoint(hub, tmp_path, edited):
     ok = requests.post(f"{hub.url}/api/validate-yaml",
                        json={"content": (res.folder / "README.md").read_text(), "repoType": "model"})
     assert ok.status_code == 200 and ok.json()["errors"] == []
-    bad = requests.post(f"{hub.url}/api/validate-yaml", json={"content": "---\nkey: [unclosed\n---\n", "repoType": "model"})
+    bad = requests.post(f"{hub.url}/api/validate-yaml",
+                        json={"content": "---\nkey: [unclosed\n---\n", "repoType": "model"})
     assert bad.status_code == 400
 
 
@@ -414,7 +416,8 @@ def test_bad_token_gives_clear_error_and_keeps_folder(hub, tmp_path, edited):
     cause = err.__cause__
     assert isinstance(cause, HfHubHTTPError) and cause.response.status_code == 401
     assert "Invalid credentials" in str(cause) and "Invalid credentials" in str(err)  # the Hub's message, once
-    assert "[hf-curvedit] create_repo failed" in str(cause) and "push_folder(" in str(cause) and "HF_TOKEN" in str(cause)
+    assert ("[hf-curvedit] create_repo failed" in str(cause) and "push_folder(" in str(cause)
+            and "HF_TOKEN" in str(cause))
     # writing to someone else's namespace is a 403 with its own message
     with pytest.raises(PublishError, match=r"permission denied \(403"):
         push_folder(err.folder, "other/x", HubOptions(token=TOKEN))
@@ -444,7 +447,8 @@ def test_server_error_on_create_repo_names_the_step(hub, tmp_path, edited):
                 card=CardOptions(license="mit"))
     assert info.value.status_code == 503 and "user/fail-503" not in hub.state.repos
     assert isinstance(info.value.__cause__, HfHubHTTPError) and "retry later" in str(info.value.__cause__)
-    assert push_folder(info.value.folder, "user/fail-503", HubOptions(token=TOKEN)).commit_oid  # the rule fired once only
+    # the rule fired once only
+    assert push_folder(info.value.folder, "user/fail-503", HubOptions(token=TOKEN)).commit_oid
 
 
 def test_connection_refused_gives_clear_error(hub, tmp_path, edited):

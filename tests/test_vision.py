@@ -134,7 +134,8 @@ def test_cls_positions_see_one_sample_per_image_and_all_positions_see_every_toke
 @pytest.mark.parametrize("make_model,positions", [(tiny_vit, "cls"), (tiny_swin, "all"), (tiny_beit, "all")],
                          ids=["vit", "swin", "beit"])
 def test_frozen_weights_and_a_classifier_head_target_give_the_same_factors(make_model, positions):
-    """Frozen models (Swin/BEiT embeddings return tuples) still differentiate; a 2-D target (the head) works in any mode."""
+    """Frozen models (Swin/BEiT embeddings return tuples) still differentiate; a 2-D target (the head) works in any
+    mode."""
     ds = image_dataset(6)
     targets = resolve_target_modules(make_model()) + ["classifier"]
     cfg = FactorConfig(batch_size=3, token_positions=positions, target_modules=targets)
@@ -285,8 +286,8 @@ def test_evaluate_edit_reports_memorized_labels_and_accuracy_and_the_card_shows_
                                                        return_tensors="pt")["pixel_values"]).logits.argmax(-1)
     # "noisy" labels = what the base predicts, true labels = anything else: the base has memorized every one.
     true = [(int(p) + 1) % NUM_LABELS for p in base_pred]
-    noisy = ds.cast_column("label", Value("int64")).map(lambda r, i: {"label": int(base_pred[i]), "true_label": true[i]},
-                                                         with_indices=True)
+    noisy = ds.cast_column("label", Value("int64")).map(
+        lambda r, i: {"label": int(base_pred[i]), "true_label": true[i]}, with_indices=True)
     sets = {
         "train_noisy": ImageClassificationSet.from_dataset(noisy, processor(), true_label_column="true_label"),
         "validation": ImageClassificationSet.from_dataset(ds, processor()),

@@ -58,7 +58,7 @@ def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
 def random_token_rows(n: int, lo: int = 3, hi: int = 24, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g)
-    return [torch.randint(1, VOCAB, (int(l),), generator=g).tolist() for l in lengths]
+    return [torch.randint(1, VOCAB, (int(length),), generator=g).tolist() for length in lengths]
 
 
 # ------------------------------------------------------------ the adapter tests' models and factors
@@ -120,7 +120,8 @@ def ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
 
 
 def edit_layers(model) -> dict[str, CurvatureEditLayer]:
-    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, CurvatureEditLayer)}
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
+            if isinstance(m, CurvatureEditLayer)}
 
 
 def brute_force_mask(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Tensor:

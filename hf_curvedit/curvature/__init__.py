@@ -1,21 +1,23 @@
-"""K-FAC curvature factors: tasks (`tasks`), collection (`collector`, `fit`), storage (`storage`), eigenbases (`eigen`)."""
+"""K-FAC curvature factors: tasks (`tasks`), collection (`collector`, `fit`), planning (`plan`), storage
+(`storage`), eigenbases (`eigen`)."""
 
-from .collector import FactorCollector, collect_factor_sums, plan_partitions
+from .collector import FactorCollector, InputSharing, collect_factor_sums, plan_partitions
 from .config import FactorConfig
 from .eigen import KFACEigen, ModuleEigen, eigendecompose, symmetric_eigh
 from .fit import fit_factors
+from .plan import FactorPlan, ModulePlan, plan_factors
 from .storage import EigenFile, KFACFactors, load_factors
 from .tasks import (
-                    CausalLMTask,
-                    FactorTask,
-                    ImageClassificationTask,
-                    PreparedData,
-                    default_task,
-                    sample_labels,
-                    valid_position_mask,
+    CausalLMTask,
+    FactorTask,
+    ImageClassificationTask,
+    PreparedData,
+    default_task,
+    sample_labels,
+    valid_position_mask,
 )
 
-__all__ = ["CausalLMTask", "EigenFile", "FactorCollector", "FactorConfig", "FactorTask", "ImageClassificationTask",
-           "KFACEigen", "KFACFactors", "ModuleEigen", "PreparedData", "collect_factor_sums", "default_task",
-           "eigendecompose", "fit_factors", "load_factors", "plan_partitions", "sample_labels", "symmetric_eigh",
-           "valid_position_mask"]
+__all__ = ["CausalLMTask", "EigenFile", "FactorCollector", "FactorConfig", "FactorPlan", "FactorTask",
+           "ImageClassificationTask", "InputSharing", "KFACEigen", "KFACFactors", "ModuleEigen", "ModulePlan",
+           "PreparedData", "collect_factor_sums", "default_task", "eigendecompose", "fit_factors", "load_factors",
+           "plan_factors", "plan_partitions", "sample_labels", "symmetric_eigh", "valid_position_mask"]

@@ -20,7 +20,7 @@ from ..targets import linear_shape
 from .config import FactorConfig
 from .tasks import FactorTask, SamplePositions, default_task
 
-__all__ = ["FactorCollector", "collect_factor_sums", "plan_partitions"]
+__all__ = ["FactorCollector", "InputSharing", "collect_factor_sums", "plan_partitions"]
 
 # Covariances are symmetric, so only the upper triangle is computed: as a few row strips
 # acc[i0:i1, i0:] += x[:, i0:i1]ᵀ x[:, i0:], which covers every entry on or above the diagonal
@@ -62,6 +62,29 @@ def _output_requires_grad(_module: nn.Module, _inputs: tuple, out: Any) -> None:
         t.requires_grad_()
 
 
+class InputSharing:
+    """Which modules read the very same input tensor object (gate and up projections do): they share one A factor.
+
+    `observe` each module's input during a forward pass; ``alias`` maps a module to the first one seen with the same
+    tensor. Seen tensors are held until `reset`, so an id cannot be reused by another activation in between.
+    """
+
+    def __init__(self) -> None:
+        self.alias: dict[str, str] = {}
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[1] is x:
+            self.alias[name] = seen[0]
+        else:
+            self._seen[id(x)] = (name, x)
+
+    def reset(self) -> None:
+        """Forget the tensors of the last pass (the aliases found are kept)."""
+        self._seen.clear()
+
+
 class FactorCollector:
     """Forward and gradient hooks that accumulate upper-triangle covariance sums of inputs and output-gradients.
 
@@ -79,17 +102,22 @@ class FactorCollector:
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {n: 0 for n in names}
-        self.a_alias: dict[str, str] = {}
+        self._sharing = InputSharing()
         self._alias_known = False
         self._positions: SamplePositions | None = None
         self._idx: torch.Tensor | None = None
-        self._seen_inputs: dict[int, tuple[str, torch.Tensor]] = {}
         self.outputs: list[torch.Tensor] = []
         self._handles: list[Any] = []
 
+    @property
+    def a_alias(self) -> dict[str, str]:
+        """Module → the module whose A it shares (found in the first batch)."""
+        return self._sharing.alias
+
     def load_state(self, A: dict, G: dict, count: dict, alias: dict) -> None:
         """Continue from sums saved by a checkpoint."""
-        self.A, self.G, self.count, self.a_alias = dict(A), dict(G), dict(count), dict(alias)
+        self.A, self.G, self.count = dict(A), dict(G), dict(count)
+        self._sharing.alias = dict(alias)
         self._alias_known = True
 
     def __enter__(self) -> FactorCollector:
@@ -114,7 +142,7 @@ class FactorCollector:
         elif positions not in ("cls", "all"):
             raise ValueError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
         self._positions = positions
-        self._seen_inputs.clear()
+        self._sharing.reset()
         self.outputs.clear()
 
     def _select(self, t: torch.Tensor, name: str) -> torch.Tensor:
@@ -146,13 +174,7 @@ class FactorCollector:
                 return
             x = inputs[0]
             if not self._alias_known:
-                # Modules fed the very same tensor object (gate/up projections) share A. The tensor
-                # is held until the batch ends so its id cannot be reused by another activation.
-                seen = self._seen_inputs.get(id(x))
-                if seen is not None and seen[1] is x:
-                    self.a_alias[name] = seen[0]
-                else:
-                    self._seen_inputs[id(x)] = (name, x)
+                self._sharing.observe(name, x)
             if name not in self.a_alias:
                 a = self._select(x.detach(), name)
                 acc = self.A.get(name)
@@ -185,7 +207,7 @@ class FactorCollector:
         self._positions = None
         self._idx = None
         self.outputs.clear()
-        self._seen_inputs.clear()
+        self._sharing.reset()
 
     def finalized_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Full symmetric sums (lower blocks mirrored from the upper ones)."""

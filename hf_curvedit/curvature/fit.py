@@ -99,7 +99,8 @@ def fit_factors(
 
     if out is not None and (out / FACTORS_FILENAME).exists() and resume:
         done = KFACFactors.load(out)
-        if done.config.collection_key() == cfg.collection_key() and done.model_info.get("module_shapes") == info["module_shapes"]:
+        if (done.config.collection_key() == cfg.collection_key()
+                and done.model_info.get("module_shapes") == info["module_shapes"]):
             logger.info("factors already complete in %s; loading them", out)
             return done
         raise FileExistsError(
@@ -116,7 +117,8 @@ def fit_factors(
     key = {"config": cfg.collection_key(), "model": info, "world_size": world}
     partitions = plan_partitions(model, names, cfg)
     if len(partitions) > 1:
-        logger.info("memory budget splits %d modules into %d partitions (one data pass each)", len(names), len(partitions))
+        logger.info("memory budget splits %d modules into %d partitions (one data pass each)", len(names),
+                    len(partitions))
     mods = dict(model.named_modules())
 
     def device_of(n: str) -> torch.device:

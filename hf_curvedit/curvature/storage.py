@@ -138,7 +138,8 @@ class KFACFactors:
         shapes = self.model_info.get("module_shapes", {})
         missing = [n for n in self.module_names if n not in mods]
         if missing:
-            problems.append(f"{len(missing)} module(s) not in the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            problems.append(f"{len(missing)} module(s) not in the model: "
+                            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for n in self.module_names:
             if n in mods:
                 m = mods[n]
@@ -199,7 +200,8 @@ def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.devi
         for k in f.keys():
             n, kind = k.rsplit(".", 1)
             (A if kind == "A" else G)[n] = f.get_tensor(k).to(device_of(n))
-    return A, G, json.loads(meta["count"]), json.loads(meta["a_alias"]), int(meta["next_batch"]), json.loads(meta["done"])
+    return (A, G, json.loads(meta["count"]), json.loads(meta["a_alias"]), int(meta["next_batch"]),
+            json.loads(meta["done"]))
 
 
 # ------------------------------------------------------------------------------------------------------ eigen reader

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ __all__ = ["CausalLMTask", "FactorTask", "ImageClassificationTask", "PreparedDat
 
 # Which positions of a (batch, tokens, features) activation are K-FAC samples: a (batch, tokens) bool mask, the class
 # token of every sequence ("cls"), or every position ("all").
-SamplePositions = Union[torch.Tensor, Literal["cls", "all"]]
+SamplePositions = torch.Tensor | Literal["cls", "all"]
 
 
 @dataclass
@@ -43,7 +43,8 @@ class PreparedData:
 
     Attributes:
         rows: a `datasets` dataset whose rows are model inputs (token blocks, images or pixel values).
-        to_tensors: turns a batch of rows (column -> list) into tensors; ``None`` reads ``input_ids``/``attention_mask``.
+        to_tensors: turns a batch of rows (column -> list) into tensors; ``None`` reads
+        ``input_ids``/``attention_mask``.
         max_rows: read at most this many rows (``None``: all).
         samples_per_row: the most K-FAC samples one row can give (for the progress bar's total).
     """
@@ -73,6 +74,9 @@ class FactorTask(Protocol):
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], config: FactorConfig,
                      batch_index: int) -> torch.Tensor:
         """The batch's loss, *summed* over its samples (labels sampled or read as ``config.label_mode`` says)."""
+
+    def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:
+        """The smallest input the model's forward takes (for `plan_factors`' shape-only pass on the meta device)."""
 
 
 def valid_position_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -164,6 +168,9 @@ class CausalLMTask:
             gold = batch["input_ids"].roll(-1, dims=1).reshape(-1).to(logits.device).index_select(0, flat_idx)
         return F.cross_entropy(sel.float(), _targets(sel, gold, config, batch_index), reduction="sum")
 
+    def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
+
 
 def has_class_token(model: nn.Module) -> bool:
     """Whether the model prepends a learned class token (ViT, DeiT, BEiT, DINOv2 do; Swin does not)."""
@@ -230,6 +237,13 @@ class ImageClassificationTask:
                 raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the model's num_labels); batch "
                                  f"{batch_index} has labels in [{int(gold.min())}, {int(gold.max())}]")
         return F.cross_entropy(logits.float(), _targets(logits, gold, config, batch_index), reduction="sum")
+
+    def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:
+        cfg = model.config
+        size = getattr(cfg, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return {"pixel_values": torch.zeros(1, getattr(cfg, "num_channels", 3), height, width,
+                                            dtype=_input_dtype(model))}
 
 
 def default_task(model: nn.Module) -> FactorTask:

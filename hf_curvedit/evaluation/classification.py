@@ -37,7 +37,8 @@ class ImageClassificationSet:
         self.pixel_values = torch.as_tensor(self.pixel_values)
         self.labels = torch.as_tensor(self.labels, dtype=torch.long).reshape(-1)
         if self.pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (N, channels, height, width), got shape {tuple(self.pixel_values.shape)}")
+            raise ValueError("pixel_values must be (N, channels, height, width), "
+                             f"got shape {tuple(self.pixel_values.shape)}")
         n = self.pixel_values.shape[0]
         if n == 0:
             raise ValueError("an ImageClassificationSet needs at least one image")

@@ -45,7 +45,8 @@ class CoherenceResult:
 
 
 def _as_rank_tensor(rankings: Any, name: str) -> torch.Tensor:
-    t = rankings if isinstance(rankings, torch.Tensor) else torch.as_tensor([list(map(int, r)) for r in rankings], dtype=torch.long)
+    t = (rankings if isinstance(rankings, torch.Tensor)
+         else torch.as_tensor([list(map(int, r)) for r in rankings], dtype=torch.long))
     if t.dim() != 2:
         raise ValueError(f"{name} must be a 2-D array of ranked token ids (positions x k), got shape {tuple(t.shape)}")
     return t.long()

@@ -155,7 +155,8 @@ def score_text(
                     topk_parts.append(row_logits.topk(top_k, dim=-1).indices.cpu())
     finally:
         model.train(was_training)
-    topk = torch.cat(topk_parts) if top_k > 0 and topk_parts else (torch.empty((0, top_k), dtype=torch.long) if top_k > 0 else None)
+    topk = (torch.cat(topk_parts) if top_k > 0 and topk_parts
+            else (torch.empty((0, top_k), dtype=torch.long) if top_k > 0 else None))
     return nll_sum, n_tokens, topk
 
 

@@ -122,7 +122,8 @@ class EditReport:
             rows.append(TableRow(f"Loose@{rec.edited.loose_threshold:g}", name, rec.base.loose, rec.edited.loose))
             rows.append(TableRow("AvgLev", name, rec.base.avg_lev, rec.edited.avg_lev))
         for name, st in self.stress.items():
-            rows.append(TableRow("Stress longest match", name, st.base.mean_longest_match, st.edited.mean_longest_match))
+            rows.append(TableRow("Stress longest match", name, st.base.mean_longest_match,
+                                 st.edited.mean_longest_match))
             rows.append(TableRow("Stress full match", name, st.base.full_match_rate, st.edited.full_match_rate))
         for name, ppl in self.perplexity.items():
             rows.append(TableRow("Perplexity", name, ppl.base.perplexity, ppl.edited.perplexity))

@@ -7,7 +7,7 @@ import dataclasses
 import datetime as _dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -160,7 +160,8 @@ def evaluate_edit(
     Example:
         ```py
         >>> peft_model = PeftModel.from_pretrained(base, "user/edit")
-        >>> report = evaluate_edit(peft_model, {"memorized": windows_ds, "heldout": TextSet.from_texts(texts, tok)}, tok)
+        >>> sets = {"memorized": windows_ds, "heldout": TextSet.from_texts(texts, tok)}
+        >>> report = evaluate_edit(peft_model, sets, tok)
         >>> report.save("report.json"); report.to_table_rows()
         ```
     """
@@ -175,7 +176,7 @@ def evaluate_edit(
             raise ValueError("`model` is a PeftModel, whose base is the model with the adapter disabled; "
                              "do not pass `base_model` as well")
         base, edited = model, model
-        base_ctx: Callable[[], ContextManager[Any]] = model.disable_adapter
+        base_ctx: Callable[[], contextlib.AbstractContextManager[Any]] = model.disable_adapter
     else:
         if base_model is None:
             raise ValueError("`model` is not a PeftModel, so pass the unedited model as `base_model=`")

@@ -48,7 +48,8 @@ class RecitationSet:
         cols = dataset.column_names
         if "prefix_ids" not in cols or "suffix_ids" not in cols:
             raise ValueError(f"dataset needs 'prefix_ids' and 'suffix_ids' columns, has {cols}")
-        return cls(dataset["prefix_ids"], dataset["suffix_ids"], dataset["context_ids"] if "context_ids" in cols else None)
+        return cls(dataset["prefix_ids"], dataset["suffix_ids"],
+                   dataset["context_ids"] if "context_ids" in cols else None)
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> RecitationSet:
@@ -58,8 +59,10 @@ class RecitationSet:
     @classmethod
     def from_texts(cls, texts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any = None,
                    suffix_tokens: int = DEFAULT_QUOTE_SUFFIX_TOKENS, add_special_tokens: bool = True) -> RecitationSet:
-        """From raw texts such as famous quotes (or token-id lists): the last ``suffix_tokens`` tokens are the suffix."""
-        prefixes, suffixes = split_suffix(texts, suffix_tokens, tokenizer=tokenizer, add_special_tokens=add_special_tokens)
+        """From raw texts such as famous quotes (or token-id lists): the last ``suffix_tokens`` tokens are the
+        suffix."""
+        prefixes, suffixes = split_suffix(texts, suffix_tokens, tokenizer=tokenizer,
+                                          add_special_tokens=add_special_tokens)
         return cls(prefixes, suffixes)
 
 
@@ -111,6 +114,7 @@ def as_eval_set(data: EvalSetLike, tokenizer: Any = None) -> RecitationSet | Tex
         raise TypeError("a list of raw texts is ambiguous: wrap it in RecitationSet.from_texts(texts, tokenizer) "
                         "(quotes: the last tokens are the suffix) or TextSet.from_texts(texts, tokenizer) "
                         "(held-out text for perplexity and nDCG)")
-    if isinstance(first, (tuple, list)) and len(first) == 2 and not isinstance(first[0], int) and hasattr(first[0], "__len__"):
+    if (isinstance(first, (tuple, list)) and len(first) == 2 and not isinstance(first[0], int)
+            and hasattr(first[0], "__len__")):
         return RecitationSet.from_pairs(items)
     return TextSet(items)

@@ -19,24 +19,32 @@ loading shared by the steps), `steps` (the five step functions and their outcome
 `run_pipeline`).
 """
 
-from .inputs import default_recitation_sets, heldout_texts, load_model, load_recitation_set, recitation_sets
+from .inputs import (
+    default_recitation_sets,
+    heldout_texts,
+    load_config,
+    load_model,
+    load_recitation_set,
+    recitation_sets,
+)
 from .run import RunLayout, run_pipeline
 from .settings import (
-                       DEFAULT_FACTOR_DATA,
-                       DEFAULT_KEEP_MASS,
-                       STEPS,
-                       EditStep,
-                       EvaluateStep,
-                       FitStep,
-                       PipelineConfig,
-                       PublishStep,
-                       StepFailed,
-                       SweepStep,
-                       UsageError,
+    DEFAULT_FACTOR_DATA,
+    DEFAULT_KEEP_MASS,
+    STEPS,
+    EditStep,
+    EvaluateStep,
+    FitStep,
+    PipelineConfig,
+    PublishStep,
+    StepFailed,
+    SweepStep,
+    UsageError,
 )
 from .steps import EditOutcome, FitOutcome, report_table, run_edit, run_evaluate, run_fit, run_publish, run_sweep
 
 __all__ = ["DEFAULT_FACTOR_DATA", "DEFAULT_KEEP_MASS", "EditOutcome", "EditStep", "EvaluateStep", "FitOutcome",
            "FitStep", "PipelineConfig", "PublishStep", "RunLayout", "STEPS", "StepFailed", "SweepStep", "UsageError",
-           "default_recitation_sets", "heldout_texts", "load_model", "load_recitation_set", "recitation_sets",
-           "report_table", "run_edit", "run_evaluate", "run_fit", "run_pipeline", "run_publish", "run_sweep"]
+           "default_recitation_sets", "heldout_texts", "load_config", "load_model", "load_recitation_set",
+           "recitation_sets", "report_table", "run_edit", "run_evaluate", "run_fit", "run_pipeline", "run_publish",
+           "run_sweep"]

@@ -44,6 +44,21 @@ def load_model(name: str | None = None, dtype: str = "float32", device_map: str 
         raise UsageError(f"could not load model {name!r}: {e}") from e
 
 
+def load_config(name: str | None = None) -> Any:
+    """The transformers config of a model id or local folder (no weights are read); the embedded default's without
+    ``name``."""
+    from transformers import AutoConfig
+
+    from ..default import DEFAULT_MODEL_DIR
+
+    if name is not None and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UsageError(f"could not load the config of {name!r}: that folder does not exist")
+    try:
+        return AutoConfig.from_pretrained(name if name is not None else str(DEFAULT_MODEL_DIR))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load the config of {name!r}: {e}") from e
+
+
 def load_recitation_set(path: str | Path, tokenizer: Any, suffix_tokens: int = 8, name: str = "") -> Any:
     """A `RecitationSet` from a ``save_to_disk`` folder (prefix_ids/suffix_ids, e.g. from find_memorized_windows),
     or from a .txt (one text a line) or .jsonl (a ``text`` field) file whose last ``suffix_tokens`` tokens are the

@@ -5,16 +5,16 @@
 """
 
 from .card import (
-                   CITATION,
-                   PAPER_URL,
-                   CardInputs,
-                   CardOptions,
-                   card_data,
-                   config_yaml,
-                   eval_results,
-                   framework_versions,
-                   load_template,
-                   render_card,
+    CITATION,
+    PAPER_URL,
+    CardInputs,
+    CardOptions,
+    card_data,
+    config_yaml,
+    eval_results,
+    framework_versions,
+    load_template,
+    render_card,
 )
 from .hub import HubOptions, PublishError, PublishResult, publish, push_folder, write_card
 from .plots import plot_spectrum, plot_sweep, plot_tradeoff  # matplotlib is imported on the first plot only

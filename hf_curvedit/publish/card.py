@@ -239,7 +239,8 @@ def card_data(inputs: CardInputs) -> ModelCardData:
     results = eval_results(inputs.report, pipeline_tag or "text-generation") if inputs.report else None
     return ModelCardData(
         base_model=inputs.base_model if is_hub_id(inputs.base_model) else None,
-        base_model_relation=("adapter" if inputs.kind == "adapter" else "finetune") if is_hub_id(inputs.base_model) else None,
+        base_model_relation=(("adapter" if inputs.kind == "adapter" else "finetune")
+                             if is_hub_id(inputs.base_model) else None),
         library_name="peft" if inputs.kind == "adapter" else "transformers",
         license=inputs.license,
         pipeline_tag=pipeline_tag,
@@ -325,7 +326,8 @@ def factor_dataset(factor_source: Mapping[str, Any]) -> str | None:
     return factor_source.get("dataset") or factor_config.get("dataset") or legacy.get("dataset")
 
 
-def factor_data_from_source(factor_source: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def factor_data_from_source(factor_source: Mapping[str, Any],
+                            overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Summarize ``factor_source`` (filled by `build_curvature_edit`) as the card's factor-data line.
 
     Picks the dataset ([`factor_dataset`]), the token count, the label mode (``sampled`` = true Fisher,

@@ -1,10 +1,10 @@
 """`publish`: write a curvature edit (adapter or merged) with its card, plots and evaluation to a folder, then push it.
 
-`publish` is three steps, each usable alone: [`stage_folder`] (in `stage.py`) writes the weights, ``curvedit_edit.json``,
-``edit_report.json`` and the plots; [`write_card`] renders ``README.md``; [`push_folder`] uploads the folder. How to
-push is one [`HubOptions`], what the card says beyond the edit is one [`CardOptions`]. The folder is always complete
-on disk before any request, so a failed upload (bad token, server error, no connection) loses nothing: fix the cause
-and call [`push_folder`] on the same folder.
+`publish` is three steps, each usable alone: [`stage_folder`] (in `stage.py`) writes the weights,
+``curvedit_edit.json``, ``edit_report.json`` and the plots; [`write_card`] renders ``README.md``; [`push_folder`]
+uploads the folder. How to push is one [`HubOptions`], what the card says beyond the edit is one [`CardOptions`].
+The folder is always complete on disk before any request, so a failed upload (bad token, server error, no
+connection) loses nothing: fix the cause and call [`push_folder`] on the same folder.
 
 Errors. A failed push raises [`PublishError`] (``.folder``, ``.stage``, ``.status_code``), one type for every cause,
 so a caller can always retry with the folder it names. The cause is never remapped: huggingface_hub's own exception

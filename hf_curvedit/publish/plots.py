@@ -47,7 +47,8 @@ def safe_filename(module: str) -> str:
 
 
 def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, module: str = "",
-                  selection: Selection = "curvature_mass", cutoffs: torch.Tensor | None = None) -> tuple[Path, Staircase]:
+                  selection: Selection = "curvature_mass",
+                  cutoffs: torch.Tensor | None = None) -> tuple[Path, Staircase]:
     """Plot one module's K-FAC spectra with the ρ cut and the kept staircase; write a PNG.
 
     Left: eigenvalues λ of G and μ of A (descending, log scale) with the cut at ``r`` rows of G and ``s`` columns of

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -34,7 +34,7 @@ REPORT_FILENAME = "edit_report.json"
 SWEEP_FILENAME = "edit_sweep.json"
 PLOTS_DIR = "plots"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EigenLike = Union[KFACEigen, Mapping[str, ModuleEigen], str, Path]
+EigenLike = KFACEigen | Mapping[str, ModuleEigen] | str | Path
 
 
 @dataclass
@@ -78,14 +78,16 @@ def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,
             _set_adapter_base(out_dir, base_model)
     if not is_hub_id(edit.get("base_model")):
         logger.warning("the base model (%s) is not a Hub repo id: the card will have no base_model metadata. Pass "
-                       "card=CardOptions(base_model='org/name') to publish() to link it", edit.get("base_model") or "unknown")
+                       "card=CardOptions(base_model='org/name') to publish() to link it",
+                       edit.get("base_model") or "unknown")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     (out_dir / EDIT_FILENAME).write_text(json.dumps(edit, indent=2, default=str) + "\n", encoding="utf-8")
     if report is not None:
         report.save(out_dir / REPORT_FILENAME)
     return StagedFolder(folder=out_dir, edit=edit, local_base=local_base, report=report,
-                        spectrum_plots=_spectrum_plots(eigen, edit, out_dir), tradeoff_plot=_tradeoff_plot(sweep, out_dir))
+                        spectrum_plots=_spectrum_plots(eigen, edit, out_dir),
+                        tradeoff_plot=_tradeoff_plot(sweep, out_dir))
 
 
 def _open(model_or_dir: PeftModel | str | Path, out_dir: Path,

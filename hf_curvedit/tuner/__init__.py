@@ -39,4 +39,5 @@ __all__ = [
 
 # transformers derives the state-dict prefix as peft_type.value.lower() + "_", hence "curvedit_".
 if CURVEDIT not in PEFT_TYPE_TO_TUNER_MAPPING:  # idempotent under importlib.reload
-    register_peft_method(name="curvedit", config_cls=CurvatureEditConfig, model_cls=CurvatureEditModel, prefix="curvedit_")
+    register_peft_method(name="curvedit", config_cls=CurvatureEditConfig, model_cls=CurvatureEditModel,
+                         prefix="curvedit_")

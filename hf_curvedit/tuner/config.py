@@ -10,6 +10,7 @@ from peft.utils import PeftType
 from peft.utils.other import get_pattern_key
 
 from ..selection import SELECTIONS, Selection
+from ..utils import parse_dtype
 
 PEFT_TYPE_NAME = "CURVEDIT"
 
@@ -55,7 +56,8 @@ class CurvatureEditConfig(PeftConfig):
         target_modules (`Optional[Union[list[str], str]]`):
             Modules to edit, in the grammar `FactorConfig.target_modules` uses too: a string is a regex matched with
             ``re.fullmatch`` against the module name; a list holds exact names, name suffixes or globs
-            (``"model.layers.1*.mlp.*"``). ``None`` picks the architecture default of `hf_curvedit.DEFAULT_TARGET_MODULES`
+            (``"model.layers.1*.mlp.*"``). ``None`` picks the architecture default of
+            `hf_curvedit.DEFAULT_TARGET_MODULES`
             (the MLP projections, as in the paper).
         exclude_modules (`Optional[Union[list[str], str]]`):
             Modules not to edit, same syntax as `target_modules`.
@@ -70,6 +72,11 @@ class CurvatureEditConfig(PeftConfig):
         rank_cap (`Optional[int]`):
             If set, ``W'`` is truncated by SVD to rank ≤ `rank_cap` (lossy); the relative error is recorded per module
             and shown by the report.
+        compute_dtype (`Optional[str]`):
+            dtype of the unmerged adapter's matmuls. ``None`` (default) computes in the base layer's dtype (bf16 for a
+            bf16 model), from copies of the float32 factors cast once per device and dtype; ``"float32"`` computes in
+            float32 whatever the model dtype (the exact path). Where the factorization is not smaller than the weight
+            (``k·(d_in + d_out) ≥ d_in·d_out``) the adapter runs the dense ``W'`` instead. Merging is unaffected.
         factors_path (`Optional[str]`):
             Path of an ``eigen.safetensors`` file ([`KFACEigen`]) used when the adapter is built through
             `peft.get_peft_model`. Not needed when building with [`build_curvature_edit`] or when loading a saved
@@ -93,13 +100,18 @@ class CurvatureEditConfig(PeftConfig):
     )
     keep_mass: float = field(default=0.6, metadata={"help": "Fraction ρ of curvature mass to keep, in (0, 1]."})
     keep_mass_pattern: dict[str, float] = field(
-        default_factory=dict, metadata={"help": "Per-module ρ, keyed by a regex on the module name (like rank_pattern)."}
+        default_factory=dict,
+        metadata={"help": "Per-module ρ, keyed by a regex on the module name (like rank_pattern)."},
     )
     selection: Selection = field(
         default="curvature_mass", metadata={"help": "'curvature_mass' (paper) or 'factor_truncation'."}
     )
     rank_cap: int | None = field(
         default=None, metadata={"help": "Truncate each edited weight by SVD to at most this rank (lossy)."}
+    )
+    compute_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype of the unmerged adapter's matmuls: None = the base layer's dtype, or e.g. 'float32'."},
     )
     factors_path: str | None = field(
         default=None, metadata={"help": "eigen.safetensors to build from when using peft.get_peft_model."}
@@ -127,6 +139,8 @@ class CurvatureEditConfig(PeftConfig):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.rank_cap is not None and (not isinstance(self.rank_cap, int) or self.rank_cap < 1):
             raise ValueError(f"rank_cap must be a positive integer or None, got {self.rank_cap!r}")
+        if self.compute_dtype is not None:
+            parse_dtype(self.compute_dtype)  # a clear error for an unknown name
 
     def keep_mass_for(self, module_name: str) -> float:
         """ρ of one module: the first `keep_mass_pattern` key matching the end of its name, else `keep_mass`.

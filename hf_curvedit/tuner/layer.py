@@ -12,6 +12,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -19,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..edit import CurvatureEdit, ModuleEditReport, fingerprint_mismatch, q_side_of, weight_fingerprint
 from ..targets import linear_shape
+from ..utils import parse_dtype
 
 __all__ = ["CurvatureEditLayer", "CurvatureEditLinear", "WrongBaseModelError"]
 
@@ -92,6 +94,10 @@ class CurvatureEditLayer(BaseTunerLayer):
         # check, so that the forward pass never reads a buffer back to the host (a device sync on GPU).
         self._curvedit_verified: set[str] = set()
         self._curvedit_module_name = ""  # for error messages; set by update_layer
+        self._curvedit_compute_dtype: dict[str, str | None] = {}
+        # Per (adapter, dtype): the matrices the unmerged forward multiplies by, cast once from the stored factors,
+        # with the identity and version of the factors they were made from (a reload or a device move replaces them).
+        self._curvedit_compute_cache: dict[tuple[str, torch.dtype], tuple] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -140,6 +146,7 @@ class CurvatureEditLayer(BaseTunerLayer):
             )
         edit = CurvatureEdit.empty(self.out_features, self.in_features, int(info["k"]), str(info["q_side"]),
                                    self.buffer_dtype())
+        self._curvedit_compute_dtype[adapter_name] = getattr(config, "compute_dtype", None)
         self._store(adapter_name, edit)
         self._curvedit_verified.discard(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -163,6 +170,38 @@ class CurvatureEditLayer(BaseTunerLayer):
         self.curvedit_meta[adapter_name] = edit.meta.to(device)
         self.curvedit_fingerprint[adapter_name] = edit.fingerprint.to(device)
         self._curvedit_q_side[adapter_name] = edit.q_side
+        self._drop_compute_cache(adapter_name)
+
+    def _drop_compute_cache(self, adapter_name: str) -> None:
+        for key in [k for k in self._curvedit_compute_cache if k[0] == adapter_name]:
+            del self._curvedit_compute_cache[key]
+
+    def compute_dtype(self, adapter_name: str) -> torch.dtype:
+        """The dtype the unmerged forward of `adapter_name` multiplies in (see `CurvatureEditConfig.compute_dtype`)."""
+        name = self._curvedit_compute_dtype.get(adapter_name)
+        return parse_dtype(name) if name is not None else self.get_base_layer().weight.dtype
+
+    def runs_dense(self, adapter_name: str) -> bool:
+        """Whether the unmerged forward multiplies by the dense ``W'``: the factorization is not smaller than it."""
+        rank = int(self.curvedit_Q[adapter_name].shape[1])
+        return rank * (self.in_features + self.out_features) >= self.in_features * self.out_features
+
+    def _compute_matrices(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        # (W',) for the dense path; (first, second) with y = (x @ firstᵀ) @ secondᵀ for the factorized one.
+        Q, B = self.curvedit_Q[adapter_name], self.curvedit_B[adapter_name]
+        cached = self._curvedit_compute_cache.get((adapter_name, dtype))
+        if (cached is not None and cached[0] is Q and cached[2] is B
+                and (cached[1], cached[3]) == (Q._version, B._version)):
+            return cached[4]
+        with torch.no_grad():
+            if self.runs_dense(adapter_name):
+                mats: tuple[torch.Tensor, ...] = (self.edit(adapter_name).dense().to(dtype).contiguous(),)
+            elif self._curvedit_q_side[adapter_name] == "input":  # W' = B Qᵀ: y = (x Q) Bᵀ
+                mats = (Q.T.to(dtype).contiguous(), B.to(dtype).contiguous())
+            else:  # W' = Q Bᵀ: y = (x B) Qᵀ
+                mats = (B.T.to(dtype).contiguous(), Q.to(dtype).contiguous())
+        self._curvedit_compute_cache[(adapter_name, dtype)] = (Q, Q._version, B, B._version, mats)
+        return mats
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # PEFT's default also casts float buffers to the base dtype; the factorization and the fingerprint must stay
@@ -178,7 +217,9 @@ class CurvatureEditLayer(BaseTunerLayer):
             raise ValueError(f"curvature edit '{adapter_name}' is merged; call unmerge_adapter() before deleting it")
         super().delete_adapter(adapter_name)
         self._curvedit_q_side.pop(adapter_name, None)
+        self._curvedit_compute_dtype.pop(adapter_name, None)
         self._curvedit_verified.discard(adapter_name)
+        self._drop_compute_cache(adapter_name)
 
     def edit(self, adapter_name: str) -> CurvatureEdit:
         """The stored edit of `adapter_name` (the buffers themselves, not copies)."""
@@ -270,14 +311,18 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
             return self.base_layer(x, *args, **kwargs)
         self._check_ready(name)
         Q, B = self.curvedit_Q[name], self.curvedit_B[name]
-        h = x.to(Q.dtype)
-        if self._curvedit_q_side[name] == "input":
-            y = (h @ Q) @ B.T
-        else:
-            y = (h @ B) @ Q.T
+        dtype = self.compute_dtype(name)
         bias = self.get_base_layer().bias
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+        h = x.to(dtype)
+        if dtype == Q.dtype and not self.runs_dense(name):
+            # the stored factors themselves, in their own precision
+            y = (h @ Q) @ B.T if self._curvedit_q_side[name] == "input" else (h @ B) @ Q.T
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.to(x.dtype)
+        mats = self._compute_matrices(name, dtype)
+        b = bias.to(dtype) if bias is not None else None
+        y = F.linear(h, mats[0], b) if len(mats) == 1 else F.linear(F.linear(h, mats[0]), mats[1], b)
         return y.to(x.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -314,7 +359,8 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
         self.merged_adapters.clear()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``W' - W`` in the base layer's storage layout (full rank: the edit is a replacement, not a low-rank delta)."""
+        """``W' - W`` in the base layer's storage layout (full rank: the edit is a replacement, not a low-rank
+        delta)."""
         base = self.get_base_layer()
         delta = self.edited_weight(adapter_name).to(torch.float32) - self.base_weight().to(torch.float32)
         return (delta.T if self.is_conv1d else delta).to(base.weight.dtype)

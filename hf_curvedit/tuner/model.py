@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -29,7 +29,7 @@ from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
 __all__ = ["CurvatureEditModel", "build_curvature_edit", "check_base_model", "compute_module_edits",
            "curvature_edit_report"]
 
-EigenSource = Union[KFACFactors, KFACEigen, Mapping[str, ModuleEigen], str, Path]
+EigenSource = KFACFactors | KFACEigen | Mapping[str, ModuleEigen] | str | Path
 
 
 def _default_targets(model: nn.Module) -> str:
@@ -252,7 +252,8 @@ def _iter_layers(model: nn.Module) -> Iterator[tuple[str, CurvatureEditLayer]]:
 
 def curvature_edit_report(model: nn.Module, adapter_name: str = "default") -> list[ModuleEditReport]:
     """Per-module [`ModuleEditReport`] of `adapter_name` for every edited module of `model` (PeftModel or not)."""
-    reports = [layer.report(adapter_name, name) for name, layer in _iter_layers(model) if adapter_name in layer.curvedit_Q]
+    reports = [layer.report(adapter_name, name) for name, layer in _iter_layers(model)
+               if adapter_name in layer.curvedit_Q]
     if not reports:
         raise ValueError(f"the model has no curvature edit named '{adapter_name}'")
     return reports
@@ -301,7 +302,8 @@ def build_curvature_edit(
 
     ```py
     >>> eigen = KFACEigen.load("factors/eigen.safetensors")
-    >>> model = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6, target_modules=r".*layers\\.2.*mlp\\.(gate|up)_proj"))
+    >>> config = CurvatureEditConfig(keep_mass=0.6, target_modules=r".*layers\\.2.*mlp\\.(gate|up)_proj")
+    >>> model = build_curvature_edit(base, eigen, config)
     >>> model.save_pretrained("edit-rho0.6")
     ```
     """

@@ -1,4 +1,5 @@
-"""Memorized-label rate and true-label accuracy of a classifier trained on noisy labels, as a local `evaluate` module."""
+"""Memorized-label rate and true-label accuracy of a classifier trained on noisy labels, as a local `evaluate`
+module."""
 
 import datasets
 import evaluate

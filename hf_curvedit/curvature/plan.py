@@ -1,0 +1,216 @@
+"""Planning a factor fit before running it: accumulator memory, partitions, data passes, eigendecomposition memory,
+and the adapter size an edit can reach, from a model's shapes alone.
+
+A plan needs no weights: a config is instantiated on the meta device (a 70B plan allocates nothing) and one forward
+pass on meta tensors finds the modules that read the same input (gate and up projections share one A factor), as
+`fit_factors` does on real data. The partitions come from `plan_partitions`, the very function `fit_factors` uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..targets import linear_shape, resolve_target_modules
+from .collector import InputSharing, accumulator_dtype, input_device, plan_partitions
+from .config import FactorConfig
+from .tasks import FactorTask, default_task
+
+__all__ = ["FactorPlan", "ModulePlan", "eigh_peak_bytes", "plan_factors"]
+
+# Bytes per element of the stored adapter factors (float32) and of a dense bf16 weight.
+_ADAPTER_ELEMENT = 4
+_DENSE_BF16_ELEMENT = 2
+# Peak memory of `symmetric_eigh` for an n×n factor, in n² float64 matrices: the float64 copy, its symmetrized
+# sum, LAPACK's syevd eigenvectors and workspace (1 + 6n + 2n² doubles), and the reordered result.
+# benchmarks/scale_7b.py measures it.
+EIGH_PEAK_MATRICES = 6
+
+
+def eigh_peak_bytes(n: int) -> int:
+    """Estimated peak memory of eigendecomposing one n×n factor in float64 (see ``EIGH_PEAK_MATRICES``)."""
+    return EIGH_PEAK_MATRICES * n * n * 8
+
+
+@dataclass
+class ModulePlan:
+    """One target module's share of the plan.
+
+    Attributes:
+        a_bytes: bytes of its A accumulator (0 when it shares the A of ``shares_a_with``).
+        g_bytes: bytes of its G accumulator.
+        partition: index of the data pass that collects it.
+        adapter_max_bytes: the largest adapter the edit can store (rank k = min(d_out, d_in), float32 factors).
+        dense_break_even_rank: the rank above which the factorization ``(d_in + d_out)·k`` is larger than the dense
+            ``d_out·d_in`` weight (the adapter then runs the dense W').
+        weight_bf16_bytes: the weight itself in bf16, for comparison.
+    """
+
+    name: str
+    d_out: int
+    d_in: int
+    a_bytes: int
+    g_bytes: int
+    shares_a_with: str | None
+    partition: int
+    adapter_max_bytes: int
+    dense_break_even_rank: int
+    weight_bf16_bytes: int
+
+    def adapter_bytes(self, rank: int) -> int:
+        """Bytes of a stored factorization of this rank (float32 factors)."""
+        return (self.d_in + self.d_out) * rank * _ADAPTER_ELEMENT
+
+
+@dataclass
+class FactorPlan:
+    """What `fit_factors` will allocate and do for a model and a `FactorConfig` (see `plan_factors`)."""
+
+    model_type: str | None
+    accumulate_dtype: str
+    max_factor_memory_gb: float | None
+    modules: list[ModulePlan] = field(default_factory=list)
+    partitions: list[list[str]] = field(default_factory=list)
+
+    @property
+    def data_passes(self) -> int:
+        """Passes over the data: one per partition."""
+        return len(self.partitions)
+
+    def partition_bytes(self) -> list[int]:
+        """Accumulator bytes of each partition (what is held during its pass); a module shares A only with a module
+        of its own partition."""
+        out = []
+        for part in self.partitions:
+            members = set(part)
+            total = 0
+            for m in self.modules:
+                if m.name in members:
+                    shared = m.shares_a_with is not None and m.shares_a_with in members
+                    a = 0 if shared else m.d_in * m.d_in * self._element()
+                    total += a + m.g_bytes
+            out.append(total)
+        return out
+
+    @property
+    def accumulator_bytes(self) -> int:
+        """Peak accumulator memory: the largest partition."""
+        return max(self.partition_bytes(), default=0)
+
+    @property
+    def eigen_peak_bytes(self) -> int:
+        """Peak memory of the eigendecomposition (one factor at a time, the largest one)."""
+        return max((eigh_peak_bytes(max(m.d_out, m.d_in)) for m in self.modules), default=0)
+
+    def _element(self) -> int:
+        return 8 if self.accumulate_dtype == "float64" else 4
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(data_passes=self.data_passes, partition_bytes=self.partition_bytes(),
+                   accumulator_bytes=self.accumulator_bytes, eigen_peak_bytes=self.eigen_peak_bytes)
+        return out
+
+    def to_table(self) -> str:
+        """The plan as text: one row per module shape group, then the totals."""
+        rows = [f"{'module':<44}{'d_out':>7}{'d_in':>7}{'A':>10}{'G':>10}{'pass':>6}{'adapter ≤':>11}"
+                f"{'bf16 W':>10}{'dense at k ≥':>14}"]
+        for m in self.modules:
+            a = "shared" if m.shares_a_with else _gib(m.a_bytes)
+            rows.append(f"{m.name:<44}{m.d_out:>7}{m.d_in:>7}{a:>10}{_gib(m.g_bytes):>10}{m.partition + 1:>6}"
+                        f"{_gib(m.adapter_max_bytes):>11}{_gib(m.weight_bf16_bytes):>10}{m.dense_break_even_rank:>14}")
+        budget = f"{self.max_factor_memory_gb:g} GiB" if self.max_factor_memory_gb is not None else "none"
+        rows += [
+            "",
+            f"modules: {len(self.modules)}   accumulators in {self.accumulate_dtype}   budget: {budget}",
+            f"data passes (partitions): {self.data_passes}   accumulator memory, largest pass: "
+            f"{_gib(self.accumulator_bytes)}   all passes: {_gib(sum(self.partition_bytes()))}",
+            f"eigendecomposition (fp64, one factor at a time): peak ≈ {_gib(self.eigen_peak_bytes)}",
+            f"adapters (float32 B, Q; rank k ≤ min(r, s) ≤ min(d_out, d_in)): at most "
+            f"{_gib(sum(m.adapter_max_bytes for m in self.modules))} in all, against "
+            f"{_gib(sum(m.weight_bf16_bytes for m in self.modules))} of bf16 weights",
+        ]
+        return "\n".join(rows)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.3f}G" if n >= 1024**3 // 100 else f"{n / 1024**2:.2f}M"
+
+
+def _meta_model(model_or_config: Any) -> nn.Module:
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, PretrainedConfig
+
+    if not isinstance(model_or_config, PretrainedConfig):
+        raise TypeError(f"plan_factors takes a model or a transformers config, got {type(model_or_config).__name__}")
+    archs = getattr(model_or_config, "architectures", None) or []
+    auto = (AutoModelForImageClassification if any(a.endswith("ForImageClassification") for a in archs)
+            else AutoModelForCausalLM)
+    with torch.device("meta"):
+        return auto.from_config(model_or_config)
+
+
+def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
+                 task: FactorTask | None = None) -> FactorPlan:
+    """Plan `fit_factors(model, data, config)` without data and, for a config, without weights.
+
+    Args:
+        model_or_config: a model (any device, the meta device included) or a transformers ``PretrainedConfig``,
+            which is instantiated on the meta device (e.g. ``AutoConfig.from_pretrained("allenai/OLMo-2-1124-7B")``).
+        config: the `FactorConfig` of the fit (targets, ``accumulate_dtype``, ``max_factor_memory_gb``).
+        task: the `FactorTask` (default: `default_task` of the model); it provides the example batch of the meta
+            forward that finds shared inputs.
+
+    Returns:
+        A `FactorPlan`; ``print(plan.to_table())`` shows it.
+    """
+    cfg = config or FactorConfig()
+    model = _meta_model(model_or_config)
+    task = task or default_task(model)
+    names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
+    shares = _shared_inputs(model, names, task, cfg)
+    partitions = plan_partitions(model, names, cfg)
+    part_of = {n: p for p, part in enumerate(partitions) for n in part}
+    elt = torch.empty((), dtype=accumulator_dtype(cfg)).element_size()
+    mods = dict(model.named_modules())
+    modules = []
+    for n in names:
+        d_out, d_in = linear_shape(mods[n])
+        owner = shares.get(n)
+        modules.append(ModulePlan(
+            name=n, d_out=d_out, d_in=d_in, a_bytes=0 if owner else d_in * d_in * elt, g_bytes=d_out * d_out * elt,
+            shares_a_with=owner, partition=part_of[n],
+            adapter_max_bytes=(d_in + d_out) * min(d_in, d_out) * _ADAPTER_ELEMENT,
+            dense_break_even_rank=math.ceil(d_in * d_out / (d_in + d_out)),
+            weight_bf16_bytes=d_in * d_out * _DENSE_BF16_ELEMENT,
+        ))
+    return FactorPlan(model_type=getattr(getattr(model, "config", None), "model_type", None),
+                      accumulate_dtype=cfg.accumulate_dtype, max_factor_memory_gb=cfg.max_factor_memory_gb,
+                      modules=modules, partitions=partitions)
+
+
+def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig) -> dict[str, str]:
+    # One forward on meta tensors (shapes only, no compute, no memory) with the collector's own rule for shared A.
+    sharing = InputSharing()
+    mods = dict(model.named_modules())
+
+    def hook(name: str):
+        def record(_module: nn.Module, inputs: tuple, _output: Any) -> None:
+            sharing.observe(name, inputs[0])
+        return record
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        device = input_device(model)  # the meta device for a model built from a config
+        batch = {k: v.to(device) for k, v in task.example_batch(model, config).items()}
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(sharing.alias)

@@ -1,0 +1,106 @@
+"""plan_factors: the plan's bytes are what fit_factors allocates; 7B/70B plans need no weights."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from datasets import Dataset
+from testing_utils import random_token_rows, tiny_llama
+from transformers import LlamaConfig, Olmo2Config
+
+from hf_curvedit import FactorConfig, fit_factors
+from hf_curvedit.curvature import FactorCollector, plan_factors
+from hf_curvedit.curvature import fit as fit_mod
+
+
+def _allocated_by_fit(model, cfg, monkeypatch) -> list[int]:
+    """Bytes of every accumulator each FactorCollector of a real fit_factors run allocated, per partition."""
+    collectors: list[FactorCollector] = []
+
+    class Recording(FactorCollector):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            collectors.append(self)
+
+    monkeypatch.setattr(fit_mod, "FactorCollector", Recording)
+    data = Dataset.from_dict({"input_ids": random_token_rows(8, lo=20, hi=30)})
+    fit_factors(model, data, cfg, progress=False)
+    return [sum(t.numel() * t.element_size() for t in (*c.A.values(), *c.G.values())) for c in collectors]
+
+
+@pytest.mark.parametrize("budget_gb", [None, 0.00004])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_plan_bytes_equal_what_fit_factors_allocates(monkeypatch, budget_gb, dtype):
+    model = tiny_llama()
+    cfg = FactorConfig(seq_len=16, batch_size=4, accumulate_dtype=dtype, max_factor_memory_gb=budget_gb)
+    plan = plan_factors(model, cfg)
+    allocated = _allocated_by_fit(model, cfg, monkeypatch)
+    assert plan.data_passes == len(allocated) == (1 if budget_gb is None else len(plan.partitions)) >= 1
+    assert plan.partition_bytes() == allocated
+    assert plan.accumulator_bytes == max(allocated)
+    # gate and up read the same input: one A between them, unless a budget puts them in different passes
+    ups = {m.name: m for m in plan.modules if m.name.endswith("up_proj")}
+    assert ups and all(m.shares_a_with == m.name.replace("up_proj", "gate_proj") for m in ups.values())
+    # a plan of the config alone (meta device) is the same plan
+    again = plan_factors(model.config, cfg)
+    assert again.to_dict() == plan.to_dict()
+
+
+def _olmo2_7b() -> Olmo2Config:
+    return Olmo2Config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=100352)
+
+
+def _llama_70b() -> LlamaConfig:
+    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256)
+
+
+@pytest.mark.parametrize("make_config, n_layers, hidden, mlp", [
+    (LlamaConfig, 32, 4096, 11008), (_olmo2_7b, 32, 4096, 11008), (_llama_70b, 80, 8192, 28672)])
+def test_plans_at_7b_and_70b_shapes_allocate_no_weights(make_config, n_layers, hidden, mlp):
+    start = time.perf_counter()
+    plan = plan_factors(make_config(), FactorConfig(max_factor_memory_gb=40))
+    assert time.perf_counter() - start < 20  # a few seconds on a busy 2-core machine; no weight is ever allocated
+    assert len(plan.modules) == 3 * n_layers
+    gate, up, down = plan.modules[:3]
+    assert (gate.d_out, gate.d_in, down.d_out, down.d_in) == (mlp, hidden, hidden, mlp)
+    assert up.shares_a_with == gate.name and up.a_bytes == 0
+    # per layer: A of gate/up (hidden²), G of gate and up (mlp² each), A of down (mlp²), G of down (hidden²); fp32
+    per_layer = (hidden**2 + 2 * mlp**2 + mlp**2 + hidden**2) * 4
+    assert sum(plan.partition_bytes()) == n_layers * per_layer
+    # the budget's passes: each full, in model order (a module's own factors count in full, as fit_factors plans)
+    budget = 40 * 1024**3
+    own = {m.name: (m.d_in**2 + m.d_out**2) * 4 for m in plan.modules}
+    assert [n for part in plan.partitions for n in part] == [m.name for m in plan.modules]
+    for i, part in enumerate(plan.partitions):
+        assert sum(own[n] for n in part) <= budget
+        if i + 1 < len(plan.partitions):
+            assert sum(own[n] for n in part) + own[plan.partitions[i + 1][0]] > budget
+    assert plan.data_passes == len(plan.partitions) > 1 and plan.accumulator_bytes <= budget
+    assert gate.dense_break_even_rank == -(-hidden * mlp // (hidden + mlp))
+    assert gate.adapter_max_bytes == (hidden + mlp) * hidden * 4
+    assert "data passes" in plan.to_table()
+
+
+def test_plan_refuses_a_budget_too_small_for_one_module():
+    with pytest.raises(ValueError, match="too small"):
+        plan_factors(LlamaConfig(), FactorConfig(max_factor_memory_gb=0.1))
+
+
+def test_cli_plan_reads_only_the_config(tmp_path, capsys):
+    import json
+
+    from hf_curvedit.cli import main
+
+    folder = tmp_path / "olmo"
+    _olmo2_7b().save_pretrained(folder)  # config.json only: no weights exist
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(folder), "--max-factor-memory-gb", "20", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "data passes (partitions): 3" in text and "model.layers.31.mlp.down_proj" in text
+    plan = json.loads(out.read_text())
+    assert len(plan["modules"]) == 96 and plan["data_passes"] == 3
+    assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
