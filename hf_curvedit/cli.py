@@ -237,10 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     n = sub.add_parser("plan", help="plan a factor fit: memory, data passes, eigendecomposition, adapter sizes",
-                       description="Build the model from its config on the meta device (no weights are read) and "
-                                   "print what fit_factors would allocate: per-module factor sizes, accumulator "
-                                   "memory, the partitions under --max-factor-memory-gb (one data pass each), the "
-                                   "fp64 eigendecomposition memory and the adapter size bounds.")
+                       description="Build the model from its config with fake tensors (no weights are read or "
+                                   "allocated) and print what fit_factors would allocate: per-module factor sizes, "
+                                   "accumulator memory, the partitions under --max-factor-memory-gb (one data pass "
+                                   "each), the fp64 eigendecomposition memory and the adapter size bounds.")
     n.add_argument("--model", help="model id or local folder (only its config is read; default: the embedded model)")
     n.add_argument("--target-modules", help="regex, or comma-separated names/globs (default: the MLP projections)")
     n.add_argument("--accumulate-dtype", choices=["float32", "float64"], default="float32")

@@ -42,7 +42,9 @@ def test_plan_bytes_equal_what_fit_factors_allocates(monkeypatch, budget_gb, dty
     # gate and up read the same input: one A between them, unless a budget puts them in different passes
     ups = {m.name: m for m in plan.modules if m.name.endswith("up_proj")}
     assert ups and all(m.shares_a_with == m.name.replace("up_proj", "gate_proj") for m in ups.values())
-    # a plan of the config alone (meta device) is the same plan
+    # a plan of the config alone (fake tensors, no weights) is the same plan, and so is one of a meta-device model
+    meta = type(model)(model.config).to("meta")
+    assert plan_factors(meta, cfg).to_dict() == plan.to_dict()
     again = plan_factors(model.config, cfg)
     assert again.to_dict() == plan.to_dict()
 

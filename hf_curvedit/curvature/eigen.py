@@ -46,16 +46,20 @@ class ModuleEigen:
         return int(self.eigvals_G.numel()), int(self.eigvals_A.numel())
 
 
-def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decompose a PSD matrix in float64: symmetrize, clamp eigenvalues at 0, sort descending."""
-    m = matrix.detach().to("cpu", torch.float64)
+def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decompose a PSD matrix in float64: symmetrize, clamp eigenvalues at 0, sort descending.
+
+    The decomposition runs on `device` (the CPU by default; a GPU with fast float64, e.g. ``"cuda"``, for large
+    factors); the results are returned on the CPU.
+    """
+    m = matrix.detach().to(device, torch.float64)
     if not torch.isfinite(m).all():
         raise ValueError("cannot eigendecompose a factor with non-finite entries (NaN or inf)")
     m = 0.5 * (m + m.T)
     vals, vecs = torch.linalg.eigh(m)  # ascending
     vals = vals.flip(0).clamp_min(0.0)
     vecs = vecs.flip(1).contiguous()
-    return vals, vecs
+    return vals.cpu(), vecs.cpu()
 
 
 class KFACEigen(Mapping[str, ModuleEigen]):

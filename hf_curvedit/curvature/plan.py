@@ -1,14 +1,17 @@
 """Planning a factor fit before running it: accumulator memory, partitions, data passes, eigendecomposition memory,
 and the adapter size an edit can reach, from a model's shapes alone.
 
-A plan needs no weights: a config is instantiated on the meta device (a 70B plan allocates nothing) and one forward
-pass on meta tensors finds the modules that read the same input (gate and up projections share one A factor), as
-`fit_factors` does on real data. The partitions come from `plan_partitions`, the very function `fit_factors` uses.
+A plan needs no weights: a config is instantiated with fake tensors (shapes without memory: a 70B plan allocates
+nothing) and one forward pass on them finds the modules that read the same input (gate and up projections share one
+A factor), as `fit_factors` does on real data. The partitions come from `plan_partitions`, the very function
+`fit_factors` uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -141,18 +144,32 @@ def _gib(n: int) -> str:
     return f"{n / 1024**3:.3f}G" if n >= 1024**3 // 100 else f"{n / 1024**2:.2f}M"
 
 
-def _meta_model(model_or_config: Any) -> nn.Module:
-    if isinstance(model_or_config, nn.Module):
-        return model_or_config
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, PretrainedConfig
+def _model_class(config: Any) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
+    archs = getattr(config, "architectures", None) or []
+    return (AutoModelForImageClassification if any(a.endswith("ForImageClassification") for a in archs)
+            else AutoModelForCausalLM)
+
+
+@contextlib.contextmanager
+def _shapes_only(model_or_config: Any) -> Iterator[nn.Module]:
+    """The model to plan with. A config (or a model on the meta device) is built under torch's fake-tensor mode:
+    parameters and activations carry shapes and a device but no memory, and, unlike meta tensors, they run the
+    autocast regions of rotary embeddings in every transformers 5 release. A real model is used as it is."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model_or_config, nn.Module):
+        if not any(p.device.type == "meta" for p in model_or_config.parameters()):
+            yield model_or_config
+            return
+        model_or_config = model_or_config.config
     if not isinstance(model_or_config, PretrainedConfig):
         raise TypeError(f"plan_factors takes a model or a transformers config, got {type(model_or_config).__name__}")
-    archs = getattr(model_or_config, "architectures", None) or []
-    auto = (AutoModelForImageClassification if any(a.endswith("ForImageClassification") for a in archs)
-            else AutoModelForCausalLM)
-    with torch.device("meta"):
-        return auto.from_config(model_or_config)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield _model_class(model_or_config).from_config(model_or_config)
 
 
 def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
@@ -160,8 +177,9 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
     """Plan `fit_factors(model, data, config)` without data and, for a config, without weights.
 
     Args:
-        model_or_config: a model (any device, the meta device included) or a transformers ``PretrainedConfig``,
-            which is instantiated on the meta device (e.g. ``AutoConfig.from_pretrained("allenai/OLMo-2-1124-7B")``).
+        model_or_config: a model (on any device; one on the meta device is planned from its config) or a
+            transformers ``PretrainedConfig`` (e.g. ``AutoConfig.from_pretrained("allenai/OLMo-2-1124-7B")``), which
+            is instantiated with fake tensors: no weight is allocated.
         config: the `FactorConfig` of the fit (targets, ``accumulate_dtype``, ``max_factor_memory_gb``).
         task: the `FactorTask` (default: `default_task` of the model); it provides the example batch of the meta
             forward that finds shared inputs.
@@ -170,17 +188,19 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
         A `FactorPlan`; ``print(plan.to_table())`` shows it.
     """
     cfg = config or FactorConfig()
-    model = _meta_model(model_or_config)
-    task = task or default_task(model)
-    names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
-    shares = _shared_inputs(model, names, task, cfg)
-    partitions = plan_partitions(model, names, cfg)
+    with _shapes_only(model_or_config) as model:
+        task = task or default_task(model)
+        names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
+        shares = _shared_inputs(model, names, task, cfg)
+        partitions = plan_partitions(model, names, cfg)
+        mods = dict(model.named_modules())
+        shapes = {n: linear_shape(mods[n]) for n in names}
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
     part_of = {n: p for p, part in enumerate(partitions) for n in part}
     elt = torch.empty((), dtype=accumulator_dtype(cfg)).element_size()
-    mods = dict(model.named_modules())
     modules = []
     for n in names:
-        d_out, d_in = linear_shape(mods[n])
+        d_out, d_in = shapes[n]
         owner = shares.get(n)
         modules.append(ModulePlan(
             name=n, d_out=d_out, d_in=d_in, a_bytes=0 if owner else d_in * d_in * elt, g_bytes=d_out * d_out * elt,
@@ -189,9 +209,8 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
             dense_break_even_rank=math.ceil(d_in * d_out / (d_in + d_out)),
             weight_bf16_bytes=d_in * d_out * _DENSE_BF16_ELEMENT,
         ))
-    return FactorPlan(model_type=getattr(getattr(model, "config", None), "model_type", None),
-                      accumulate_dtype=cfg.accumulate_dtype, max_factor_memory_gb=cfg.max_factor_memory_gb,
-                      modules=modules, partitions=partitions)
+    return FactorPlan(model_type=model_type, accumulate_dtype=cfg.accumulate_dtype,
+                      max_factor_memory_gb=cfg.max_factor_memory_gb, modules=modules, partitions=partitions)
 
 
 def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig) -> dict[str, str]:
@@ -206,8 +225,7 @@ def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config:
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in names]
     try:
-        device = input_device(model)  # the meta device for a model built from a config
-        batch = {k: v.to(device) for k, v in task.example_batch(model, config).items()}
+        batch = {k: v.to(input_device(model)) for k, v in task.example_batch(model, config).items()}
         with torch.no_grad():
             model(**batch)
     finally:

@@ -1,0 +1,29 @@
+"""The scale benchmarks run end to end (at tiny shapes on CPU), so that they work the day they are needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_check_script_runs_at_tiny_shapes_on_cpu():
+    out = _run(str(BENCH / "gpu_check.py"), "--shapes", "tiny", "--device", "cpu", "--tokens", "2048",
+               "--seq-len", "64", "--batch-size", "8")
+    row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
+    assert row.count("|") == 15 and "× |" in row
+
+
+def test_scale_benchmark_runs_at_small_shapes():
+    out = _run(str(BENCH / "scale_7b.py"), "--hidden", "96", "--mlp", "256", "--repeats", "2", "--threads", "1")
+    assert "| 96² |" in out and "| 256² |" in out
+    assert out.count("| gate_proj |") == 3 and "| down_proj | 0.9 |" in out
+    assert "| bfloat16 | 4×512 |" in out and "| float32 | 1×1 |" in out
