@@ -10,7 +10,7 @@ Random weights and factors with realistic, decaying spectra (no download); every
    vs merged, in float32 and bfloat16, timed interleaved (medians); ratios to the base of the same dtype.
 
     python benchmarks/scale_7b.py                         # all parts (about 10-15 minutes on 2 cores)
-    python benchmarks/scale_7b.py --parts forward --rho 0.75 --threads 2
+    python benchmarks/scale_7b.py --parts forward --forward-rhos 0.6 --threads 2
 
 Target (unmerged inference): unmerged ≤ 1.0× the base layer at both shapes, in bf16 and fp32.
 """
@@ -44,11 +44,21 @@ def decaying_factor(n: int, seed: int) -> torch.Tensor:
     return (X @ X.T / n).double()
 
 
-def random_basis(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues decaying as i^-1.5 and a random orthonormal basis (float64), without an eigendecomposition."""
+def random_basis(n: int, seed: int) -> torch.Tensor:
+    """A random orthonormal basis (float64), without an eigendecomposition."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
-    return (torch.arange(1, n + 1, dtype=torch.float64) ** -1.5), q.double()
+    return q.double()
+
+
+def power_law(n: int, exponent: float) -> torch.Tensor:
+    return torch.arange(1, n + 1, dtype=torch.float64) ** -exponent
+
+
+# Spectrum decay exponents (λ_i ∝ i^-e), calibrated so that ρ = 0.6 keeps the share of rows and columns measured on
+# this project's small trained Llama (docs/method.md §5: up_proj r ≈ 530-634 of 640, s ≈ 78-104 of 160; down_proj
+# r ≈ 56 of 160, s ≈ 202 of 640): the output-side factor of gate/up is flat, that of down steep.
+EXPONENTS = {"gate_proj": (1.0, 0.3), "up_proj": (1.0, 0.3), "down_proj": (1.0, 1.3)}  # (A, G)
 
 
 def _rss_bytes() -> int:
@@ -85,9 +95,12 @@ def shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
 
 def bases(hidden: int, mlp: int) -> dict[str, ModuleEigen]:
     small, big = random_basis(hidden, 1), random_basis(mlp, 2)
-    # gate/up read the hidden state (A: hidden²) and write the MLP width (G: mlp²); down the other way round
-    return {"gate_proj": ModuleEigen(*small, *big), "up_proj": ModuleEigen(*small, *big),
-            "down_proj": ModuleEigen(*big, *small)}
+    out = {}
+    for name, (d_out, d_in) in shapes(hidden, mlp).items():
+        e_a, e_g = EXPONENTS[name]
+        ua, ug = (small, big) if d_in == hidden else (big, small)
+        out[name] = ModuleEigen(power_law(d_in, e_a), ua, power_law(d_out, e_g), ug)
+    return out
 
 
 def part_edit(hidden: int, mlp: int, rhos: list[float]) -> None:
@@ -132,39 +145,36 @@ def _median_times(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def part_forward(hidden: int, mlp: int, rho: float, repeats: int) -> None:
-    print(f"\n## forward of the edited up projection ({mlp}×{hidden}, ρ = {rho:g}), medians of {repeats}, "
-          "interleaved\n")
+def part_forward(hidden: int, mlp: int, rhos: list[float], repeats: int, prefill_repeats: int) -> None:
+    print(f"\n## forward of the edited up projection ({mlp}×{hidden}), medians (decode: {repeats}, prefill: "
+          f"{prefill_repeats}), interleaved; the base is the plain nn.Linear\n")
     torch.manual_seed(0)
     eig = bases(hidden, mlp)["up_proj"]
-    base = _OneLayer(hidden, mlp).eval()
-    with torch.no_grad():
-        base.up_proj.weight.mul_(0.02 / base.up_proj.weight.std())
-    config = CurvatureEditConfig(keep_mass=rho, target_modules=["up_proj"])
-    edited = build_curvature_edit(base, {"up_proj": eig}, config)
-    layer = edited.base_model.model.up_proj
-    k = layer.curvedit_Q["default"].shape[1]
-    path = "dense W'" if layer.runs_dense("default") else f"factorized, k = {k}"
-    print(f"adapter: {path}; k·(d_in + d_out) / (d_in·d_out) = {k * (hidden + mlp) / (hidden * mlp):.3f}\n")
-    print("| dtype | batch×seq | base (ms) | unmerged (ms) | merged (ms) | unmerged / base | merged / base |")
-    print("|---|---|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.bfloat16):
-        edited.to(dtype)
-        for batch, seq in ((1, 1), (4, 512)):
-            x = torch.randn(batch, seq, hidden).to(dtype)
-
-            with torch.no_grad():
-                layer(x)  # the cast copies of the factors are made once, not timed
-                # the base is the plain nn.Linear (no adapter wrapper at all)
-                unmerged = _median_times({"base": lambda: layer.base_layer(x), "unmerged": lambda: layer(x)},
-                                         repeats)
-                edited.merge_adapter()
-                merged = _median_times({"base": lambda: layer.base_layer(x), "merged": lambda: layer(x)}, repeats)
-                edited.unmerge_adapter()
-            b = unmerged["base"]
-            u, m = unmerged["unmerged"], merged["merged"]
-            print(f"| {str(dtype).removeprefix('torch.')} | {batch}×{seq} | {1e3 * b:.3f} | {1e3 * u:.3f} | "
-                  f"{1e3 * m:.3f} | {u / b:.2f}× | {m / merged['base']:.2f}× |")
+    print("| ρ | adapter path | dtype | batch×seq | base (ms) | unmerged (ms) | merged (ms) | unmerged / base "
+          "| merged / base |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rho in rhos:
+        base = _OneLayer(hidden, mlp).eval()
+        with torch.no_grad():
+            base.up_proj.weight.mul_(0.02 / base.up_proj.weight.std())
+        config = CurvatureEditConfig(keep_mass=rho, target_modules=["up_proj"])
+        edited = build_curvature_edit(base, {"up_proj": eig}, config)
+        layer = edited.base_model.model.up_proj
+        k = layer.curvedit_Q["default"].shape[1]
+        path = f"dense W' (k = {k})" if layer.runs_dense("default") else f"factorized, k = {k}"
+        for dtype in (torch.float32, torch.bfloat16):
+            edited.to(dtype)
+            for (batch, seq), n in (((1, 1), repeats), ((4, 512), prefill_repeats)):
+                x = torch.randn(batch, seq, hidden).to(dtype)
+                with torch.no_grad():
+                    layer(x)  # the cast copies of the factors are made once, not timed
+                    unmerged = _median_times({"base": lambda: layer.base_layer(x), "unmerged": lambda: layer(x)}, n)
+                    edited.merge_adapter()
+                    merged = _median_times({"base": lambda: layer.base_layer(x), "merged": lambda: layer(x)}, n)
+                    edited.unmerge_adapter()
+                b, u, m = unmerged["base"], unmerged["unmerged"], merged["merged"]
+                print(f"| {rho:g} | {path} | {str(dtype).removeprefix('torch.')} | {batch}×{seq} | {1e3 * b:.2f} | "
+                      f"{1e3 * u:.2f} | {1e3 * m:.2f} | {u / b:.2f}× | {m / merged['base']:.2f}× |", flush=True)
 
 
 def main() -> None:
@@ -173,8 +183,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--mlp", type=int, default=11008)
     p.add_argument("--rhos", type=float, nargs="+", default=[0.6, 0.75, 0.9])
-    p.add_argument("--rho", type=float, default=0.75, help="ρ of the forward benchmark")
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--forward-rhos", type=float, nargs="+", default=[0.6, 0.75], help="ρ of the forward benchmark")
+    p.add_argument("--repeats", type=int, default=30, help="timed rounds at decode shape (1×1)")
+    p.add_argument("--prefill-repeats", type=int, default=5, help="timed rounds at prefill shape (4×512)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eigh-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -190,7 +201,7 @@ def main() -> None:
     if "edit" in parts:
         part_edit(args.hidden, args.mlp, args.rhos)
     if "forward" in parts:
-        part_forward(args.hidden, args.mlp, args.rho, args.repeats)
+        part_forward(args.hidden, args.mlp, args.forward_rhos, args.repeats, args.prefill_repeats)
 
 
 if __name__ == "__main__":

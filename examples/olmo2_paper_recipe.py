@@ -10,10 +10,12 @@ Settings from the paper: factors from ~20M tokens of the pretraining mix in 512-
 Fisher (sampled labels); edit gate and up of layers 23, 24, 25 (7B; the 1B model has 16 layers: use
 e.g. 11-13) at ρ = 0.6, down_proj untouched; ρ search range 0.6-0.9.
 
-Estimates, not measurements (this repository's CI has no GPU): the 7B forward+backward over 20M
-tokens is ~8e17 FLOPs, i.e. roughly 30-60 min on one H100 in bf16 and a few minutes on 8; factor
-memory for 3 layers x (A 4096² shared + 2 x G 11008²) in fp32 is ~3 GB next to the 14 GB bf16
-model; the fp64 eigendecomposition of each 11008² G takes a few minutes on CPU and is cached.
+Measured here (no GPU; see README "At scale"): `hf-curvedit plan` gives 2.9 GiB of fp32 factor accumulators for
+these 6 modules (3 x (A 4096², shared by gate and up, + 2 x G 11008²)), next to the 14 GB bf16 model, in one data
+pass; the fp64 eigendecomposition of one 11008² factor took 260 s on 2 CPU cores (peak 3.7 GiB above the factor) and
+is cached; building the edit of one 7B-shaped gate or up weight took 19 s at ρ = 0.6 on the same machine (benchmarks/
+scale_7b.py). Still an estimate: the 7B forward+backward over 20M tokens is ~8e17 FLOPs, roughly 30-60 min on one
+H100 in bf16 and a few minutes on 8 (benchmarks/gpu_check.py measures this on the day a GPU is available).
 The run resumes from its last checkpoint if killed (same --output-dir, same number of processes).
 """
 

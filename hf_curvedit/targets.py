@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 TargetSpec = str | Sequence[str] | None
 
-# The paper edits the MLP projections only (METHOD.md §1). Regexes are matched with
+# The paper edits the MLP projections only (docs/method.md §2). Regexes are matched with
 # ``re.fullmatch`` against the module's qualified name, so they also work inside a PeftModel
 # (where names gain a ``base_model.model.`` prefix) thanks to the leading ``(.*\.)?``.
 _LLAMA_MLP = r"(.*\.)?mlp\.(gate_proj|up_proj|down_proj)"
