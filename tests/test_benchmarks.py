@@ -23,7 +23,8 @@ def test_gpu_check_script_runs_at_tiny_shapes_on_cpu():
 
 
 def test_scale_benchmark_runs_at_small_shapes():
-    out = _run(str(BENCH / "scale_7b.py"), "--hidden", "96", "--mlp", "256", "--repeats", "2", "--prefill-repeats", "1", "--threads", "1")
+    out = _run(str(BENCH / "scale_7b.py"), "--hidden", "96", "--mlp", "256", "--repeats", "2", "--prefill-repeats", "1",
+               "--threads", "1")
     assert "| 96² |" in out and "| 256² |" in out
     assert out.count("| gate_proj |") == 3 and "| down_proj | 0.9 |" in out
     assert "| bfloat16 | 4×512 |" in out and "| float32 | 1×1 |" in out and "factorized" in out
