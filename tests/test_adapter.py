@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -422,7 +424,14 @@ def test_compute_dtype_bf16_is_close_to_the_fp32_path_and_cached():
         assert all(m.dtype == torch.bfloat16 for m in cached)
         assert layer._compute_matrices("default", torch.bfloat16) is cached
         layer.curvedit_B["default"].mul_(1.0)  # an in-place write (as load_state_dict does) invalidates the copies
-        assert layer._compute_matrices("default", torch.bfloat16) is not cached
+        again = layer._compute_matrices("default", torch.bfloat16)
+        assert again is not cached
+        # so does a replaced tensor (a device move, transformers' loader), and the cache does not keep the old one
+        old = weakref.ref(layer.curvedit_Q["default"])
+        layer.curvedit_Q["default"] = layer.curvedit_Q["default"].clone()
+        assert layer._compute_matrices("default", torch.bfloat16) is not again
+        gc.collect()
+        assert old() is None
 
 
 def test_dense_path_when_the_factorization_is_not_smaller():

@@ -96,7 +96,8 @@ class CurvatureEditLayer(BaseTunerLayer):
         self._curvedit_module_name = ""  # for error messages; set by update_layer
         self._curvedit_compute_dtype: dict[str, str | None] = {}
         # Per (adapter, dtype): the matrices the unmerged forward multiplies by, cast once from the stored factors,
-        # with the identity and version of the factors they were made from (a reload or a device move replaces them).
+        # with (weak references to) the factors they were made from and their versions: a reload, an in-place load or
+        # a device move makes them stale.
         self._curvedit_compute_cache: dict[tuple[str, torch.dtype], tuple] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -190,7 +191,7 @@ class CurvatureEditLayer(BaseTunerLayer):
         # (W',) for the dense path; (first, second) with y = (x @ firstᵀ) @ secondᵀ for the factorized one.
         Q, B = self.curvedit_Q[adapter_name], self.curvedit_B[adapter_name]
         cached = self._curvedit_compute_cache.get((adapter_name, dtype))
-        if (cached is not None and cached[0] is Q and cached[2] is B
+        if (cached is not None and cached[0]() is Q and cached[2]() is B
                 and (cached[1], cached[3]) == (Q._version, B._version)):
             return cached[4]
         with torch.no_grad():
@@ -200,7 +201,9 @@ class CurvatureEditLayer(BaseTunerLayer):
                 mats = (Q.T.to(dtype).contiguous(), B.to(dtype).contiguous())
             else:  # W' = Q Bᵀ: y = (x B) Qᵀ
                 mats = (B.T.to(dtype).contiguous(), Q.to(dtype).contiguous())
-        self._curvedit_compute_cache[(adapter_name, dtype)] = (Q, Q._version, B, B._version, mats)
+        # weak references: a device move or a reload must not keep the replaced factors alive through the cache
+        self._curvedit_compute_cache[(adapter_name, dtype)] = (weakref.ref(Q), Q._version, weakref.ref(B), B._version,
+                                                               mats)
         return mats
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
