@@ -272,3 +272,36 @@ def test_builder_accepts_fitted_factors_directly(tmp_path):
                                      CurvatureEditConfig(keep_mass=0.6, target_modules=["up_proj"]))
     with torch.no_grad():
         assert torch.equal(from_file(x).logits, got)
+
+
+def test_transformers_integration_load_add_and_set_adapter(tmp_path, saved):
+    """transformers' own adapter API on a plain model: load_adapter (twice), add_adapter, set_adapter, disable."""
+    base_dir, _, _, _ = saved
+    eigen = random_eigen(edit_llama())
+    path = eigen.save(tmp_path / "eigen.safetensors")
+    x = ids()
+    expected = {}
+    for name, rho in (("rho5", 0.5), ("rho8", 0.8)):
+        m = build_curvature_edit(AutoModelForCausalLM.from_pretrained(base_dir).eval(), eigen,
+                                 CurvatureEditConfig(keep_mass=rho, task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            expected[name] = m(x).logits.clone()
+        m.save_pretrained(tmp_path / name)
+    plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        base_out = plain(x).logits.clone()
+    plain.load_adapter(str(tmp_path / "rho5"), adapter_name="rho5")
+    plain.load_adapter(str(tmp_path / "rho8"), adapter_name="rho8")
+    # a new edit from a factors file, through transformers' add_adapter
+    plain.add_adapter(CurvatureEditConfig(keep_mass=0.5, factors_path=str(path)), adapter_name="fresh")
+    with torch.no_grad():
+        for name in ("rho8", "rho5"):
+            plain.set_adapter(name)
+            assert torch.equal(plain(x).logits, expected[name]), name
+        plain.set_adapter("fresh")
+        assert torch.equal(plain(x).logits, expected["rho5"])  # the same factors and ρ as rho5
+        plain.disable_adapters()
+        assert torch.equal(plain(x).logits, base_out)
+        plain.enable_adapters()
+        assert torch.equal(plain(x).logits, expected["rho5"])
+    assert set(plain.peft_config) == {"rho5", "rho8", "fresh"}
