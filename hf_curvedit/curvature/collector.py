@@ -281,8 +281,7 @@ def collect_factor_sums(
 
 def factor_bytes(d_out: int, d_in: int, config: FactorConfig) -> int:
     """Bytes of one module's two accumulators (A: d_in², G: d_out²) in the accumulation dtype."""
-    elt = 8 if config.accumulate_dtype == "float64" else 4
-    return (d_in * d_in + d_out * d_out) * elt
+    return (d_in * d_in + d_out * d_out) * accumulator_dtype(config).itemsize
 
 
 def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig) -> list[list[str]]:

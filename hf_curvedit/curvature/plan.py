@@ -87,15 +87,15 @@ class FactorPlan:
     def partition_bytes(self) -> list[int]:
         """Accumulator bytes of each partition (what is held during its pass); a module shares A only with a module
         of its own partition."""
+        by_name = {m.name: m for m in self.modules}
         out = []
         for part in self.partitions:
-            members = set(part)
             total = 0
-            for m in self.modules:
-                if m.name in members:
-                    shared = m.shares_a_with is not None and m.shares_a_with in members
-                    a = 0 if shared else m.d_in * m.d_in * self._element()
-                    total += a + m.g_bytes
+            for name in part:
+                m = by_name[name]
+                # a module sharing A with one of another pass holds an A of its own (the owner's size) in this one
+                a = by_name[m.shares_a_with].a_bytes if m.shares_a_with and m.shares_a_with not in part else m.a_bytes
+                total += a + m.g_bytes
             out.append(total)
         return out
 
@@ -108,9 +108,6 @@ class FactorPlan:
     def eigen_peak_bytes(self) -> int:
         """Peak memory of the eigendecomposition (one factor at a time, the largest one)."""
         return max((eigh_peak_bytes(max(m.d_out, m.d_in)) for m in self.modules), default=0)
-
-    def _element(self) -> int:
-        return 8 if self.accumulate_dtype == "float64" else 4
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -197,7 +194,7 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
         shapes = {n: linear_shape(mods[n]) for n in names}
         model_type = getattr(getattr(model, "config", None), "model_type", None)
     part_of = {n: p for p, part in enumerate(partitions) for n in part}
-    elt = torch.empty((), dtype=accumulator_dtype(cfg)).element_size()
+    elt = accumulator_dtype(cfg).itemsize
     modules = []
     for n in names:
         d_out, d_in = shapes[n]

@@ -13,6 +13,12 @@ from typing import Any
 from .settings import UsageError
 
 
+def _check_local(name: str, what: str) -> None:
+    # A name that reads as a path is never sent to the Hub as a repo id: a missing folder is a usage error.
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UsageError(f"could not load {what} {name!r}: that folder does not exist")
+
+
 def load_model(name: str | None = None, dtype: str = "float32", device_map: str | None = None) -> tuple[Any, Any]:
     """``(model, processor)``: a causal LM with its tokenizer, or an image classifier (by its config's
     architectures) with its image processor; the embedded default without ``name``."""
@@ -29,8 +35,7 @@ def load_model(name: str | None = None, dtype: str = "float32", device_map: str 
         AutoTokenizer,
     )
 
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise UsageError(f"could not load model {name!r}: that folder does not exist")
+    _check_local(name, "model")
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if device_map:
         kwargs["device_map"] = device_map
@@ -51,8 +56,8 @@ def load_config(name: str | None = None) -> Any:
 
     from ..default import DEFAULT_MODEL_DIR
 
-    if name is not None and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise UsageError(f"could not load the config of {name!r}: that folder does not exist")
+    if name is not None:
+        _check_local(name, "the config of")
     try:
         return AutoConfig.from_pretrained(name if name is not None else str(DEFAULT_MODEL_DIR))
     except (OSError, ValueError) as e:

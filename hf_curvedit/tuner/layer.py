@@ -94,7 +94,7 @@ class CurvatureEditLayer(BaseTunerLayer):
         # check, so that the forward pass never reads a buffer back to the host (a device sync on GPU).
         self._curvedit_verified: set[str] = set()
         self._curvedit_module_name = ""  # for error messages; set by update_layer
-        self._curvedit_compute_dtype: dict[str, str | None] = {}
+        self._curvedit_compute_dtype: dict[str, torch.dtype | None] = {}  # None: the base layer's dtype
         # Per (adapter, dtype): the matrices the unmerged forward multiplies by, cast once from the stored factors,
         # with (weak references to) the factors they were made from and their versions: a reload, an in-place load or
         # a device move makes them stale.
@@ -147,7 +147,8 @@ class CurvatureEditLayer(BaseTunerLayer):
             )
         edit = CurvatureEdit.empty(self.out_features, self.in_features, int(info["k"]), str(info["q_side"]),
                                    self.buffer_dtype())
-        self._curvedit_compute_dtype[adapter_name] = getattr(config, "compute_dtype", None)
+        compute_dtype = getattr(config, "compute_dtype", None)
+        self._curvedit_compute_dtype[adapter_name] = parse_dtype(compute_dtype) if compute_dtype is not None else None
         self._store(adapter_name, edit)
         self._curvedit_verified.discard(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -179,8 +180,8 @@ class CurvatureEditLayer(BaseTunerLayer):
 
     def compute_dtype(self, adapter_name: str) -> torch.dtype:
         """The dtype the unmerged forward of `adapter_name` multiplies in (see `CurvatureEditConfig.compute_dtype`)."""
-        name = self._curvedit_compute_dtype.get(adapter_name)
-        return parse_dtype(name) if name is not None else self.get_base_layer().weight.dtype
+        dtype = self._curvedit_compute_dtype.get(adapter_name)
+        return dtype if dtype is not None else self.get_base_layer().weight.dtype
 
     def runs_dense(self, adapter_name: str) -> bool:
         """Whether the unmerged forward multiplies by the dense ``W'``: the factorization is not smaller than it."""

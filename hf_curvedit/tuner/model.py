@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..curvature.storage import EigenFile, KFACFactors
 from ..edit import CurvatureEdit, ModuleEditReport, compute_edit
-from ..targets import DEFAULT_TARGET_MODULES, is_linear_like, module_matches
+from ..targets import DEFAULT_TARGET_MODULES, default_target_modules, is_linear_like, module_matches
 from ..utils import strip_wrapper_prefix
 from .config import CurvatureEditConfig
 from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
@@ -32,9 +32,8 @@ __all__ = ["CurvatureEditModel", "build_curvature_edit", "check_base_model", "co
 EigenSource = KFACFactors | KFACEigen | Mapping[str, ModuleEigen] | str | Path
 
 
-def _default_targets(model: nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    default = DEFAULT_TARGET_MODULES.get(model_type)
+def _default_targets(model_type: str | None) -> str:
+    default = default_target_modules(model_type)
     if default is None:
         raise ValueError(
             f"hf-curvedit has no default target modules for model_type={model_type!r}; set "
@@ -97,7 +96,7 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen],
     """
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if config.target_modules is None:
-        config.target_modules = _default_targets(inner)
+        config.target_modules = _default_targets(getattr(getattr(inner, "config", None), "model_type", None))
     targets = {name: m for name, m in _edit_candidates(inner) if _is_target(config, name) is True}
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of this model; use names, "
@@ -152,15 +151,7 @@ class CurvatureEditModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: CurvatureEditConfig, model_config: dict) -> CurvatureEditConfig:
         if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            default = DEFAULT_TARGET_MODULES.get(model_type)
-            if default is None:
-                raise ValueError(
-                    f"hf-curvedit has no default target modules for model_type={model_type!r}; set "
-                    "CurvatureEditConfig(target_modules=...) to the linear layers to edit (names, suffixes, globs or "
-                    "a regex)."
-                )
-            peft_config.target_modules = default
+            peft_config.target_modules = _default_targets(model_config.get("model_type"))
         return peft_config
 
     @staticmethod
