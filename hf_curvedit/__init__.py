@@ -28,12 +28,15 @@ from .curvature import (
 )
 from .edit import CurvatureEdit, compute_edit
 from .evaluation import (
+    CapabilityConfig,
+    CapabilityResult,
     EditReport,
     EvalConfig,
     ImageClassificationSet,
     RecitationSet,
     TextSet,
     coherence_ndcg,
+    evaluate_capabilities,
     evaluate_classification,
     evaluate_edit,
     evaluate_recitation,
@@ -60,6 +63,7 @@ from .tuner import (
 )
 
 __all__ = [
+    "CapabilityConfig", "CapabilityResult", "evaluate_capabilities",
     "DEFAULT_TARGET_MODULES", "CardOptions", "CausalLMTask", "CurvatureEdit", "CurvatureEditConfig",
     "CurvatureEditModel", "EditReport", "EvalConfig", "FactorConfig", "FactorTask", "HubOptions",
     "ImageClassificationSet", "ImageClassificationTask", "KFACEigen", "KFACFactors", "ModuleEditReport", "ModuleEigen",

@@ -19,7 +19,8 @@ def _requirements() -> list[Requirement]:
     reqs = [Requirement(r) for r in project["dependencies"]]
     for extra in project["optional-dependencies"].values():
         reqs += [Requirement(r) for r in extra]
-    return reqs
+    # an extra that names other extras of this project (test = [..., "hf-curvedit[lm-eval,demo]"]) has no bound
+    return [r for r in reqs if canonicalize_name(r.name) != canonicalize_name(project["name"])]
 
 
 def _pins() -> dict[str, Version]:

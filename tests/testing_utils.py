@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -141,3 +143,15 @@ def brute_force_mask(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.T
     mask = torch.zeros(prods.numel(), dtype=torch.bool)
     mask[order[:n_take]] = True
     return mask.reshape(lam.numel(), mu.numel())
+
+
+def write_choice_task(folder: Path, name: str, items: list[tuple[str, int]]) -> Path:
+    """A local lm-eval multiple-choice task ``name`` (choices yes/no; ``items`` = (question, label)) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "label": y}) + "\n" for q, y in items))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: ['yes', 'no']\ndoc_to_target: '{{label}}'\n"
+        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\nmetadata: {version: 1.0}\n")
+    return folder

@@ -1,6 +1,6 @@
 """Measuring what an edit did: memorized-window discovery, recitation, perplexity, nDCG coherence,
-perturbation stress test, noisy-label memorization of image classifiers, and `evaluate_edit`, which
-runs them all on the base and the edited model.
+perturbation stress test, noisy-label memorization of image classifiers, capabilities through
+lm-evaluation-harness tasks, and `evaluate_edit`, which runs them all on the base and the edited model.
 
 Every metric is a plain function here and, for the aggregation step, a local `evaluate` module:
 ``evaluate.load(metric_path("recitation"))`` works offline.
@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .capabilities import (
+    CapabilityConfig,
+    CapabilityError,
+    CapabilityResult,
+    check_tasks,
+    compare_results,
+    evaluate_capabilities,
+)
 from .classification import (
     ClassificationComparison,
     ClassificationMetrics,
@@ -64,6 +72,8 @@ def metric_path(name: str) -> str:
 
 
 __all__ = [
+    "CapabilityConfig", "CapabilityError", "CapabilityResult", "check_tasks", "compare_results",
+    "evaluate_capabilities",
     "ClassificationComparison", "ClassificationMetrics", "ImageClassificationSet", "classification_scores",
     "evaluate_classification", "predict_classes",
     "CoherenceResult", "EditReport", "EvalConfig", "PerplexityComparison", "PerplexityResult",

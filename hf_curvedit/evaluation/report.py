@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..utils import atomic_write_text
+from .capabilities import CapabilityResult
 from .classification import ClassificationComparison, ClassificationMetrics
 from .coherence import CoherenceResult
 from .perplexity import PerplexityResult
@@ -104,7 +105,9 @@ class EditReport:
 
     Recitation rates and classification rates are fractions in ``[0, 1]`` (multiply by 100 for the
     paper's percentages). ``classification`` holds image-classifier sets: a noisy-label set gives the
-    memorized-label rate and the true-label accuracy, a clean set its accuracy.
+    memorized-label rate and the true-label accuracy, a clean set its accuracy. ``capabilities`` holds the
+    lm-evaluation-harness tasks, keyed by task name (see [`evaluate_capabilities`]); they are not table rows, the card
+    shows them in a table of their own.
     """
 
     recitation: dict[str, RecitationComparison] = field(default_factory=dict)
@@ -112,6 +115,7 @@ class EditReport:
     coherence: dict[str, CoherenceResult] = field(default_factory=dict)
     stress: dict[str, StressComparison] = field(default_factory=dict)
     classification: dict[str, ClassificationComparison] = field(default_factory=dict)
+    capabilities: dict[str, CapabilityResult] = field(default_factory=dict)
     metadata: ReportMetadata = field(default_factory=ReportMetadata)
 
     def to_table_rows(self) -> list[TableRow]:
@@ -162,6 +166,7 @@ class EditReport:
                 classification={k: ClassificationComparison(ClassificationMetrics(**v["base"]),
                                                             ClassificationMetrics(**v["edited"]))
                                 for k, v in data.get("classification", {}).items()},
+                capabilities={k: CapabilityResult(**v) for k, v in data.get("capabilities", {}).items()},
                 metadata=ReportMetadata(**data.get("metadata", {})),
             )
         except (KeyError, TypeError) as err:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ._common import resolve_pad_id
+from .capabilities import CapabilityConfig, evaluate_capabilities
 from .classification import (
     ClassificationComparison,
     ClassificationMetrics,
@@ -138,6 +139,7 @@ def evaluate_edit(
     base_model: torch.nn.Module | None = None,
     config: EvalConfig | None = None,
     metadata: Mapping[str, Any] | None = None,
+    capabilities: CapabilityConfig | None = None,
     **config_kwargs: Any,
 ) -> EditReport:
     """Measure an edit: recitation (+ stress test) on every recitation set, perplexity and nDCG@k on every
@@ -156,6 +158,8 @@ def evaluate_edit(
         base_model: the unedited model, required when ``model`` is not a `peft.PeftModel`.
         config: an [`EvalConfig`]; keyword arguments override its fields (e.g. ``batch_size=8``).
         metadata: extra JSON-serializable entries for ``report.metadata.extra``.
+        capabilities: lm-evaluation-harness tasks to run on the base and the edited model (see
+            [`evaluate_capabilities`]); their settings go to ``report.metadata.extra["capabilities"]``.
 
     Example:
         ```py
@@ -166,9 +170,13 @@ def evaluate_edit(
         ```
     """
     cfg = dataclasses.replace(config, **config_kwargs) if config is not None else EvalConfig(**config_kwargs)
-    if not sets:
-        raise ValueError("no evaluation sets given")
+    if not sets and capabilities is None:
+        raise ValueError("no evaluation sets given (and no capability tasks)")
     eval_sets = {name: as_eval_set(s, tokenizer) for name, s in sets.items()}
+    if capabilities is not None:
+        from .capabilities import check_tasks
+
+        check_tasks(capabilities)  # an unknown task or unreachable data fails before any measurement
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
@@ -190,7 +198,14 @@ def evaluate_edit(
         base_m = _measure(base, eval_sets, cfg, pad_id, "base")
     edited_m = _measure(edited, eval_sets, cfg, pad_id, "edited")
 
-    report = EditReport(metadata=_metadata(model, base_model, cfg, metadata))
+    extra = dict(metadata or {})
+    if capabilities is not None:
+        extra["capabilities"] = {k: v for k, v in dataclasses.asdict(capabilities).items() if k != "include_path"}
+        report_caps = evaluate_capabilities(model, tokenizer, capabilities,
+                                            base_model=base_model)
+    report = EditReport(metadata=_metadata(model, base_model, cfg, extra))
+    if capabilities is not None:
+        report.capabilities = report_caps
     for name in base_m.recitation:
         report.recitation[name] = RecitationComparison(base_m.recitation[name], edited_m.recitation[name])
     for name in base_m.stress:

@@ -32,6 +32,7 @@ from .settings import (
     DEFAULT_FACTOR_DATA,
     DEFAULT_KEEP_MASS,
     STEPS,
+    CapabilitySettings,
     EditStep,
     EvaluateStep,
     FitStep,
@@ -43,7 +44,8 @@ from .settings import (
 )
 from .steps import EditOutcome, FitOutcome, report_table, run_edit, run_evaluate, run_fit, run_publish, run_sweep
 
-__all__ = ["DEFAULT_FACTOR_DATA", "DEFAULT_KEEP_MASS", "EditOutcome", "EditStep", "EvaluateStep", "FitOutcome",
+__all__ = ["CapabilitySettings", "DEFAULT_FACTOR_DATA", "DEFAULT_KEEP_MASS",
+           "EditOutcome", "EditStep", "EvaluateStep", "FitOutcome",
            "FitStep", "PipelineConfig", "PublishStep", "RunLayout", "STEPS", "StepFailed", "SweepStep", "UsageError",
            "default_recitation_sets", "heldout_texts", "load_config", "load_model", "load_recitation_set",
            "recitation_sets", "report_table", "run_edit", "run_evaluate", "run_fit", "run_pipeline", "run_publish",

@@ -69,6 +69,8 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[
     """
     layout = RunLayout(Path(config.output_dir))
     model = config.model
+    if config.evaluate and config.evaluate.capabilities and (force or not layout.marker("evaluate").exists()):
+        config.evaluate.capabilities.check()  # an unknown task or a missing lm-eval fails now, not after the fit
     for name in STEPS:
         step: Any = getattr(config, name)
         if step is None:

@@ -1,6 +1,7 @@
 """The pipeline's settings: its errors (`UsageError`, `StepFailed`), the typed settings of each step (`FitStep`,
-`SweepStep`, `EditStep`, `EvaluateStep`, `PublishStep`), which check their field types on construction and read
-themselves from a YAML mapping, and `PipelineConfig`, the whole run as ``PipelineConfig.from_yaml`` reads it.
+`SweepStep`, `EditStep`, `EvaluateStep` with its `CapabilitySettings`, `PublishStep`), which check their field types
+on construction and read themselves from a YAML mapping, and `PipelineConfig`, the whole run as
+``PipelineConfig.from_yaml`` reads it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _convert(value: Any, tp: Any) -> Any:
         for a in (a for a in args if a is not type(None)):
             try:
                 return _convert(value, a)
+            except UsageError:  # nested settings explain themselves
+                raise
             except (TypeError, ValueError):
                 pass
         raise TypeError
@@ -59,6 +62,8 @@ def _convert(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple, set)):
             raise TypeError
         return [_convert(v, args[0]) for v in value]
+    if isinstance(tp, type) and issubclass(tp, _Step):  # nested settings, e.g. evaluate.capabilities
+        return value if isinstance(value, tp) else tp.from_dict(value)
     if isinstance(value, bool) and tp is not bool or tp is bool and not isinstance(value, bool):
         raise TypeError
     if tp is int and isinstance(value, float) and not value.is_integer():
@@ -97,6 +102,8 @@ class _Step:
                 continue
             try:
                 setattr(self, f.name, _convert(value, hints[f.name]))
+            except UsageError:
+                raise
             except (TypeError, ValueError) as e:
                 tp = hints[f.name]
                 kind = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
@@ -183,8 +190,51 @@ class EditStep(_Step):
 
 
 @dataclass
+class CapabilitySettings(_Step):
+    """The ``capabilities:`` block of the evaluate step (``hf-curvedit evaluate --tasks ...``): lm-evaluation-harness
+    tasks run on the base and the edited model. The tasks shipped in ``hf_curvedit/lm_eval_tasks`` (the default
+    model's ``curvedit_skills``) are always found; ``include_path`` adds folders of task YAMLs."""
+
+    name: ClassVar[str] = "evaluate.capabilities"
+    tasks: tuple[str, ...]
+    include_path: tuple[str, ...] = ()
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 32
+
+    def to_config(self) -> Any:
+        """The `CapabilityConfig` these settings describe."""
+        from ..default import LM_EVAL_TASKS_DIR
+        from ..evaluation.capabilities import CapabilityConfig, CapabilityError
+
+        limit = self.limit
+        if limit is not None and limit >= 1 and limit.is_integer():  # a count, not a fraction
+            limit = int(limit)
+        try:
+            return CapabilityConfig(tasks=list(self.tasks), include_path=[str(LM_EVAL_TASKS_DIR), *self.include_path],
+                                    limit=limit, num_fewshot=self.num_fewshot, batch_size=self.batch_size)
+        except CapabilityError as err:
+            raise UsageError(str(err)) from None
+
+    def check(self) -> Any:
+        """The `CapabilityConfig`, once lm-eval is installed and every task and its data are within reach: called
+        before any model work, so a typo in a task name does not cost a fit."""
+        from ..evaluation.capabilities import CapabilityError, check_tasks
+
+        config = self.to_config()
+        try:
+            check_tasks(config)
+        except ImportError as err:
+            raise UsageError(f"{err} (or drop the capabilities settings)") from None
+        except CapabilityError as err:
+            raise UsageError(str(err)) from None
+        return config
+
+
+@dataclass
 class EvaluateStep(_Step):
-    """`hf-curvedit evaluate`: recitation, perplexity, nDCG and the stress test, base against edited."""
+    """`hf-curvedit evaluate`: recitation, perplexity, nDCG and the stress test, base against edited; with
+    ``capabilities``, lm-evaluation-harness tasks as well."""
 
     name: ClassVar[str] = "evaluate"
     recitation: dict[str, str] = _pairs_field("NAME=PATH", "--recitation")
@@ -194,6 +244,7 @@ class EvaluateStep(_Step):
     batch_size: int = 16
     stress_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
     no_stress: bool = False
+    capabilities: CapabilitySettings | None = None
 
 
 @dataclass

@@ -132,9 +132,13 @@ def run_edit(model: str | None, factors_dir: str | Path, step: EditStep,
 
 
 def report_table(report: Any) -> str:
-    """An `EditReport` as a plain-text table: metric, set, base, edited."""
+    """An `EditReport` as plain-text tables: metric, set, base, edited; then the capabilities, if measured."""
     rows = [f"{'metric':<22}{'set':<16}{'base':>10}{'edited':>10}"]
     rows += [f"{r.metric:<22}{r.set:<16}{r.base:>10.4f}{r.edited:>10.4f}" for r in report.to_table_rows()]
+    if report.capabilities:
+        rows += ["", f"{'capability (lm-eval)':<24}{'metric':<14}{'n':>5}{'base':>9}{'edited':>9}{'change':>9}"]
+        rows += [f"{c.task:<24}{c.metric:<14}{c.n:>5}{c.base:>9.3f}{c.edited:>9.3f}{c.change:>+9.3f}"
+                 for c in report.capabilities.values()]
     return "\n".join(rows)
 
 
@@ -146,6 +150,7 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
     from ..curvature import default_task
     from ..evaluation import TextSet, evaluate_edit
 
+    capabilities = step.capabilities.check() if step.capabilities else None
     net, tok = load_model(model)
     if default_task(net).name == "image-classification":
         raise UsageError("`evaluate` measures language models; for an image classifier use the Python API: "
@@ -157,7 +162,8 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
     texts = heldout_texts(step.heldout, step.text_column, default_model=model is None)
     sets["heldout"] = TextSet.from_texts(texts, tok)
     report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(adapter_dir)}, batch_size=step.batch_size,
-                           stress=not step.no_stress, stress_extend=step.stress_steps, stress_shorten=step.stress_steps)
+                           stress=not step.no_stress, stress_extend=step.stress_steps, stress_shorten=step.stress_steps,
+                           capabilities=capabilities)
     if output:
         report.save(output)
     return report

@@ -22,6 +22,7 @@ import jinja2
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from ..evaluation.capabilities import CapabilityResult
 from ..evaluation.report import EditReport, TableRow
 
 # re-exported: they lived here before the tuner owned them
@@ -207,6 +208,16 @@ def _format_row(row: TableRow) -> dict[str, str]:
     return {"metric": metric, "set": row.set, "base": show(row.base), "edited": show(row.edited), "change": change}
 
 
+def _capability_row(res: CapabilityResult) -> dict[str, str]:
+    def show(value: float, stderr: float | None) -> str:
+        return f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+    metric = res.metric if res.filter == "none" else f"{res.metric} ({res.filter})"
+    shots = "" if res.num_fewshot in (None, 0) else f", {res.num_fewshot}-shot"
+    return {"task": res.task, "metric": metric + shots, "n": str(res.n), "base": show(res.base, res.base_stderr),
+            "edited": show(res.edited, res.edited_stderr), "change": f"{res.change:+.3f}"}
+
+
 def eval_results(report: EditReport, task_type: str = "text-generation") -> list[EvalResult]:
     """`EvalResult` entries (the card's ``model-index``) for the edited model's numbers in `report`.
 
@@ -224,6 +235,18 @@ def eval_results(report: EditReport, task_type: str = "text-generation") -> list
             metric_type=slug,
             metric_name=f"{row.metric} (%)" if percent else row.metric,
             metric_value=round(100 * row.edited, 4) if percent else float(row.edited),
+        ))
+    for task, res in report.capabilities.items():
+        # A Hub task is filed under its dataset id, which is what the Hub's evaluation widgets group by.
+        results.append(EvalResult(
+            task_type=task_type,
+            task_name=task,
+            dataset_type=res.dataset or task,
+            dataset_name=task,
+            dataset_config=res.dataset_config,
+            metric_type=res.metric,
+            metric_name=res.metric if res.filter == "none" else f"{res.metric} ({res.filter})",
+            metric_value=float(res.edited),
         ))
     return results
 
@@ -300,6 +323,7 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         tradeoff_plot=inputs.tradeoff_plot,
         eval_rows=[_format_row(r) for r in inputs.report.to_table_rows()] if inputs.report else [],
         eval_meta=_eval_meta(inputs.report),
+        capability_rows=[_capability_row(r) for r in inputs.report.capabilities.values()] if inputs.report else [],
         config_yaml=config_yaml(cfg),
         versions=framework_versions(),
         citation=CITATION,
