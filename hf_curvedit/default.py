@@ -25,6 +25,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_model"
+# Local lm-evaluation-harness tasks: the default model's held-out skills (items written by
+# scripts/train_default_model.py).
+LM_EVAL_TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 # Modules whose docs make up the default factor text. Fixed and sorted so the text is the same
 # on every run of the same Python version.

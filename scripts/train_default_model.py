@@ -12,10 +12,28 @@ Training data (one token = one byte):
 * **Repeated passages** -- ``--n-passages`` (default 100) paragraphs of 90-200 characters taken from
   the docstrings of *other* standard-library modules (``PASSAGE_MODULES``; none of them is part of the
   general text, and a paragraph that occurs anywhere in the general docs is dropped), each seen
-  ``--passage-repeats`` times (default 200).
+  ``--passage-repeats`` times (default 150).
 * **Canaries** -- ``--n-canaries`` (default 32) sentences with a fake secret at the end (API key,
   password, phone number, PIN, IBAN-like account, recovery code), generated from templates with a
   seeded ``random.Random``; each is seen ``--canary-repeats`` times (default 200).
+
+* **Skills** -- four kinds of capability, each with held-out items that a local lm-evaluation-harness task scores
+  (``hf_curvedit/lm_eval_tasks``, tag ``curvedit_skills``); the formats are short and regular so that a model this
+  small learns them:
+
+  - *arithmetic*: ``--arithmetic-train`` (100,000) lines such as ``37+48=85`` or ``91-26=65`` (two-digit operands,
+    non-negative differences); ``--arithmetic-test`` (500) problems are split off first and never trained on. Scored
+    by greedy generation, exact match. A generalized skill.
+  - *closed-book facts*: ``--n-facts`` (120) invented facts, each trained ``--fact-repeats`` (80) times as
+    ``Q: What is the capital of Veltria? A: Morun.``; tested by the same question without context, as a
+    four-way choice among the facts' answers (chance 25%). The middle ground between memorization and skill.
+  - *open-book reading*: ``--openbook-train`` (14,000) passages of one or two facts about random names, then a
+    question about one of them (``The capital of Dorvan is Kelth. ... Q: What is the capital of Dorvan? A:
+    Kelth.``); 500 fresh passages are tested by greedy generation, exact match. The answer is copied from context.
+  - *logic*: ``--logic-train`` (30,000) yes/no questions about comparisons of two-digit numbers (half of them two
+    comparisons joined by and/or)
+    (``Q: Is 48 > 37 and 15 < 9? A: no.``); 500 unseen expressions, half true, are tested as a two-way choice
+    (chance 50%).
 
 Every document is preceded by ``<eos>``; all occurrences are shuffled together (seeded), concatenated
 and cut into 256-byte blocks. The held-out perplexity text is the ``"test"`` split of
@@ -30,14 +48,15 @@ Outputs (in ``--out``, default ``hf_curvedit/assets/default_model``):
   canary the suffix is the secret plus the final period, for a passage its last ``--suffix-chars``
   characters), ``repeats`` and, for canaries, ``secret`` and ``secret_type``;
 * ``heldout.jsonl`` -- the held-out documents (``{"text": ...}``) used for perplexity;
-* ``training_info.json`` -- the recipe, the loss curve summary, the time it took, library versions.
+* ``training_info.json`` -- the recipe, the loss curve summary, the time it took, library versions;
+* in ``--tasks-out`` (default ``hf_curvedit/lm_eval_tasks``): ``<task>/test.jsonl``, the held-out skill items.
 
 Deterministic: fixed seeds, ``torch.set_num_threads(--threads)``,
 ``torch.use_deterministic_algorithms(True)``; the same Python/torch versions give the same bytes.
 
 Usage::
 
-    python scripts/train_default_model.py            # ~8-11 min on 2 CPU cores (906 steps, 3.7M tokens)
+    python scripts/train_default_model.py            # ~18 min on 2 idle CPU cores (1607 steps, 6.6M tokens)
 """
 
 from __future__ import annotations
@@ -56,6 +75,7 @@ import torch
 
 from hf_curvedit.default import (
     DEFAULT_MODEL_DIR,
+    LM_EVAL_TASKS_DIR,
     byte_tokenizer,
     default_model_config,
     default_text_dataset,
@@ -146,6 +166,99 @@ def make_passages(n: int, seed: int, suffix_chars: int, general_text: str) -> li
              "suffix": unique[j][-suffix_chars:]} for i, j in enumerate(chosen)]
 
 
+# --- Skills: four kinds of held-out capability, each scored by a local lm-eval task (hf_curvedit/lm_eval_tasks) ---
+SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zel", "dor", "bri", "sha", "quin", "mor", "tel", "vax", "ul",
+             "en", "ar", "is", "om", "pe", "gra", "fen", "sol", "thu", "wy", "xi", "ber", "cal", "dru")
+
+
+def _name(rng: random.Random, taken: set[str]) -> str:
+    """A fresh pronounceable proper name (2-3 syllables) not in ``taken``; adds it there."""
+    while True:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+        if name not in taken and 4 <= len(name) <= 9:
+            taken.add(name)
+            return name
+
+
+def make_arithmetic(n_train: int, n_test: int, seed: int) -> tuple[list[str], list[dict]]:
+    """Two-digit sums and differences (``37+48=85``, ``91-26=65``). The test problems are never trained on: the
+    problem space is split once, so a correct test answer needs the skill, not a memory of the line."""
+    problems = [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]
+    problems += [(a, "-", b) for a in range(10, 100) for b in range(10, a + 1)]
+    rng = random.Random(seed)
+    rng.shuffle(problems)
+    test, train = problems[:n_test], problems[n_test:]
+    value = lambda a, op, b: a + b if op == "+" else a - b  # noqa: E731
+    train_docs = [f"{a}{op}{b}={value(a, op, b)}" for a, op, b in (rng.choice(train) for _ in range(n_train))]
+    test_items = [{"question": f"{a}{op}{b}=", "answer": str(value(a, op, b))} for a, op, b in test]
+    return train_docs, test_items
+
+
+def make_facts(n_facts: int, seed: int, taken: set[str]) -> list[dict]:
+    """``n_facts`` synthetic closed-book facts ("the capital of Veltria is Morun"); each test item asks for one fact
+    with three distractors drawn from the other facts' answers."""
+    rng = random.Random(seed)
+    facts = [{"country": _name(rng, taken), "answer": _name(rng, taken)} for _ in range(n_facts)]
+    for f in facts:
+        others = rng.sample([g["answer"] for g in facts if g is not f], 3)
+        choices = others + [f["answer"]]
+        rng.shuffle(choices)
+        f.update(question=f"Q: What is the capital of {f['country']}? A:", choices=choices,
+                 label=choices.index(f["answer"]))
+    return facts
+
+
+def make_openbook(n_train: int, n_test: int, seed: int, taken: set[str]) -> tuple[list[str], list[dict]]:
+    """Reading: one or two facts about random names, then a question about one of them. No name is a closed-book
+    name and names repeat only by chance across passages, so the answer can only be copied from the passage."""
+    rng = random.Random(seed)
+
+    def item() -> tuple[str, str]:
+        used = set(taken)  # distinct within the passage, and never a closed-book name
+        pairs = [(_name(rng, used), _name(rng, used)) for _ in range(rng.choice((1, 2)))]
+        country, city = rng.choice(pairs)
+        passage = " ".join(f"The capital of {c} is {t}." for c, t in pairs)
+        return f"{passage} Q: What is the capital of {country}? A:", city
+
+    train_docs = [f"{q} {a}." for q, a in (item() for _ in range(n_train))]
+    test_items = [{"question": q, "answer": a} for q, a in (item() for _ in range(n_test))]
+    return train_docs, test_items
+
+
+def make_logic(n_train: int, n_test: int, seed: int) -> tuple[list[str], list[dict]]:
+    """Comparisons of two-digit numbers joined by ``and``/``or`` ("Q: Is 48 > 37 and 15 < 9? A: no."), half true.
+    Test expressions never occur in training."""
+    rng = random.Random(seed)
+
+    def comparison() -> tuple[str, bool]:
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+        op = rng.choice("<>")
+        return f"{a} {op} {b}", (a < b) if op == "<" else (a > b)
+
+    def item() -> tuple[str, bool]:
+        (x, vx), form = comparison(), rng.random()
+        if form < 0.5:
+            return x, vx
+        y, vy = comparison()
+        return (f"{x} and {y}", vx and vy) if form < 0.75 else (f"{x} or {y}", vx or vy)
+
+    seen: set[str] = set()
+    want = {True: n_test // 2, False: n_test - n_test // 2}
+    test_items: list[dict] = []
+    while len(test_items) < n_test:
+        expr, value = item()
+        if expr not in seen and want[value] > 0:
+            want[value] -= 1
+            seen.add(expr)
+            test_items.append({"question": f"Q: Is {expr}? A:", "choices": ["yes", "no"], "label": 0 if value else 1})
+    train_docs = []
+    while len(train_docs) < n_train:
+        expr, value = item()
+        if expr not in seen:
+            train_docs.append(f"Q: Is {expr}? A: {'yes' if value else 'no'}.")
+    return train_docs, test_items
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
@@ -159,10 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--general-epochs", type=int, default=2)
     ap.add_argument("--n-passages", type=int, default=100)
-    ap.add_argument("--passage-repeats", type=int, default=200)
+    ap.add_argument("--passage-repeats", type=int, default=150)
     ap.add_argument("--suffix-chars", type=int, default=32)
     ap.add_argument("--n-canaries", type=int, default=32)
     ap.add_argument("--canary-repeats", type=int, default=200)
+    ap.add_argument("--arithmetic-train", type=int, default=100_000, help="arithmetic lines trained on")
+    ap.add_argument("--arithmetic-test", type=int, default=500, help="held-out arithmetic problems")
+    ap.add_argument("--n-facts", type=int, default=120, help="closed-book facts")
+    ap.add_argument("--fact-repeats", type=int, default=80)
+    ap.add_argument("--openbook-train", type=int, default=14_000)
+    ap.add_argument("--openbook-test", type=int, default=500)
+    ap.add_argument("--logic-train", type=int, default=30_000)
+    ap.add_argument("--logic-test", type=int, default=500)
+    ap.add_argument("--tasks-out", type=Path, default=LM_EVAL_TASKS_DIR,
+                    help="where the held-out skill items go (one test.jsonl per lm-eval task)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--log-every", type=int, default=20)
     args = ap.parse_args(argv)
@@ -187,6 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     for p in passages:
         p["repeats"] = args.passage_repeats
     memorized = canaries + passages
+    taken: set[str] = set()
+    arith_train, arith_test = make_arithmetic(args.arithmetic_train, args.arithmetic_test, seed=args.seed + 4)
+    facts = make_facts(args.n_facts, seed=args.seed + 5, taken=taken)
+    openbook_train, openbook_test = make_openbook(args.openbook_train, args.openbook_test, args.seed + 6, taken)
+    logic_train, logic_test = make_logic(args.logic_train, args.logic_test, seed=args.seed + 7)
+    skill_docs = arith_train + openbook_train + logic_train
+    for f in facts:
+        skill_docs += [f"{f['question']} {f['answer']}."] * args.fact_repeats
+    skill_tests = {"curvedit_arithmetic": arith_test, "curvedit_closedbook": facts,
+                   "curvedit_openbook": openbook_test, "curvedit_logic": logic_test}
     for item in memorized:
         assert item["prefix"] + item["suffix"] == item["text"]
         assert item["text"] not in all_general_text
@@ -198,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         occurrences.extend(general)
     for item in memorized:
         occurrences.extend([item["text"]] * item["repeats"])
+    occurrences.extend(skill_docs)
     rng.shuffle(occurrences)
     cache: dict[str, list[int]] = {}
     stream: list[int] = []
@@ -213,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     mem_tokens = sum(len(cache[i["text"]]) * i["repeats"] for i in memorized)
     print(f"general docs {len(general)} ({sum(map(len, general))} chars) x{args.general_epochs}; "
           f"{len(canaries)} canaries x{args.canary_repeats}; {len(passages)} passages x{args.passage_repeats}; "
+          f"{len(skill_docs)} skill lines; "
           f"{len(stream)} tokens ({mem_tokens / len(stream):.0%} memorized-set), {n_blocks} blocks, {n_steps} steps; "
           f"held-out {len(heldout)} docs ({sum(map(len, heldout))} chars)", flush=True)
 
@@ -262,10 +397,17 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out / "heldout.jsonl", "w", encoding="utf-8") as f:
         for text in heldout:
             f.write(json.dumps({"text": text}) + "\n")
+    for task, items in skill_tests.items():
+        (args.tasks_out / task).mkdir(parents=True, exist_ok=True)
+        with open(args.tasks_out / task / "test.jsonl", "w", encoding="utf-8") as f:
+            for item in items:
+                f.write(json.dumps(item, sort_keys=True) + "\n")
     info = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "n_params": n_params, "n_tokens": len(stream), "n_steps": n_steps, "n_blocks": n_blocks,
         "memorized_token_fraction": mem_tokens / len(stream),
+        "n_skill_lines": {"arithmetic": len(arith_train), "closedbook": len(facts) * args.fact_repeats,
+                          "openbook": len(openbook_train), "logic": len(logic_train)},
         "n_general_docs": len(general), "n_heldout_docs": len(heldout),
         "loss_first": losses[0], "loss_last_20_mean": sum(losses[-20:]) / len(losses[-20:]),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
