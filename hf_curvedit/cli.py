@@ -6,6 +6,7 @@
     hf-curvedit publish  --adapter runs/default/edits/rho0.6 --repo-id user/name --out-dir publish/ [--dry-run]
     hf-curvedit run examples/default.yaml     # fit → sweep → edit → evaluate → publish, resuming finished steps
     hf-curvedit plan --model allenai/OLMo-2-1124-7B --max-factor-memory-gb 40   # memory and passes, no weights
+    hf-curvedit demo [--adapter runs/default/edit/rho0.8]   # base vs edited side by side in the browser (gradio)
 
 Without ``--model`` the embedded default (a small byte-level Llama) is used; without ``--data``
 the factors come from the documentation of Python's standard library.
@@ -27,6 +28,7 @@ from typing import Any, get_args
 from .curvature.config import LabelMode, TokenPositions
 from .pipeline import (
     DEFAULT_KEEP_MASS,
+    CapabilitySettings,
     EditStep,
     EvaluateStep,
     FitStep,
@@ -70,7 +72,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    report = run_evaluate(args.model, args.adapter, _step(EvaluateStep, args), args.output)
+    step = _step(EvaluateStep, args)
+    if args.tasks:
+        step.capabilities = CapabilitySettings(tasks=(args.tasks,), include_path=tuple(args.include_path),
+                                               limit=args.limit, num_fewshot=args.num_fewshot)
+    elif args.include_path or args.limit is not None or args.num_fewshot is not None:
+        raise UsageError("--include-path, --limit and --num-fewshot set up lm-eval capability tasks: add --tasks")
+    report = run_evaluate(args.model, args.adapter, step, args.output)
     if args.output:
         print(f"report: {args.output}")
     print(report_table(report))
@@ -88,7 +96,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    print(run_publish(args.adapter, _step(PublishStep, args), args.out_dir, report=args.report, eigen=args.eigen))
+    if args.space_id and not args.space:
+        raise UsageError("--space-id needs --space")
+    if args.space:
+        from .publish.space import check_space
+
+        space_dir = check_space(args.out_dir, merged=args.merged, overwrite=args.overwrite)  # before any write
+    step = _step(PublishStep, args)
+    result = run_publish(args.adapter, step, args.out_dir, report=args.report, eigen=args.eigen)
+    print(result)
+    if args.space:
+        from .publish import HubOptions
+        from .publish.space import model_revision, publish_space
+
+        hub = HubOptions(private=step.private or None, revision=step.revision, token=step.token)
+        print(publish_space(result.folder, step.repo_id, space_id=args.space_id, out_dir=space_dir, hub=hub,
+                            revision=model_revision(result, hub), dry_run=step.dry_run, overwrite=step.overwrite))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_INSTALL_HINT, launch_demo, require_gradio
+
+    try:
+        require_gradio()
+    except ImportError:
+        print(f"hf-curvedit demo: gradio is not installed; install it with: {DEMO_INSTALL_HINT}", file=sys.stderr)
+        return EXIT_FAILURE
+    launch_demo(args.adapter, args.model, host=args.host, port=args.port, work_dir=args.work_dir,
+                fit_tokens=args.fit_tokens, recitation=_step(EvaluateStep, args).recitation,
+                suffix_tokens=args.suffix_tokens)
     return EXIT_OK
 
 
@@ -183,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text-column", default=EvaluateStep.text_column)
     v.add_argument("--output", help="write the EditReport JSON here")
     v.add_argument("--batch-size", type=int, default=EvaluateStep.batch_size)
+    v.add_argument("--tasks", help="lm-evaluation-harness tasks to run on base and edited model, comma-separated "
+                                   "(e.g. triviaqa,gsm8k,boolq; the default model's: curvedit_skills); needs "
+                                   "pip install 'hf-curvedit[lm-eval]'")
+    v.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of extra lm-eval task YAMLs, e.g. local tasks for offline use (repeatable)")
+    v.add_argument("--limit", type=float, default=None, help="lm-eval: items per task (a fraction if < 1)")
+    v.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: the task's)")
     v.add_argument("--stress-steps", type=int, nargs="+", default=EvaluateStep.stress_steps,
                    help="stress test: left-extend / right-shorten the prompt by these many tokens")
     v.add_argument("--no-stress", action="store_true", help="skip the stress test (the slowest part)")
@@ -225,7 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--token", help="Hub token (default: the stored login / HF_TOKEN)")
     u.add_argument("--overwrite", action="store_true", help="replace a folder an earlier publish wrote")
     u.add_argument("--dry-run", action="store_true")
+    u.add_argument("--space", action="store_true",
+                   help="also write a gradio Space showing base vs edited (in OUT_DIR-space) and push it")
+    u.add_argument("--space-id", help="the Space repo (default: REPO_ID-demo)")
     u.set_defaults(func=cmd_publish)
+
+    d = sub.add_parser("demo", help="compare base and edited continuations side by side in the browser",
+                       description="Serve a gradio app on 127.0.0.1: a prompt's continuation by the base model "
+                                   "(adapter disabled) and by the edit, side by side, from one loaded model, with "
+                                   "the longest run shared with a reference highlighted, and a recitation table. "
+                                   "Without --adapter, an edit of the embedded default is built first (layers 1-3 "
+                                   "gate/up/down, rho 0.8, factors from --fit-tokens tokens of stdlib docs; a few "
+                                   "minutes on 2 cores) and kept in --work-dir for the next start. Needs gradio: "
+                                   "pip install 'hf-curvedit[demo]'.")
+    d.add_argument("--adapter", help="adapter folder or Hub repo id (default: build an edit of the embedded default)")
+    d.add_argument("--base", dest="model", help="base model id or folder (default: the embedded default)")
+    d.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
+                   help="examples to pick and recite, as for `evaluate` (default: the embedded memorized set)")
+    d.add_argument("--suffix-tokens", type=int, default=EvaluateStep.suffix_tokens)
+    d.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    d.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    d.add_argument("--work-dir", default="runs/demo", help="where the default edit is built and kept")
+    d.add_argument("--fit-tokens", type=int, default=50_000, help="factor tokens for the default edit")
+    d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="do every step from one YAML file, resuming finished steps",
                        description="Run the steps named in CONFIG.yaml in the order fit, sweep, edit, evaluate, "

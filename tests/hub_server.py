@@ -1,9 +1,11 @@
 """A small Hugging Face Hub-compatible HTTP server for tests (stdlib only), kept in memory.
 
 It implements what `HfApi.create_repo`, `create_branch`, `upload_folder` (regular and LFS files, PRs),
-`model_info`/`repo_info`, `list_repo_tree` and `hf_hub_download` (hence `from_pretrained("user/repo")`) use:
+`model_info`/`repo_info`, `list_repo_tree` and `hf_hub_download` (hence `from_pretrained("user/repo")`) use, for
+model repos and for Space repos (``repo_type="space"``: the same routes with ``spaces`` for ``models`` and a
+``/spaces`` prefix on the git-style ones):
 
-- ``POST /api/repos/create`` (409 with ``url`` when the repo exists)
+- ``POST /api/repos/create`` (409 with ``url`` when the repo exists; a Space needs an ``sdk``)
 - ``POST /api/validate-yaml``
 - ``POST /api/models/{repo}/preupload/{rev}``
 - ``POST /{repo}.git/info/lfs/objects/batch`` and ``PUT /lfs-upload/{oid}``
@@ -58,10 +60,21 @@ class Commit:
     parent: str | None
 
 
+# repo type -> its segment in /api/{segment}/... and its prefix in the git-style URLs (/{prefix}{repo}/resolve/...)
+REPO_TYPES = {"model": ("models", ""), "space": ("spaces", "spaces/")}
+
+
+def repo_key(repo_id: str, repo_type: str = "model") -> str:
+    """Where a repo lives in `HubState.repos`: a model under its id, a Space under ``spaces/<id>``."""
+    return REPO_TYPES[repo_type][1] + repo_id
+
+
 @dataclass
 class Repo:
     repo_id: str
     private: bool
+    repo_type: str = "model"
+    sdk: str | None = None
     branches: dict[str, str] = field(default_factory=dict)  # ref name -> commit oid
     commits: dict[str, Commit] = field(default_factory=dict)
     next_pr: int = 1
@@ -107,6 +120,8 @@ class HubError(Exception):
 
 
 _REPO = r"(?P<repo>[\w.\-]+/[\w.\-]+)"
+_API = r"/api/(?P<kind>models|spaces)"  # /api/models/... or /api/spaces/...
+_GIT = r"/(?:(?P<prefix>spaces)/)?"  # /{repo}... for a model, /spaces/{repo}... for a Space
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -177,10 +192,10 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubError(403, f"You don't have the rights to create or write to repos under {namespace!r}")
         return user
 
-    def _repo(self, repo_id: str, write: bool = False) -> Repo:
+    def _repo(self, repo_id: str, write: bool = False, repo_type: str = "model") -> Repo:
         if write:
             self._require_write(repo_id.split("/")[0])
-        repo = self.state.repos.get(repo_id)
+        repo = self.state.repos.get(repo_key(repo_id, repo_type))
         user = None if write else self._user()
         if repo is None or (repo.private and user != repo_id.split("/")[0] and not write):
             raise HubError(401 if not write and user is None else 404, "Repository Not Found", "RepoNotFound")
@@ -210,7 +225,12 @@ class HubHandler(BaseHTTPRequestHandler):
                 continue
             m = re.fullmatch(pattern, path)
             if m:
-                handler(self, query=query, **m.groupdict())
+                groups = m.groupdict()
+                # the route's kind (/api/spaces/...) or prefix (/spaces/...) says which repo type it addresses
+                kind, prefix = groups.pop("kind", None), groups.pop("prefix", None)
+                if kind is not None or "prefix" in m.re.groupindex:
+                    groups["repo_type"] = "space" if (kind == "spaces" or prefix == "spaces") else "model"
+                handler(self, query=query, **groups)
                 return
         self._body()
         raise HubError(404, f"no route for {self.command} {path}")
@@ -231,25 +251,29 @@ class HubHandler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------------- upload endpoints
     def create_repo(self, query) -> None:
         body = json.loads(self._body() or b"{}")
-        if body.get("type", "model") not in (None, "model"):
-            raise HubError(400, "this test hub only holds model repos")
+        repo_type = body.get("type") or "model"
+        if repo_type not in REPO_TYPES:
+            raise HubError(400, f"this test hub only holds model and space repos, not {repo_type!r}")
+        if repo_type == "space" and body.get("sdk") not in ("gradio", "streamlit", "docker", "static"):
+            raise HubError(400, "a Space needs an sdk")
         user = self._user()
         if user is None:
             raise HubError(401, "Invalid username or password.")
         namespace = body.get("organization") or user
         repo_id = f"{namespace}/{body['name']}"
         self._require_write(namespace)
-        url = f"{self.base}/{repo_id}"
+        key = repo_key(repo_id, repo_type)
+        url = f"{self.base}/{key}"
         with self.state.lock:
-            if repo_id in self.state.repos:
-                raise HubError(409, "You already created this model repo", extra={"url": url})
+            if key in self.state.repos:
+                raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
             # huggingface_hub 1.x sends `private`, 2.x sends `visibility`
             private = bool(body.get("private") or False) or body.get("visibility") == "private"
-            repo = Repo(repo_id, private=private)
+            repo = Repo(repo_id, private=private, repo_type=repo_type, sdk=body.get("sdk"))
             init = self.state.new_commit(repo, {".gitattributes": StoredFile(b"*.safetensors filter=lfs\n", False)},
                                          "initial commit", None)
             repo.branches["main"] = init.oid
-            self.state.repos[repo_id] = repo
+            self.state.repos[key] = repo
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def validate_yaml(self, query) -> None:
@@ -266,8 +290,8 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubError(400, "the YAML metadata must be a mapping")
         self._json(200, {"errors": [], "warnings": []})
 
-    def preupload(self, query, repo: str, rev: str) -> None:
-        r = self._repo(repo, write=True)
+    def preupload(self, query, repo: str, rev: str, repo_type: str) -> None:
+        r = self._repo(repo, write=True, repo_type=repo_type)
         commit = self._commit(r, rev)
         body = json.loads(self._body())
         files = []
@@ -278,8 +302,8 @@ class HubHandler(BaseHTTPRequestHandler):
                           "oid": existing.oid if existing is not None else None})
         self._json(200, {"files": files, "commitOid": commit.oid})
 
-    def lfs_batch(self, query, repo: str) -> None:
-        self._repo(repo, write=True)
+    def lfs_batch(self, query, repo: str, repo_type: str) -> None:
+        self._repo(repo, write=True, repo_type=repo_type)
         body = json.loads(self._body())
         objects = []
         for obj in body.get("objects", []):
@@ -298,8 +322,8 @@ class HubHandler(BaseHTTPRequestHandler):
             self.state.lfs[oid] = data
         self._send(200, b"")
 
-    def commit(self, query, repo: str, rev: str) -> None:
-        r = self._repo(repo, write=True)
+    def commit(self, query, repo: str, rev: str, repo_type: str) -> None:
+        r = self._repo(repo, write=True, repo_type=repo_type)
         lines = [json.loads(line) for line in self._body().decode().splitlines() if line.strip()]
         with self.state.lock:
             parent = self._commit(r, rev)
@@ -325,18 +349,18 @@ class HubHandler(BaseHTTPRequestHandler):
                     raise HubError(400, f"unknown commit operation {key!r}")
             message = header.get("summary", "")
             new = self.state.new_commit(r, files, message, parent.oid)
-            out = {"commitUrl": f"{self.base}/{repo}/commit/{new.oid}", "commitOid": new.oid}
+            out = {"commitUrl": f"{self.base}/{repo_key(repo, repo_type)}/commit/{new.oid}", "commitOid": new.oid}
             if query.get("create_pr", ["0"])[0] in ("1", "true", "True"):
                 num = r.next_pr
                 r.next_pr += 1
                 r.branches[f"refs/pr/{num}"] = new.oid
-                out["pullRequestUrl"] = f"{self.base}/{repo}/discussions/{num}"
+                out["pullRequestUrl"] = f"{self.base}/{repo_key(repo, repo_type)}/discussions/{num}"
             else:
                 r.branches[unquote(rev)] = new.oid
         self._json(200, out)
 
-    def create_branch(self, query, repo: str, branch: str) -> None:
-        r = self._repo(repo, write=True)
+    def create_branch(self, query, repo: str, branch: str, repo_type: str) -> None:
+        r = self._repo(repo, write=True, repo_type=repo_type)
         body = json.loads(self._body() or b"{}")
         branch = unquote(branch)
         with self.state.lock:
@@ -347,11 +371,12 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, {})
 
     # ---------------------------------------------------------------- read endpoints
-    def model_info(self, query, repo: str, rev: str = "main") -> None:
+    def model_info(self, query, repo: str, repo_type: str, rev: str = "main") -> None:
         self._body()
-        r = self._repo(repo)
+        r = self._repo(repo, repo_type=repo_type)
         commit = self._commit(r, rev)
-        self._json(200, {"id": repo, "modelId": repo, "sha": commit.oid, "private": r.private,
+        extra = {"modelId": repo} if repo_type == "model" else {"sdk": r.sdk}
+        self._json(200, {"id": repo, **extra, "sha": commit.oid, "private": r.private,
                          "siblings": [{"rfilename": p} for p in sorted(commit.files)],
                          **self._card_data(commit)})
 
@@ -364,9 +389,9 @@ class HubHandler(BaseHTTPRequestHandler):
         meta = yaml.safe_load(m.group(1)) if m else None
         return {"cardData": meta} if isinstance(meta, dict) else {}
 
-    def tree(self, query, repo: str, rev: str, subpath: str | None = None) -> None:
+    def tree(self, query, repo: str, rev: str, repo_type: str, subpath: str | None = None) -> None:
         self._body()
-        r = self._repo(repo)
+        r = self._repo(repo, repo_type=repo_type)
         commit = self._commit(r, rev)
         prefix = unquote(subpath or "").strip("/")
         recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
@@ -387,9 +412,9 @@ class HubHandler(BaseHTTPRequestHandler):
                     for d in sorted(dirs)]
         self._json(200, entries)
 
-    def resolve(self, query, repo: str, rev: str, filepath: str) -> None:
+    def resolve(self, query, repo: str, rev: str, filepath: str, repo_type: str) -> None:
         self._body()
-        r = self._repo(repo)
+        r = self._repo(repo, repo_type=repo_type)
         commit = self._commit(r, rev)
         f = commit.files.get(unquote(filepath))
         if f is None:
@@ -402,16 +427,16 @@ class HubHandler(BaseHTTPRequestHandler):
     ROUTES = [
         ("POST", r"/api/repos/create", create_repo),
         ("POST", r"/api/validate-yaml", validate_yaml),
-        ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", preupload),
-        ("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", lfs_batch),
+        ("POST", rf"{_API}/{_REPO}/preupload/(?P<rev>[^/]+)", preupload),
+        ("POST", rf"{_GIT}{_REPO}\.git/info/lfs/objects/batch", lfs_batch),
         ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", lfs_put),
-        ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", commit),
-        ("POST", rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)", create_branch),
-        ("GET", rf"/api/models/{_REPO}", model_info),
-        ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", model_info),
-        ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<subpath>.+))?", tree),
-        ("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<filepath>.+)", resolve),
-        ("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<filepath>.+)", resolve),
+        ("POST", rf"{_API}/{_REPO}/commit/(?P<rev>[^/]+)", commit),
+        ("POST", rf"{_API}/{_REPO}/branch/(?P<branch>[^/]+)", create_branch),
+        ("GET", rf"{_API}/{_REPO}", model_info),
+        ("GET", rf"{_API}/{_REPO}/revision/(?P<rev>[^/]+)", model_info),
+        ("GET", rf"{_API}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<subpath>.+))?", tree),
+        ("HEAD", rf"{_GIT}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<filepath>.+)", resolve),
+        ("GET", rf"{_GIT}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<filepath>.+)", resolve),
     ]
 
 
@@ -451,12 +476,16 @@ class HubServer(ThreadingHTTPServer):
         with self.state.lock:
             self.state.fail_rules.clear()
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        """The files of `repo_id` at `revision`, as stored."""
-        commit = self.state.repos[repo_id].resolve(revision)
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        """The files of `repo_id` (a model, or a Space with ``repo_type="space"``) at `revision`, as stored."""
+        commit = self.state.repos[repo_key(repo_id, repo_type)].resolve(revision)
         if commit is None:
             raise KeyError(f"{repo_id} has no revision {revision!r}")
         return {p: f.data for p, f in commit.files.items()}
 
-    def is_lfs(self, repo_id: str, path: str, revision: str = "main") -> bool:
-        return self.state.repos[repo_id].resolve(revision).files[path].lfs
+    def is_lfs(self, repo_id: str, path: str, revision: str = "main", repo_type: str = "model") -> bool:
+        return self.state.repos[repo_key(repo_id, repo_type)].resolve(revision).files[path].lfs
+
+    def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
+        """The stored repo (its type, visibility and, for a Space, its sdk)."""
+        return self.state.repos[repo_key(repo_id, repo_type)]

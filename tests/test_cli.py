@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import tiny_llama
+from testing_utils import tiny_llama, write_choice_task
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import load_factors
 from hf_curvedit.cli import main
-from hf_curvedit.default import byte_tokenizer
+from hf_curvedit.default import LM_EVAL_TASKS_DIR, byte_tokenizer
 
 
 @pytest.fixture
@@ -60,19 +60,25 @@ def test_fit_then_edit(tmp_path, model_dir, text_file, capsys):
 
     quotes = tmp_path / "quotes.txt"
     quotes.write_text("To be or not to be, that is the question.\nAll that glitters is not gold, they say.\n")
-    rc = main(["evaluate", "--model", str(model_dir), "--adapter", str(tmp_path / "edits" / "rho0.5"),
-               "--recitation", f"quotes={quotes}", "--heldout", str(text_file), "--output", str(tmp_path / "r.json")])
-    assert rc == 0
+    tasks = tmp_path / "tasks"
+    write_choice_task(tasks, "yesno", [("Is the sky green?", 1), ("Is fire hot?", 0), ("Is ice hot?", 1)])
+    evaluate = ["evaluate", "--model", str(model_dir), "--adapter", str(tmp_path / "edits" / "rho0.5"),
+                "--recitation", f"quotes={quotes}", "--heldout", str(text_file), "--output", str(tmp_path / "r.json")]
+    assert main([*evaluate, "--limit", "2"]) == 2
+    assert "add --tasks" in capsys.readouterr().err
+    assert main([*evaluate, "--tasks", "yesno", "--include-path", str(tasks), "--limit", "2"]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert "quotes" in json.dumps(rep) and "heldout" in json.dumps(rep)
-    assert "perplexity" in capsys.readouterr().out.lower()
+    assert rep["capabilities"]["yesno"]["n"] == 2 and rep["metadata"]["extra"]["capabilities"]["limit"] == 2
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed.lower() and "yesno" in printed
 
     rc = main(["publish", "--adapter", str(tmp_path / "edits" / "rho0.5"), "--repo-id", "user/tiny-edit",
                "--out-dir", str(tmp_path / "pub"), "--report", str(tmp_path / "r.json"),
                "--eigen", str(out / "eigen.safetensors"), "--dry-run"])
     assert rc == 0
     card = (tmp_path / "pub" / "README.md").read_text()
-    assert "library_name: peft" in card and "quotes" in card and "Strict" in card
+    assert "library_name: peft" in card and "quotes" in card and "Strict" in card and "| yesno | acc | 2 |" in card
     assert f"dataset = `{text_file}`" in card
     assert "| `model.layers.1.mlp.gate_proj` | 0.50 | –" not in card, "the per-module table has r and s"
     assert (tmp_path / "pub" / "adapter_model.safetensors").exists()
@@ -172,12 +178,20 @@ def test_run_config_errors(tmp_path, capsys):
     cfg = PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "examples" / "default.yaml")
     assert cfg.model is None and cfg.edit.keep_mass is None and cfg.publish.overwrite, "a run owns its publish folder"
     assert cfg.sweep.layers == ("2,3", "1,2,3") and cfg.evaluate.stress_steps == (0, 10, 20)
+    capabilities = cfg.evaluate.capabilities.to_config()
+    assert capabilities.tasks == ["curvedit_skills"] and capabilities.include_path == [str(LM_EVAL_TASKS_DIR)]
     for data, message in (({"fit": {}}, "needs an output_dir"),
                           ({"output_dir": "o", "fit": {"seq_lenn": 3}}, "unknown keys ['seq_lenn'] in step 'fit'"),
                           ({"output_dir": "o", "fit": {"seq_len": "many"}}, "seq_len='many' is not a valid int"),
                           ({"output_dir": "o", "edit": {"selection": "best"}}, "use one of"),
                           ({"output_dir": "o", "publish": {"dry_run": True}}, "step 'publish' needs repo_id"),
-                          ({"output_dir": "o", "sweep": {"recitation": ["q"]}}, "--recitation takes NAME=PATH")):
+                          ({"output_dir": "o", "sweep": {"recitation": ["q"]}}, "--recitation takes NAME=PATH"),
+                          ({"output_dir": "o", "evaluate": {"capabilities": {"limit": 3}}},
+                           "step 'evaluate.capabilities' needs tasks"),
+                          ({"output_dir": "o", "evaluate": {"capabilities": {"tasks": ["x"], "fewshot": 1}}},
+                           "unknown keys ['fewshot'] in step 'evaluate.capabilities'"),
+                          ({"output_dir": "o", "evaluate": {"capabilities": ["x"]}},
+                           "step 'evaluate.capabilities' takes a mapping")):
         with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(")):
             PipelineConfig.from_dict(data)
         path = tmp_path / "bad.yaml"

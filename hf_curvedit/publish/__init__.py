@@ -18,11 +18,12 @@ from .card import (
 )
 from .hub import HubOptions, PublishError, PublishResult, publish, push_folder, write_card
 from .plots import plot_spectrum, plot_sweep, plot_tradeoff  # matplotlib is imported on the first plot only
+from .space import publish_space, push_space, write_space
 from .stage import EDIT_FILENAME, REPORT_FILENAME, StagedFolder, stage_folder
 
 __all__ = [
     "CITATION", "PAPER_URL", "CardInputs", "CardOptions", "card_data", "config_yaml", "eval_results",
     "framework_versions", "load_template", "render_card", "EDIT_FILENAME", "REPORT_FILENAME", "HubOptions",
     "PublishError", "PublishResult", "StagedFolder", "publish", "push_folder", "stage_folder", "write_card",
-    "plot_spectrum", "plot_sweep", "plot_tradeoff",
+    "plot_spectrum", "plot_sweep", "plot_tradeoff", "publish_space", "push_space", "write_space",
 ]

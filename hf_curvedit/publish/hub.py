@@ -79,6 +79,7 @@ class PublishResult:
         commit_oid: id of the commit (``None`` in a dry run).
         pr_url: URL of the pull request when ``create_pr=True``.
         files: paths of the files in the folder, relative to it.
+        space: what was done for the demo Space (``publish(..., space=True)``): its folder, repo and commit.
     """
 
     folder: Path
@@ -88,6 +89,7 @@ class PublishResult:
     commit_oid: str | None = None
     pr_url: str | None = None
     files: list[str] = field(default_factory=list)
+    space: PublishResult | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -121,7 +123,8 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
             out_dir: str | Path, merged: bool = False, adapter_name: str | None = None,
             eigen: EigenLike | None = None, sweep: Mapping[float, EditReport] | None = None, tokenizer: Any = None,
             card: CardOptions | None = None, hub: HubOptions | None = None, dry_run: bool = False,
-            overwrite: bool = False, max_shard_size: int | str = "5GB") -> PublishResult:
+            overwrite: bool = False, max_shard_size: int | str = "5GB", space: bool = False,
+            space_id: str | None = None) -> PublishResult:
     """Write a curvature edit to a local folder with its model card, plots and evaluation, then push it to the Hub.
 
     The folder gets the weights (`save_pretrained` of the adapter, or of the merged model), ``README.md`` (the card),
@@ -153,9 +156,14 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
         dry_run (`bool`): only write the folder (no request at all: no license lookup on the Hub either).
         overwrite (`bool`): replace an earlier publish folder at `out_dir`.
         max_shard_size (`int` or `str`, defaults to ``"5GB"``): shard size of merged checkpoints.
+        space (`bool`): also write a gradio Space (``app.py``, ``requirements.txt``, ``README.md``) that shows the
+            edit against its base, in ``<out_dir>-space``, and push it after the model (see `publish/space.py`).
+            Adapters only: the Space loads one `PeftModel` and disables the adapter for the base column.
+        space_id (`str`, *optional*): the Space repo; ``<repo_id>-demo`` by default.
 
     Returns:
-        [`PublishResult`]: the folder, its files and (unless a dry run) the repo, commit and PR URLs.
+        [`PublishResult`]: the folder, its files and (unless a dry run) the repo, commit and PR URLs; ``.space``
+        holds the Space's.
 
     Raises:
         [`PublishError`]: the upload failed (bad token, server error, no connection); the folder is left complete.
@@ -171,15 +179,26 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
     """
     card = card if card is not None else CardOptions()
     hub = hub if hub is not None else HubOptions()
+    if space:  # refuse a merged edit or an occupied Space folder before anything is written
+        from .space import check_space
+
+        space_dir = check_space(out_dir, merged=merged, overwrite=overwrite)
     staged = stage_folder(model_or_dir, out_dir, report, merged=merged, adapter_name=adapter_name, eigen=eigen,
                           sweep=sweep, tokenizer=tokenizer, base_model=card.base_model, overwrite=overwrite,
                           max_shard_size=max_shard_size)
     write_card(staged, repo_id, card, hub, lookup_license=not dry_run)
     if dry_run:
-        return PublishResult(folder=staged.folder, repo_id=repo_id, files=list_files(staged.folder))
-    if hub.commit_message is None:
-        hub = dataclasses.replace(hub, commit_message=_commit_message(staged.edit))
-    return push_folder(staged.folder, repo_id, hub)
+        result = PublishResult(folder=staged.folder, repo_id=repo_id, files=list_files(staged.folder))
+    else:
+        pushed_hub = hub if hub.commit_message is not None else dataclasses.replace(
+            hub, commit_message=_commit_message(staged.edit))
+        result = push_folder(staged.folder, repo_id, pushed_hub)
+    if space:
+        from .space import model_revision, publish_space
+
+        result.space = publish_space(staged.folder, repo_id, space_id=space_id, out_dir=space_dir, hub=hub,
+                                     revision=model_revision(result, hub), dry_run=dry_run, overwrite=overwrite)
+    return result
 
 
 def write_card(staged: StagedFolder, repo_id: str, card: CardOptions | None = None,
