@@ -232,16 +232,8 @@ def push_folder(folder: str | Path, repo_id: str, hub: HubOptions | None = None)
         [`PublishError`]: naming the failed step, the cause and the fix; its ``__cause__`` is huggingface_hub's
         exception. The folder is not modified.
     """
-    hub = hub if hub is not None else HubOptions()
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    api = HfApi(endpoint=hub.endpoint, token=hub.token)
-    target = _Target(folder, repo_id, api.endpoint)
-    if constants.HF_HUB_OFFLINE:
-        # huggingface_hub only blocks requests in sessions made while offline; say so before any request is tried
-        cause = OfflineModeIsEnabled("offline mode is enabled (HF_HUB_OFFLINE=1)")
-        raise target.offline("create_repo") from cause
+    hub, api, target = _start_push(folder, repo_id, hub, _Target)
+    folder = target.folder
     with target.step("create_repo"):
         repo_url = api.create_repo(repo_id, private=hub.private, exist_ok=True, repo_type="model")
     if hub.revision is not None and not hub.revision.startswith("refs/pr"):
@@ -253,6 +245,23 @@ def push_folder(folder: str | Path, repo_id: str, hub: HubOptions | None = None)
                                  commit_description=hub.commit_description)
     return PublishResult(folder=folder, repo_id=repo_id, repo_url=str(repo_url), commit_url=info.commit_url,
                          commit_oid=info.oid, pr_url=info.pr_url, files=list_files(folder))
+
+
+def _start_push(folder: str | Path, repo_id: str, hub: HubOptions | None,
+                target_type: type[_Target]) -> tuple[HubOptions, HfApi, _Target]:
+    """What every push starts with: the options, the client, and the target that turns failures into PublishErrors;
+    refused at once when offline."""
+    hub = hub if hub is not None else HubOptions()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    target = target_type(folder, repo_id, api.endpoint)
+    if constants.HF_HUB_OFFLINE:
+        # huggingface_hub only blocks requests in sessions made while offline; say so before any request is tried
+        cause = OfflineModeIsEnabled("offline mode is enabled (HF_HUB_OFFLINE=1)")
+        raise target.offline("create_repo") from cause
+    return hub, api, target
 
 
 def _commit_message(edit: Mapping[str, Any]) -> str:

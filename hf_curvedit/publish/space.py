@@ -14,12 +14,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, SpaceCard, SpaceCardData, constants
-from huggingface_hub.errors import OfflineModeIsEnabled
+from huggingface_hub import ModelCard, SpaceCard, SpaceCardData, constants
 
 from .. import __version__
 from .card import is_hub_id
-from .hub import HubOptions, PublishResult, _Target
+from .hub import HubOptions, PublishResult, _start_push, _Target
 from .stage import list_files
 
 __all__ = ["SPACE_FILES", "check_space", "default_space_dir", "default_space_id", "model_revision", "publish_space",
@@ -188,14 +187,8 @@ def push_space(folder: str | Path, space_id: str, hub: HubOptions | None = None)
     Raises:
         [`PublishError`]: naming the failed step; ``__cause__`` is huggingface_hub's exception.
     """
-    hub = hub if hub is not None else HubOptions()
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    api = HfApi(endpoint=hub.endpoint, token=hub.token)
-    target = _SpaceTarget(folder, space_id, api.endpoint)
-    if constants.HF_HUB_OFFLINE:  # as push_folder: say so before any request is tried
-        raise target.offline("create_repo") from OfflineModeIsEnabled("offline mode is enabled (HF_HUB_OFFLINE=1)")
+    hub, api, target = _start_push(folder, space_id, hub, _SpaceTarget)
+    folder = target.folder
     with target.step("create_repo"):
         repo_url = api.create_repo(space_id, private=hub.private, exist_ok=True, repo_type="space",
                                    space_sdk="gradio")
