@@ -210,7 +210,8 @@ def test_hub_task_while_offline_names_the_offline_alternative(tmp_path, monkeypa
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(CapabilityError, match=r"HF_HUB_OFFLINE=1.*include_path"):
+    with pytest.raises(CapabilityError, match=r"'hf-curvedit-tests/definitely-not-cached' from the Hugging Face Hub"
+                                               r".*HF_HUB_OFFLINE=1.*include_path"):
         check_tasks(CapabilityConfig(tasks=["needs_hub"], include_path=tmp_path))
 
 

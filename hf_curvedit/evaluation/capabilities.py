@@ -166,18 +166,17 @@ def check_tasks(config: CapabilityConfig, manager: Any = None) -> Any:
                 raise CapabilityError(
                     f"task {name!r} could not load its data{source}"
                     " while HF_HUB_OFFLINE=1 is set. Run it where the Hub is reachable (or with the dataset already in "
-                    "the datasets cache), or evaluate offline with local tasks: include_path=<folder of task YAMLs "
-                    "whose data is local JSONL>, e.g. hf_curvedit's own `curvedit_skills` for the default model."
+                    "the datasets cache), or evaluate offline with local tasks: include_path (--include-path) = a "
+                    "folder of task YAMLs whose data is local JSONL, e.g. hf_curvedit's own `curvedit_skills` for the "
+                    "default model."
                 ) from err
             raise CapabilityError(f"task {name!r} could not be loaded: {type(err).__name__}: {err}") from err
     return manager
 
 
 def _dataset_of(manager: Any, name: str) -> str | None:
-    try:
-        cfg = manager._get_config(name)
-    except Exception:  # a group or tag has no single dataset
-        return None
+    entry = getattr(manager, "task_index", {}).get(name)  # a group or a tag has no single dataset
+    cfg = getattr(entry, "cfg", None)
     return cfg.get("dataset_path") if isinstance(cfg, dict) else None
 
 
