@@ -231,6 +231,21 @@ def test_shipped_skill_tasks_load_offline():
         manager.all_tasks)
 
 
+def test_task_manager_is_reused_until_a_task_file_changes(task_dir):
+    import os
+
+    from hf_curvedit.evaluation.capabilities import task_manager
+
+    folder, _, _ = task_dir
+    cfg = CapabilityConfig(tasks=["tiny_mc"], include_path=folder)
+    first = task_manager(cfg)
+    assert task_manager(CapabilityConfig(tasks=["tiny_gen"], include_path=[folder])) is first
+    yaml = next(folder.glob("*.yaml"))
+    st = yaml.stat()
+    os.utime(yaml, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert task_manager(cfg) is not first
+
+
 def test_run_refuses_an_unknown_task_before_any_step(tmp_path):
     from hf_curvedit.pipeline import PipelineConfig, UsageError, run_pipeline
 

@@ -10,6 +10,7 @@ given through ``include_path``; the embedded default model's skill tasks ship in
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -130,12 +131,24 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 
 def task_manager(config: CapabilityConfig) -> Any:
-    """lm-eval's ``TaskManager`` over its own tasks plus ``config.include_path``."""
+    """lm-eval's ``TaskManager`` over its own tasks plus ``config.include_path``.
+
+    Built once per process for the same folders (and the same task YAMLs in them): indexing lm-eval's thousands
+    of task files takes seconds to tens of seconds, and one ``run`` checks its tasks at several points.
+    """
     _import_lm_eval()
+    folders = tuple(str(Path(p).resolve()) for p in config.include_path or ())
+    stamp = tuple((str(f), f.stat().st_mtime_ns) for d in folders for f in sorted(Path(d).rglob("*.y*ml")))
+    return _cached_task_manager(folders, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_task_manager(folders: tuple[str, ...], stamp: tuple[tuple[str, int], ...]) -> Any:
+    # `stamp` (each YAML and its mtime) is only part of the key: an edited or added task file builds a new manager.
     from lm_eval.tasks import TaskManager
 
     with _quiet_lm_eval():
-        return TaskManager(include_path=config.include_path)
+        return TaskManager(include_path=list(folders) or None)
 
 
 def check_tasks(config: CapabilityConfig, manager: Any = None) -> Any:
