@@ -71,13 +71,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _capabilities(args: argparse.Namespace) -> CapabilitySettings | None:
+    """The lm-eval settings of ``--tasks`` and its companion flags (which need it)."""
+    fewshot = getattr(args, "num_fewshot", None)
+    if args.tasks:
+        return CapabilitySettings(tasks=(args.tasks,), include_path=tuple(args.include_path), limit=args.limit,
+                                  num_fewshot=fewshot)
+    if args.include_path or args.limit is not None or fewshot is not None:
+        raise UsageError("--include-path, --limit and --num-fewshot set up lm-eval capability tasks: add --tasks")
+    return None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     step = _step(EvaluateStep, args)
-    if args.tasks:
-        step.capabilities = CapabilitySettings(tasks=(args.tasks,), include_path=tuple(args.include_path),
-                                               limit=args.limit, num_fewshot=args.num_fewshot)
-    elif args.include_path or args.limit is not None or args.num_fewshot is not None:
-        raise UsageError("--include-path, --limit and --num-fewshot set up lm-eval capability tasks: add --tasks")
+    step.capabilities = _capabilities(args)
     report = run_evaluate(args.model, args.adapter, step, args.output)
     if args.output:
         print(f"report: {args.output}")
@@ -86,11 +93,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    result = run_sweep(args.model, args.factors, _step(SweepStep, args), args.output_dir)
+    step = _step(SweepStep, args)
+    step.capabilities = _capabilities(args)
+    result = run_sweep(args.model, args.factors, step, args.output_dir)
     print(result.to_markdown())
     if result.chosen is None:
         print(result.summary(), file=sys.stderr)
         return EXIT_FAILURE
+    if result.matches:
+        print("\nAt matched perplexity:\n" + result.comparison())
     print(f"{result.summary()}  (results: {args.output_dir})")
     return EXIT_OK
 
@@ -103,7 +114,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
         space_dir = check_space(args.out_dir, merged=args.merged, overwrite=args.overwrite)  # before any write
     step = _step(PublishStep, args)
-    result = run_publish(args.adapter, step, args.out_dir, report=args.report, eigen=args.eigen)
+    result = run_publish(args.adapter, step, args.out_dir, report=args.report, eigen=args.eigen,
+                         comparison=args.comparison)
     print(result)
     if args.space:
         from .publish import HubOptions
@@ -193,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches between resumable checkpoints")
     f.add_argument("--max-factor-memory-gb", type=float, default=None)
     f.add_argument("--restart", action="store_true", help="discard a partial run in --output-dir and start over")
+    f.add_argument("--name", dest="domain", metavar="NAME",
+                   help="fit a protected domain's factors (e.g. arithmetic) from --data into OUTPUT_DIR/domains/NAME, "
+                        "beside the general ones; edit and sweep use them with --protect NAME=RHO")
     f.set_defaults(func=cmd_fit)
 
     e = sub.add_parser("edit", help="build curvature-edit adapters from fitted factors",
@@ -205,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regex, or comma-separated names (default: the MLP projections)")
     e.add_argument("--selection", choices=SELECTIONS, default=EditStep.selection)
     e.add_argument("--rank-cap", type=int, default=None)
+    e.add_argument("--protect", action="append", default=[], metavar="NAME=RHO",
+                   help="also keep what the factors of domain NAME (fit --name NAME) keep at ρ=RHO; repeatable")
     e.add_argument("--output-dir", required=True)
     e.set_defaults(func=cmd_edit)
 
@@ -250,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ppl-budget", type=float, default=SweepStep.ppl_budget,
                    help="largest perplexity increase (0.15 = +15%%)")
     w.add_argument("--svd-ranks", type=int, nargs="*", default=SweepStep.svd_ranks)
+    w.add_argument("--protect", action="append", default=[], metavar="NAME=RHO",
+                   help="protect domain NAME (fit --name NAME) at ρ=RHO in every candidate; repeatable")
+    w.add_argument("--baselines", nargs="*", choices=["svd", "balanced_subnet"], default=SweepStep.baselines,
+                   help="methods measured next to the edit at matched perplexity (default: svd)")
+    w.add_argument("--subnet-ratios", type=float, nargs="+", default=SweepStep.subnet_ratios,
+                   help="BalancedSubnet: fractions of MLP weights zeroed, one mask each")
+    w.add_argument("--subnet-epochs", type=int, default=SweepStep.subnet_epochs)
+    w.add_argument("--subnet-lr", type=float, default=SweepStep.subnet_lr)
+    w.add_argument("--subnet-lam", type=float, default=SweepStep.subnet_lam, help="BalancedSubnet: weight λ of the "
+                   "clean loss")
+    w.add_argument("--clean", help="text BalancedSubnet keeps (default: the standard-library docs)")
+    w.add_argument("--tasks", help="lm-eval tasks scored on the base, the pick and each matched baseline")
+    w.add_argument("--include-path", action="append", default=[], metavar="DIR")
+    w.add_argument("--limit", type=float, default=None, help="lm-eval: items per task (a fraction if < 1)")
     w.add_argument("--batch-size", type=int, default=SweepStep.batch_size)
     w.add_argument("--output-dir", required=True)
     w.set_defaults(func=cmd_sweep)
@@ -262,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out-dir", required=True, help="local folder to write (must be new or empty)")
     u.add_argument("--report", help="EditReport JSON from `hf-curvedit evaluate`")
     u.add_argument("--eigen", help="eigen.safetensors, for the spectrum plots")
+    u.add_argument("--comparison", help="sweep.json of a sweep with --baselines whose pick is this adapter: the card "
+                   "shows it next to each baseline at matched perplexity")
     u.add_argument("--merged", action="store_true", help="publish merged weights instead of the adapter")
     u.add_argument("--private", action="store_true")
     u.add_argument("--revision")

@@ -14,7 +14,8 @@ and applies its results.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -113,6 +114,9 @@ class CurvatureEdit:
         cutoffs: int64 ``(d_out,)``, the kept staircase: row i of ``C`` keeps columns ``j < cutoffs[i]``.
         meta: float64 statistics laid out as `META_FIELDS` (the one record of ρ, r, s, k, kept mass, norms, ...).
         fingerprint: float64 `weight_fingerprint` of the weight that was edited.
+        protected: per protected domain, what its own selection kept (``r``, ``s``, ``kept_components``,
+            ``kept_mass_fraction``), plus ``"_union"``: the solver's iterations and optimality (empty without
+            protection).
     """
 
     Q: torch.Tensor
@@ -121,6 +125,7 @@ class CurvatureEdit:
     cutoffs: torch.Tensor
     meta: torch.Tensor
     fingerprint: torch.Tensor
+    protected: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -143,6 +148,72 @@ class CurvatureEdit:
                    fingerprint=torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64))
 
 
+def _check_shape(eigen: ModuleEigen, d_out: int, d_in: int, what: str = "the eigenbasis") -> None:
+    if eigen.shape != (d_out, d_in):
+        raise ValueError(
+            f"{what} is for a ({eigen.shape[0]}, {eigen.shape[1]}) weight but the module's weight is "
+            f"({d_out}, {d_in}) (d_out, d_in); the factors were collected on a different model"
+        )
+
+
+class _KeptSpace:
+    """One selection's kept components ``{U_G (M ∘ c) U_Aᵀ}`` as a subspace of ``(d_out, d_in)`` matrices (float64)."""
+
+    def __init__(self, eigen: ModuleEigen, keep_mass: float, selection: Selection, device: torch.device):
+        self.st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
+        r, s = self.st.r, self.st.s
+        self.UG = eigen.eigvecs_G[:, :r].to(device, torch.float64)
+        self.UA = eigen.eigvecs_A[:, :s].to(device, torch.float64)
+        self.mask = torch.arange(s, device=device)[None, :] < self.st.cutoffs.to(device)[:r, None]
+
+    def coords(self, X: torch.Tensor) -> torch.Tensor:
+        """The adjoint: the kept coordinates ``M ∘ (U_Gᵀ X U_A)`` of a matrix (its projection, in this basis)."""
+        return ((self.UG.T @ X) @ self.UA) * self.mask
+
+    def matrix(self, c: torch.Tensor) -> torch.Tensor:
+        return (self.UG @ c) @ self.UA.T
+
+
+def _project_onto_union(W: torch.Tensor, spaces: list[_KeptSpace], tol: float, max_iter: int,
+                        ) -> tuple[torch.Tensor, int, float]:
+    """Orthogonal (Frobenius) projection of W onto the sum of the kept subspaces, by CGLS on the coordinates.
+
+    Minimizes ``‖W − Σ_t U_Gt (M_t ∘ c_t) U_Atᵀ‖_F``. Its residual ``R = W − W'`` is orthogonal to every kept
+    subspace exactly when ``W'`` is the projection onto their sum, so ``max_t ‖M_t ∘ (U_Gtᵀ R U_At)‖ / ‖W‖`` (returned)
+    is the optimality gap. Returns ``(W', iterations, gap)``.
+    """
+    apply = lambda cs: sum(sp.matrix(c) for sp, c in zip(spaces, cs))  # noqa: E731
+    adjoint = lambda X: [sp.coords(X) for sp in spaces]  # noqa: E731
+    sq = lambda cs: sum(float((c * c).sum()) for c in cs)  # noqa: E731
+    x = [torch.zeros_like(sp.mask, dtype=torch.float64) for sp in spaces]
+    resid = W.clone()
+    grad = adjoint(resid)
+    p = [g.clone() for g in grad]
+    gamma = gamma0 = sq(grad)
+    it = 0
+    while gamma > (tol**2) * gamma0 and it < max_iter:
+        q = apply(p)
+        alpha = gamma / float((q * q).sum())
+        x = [xi + alpha * pi for xi, pi in zip(x, p)]
+        resid = resid - alpha * q
+        grad = adjoint(resid)
+        gamma, gamma_old = sq(grad), gamma
+        p = [g + (gamma / gamma_old) * pi for g, pi in zip(grad, p)]
+        it += 1
+    W_kept = apply(x)
+    w_norm = float(torch.linalg.vector_norm(W)) or 1.0
+    gap = max(float(torch.linalg.vector_norm(c)) for c in adjoint(W - W_kept)) / w_norm
+    return W_kept, it, gap
+
+
+def _orthonormal_span(*bases: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (float64, by SVD) of the span of the columns of ``bases``."""
+    stacked = torch.cat(bases, dim=1)
+    U, S, _ = torch.linalg.svd(stacked, full_matrices=False)
+    tol = S.max() * max(stacked.shape) * torch.finfo(torch.float64).eps if S.numel() else 0.0
+    return U[:, : int((S > tol).sum())]
+
+
 def compute_edit(
     weight: torch.Tensor,
     eigen: ModuleEigen,
@@ -150,34 +221,67 @@ def compute_edit(
     selection: Selection = "curvature_mass",
     rank_cap: int | None = None,
     dtype: torch.dtype = torch.float32,
+    protect: Mapping[str, tuple[ModuleEigen, float]] | None = None,
+    *,
+    union_tol: float = 1e-12,
+    union_max_iter: int = 2000,
 ) -> CurvatureEdit:
     """Edit one logical ``(d_out, d_in)`` weight with its K-FAC eigenbasis (float64 math, result in `dtype`).
 
     ``C = U_Gᵀ W U_A`` restricted to the ``r × s`` kept block, masked by the staircase; with ``s ≤ r`` the factors are
     ``Q = U_A[:, :s]``, ``B = U_G[:, :r] (M∘C)``, otherwise ``Q = U_G[:, :r]``, ``B = U_A[:, :s] (M∘C)ᵀ``.
+
+    With ``protect`` (domain name → (that domain's eigenbasis of this module, its ρ)), a component is kept when the
+    general selection *or* a protected domain's selection keeps it: ``W'`` is the orthogonal projection of W onto the
+    sum of the kept subspaces (each a subspace of matrices in its own eigenbasis), solved in float64 by conjugate
+    gradients on the kept coordinates until the residual is orthogonal to every kept subspace to ``union_tol``
+    (relative to ‖W‖). ``W'`` lies in ``span(U_G kept cols of all sets) ⊗ span(U_A kept cols of all sets)``, so
+    ``Q`` is an orthonormal basis (SVD) of the smaller of those two spans and ``B = W' Q`` (or ``W'ᵀ Q``): still an
+    exact factorization. See docs/method.md, "Protected domains".
     """
     d_out, d_in = weight.shape
-    if eigen.shape != (d_out, d_in):
-        raise ValueError(
-            f"the eigenbasis is for a ({eigen.shape[0]}, {eigen.shape[1]}) weight but the module's weight is "
-            f"({d_out}, {d_in}) (d_out, d_in); the factors were collected on a different model"
-        )
+    _check_shape(eigen, d_out, d_in)
     device = weight.device
     W = weight.detach().to(torch.float64)
-    st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
-    r, s = st.r, st.s
-    UG = eigen.eigvecs_G[:, :r].to(device, torch.float64)
-    UA = eigen.eigvecs_A[:, :s].to(device, torch.float64)
-    cutoffs = st.cutoffs.to(device)
-    D = (UG.T @ W) @ UA
-    D = D * (torch.arange(s, device=device)[None, :] < cutoffs[:r, None])
-    if s <= r:
-        q_side, Q, B = "input", UA, UG @ D
-    else:
-        q_side, Q, B = "output", UG, UA @ D.T
-    k = min(r, s)
     weight_norm = float(torch.linalg.vector_norm(W))
-    kept_norm = float(torch.linalg.vector_norm(D))
+    protected: dict[str, dict[str, float]] = {}
+    if protect:
+        general = _KeptSpace(eigen, keep_mass, selection, device)
+        st, r, s = general.st, general.st.r, general.st.s
+        spaces = [general]
+        for name, (domain_eigen, rho) in protect.items():
+            _check_shape(domain_eigen, d_out, d_in, f"the eigenbasis of protected domain {name!r}")
+            sp = _KeptSpace(domain_eigen, rho, selection, device)
+            spaces.append(sp)
+            protected[name] = {"keep_mass": float(rho), "r": sp.st.r, "s": sp.st.s,
+                               "kept_components": sp.st.kept_components, "kept_mass_fraction": sp.st.kept_mass_fraction}
+        W_kept, iters, gap = _project_onto_union(W, spaces, union_tol, union_max_iter)
+        if gap > 1e3 * union_tol:
+            raise RuntimeError(f"the projection onto the protected union did not converge in {iters} iterations "
+                               f"(optimality gap {gap:.2e}); raise union_max_iter")
+        protected["_union"] = {"iterations": iters, "optimality_gap": gap}
+        Q_in = _orthonormal_span(*(sp.UA for sp in spaces))
+        Q_out = _orthonormal_span(*(sp.UG for sp in spaces))
+        if Q_in.shape[1] <= Q_out.shape[1]:
+            q_side, Q, B = "input", Q_in, W_kept @ Q_in
+        else:
+            q_side, Q, B = "output", Q_out, W_kept.T @ Q_out
+        k = int(Q.shape[1])
+        kept_norm = float(torch.linalg.vector_norm(W_kept))
+    else:
+        st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
+        r, s = st.r, st.s
+        UG = eigen.eigvecs_G[:, :r].to(device, torch.float64)
+        UA = eigen.eigvecs_A[:, :s].to(device, torch.float64)
+        cutoffs = st.cutoffs.to(device)
+        D = (UG.T @ W) @ UA
+        D = D * (torch.arange(s, device=device)[None, :] < cutoffs[:r, None])
+        if s <= r:
+            q_side, Q, B = "input", UA, UG @ D
+        else:
+            q_side, Q, B = "output", UG, UA @ D.T
+        k = min(r, s)
+        kept_norm = float(torch.linalg.vector_norm(D))
     rank, cap_error, edited_norm = k, 0.0, kept_norm
     if rank_cap is not None and rank_cap < k:
         # SVD of the non-orthonormal factor only: W' = B Qᵀ = U S (Q V)ᵀ, and Q V stays orthonormal
@@ -202,7 +306,7 @@ def compute_edit(
         meta[_M[name]] = value
     return CurvatureEdit(
         Q=Q.to(dtype).contiguous(), B=B.to(dtype).contiguous(), q_side=q_side, cutoffs=st.cutoffs.to(torch.int64),
-        meta=meta, fingerprint=weight_fingerprint(weight),
+        meta=meta, fingerprint=weight_fingerprint(weight), protected=protected,
     )
 
 

@@ -110,13 +110,30 @@ def test_sweep_command(tmp_path, model_dir, text_file, capsys):
     quotes.write_text("The quick brown fox jumps over the lazy dog.\nA stitch in time saves nine, they say.\n")
     rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
                "--heldout", str(text_file), "--keep-mass", "0.5", "0.9", "--layers", "1", "0,1", "--modules", "gate,up",
-               "--svd-ranks", "4", "16", "--ppl-budget", "100", "--output-dir", str(tmp_path / "sweep")])
+               "--svd-ranks", "4", "16", "--ppl-budget", "100", "--baselines", "svd", "balanced_subnet",
+               "--subnet-ratios", "0.01", "0.1", "--subnet-epochs", "1", "--clean", str(text_file),
+               "--output-dir", str(tmp_path / "sweep")])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "chosen: layers" in printed and "SVD at matched PPL" in printed
+    assert "chosen: layers" in printed and "svd (matched PPL)" in printed
+    assert "balanced_subnet (matched PPL)" in printed
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len([p for p in result["points"] if p["method"] == "curvedit"]) == 4
+    assert [p["ratio"] for p in result["points"] if p["method"] == "balanced_subnet"] == [0.01, 0.1]
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
+
+    # the card of the sweep's pick shows it next to both baselines
+    chosen = result["chosen"]
+    assert main(["edit", "--model", str(model_dir), "--factors", str(out), "--keep-mass", str(chosen["keep_mass"]),
+                 "--target-modules", chosen["target_modules"], "--output-dir", str(tmp_path / "edit")]) == 0
+    assert main(["publish", "--adapter", str(tmp_path / "edit" / f"rho{chosen['keep_mass']:g}"), "--repo-id",
+                 "user/tiny", "--out-dir", str(tmp_path / "pub"), "--dry-run",
+                 "--comparison", str(tmp_path / "sweep" / "sweep.json")]) == 0
+    card = (tmp_path / "pub" / "README.md").read_text()
+    section = card.split("### Compared with other methods")[1].split("## Limitations")[0]
+    assert "BalancedSubnet trains on the memorized set itself" in section
+    assert "balanced_subnet (matched PPL)" in section and "svd (matched PPL)" in section and "**(chosen)**" in section
+    assert (tmp_path / "pub" / "plots" / "method_comparison.png").stat().st_size > 1000
     rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
                "--heldout", str(text_file), "--layers", "x", "--output-dir", str(tmp_path / "s2")])
     assert rc == 2 and "--layers takes" in capsys.readouterr().err

@@ -78,3 +78,59 @@ def test_sweep_result_round_trips_and_plots(setup, tmp_path):
     assert plot_sweep(loaded, tmp_path / "plots" / "sweep.png").stat().st_size > 1000
     loaded.chosen = None
     assert loaded.summary() == "no edit keeps the perplexity increase within 1000%"
+
+
+def test_sweep_measures_the_baselines_at_matched_perplexity(setup):
+    from hf_curvedit.baselines import BalancedSubnetConfig, train_balanced_subnet
+    from hf_curvedit.evaluation import evaluate_recitation
+
+    model, eigen, rec, heldout = setup
+    clean = TextSet(random_token_rows(12, lo=10, hi=20, seed=11))
+    x = torch.tensor([random_token_rows(1, lo=10, hi=10, seed=5)[0]])
+    with torch.no_grad():
+        before = model(x).logits.clone()
+    settings = BalancedSubnetConfig(epochs=2, batch_size=4, target_modules=r".*mlp\.\w+_proj")
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5,), perplexity_budget=10.0,
+                         svd_ranks=[4, 8], baselines=["svd", "balanced_subnet"], balanced_subnet=settings,
+                         balanced_subnet_ratios=(0.01, 0.2), clean=clean)
+    subnet = [p for p in result.points if p.method == "balanced_subnet"]
+    assert [p.ratio for p in subnet] == [0.01, 0.2]
+    for name in ("svd", "balanced_subnet"):
+        pts = [p for p in result.points if p.method == name]
+        best = min(abs(p.perplexity_change - result.chosen.perplexity_change) for p in pts)
+        assert abs(result.matches[name].perplexity_change - result.chosen.perplexity_change) == best
+    assert result.base.ndcg == 1.0 and all(0.0 <= p.ndcg <= 1.0 for p in result.points)
+    # a sweep point is what the baseline itself gives: the same masks, measured directly
+    memorized = [p + s for p, s in zip(rec.prefixes, rec.suffixes)]
+    import dataclasses
+
+    masks = train_balanced_subnet(model, memorized, clean, dataclasses.replace(settings, ratio=0.2),
+                                  show_progress=False)
+    with masks.applied(model):
+        direct = evaluate_recitation(model, rec.prefixes, rec.suffixes, show_progress=False)
+    assert subnet[1].recitation["mem"]["avg_lev"] == pytest.approx(direct.avg_lev)
+    table = result.comparison()
+    assert table.count("\n") == 5 and "balanced_subnet (matched PPL)" in table and "svd (matched PPL)" in table
+    assert "ratio=" in result.to_markdown() and "nDCG@10" in table
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before), "the sweep leaves the model as it found it"
+    with pytest.raises(ValueError, match="needs `clean`"):
+        sweep_edits(model, eigen, {"mem": rec}, heldout, baselines=["balanced_subnet"])
+    with pytest.raises(ValueError, match="unknown baselines"):
+        sweep_edits(model, eigen, {"mem": rec}, heldout, baselines=["lora"])
+
+
+def test_sweep_result_written_before_baselines_still_loads(setup, tmp_path):
+    model, eigen, rec, heldout = setup
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5,), perplexity_budget=10.0,
+                         svd_ranks=[4])
+    old = result.to_dict()
+    old["svd_match"] = old.pop("matches")["svd"]
+    for p in [old["base"], *old["points"], old["chosen"], old["svd_match"]]:
+        for key in ("ratio", "ndcg", "capabilities"):
+            p.pop(key)
+    import json
+
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = SweepResult.load(tmp_path / "old.json")
+    assert loaded.svd_match is loaded.points[1] and loaded.chosen is loaded.points[0]

@@ -14,6 +14,7 @@ from .capabilities import (
     CapabilityConfig,
     CapabilityError,
     CapabilityResult,
+    capability_scores,
     check_tasks,
     compare_results,
     evaluate_capabilities,
@@ -72,7 +73,7 @@ def metric_path(name: str) -> str:
 
 
 __all__ = [
-    "CapabilityConfig", "CapabilityError", "CapabilityResult", "check_tasks", "compare_results",
+    "CapabilityConfig", "CapabilityError", "CapabilityResult", "capability_scores", "check_tasks", "compare_results",
     "evaluate_capabilities",
     "ClassificationComparison", "ClassificationMetrics", "ImageClassificationSet", "classification_scores",
     "evaluate_classification", "predict_classes",

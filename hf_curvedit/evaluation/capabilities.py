@@ -247,6 +247,31 @@ def _n(results: Mapping[str, Any], task: str) -> int:
     return sum(_n(results, sub) for sub in results.get("group_subtasks", {}).get(task, []))
 
 
+def capability_scores(model: torch.nn.Module, tokenizer: Any, config: CapabilityConfig) -> dict[str, float]:
+    """One model's score per task: the metric [`compare_results`] reports (e.g. to compare several edits of one
+    model, as the sweep does)."""
+    _import_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    manager = check_tasks(config, task_manager(config))
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet_lm_eval():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+        results = _run(lm, config, manager)
+    finally:
+        model.train(was_training)
+    metrics = config.metrics or {}
+    out = {}
+    for task in _rows(results):
+        entry = results["results"][task]
+        key = _metric_key(task, entry, metrics.get(task))
+        assert key is not None
+        out[task] = float(entry[key])
+    return out
+
+
 def compare_results(base: Mapping[str, Any], edited: Mapping[str, Any],
                     metrics: Mapping[str, str] | None = None) -> dict[str, CapabilityResult]:
     """Pair two ``lm_eval.simple_evaluate`` results (base, edited) into [`CapabilityResult`]s, one per task."""

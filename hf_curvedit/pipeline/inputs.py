@@ -113,3 +113,15 @@ def heldout_texts(heldout: str | None = None, text_column: str = "text", *,
     if default_model and (DEFAULT_MODEL_DIR / HELDOUT_FILENAME).exists():
         return load_heldout_text()
     return list(default_text_dataset("test")["text"])
+
+
+def clean_texts(clean: str | None = None, text_column: str = "text") -> list[str]:
+    """Text a baseline may train on to keep (BalancedSubnet's λ term): the ``text_column`` of ``clean`` (a file, folder
+    or dataset name), else the training split of the stdlib docs (the default factor data, never the held-out text)."""
+    if clean:
+        from ..data import load_text_dataset
+
+        return list(load_text_dataset(clean)[text_column])
+    from ..default import default_text_dataset
+
+    return list(default_text_dataset("train")["text"])

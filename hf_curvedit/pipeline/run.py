@@ -53,11 +53,13 @@ def _with_sweep_pick(step: EditStep, layout: RunLayout) -> EditStep:
     path = layout.sweep / "sweep.json"
     if not path.exists():
         raise UsageError(f"the sweep's results {path} are missing: run again with --force to redo the sweep")
-    chosen = SweepResult.load(path).chosen
+    result = SweepResult.load(path)
+    chosen = result.chosen
     if chosen is None:
         return step
     targets = step.target_modules if step.target_modules is not None else chosen.target_modules
-    return dataclasses.replace(step, keep_mass=(chosen.keep_mass,), target_modules=targets)
+    protect = step.protect or dict(result.extra.get("protect") or {})  # the pick was measured with this protection
+    return dataclasses.replace(step, keep_mass=(chosen.keep_mass,), target_modules=targets, protect=protect)
 
 
 def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[[str], Any] = print) -> Path:
@@ -71,6 +73,8 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[
     model = config.model
     if config.evaluate and config.evaluate.capabilities and (force or not layout.marker("evaluate").exists()):
         config.evaluate.capabilities.check()  # an unknown task or a missing lm-eval fails now, not after the fit
+    if config.sweep and config.sweep.capabilities and (force or not layout.marker("sweep").exists()):
+        config.sweep.capabilities.check()
     for name in STEPS:
         step: Any = getattr(config, name)
         if step is None:
@@ -98,9 +102,17 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[
         elif name == "evaluate":
             echo(report_table(run_evaluate(model, layout.adapter(), step, layout.report)))
         else:
+            from ..sweep import SweepResult
+
+            # only the sweep's own pick has its baselines measured next to it
+            sweep_json = layout.sweep / "sweep.json"
+            picked = config.sweep is not None and config.edit is not None and config.edit.keep_mass is None
+            comparison = (sweep_json if picked and sweep_json.exists() and SweepResult.load(sweep_json).matches
+                          else None)
             echo(str(run_publish(layout.adapter(), step, layout.publish,
                                  report=layout.report if layout.report.exists() else None,
-                                 eigen=layout.eigen if layout.eigen.exists() else None)))
+                                 eigen=layout.eigen if layout.eigen.exists() else None,
+                                 comparison=comparison)))
         atomic_write_text(marker, json.dumps(record, indent=2))
     echo(f"[run] done: {layout.root}")
     return layout.root

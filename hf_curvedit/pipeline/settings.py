@@ -98,7 +98,10 @@ class _Step:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if "pair" in f.metadata:
-                setattr(self, f.name, _pairs(value, *f.metadata["pair"]))
+                pairs = _pairs(value, *f.metadata["pair"])
+                if "pair_value" in f.metadata:
+                    pairs = _pair_values(pairs, f.metadata["pair_value"], *f.metadata["pair"])
+                setattr(self, f.name, pairs)
                 continue
             try:
                 setattr(self, f.name, _convert(value, hints[f.name]))
@@ -130,9 +133,39 @@ class _Step:
         return cls(**options)
 
 
-def _pairs_field(metavar: str, flag: str) -> Any:
-    """A NAME → VALUE mapping field, given as a YAML mapping or as ``NAME=VALUE`` strings (``flag``, repeatable)."""
-    return field(default_factory=dict, metadata={"pair": (metavar, flag)})
+def _pairs_field(metavar: str, flag: str, value_type: type | None = None) -> Any:
+    """A NAME → VALUE mapping field, given as a YAML mapping or as ``NAME=VALUE`` strings (``flag``, repeatable);
+    values are converted to ``value_type`` when given."""
+    meta: dict[str, Any] = {"pair": (metavar, flag)}
+    if value_type is not None:
+        meta["pair_value"] = value_type
+    return field(default_factory=dict, metadata=meta)
+
+
+def _pair_values(pairs: dict[str, str], value_type: type, metavar: str, flag: str) -> dict[str, Any]:
+    out = {}
+    for name, text in pairs.items():
+        try:
+            out[name] = value_type(text)
+        except ValueError:
+            raise UsageError(f"{flag} takes {metavar}, and {text!r} (for {name!r}) is not a "
+                             f"{value_type.__name__}") from None
+    return out
+
+
+def check_domain_name(name: str, flag: str = "--name") -> str:
+    """A factor-set name (``fit --name``, ``--protect NAME=ρ``): an identifier, since it names a folder too."""
+    if not name.isidentifier():
+        raise UsageError(f"{flag}: a factor-set name must be letters, digits and _ (a folder name), got {name!r}")
+    return name
+
+
+def check_protect(protect: Mapping[str, float]) -> None:
+    for name, rho in protect.items():
+        check_domain_name(name, "--protect")
+        if not 0.0 < rho <= 1.0:
+            raise UsageError(f"--protect {name}={rho:g}: ρ must be in (0, 1] (the fraction of that domain's "
+                             "curvature mass to keep)")
 
 
 @dataclass
@@ -158,11 +191,29 @@ class FitStep(_Step):
     dtype: str = "float32"
     device_map: str | None = None
     restart: bool = False
+    # Protected domains' factor sets (OUTPUT_DIR/domains/NAME): `domain` fits only that one from `data` (the CLI's
+    # `fit --name NAME --data ...`); `domains` (NAME=DATA) fits each after the general set (a run YAML's fit step).
+    domain: str | None = None
+    domains: dict[str, str] = _pairs_field("NAME=DATA", "domains")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in [self.domain] * (self.domain is not None) + list(self.domains):
+            check_domain_name(name)
+        if self.domain is not None and not self.data:
+            raise UsageError(f"--name {self.domain} fits a protected domain's factors: give its text with --data "
+                             "(e.g. a .txt/.jsonl file of that domain)")
+        if self.domain is not None and self.domains:
+            raise UsageError("give either domain (one domain's factors) or domains (several, after the general ones)")
 
 
 @dataclass
 class SweepStep(_Step):
-    """`hf-curvedit sweep`: ρ × layer choices and the SVD baseline; the pick within ``ppl_budget``."""
+    """`hf-curvedit sweep`: ρ × layer choices and the baselines; the pick within ``ppl_budget``.
+
+    ``baselines``: ``svd`` (over ``svd_ranks``; none when they are empty) and ``balanced_subnet`` (over
+    ``subnet_ratios``, trained against ``clean``: default the standard-library docs). ``capabilities``: lm-eval tasks
+    scored on the base, the pick and each baseline at matched perplexity."""
 
     name: ClassVar[str] = "sweep"
     recitation: dict[str, str] = _pairs_field("NAME=PATH", "--recitation")  # default: the embedded memorized set
@@ -176,6 +227,18 @@ class SweepStep(_Step):
     ppl_budget: float = 0.15
     svd_ranks: tuple[int, ...] = (8, 16, 32, 64, 96, 128)
     batch_size: int = 16
+    protect: dict[str, float] = _pairs_field("NAME=RHO", "--protect", float)
+    baselines: tuple[Literal["svd", "balanced_subnet"], ...] = ("svd",)
+    subnet_ratios: tuple[float, ...] = (0.0015, 0.005, 0.01, 0.02, 0.05)
+    subnet_epochs: int = 5
+    subnet_lr: float = 0.3
+    subnet_lam: float = 0.7
+    clean: str | None = None  # text BalancedSubnet keeps; default: the standard-library docs
+    capabilities: CapabilitySettings | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_protect(self.protect)
 
 
 @dataclass
@@ -187,6 +250,11 @@ class EditStep(_Step):
     target_modules: TargetSpec = None
     selection: Selection = "curvature_mass"
     rank_cap: int | None = None
+    protect: dict[str, float] = _pairs_field("NAME=RHO", "--protect", float)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_protect(self.protect)
 
 
 @dataclass

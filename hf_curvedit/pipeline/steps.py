@@ -12,7 +12,7 @@ from typing import Any
 
 from ..targets import layer_choices
 from ..utils import atomic_write_text
-from .inputs import default_recitation_sets, heldout_texts, load_model, recitation_sets
+from .inputs import clean_texts, default_recitation_sets, heldout_texts, load_model, recitation_sets
 from .settings import (
     DEFAULT_FACTOR_DATA,
     DEFAULT_KEEP_MASS,
@@ -41,16 +41,52 @@ class FitOutcome:
         return "\n".join(lines)
 
 
+DOMAINS_DIR = "domains"  # protected domains' factor sets live in FACTORS_DIR/domains/NAME
+
+
+def domain_factors_dir(factors_dir: str | Path, name: str) -> Path:
+    """Where ``fit --name NAME`` writes (and ``--protect NAME=ρ`` reads) a protected domain's factors."""
+    return Path(factors_dir) / DOMAINS_DIR / name
+
+
+def load_protected_eigen(factors_dir: str | Path, protect: dict[str, float], net: Any) -> dict[str, Any]:
+    """The eigenbases of each protected domain fitted beside the general factors in ``factors_dir``."""
+    from ..curvature import load_factors
+    from ..curvature.storage import FACTORS_FILENAME
+
+    out = {}
+    for name in protect:
+        folder = domain_factors_dir(factors_dir, name)
+        if not (folder / FACTORS_FILENAME).exists():
+            have = sorted(p.name for p in (Path(factors_dir) / DOMAINS_DIR).glob("*") if p.is_dir())
+            raise UsageError(f"no factors for protected domain {name!r} in {folder} (fitted domains: {have or 'none'})"
+                             f". Fit them first: hf-curvedit fit --name {name} --data FILE --output-dir {factors_dir}")
+        out[name] = load_factors(folder, net).eigendecompose()
+    return out
+
+
 def run_fit(model: str | None, step: FitStep, output_dir: str | Path) -> FitOutcome:
     """Fit factors on ``step.data`` (default: the stdlib docs) into ``output_dir`` (resuming a killed run unless
-    ``step.restart``), then eigendecompose them into ``output_dir/eigen.safetensors``."""
+    ``step.restart``), then eigendecompose them into ``output_dir/eigen.safetensors``.
+
+    With ``step.domain`` the factors are a protected domain's, in ``output_dir/domains/<domain>``; with
+    ``step.domains`` each domain's factors are fitted after the general ones (the outcome is the general set's)."""
+    net, processor = load_model(model, step.dtype, step.device_map)
+    if step.domain is not None:
+        return _fit_one(net, processor, step, step.data, domain_factors_dir(output_dir, step.domain))
+    outcome = _fit_one(net, processor, step, step.data, Path(output_dir))
+    for name, data in step.domains.items():
+        _fit_one(net, processor, step, data, domain_factors_dir(output_dir, name))
+    return outcome
+
+
+def _fit_one(net: Any, processor: Any, step: FitStep, data_spec: str | None, out: Path) -> FitOutcome:
     from ..curvature import FactorConfig, default_task, fit_factors
     from ..curvature.eigen import EIGEN_FILENAME
     from ..default import default_text_dataset
 
-    net, processor = load_model(model, step.dtype, step.device_map)
     images = default_task(net).name == "image-classification"
-    if images and not step.data:
+    if images and not data_spec:
         raise UsageError("an image classifier needs --data: an image dataset name, or a local folder of images "
                          "(one sub-folder per class) or a parquet/json file with an image column")
     if not images and (step.token_positions or step.max_examples):
@@ -60,9 +96,8 @@ def run_fit(model: str | None, step: FitStep, output_dir: str | Path) -> FitOutc
         batch_size=step.batch_size, max_tokens=step.max_tokens, accumulate_dtype=step.accumulate_dtype,
         seed=step.seed, checkpoint_every=step.checkpoint_every, max_factor_memory_gb=step.max_factor_memory_gb,
         text_column=step.text_column, token_positions=step.token_positions, image_column=step.image_column,
-        label_column=step.label_column, max_examples=step.max_examples, dataset=step.data or DEFAULT_FACTOR_DATA)
-    out = Path(output_dir)
-    data: Any = step.data or default_text_dataset("train")
+        label_column=step.label_column, max_examples=step.max_examples, dataset=data_spec or DEFAULT_FACTOR_DATA)
+    data: Any = data_spec or default_text_dataset("train")
     factors = fit_factors(net, data, cfg, out, processor=processor, resume=not step.restart)
     return FitOutcome(factors, factors.eigendecompose(out), out / EIGEN_FILENAME)
 
@@ -71,22 +106,36 @@ def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
               output_dir: str | Path) -> Any:
     """Sweep the edits of the factors in ``factors_dir``; write sweep.json, sweep.md and sweep.png to
     ``output_dir``. Returns the `SweepResult` (its ``chosen`` is None when nothing fits the budget)."""
+    from ..baselines import BalancedSubnetConfig
     from ..curvature import load_factors
     from ..evaluation import TextSet
     from ..publish.plots import plot_sweep
     from ..sweep import sweep_edits
 
+    capabilities = step.capabilities.check() if step.capabilities else None
     net, tok = load_model(model)
     eig = load_factors(factors_dir, net).eigendecompose()
+    protected = load_protected_eigen(factors_dir, step.protect, net)
     sets = (recitation_sets(step.recitation, tok, step.suffix_tokens) if step.recitation
             else default_recitation_sets(tok))
     heldout = TextSet.from_texts(heldout_texts(step.heldout, step.text_column, default_model=model is None), tok)
     choices = layer_choices(eig, step.layers, step.modules, step.layer_choice) or None
-    result = sweep_edits(net, eig, sets, heldout, keep_masses=step.keep_mass, layer_choices=choices,
-                         perplexity_budget=step.ppl_budget, svd_ranks=step.svd_ranks, batch_size=step.batch_size)
+    baselines = [b for b in step.baselines if b != "svd" or step.svd_ranks]  # no ranks: no SVD baseline
+    clean = None
+    if "balanced_subnet" in baselines:
+        clean = TextSet.from_texts(clean_texts(step.clean, step.text_column), tok)
+    subnet = BalancedSubnetConfig(epochs=step.subnet_epochs, lr=step.subnet_lr, lam=step.subnet_lam)
+    result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout,
+                         keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
+                         svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
+                         baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
+                         clean=clean, capabilities=capabilities, tokenizer=tok)
     out = Path(output_dir)
     result.save(out / "sweep.json")
-    atomic_write_text(out / "sweep.md", result.to_markdown() + "\n")
+    text = result.to_markdown()
+    if result.matches:
+        text += "\n\nAt matched perplexity:\n\n" + result.comparison()
+    atomic_write_text(out / "sweep.md", text + "\n")
     plot_sweep(result, out / "sweep.png")
     return result
 
@@ -116,11 +165,12 @@ def run_edit(model: str | None, factors_dir: str | Path, step: EditStep,
 
     net, _ = load_model(model)
     eig = load_factors(factors_dir, net).eigendecompose()
+    protected = load_protected_eigen(factors_dir, step.protect, net)
     outcome = EditOutcome({}, [])
     for rho in step.keep_mass or (DEFAULT_KEEP_MASS,):
         cfg = CurvatureEditConfig(keep_mass=rho, target_modules=step.target_modules, selection=step.selection,
-                                  rank_cap=step.rank_cap)
-        peft_model = build_curvature_edit(net, eig, cfg)
+                                  rank_cap=step.rank_cap, protect=dict(step.protect))
+        peft_model = build_curvature_edit(net, {"general": eig, **protected} if protected else eig, cfg)
         folder = Path(output_dir) / f"rho{rho:g}"
         peft_model.save_pretrained(folder)
         outcome.reports += [(rho, rep) for rep in peft_model.edit_report()]
@@ -170,12 +220,15 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
 
 
 def run_publish(adapter_dir: str | Path, step: PublishStep, out_dir: str | Path, *,
-                report: str | Path | None = None, eigen: str | Path | None = None) -> Any:
-    """Publish the adapter in ``adapter_dir`` with the `EditReport` file ``report`` and the spectra of ``eigen``
-    (an eigen.safetensors) to ``step.repo_id``, through the folder ``out_dir``. Returns the `PublishResult`."""
+                report: str | Path | None = None, eigen: str | Path | None = None,
+                comparison: str | Path | None = None) -> Any:
+    """Publish the adapter in ``adapter_dir`` with the `EditReport` file ``report``, the spectra of ``eigen``
+    (an eigen.safetensors) and the method comparison of a ``sweep.json`` that measured baselines, to
+    ``step.repo_id``, through the folder ``out_dir``. Returns the `PublishResult`."""
     from ..evaluation import EditReport
     from ..publish import HubOptions, publish
 
     hub = HubOptions(private=step.private or None, revision=step.revision, create_pr=step.create_pr, token=step.token)
     return publish(adapter_dir, step.repo_id, EditReport.load(report) if report else None, out_dir=out_dir,
-                   merged=step.merged, eigen=eigen, hub=hub, dry_run=step.dry_run, overwrite=step.overwrite)
+                   merged=step.merged, eigen=eigen, hub=hub, dry_run=step.dry_run, overwrite=step.overwrite,
+                   comparison=comparison)

@@ -82,6 +82,8 @@ class CardInputs:
         adapter_name: PEFT adapter name, shown in the loading snippet.
         spectrum_plots: ``(module, relative path)`` of the spectrum PNGs.
         tradeoff_plot: relative path of the recitation-vs-perplexity PNG.
+        comparison: a `SweepResult` with baselines: the edit next to each baseline at matched perplexity.
+        comparison_plot: relative path of that sweep's plot.
         tags: extra Hub tags.
     """
 
@@ -98,6 +100,8 @@ class CardInputs:
     spectrum_plots: list[tuple[str, str]] = field(default_factory=list)
     tradeoff_plot: str | None = None
     tags: list[str] = field(default_factory=list)
+    comparison: Any = None  # a SweepResult whose matches are the baselines at the edit's perplexity
+    comparison_plot: str | None = None
 
 
 @dataclass
@@ -319,8 +323,14 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         target_modules=sorted(target) if target else [],
         modules=[_module_row(m) for m in inputs.modules],
         factor_data={k: v for k, v in inputs.factor_data.items() if v not in (None, "", {}, [])},
+        protected=[{"name": name, "keep_mass": rho,
+                    "data": factor_data_from_source((cfg.get("protect_factor_sources") or {}).get(name) or {})}
+                   for name, rho in (cfg.get("protect") or {}).items()],
         spectrum_plots=[{"module": m, "path": p} for m, p in inputs.spectrum_plots],
         tradeoff_plot=inputs.tradeoff_plot,
+        comparison_table=inputs.comparison.comparison() if inputs.comparison is not None else None,
+        comparison_methods=sorted(inputs.comparison.matches) if inputs.comparison is not None else [],
+        comparison_plot=inputs.comparison_plot,
         eval_rows=[_format_row(r) for r in inputs.report.to_table_rows()] if inputs.report else [],
         eval_meta=_eval_meta(inputs.report),
         capability_rows=[_capability_row(r) for r in inputs.report.capabilities.values()] if inputs.report else [],
@@ -378,7 +388,8 @@ def _token_count(num_tokens: Any) -> Any:
 
 def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, report: EditReport | None = None,
                 license: str | None = None, spectrum_plots: list[tuple[str, str]] | None = None,
-                tradeoff_plot: str | None = None) -> CardInputs:
+                tradeoff_plot: str | None = None, comparison: Any = None,
+                comparison_plot: str | None = None) -> CardInputs:
     """The [`CardInputs`] of an edit summary (``curvedit_edit.json`` content, with its ``kind``) and the options.
 
     `license` is the license found for the base model; ``options.license`` wins over it.
@@ -393,7 +404,8 @@ def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, 
         pipeline_tag=pipeline_tag_for(config_for_tag, options.pipeline_tag),
         factor_data=factor_data_from_source(config.get("factor_source") or {}, options.factor_data),
         adapter_name=edit.get("adapter_name") or "default", spectrum_plots=list(spectrum_plots or []),
-        tradeoff_plot=tradeoff_plot, tags=list(options.tags or []),
+        tradeoff_plot=tradeoff_plot, tags=list(options.tags or []), comparison=comparison,
+        comparison_plot=comparison_plot,
     )
 
 

@@ -124,7 +124,7 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
             eigen: EigenLike | None = None, sweep: Mapping[float, EditReport] | None = None, tokenizer: Any = None,
             card: CardOptions | None = None, hub: HubOptions | None = None, dry_run: bool = False,
             overwrite: bool = False, max_shard_size: int | str = "5GB", space: bool = False,
-            space_id: str | None = None) -> PublishResult:
+            space_id: str | None = None, comparison: Any = None) -> PublishResult:
     """Write a curvature edit to a local folder with its model card, plots and evaluation, then push it to the Hub.
 
     The folder gets the weights (`save_pretrained` of the adapter, or of the merged model), ``README.md`` (the card),
@@ -160,6 +160,9 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
             edit against its base, in ``<out_dir>-space``, and push it after the model (see `publish/space.py`).
             Adapters only: the Space loads one `PeftModel` and disables the adapter for the base column.
         space_id (`str`, *optional*): the Space repo; ``<repo_id>-demo`` by default.
+        comparison ([`SweepResult`] or path of a ``sweep.json``, *optional*): a sweep that measured baselines
+            (`sweep_edits(..., baselines=[...])`); the card shows the edit next to each baseline at matched
+            perplexity, with the sweep's plot.
 
     Returns:
         [`PublishResult`]: the folder, its files and (unless a dry run) the repo, commit and PR URLs; ``.space``
@@ -185,7 +188,7 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
         space_dir = check_space(out_dir, merged=merged, overwrite=overwrite)
     staged = stage_folder(model_or_dir, out_dir, report, merged=merged, adapter_name=adapter_name, eigen=eigen,
                           sweep=sweep, tokenizer=tokenizer, base_model=card.base_model, overwrite=overwrite,
-                          max_shard_size=max_shard_size)
+                          max_shard_size=max_shard_size, comparison=comparison)
     write_card(staged, repo_id, card, hub, lookup_license=not dry_run)
     if dry_run:
         result = PublishResult(folder=staged.folder, repo_id=repo_id, files=list_files(staged.folder))
@@ -215,7 +218,8 @@ def write_card(staged: StagedFolder, repo_id: str, card: CardOptions | None = No
         license = base_license(staged.edit.get("base_model"), staged.local_base, token=hub.token,
                                endpoint=hub.endpoint, lookup=lookup_license)
     inputs = card_inputs(staged.edit, repo_id, card, report=staged.report, license=license,
-                         spectrum_plots=staged.spectrum_plots, tradeoff_plot=staged.tradeoff_plot)
+                         spectrum_plots=staged.spectrum_plots, tradeoff_plot=staged.tradeoff_plot,
+                         comparison=staged.comparison, comparison_plot=staged.comparison_plot)
     rendered = render_card(inputs, hub_url=hub.endpoint or constants.ENDPOINT)
     rendered.save(staged.folder / "README.md")
     return rendered

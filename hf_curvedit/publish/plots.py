@@ -134,15 +134,21 @@ def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
 
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     """Plot a sweep: Strict recitation on its primary set against the held-out perplexity change, one point per
-    curvature edit and per SVD truncation, the chosen edit circled and the perplexity budget dashed; write a PNG."""
+    curvature edit and per baseline setting (SVD rank, BalancedSubnet ratio), the chosen edit circled, each
+    baseline's matched point squared, and the perplexity budget dashed; write a PNG."""
     fig = _figure(figsize=(6, 4))
     ax = fig.subplots()
     s = result.primary_set
-    for method, marker, label in (("curvedit", "o", "curvature edit"), ("svd", "x", "SVD truncation")):
+    for method, marker, label in (("curvedit", "o", "curvature edit"), ("svd", "x", "SVD truncation"),
+                                  ("balanced_subnet", "^", "BalancedSubnet")):
         pts = [p for p in result.points if p.method == method]
         if pts:
             ax.scatter([100 * p.perplexity_change for p in pts], [100 * p.recitation[s]["strict"] for p in pts],
                        marker=marker, label=label)
+    if result.matches:
+        ms = list(result.matches.values())
+        ax.scatter([100 * p.perplexity_change for p in ms], [100 * p.recitation[s]["strict"] for p in ms], s=160,
+                   marker="s", facecolors="none", edgecolors="black", label="baseline at matched perplexity")
     if result.chosen is not None:
         ax.scatter([100 * result.chosen.perplexity_change], [100 * result.chosen.recitation[s]["strict"]],
                    s=160, facecolors="none", edgecolors="red", label="chosen")

@@ -27,11 +27,13 @@ from .card import is_hub_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EDIT_FILENAME", "PLOTS_DIR", "REPORT_FILENAME", "SWEEP_FILENAME", "StagedFolder", "stage_folder"]
+__all__ = ["COMPARISON_FILENAME", "EDIT_FILENAME", "PLOTS_DIR", "REPORT_FILENAME", "SWEEP_FILENAME", "StagedFolder",
+           "stage_folder"]
 
 EDIT_FILENAME = "curvedit_edit.json"
 REPORT_FILENAME = "edit_report.json"
 SWEEP_FILENAME = "edit_sweep.json"
+COMPARISON_FILENAME = "method_comparison.json"  # a SweepResult: the edit against the baselines at matched perplexity
 PLOTS_DIR = "plots"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EigenLike = KFACEigen | Mapping[str, ModuleEigen] | str | Path
@@ -47,13 +49,15 @@ class StagedFolder:
     report: EditReport | None = None
     spectrum_plots: list[tuple[str, str]] = field(default_factory=list)  # (module, PNG path)
     tradeoff_plot: str | None = None
+    comparison: Any = None  # a SweepResult with baselines, shown as the card's method comparison
+    comparison_plot: str | None = None
 
 
 def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,
                  report: EditReport | None = None, *, merged: bool = False, adapter_name: str | None = None,
                  eigen: EigenLike | None = None, sweep: Mapping[float, EditReport] | None = None,
                  tokenizer: Any = None, base_model: str | None = None, overwrite: bool = False,
-                 max_shard_size: int | str = "5GB") -> StagedFolder:
+                 max_shard_size: int | str = "5GB", comparison: Any = None) -> StagedFolder:
     """Write everything but the card to `out_dir`: weights, ``curvedit_edit.json``, ``edit_report.json``, plots.
 
     Arguments are as in [`publish`] (`base_model` is ``CardOptions.base_model``: it is also written into the
@@ -66,6 +70,9 @@ def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,
             report = EditReport.load(source / REPORT_FILENAME)
         if sweep is None and (source / SWEEP_FILENAME).is_file():
             sweep = {float(k): EditReport.from_dict(v) for k, v in _read_json(source / SWEEP_FILENAME).items()}
+        if comparison is None and (source / COMPARISON_FILENAME).is_file():
+            comparison = source / COMPARISON_FILENAME
+    comparison = _load_comparison(comparison)
     if model is not None:
         edit, local_base = _write_model(model, adapter_name, out_dir, merged, overwrite, max_shard_size)
     else:
@@ -87,7 +94,8 @@ def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,
         report.save(out_dir / REPORT_FILENAME)
     return StagedFolder(folder=out_dir, edit=edit, local_base=local_base, report=report,
                         spectrum_plots=_spectrum_plots(eigen, edit, out_dir),
-                        tradeoff_plot=_tradeoff_plot(sweep, out_dir))
+                        tradeoff_plot=_tradeoff_plot(sweep, out_dir), comparison=comparison,
+                        comparison_plot=_comparison_plot(comparison, out_dir))
 
 
 def _open(model_or_dir: PeftModel | str | Path, out_dir: Path,
@@ -219,6 +227,32 @@ def _tradeoff_plot(sweep: Mapping[float, EditReport] | None, out_dir: Path) -> s
     plot_tradeoff(sweep, out_dir / rel)
     (out_dir / SWEEP_FILENAME).write_text(
         json.dumps({str(k): v.to_dict() for k, v in sorted(sweep.items())}, indent=2), encoding="utf-8")
+    return rel
+
+
+def _load_comparison(comparison: Any) -> Any:
+    if comparison is None:
+        return None
+    from ..sweep import SweepResult
+
+    if isinstance(comparison, (str, Path)):
+        comparison = SweepResult.load(comparison)
+    if not isinstance(comparison, SweepResult):
+        raise TypeError("comparison must be a SweepResult or the path of a sweep.json, got "
+                        f"{type(comparison).__name__}")
+    if comparison.chosen is None:
+        raise ValueError("the comparison's sweep chose no edit (nothing fit its perplexity budget): nothing to compare")
+    return comparison
+
+
+def _comparison_plot(comparison: Any, out_dir: Path) -> str | None:
+    if comparison is None:
+        return None
+    from .plots import plot_sweep
+
+    rel = f"{PLOTS_DIR}/method_comparison.png"
+    plot_sweep(comparison, out_dir / rel)
+    comparison.save(out_dir / COMPARISON_FILENAME)
     return rel
 
 

@@ -77,6 +77,15 @@ class CurvatureEditConfig(PeftConfig):
             bf16 model), from copies of the float32 factors cast once per device and dtype; ``"float32"`` computes in
             float32 whatever the model dtype (the exact path). Where the factorization is not smaller than the weight
             (``k·(d_in + d_out) ≥ d_in·d_out``) the adapter runs the dense ``W'`` instead. Merging is unaffected.
+        protect (`dict[str, float]`):
+            Protected domains: name → ρ of that domain's own factors (fitted on text of the capability to keep, e.g.
+            ``{"arithmetic": 0.9}``). A component of W is kept when the general selection (`keep_mass`) *or* a
+            protected domain's selection keeps it; the edited weight is the orthogonal projection of W onto the sum of
+            those kept subspaces (docs/method.md, "Protected domains"). Building needs each domain's factors:
+            ``build_curvature_edit(model, {"general": eigen, "arithmetic": eigen_math}, config)``.
+        protect_factor_sources (`dict[str, dict]`):
+            Provenance of each protected domain's factors (path, dataset, token count), like `factor_source`. Filled
+            when building; with `peft.get_peft_model`, set ``{name: {"path": ".../eigen.safetensors"}}``.
         factors_path (`Optional[str]`):
             Path of an ``eigen.safetensors`` file ([`KFACEigen`]) used when the adapter is built through
             `peft.get_peft_model`. Not needed when building with [`build_curvature_edit`] or when loading a saved
@@ -113,6 +122,14 @@ class CurvatureEditConfig(PeftConfig):
         default=None,
         metadata={"help": "dtype of the unmerged adapter's matmuls: None = the base layer's dtype, or e.g. 'float32'."},
     )
+    protect: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Protected domains: name -> rho of that domain's factors; kept components are the union."},
+    )
+    protect_factor_sources: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Provenance (path, dataset, tokens) of each protected domain's factors."},
+    )
     factors_path: str | None = field(
         default=None, metadata={"help": "eigen.safetensors to build from when using peft.get_peft_model."}
     )
@@ -135,6 +152,16 @@ class CurvatureEditConfig(PeftConfig):
         _check_rho(self.keep_mass, "keep_mass")
         for pattern, rho in self.keep_mass_pattern.items():
             _check_rho(rho, f"keep_mass_pattern[{pattern!r}]")
+        if not isinstance(self.protect, dict):
+            raise ValueError(f"protect must be a dict of domain name -> rho, e.g. {{'arithmetic': 0.9}}; got "
+                             f"{self.protect!r}")
+        for name, rho in self.protect.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"protected domain names must be identifiers (letters, digits, _), got {name!r}")
+            _check_rho(rho, f"protect[{name!r}]")
+        unknown = set(self.protect_factor_sources) - set(self.protect)
+        if unknown:
+            raise ValueError(f"protect_factor_sources names {sorted(unknown)}, which protect does not list")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.rank_cap is not None and (not isinstance(self.rank_cap, int) or self.rank_cap < 1):

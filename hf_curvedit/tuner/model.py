@@ -86,14 +86,20 @@ def _refuse_tied(model: nn.Module, module: nn.Module, module_name: str) -> None:
         )
 
 
-def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen],
-                         config: CurvatureEditConfig) -> dict[str, CurvatureEdit]:
+def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], config: CurvatureEditConfig,
+                         protect_eigen: Mapping[str, Mapping[str, ModuleEigen]] | None = None,
+                         ) -> dict[str, CurvatureEdit]:
     """Compute the edit of every module `config` targets in `model` (a transformers model or a `PeftModel`), with ρ
     per module from `CurvatureEditConfig.keep_mass_for`, and record their buffer shapes in ``config.edited_modules``.
 
-    Nothing in the model changes. Raises a `ValueError` naming the module when its factors are missing, when it is
-    not a linear layer, or when its weight is tied to the input embeddings.
+    ``protect_eigen`` holds the eigenbases of each domain in ``config.protect`` (domain → module → eigenbasis).
+    Nothing in the model changes. Raises a `ValueError` naming the module when its factors (or a protected domain's)
+    are missing, when it is not a linear layer, or when its weight is tied to the input embeddings.
     """
+    protect_eigen = dict(protect_eigen or {})
+    if set(config.protect) != set(protect_eigen):
+        raise ValueError(f"config.protect lists the domains {sorted(config.protect)} but factors were given for "
+                         f"{sorted(protect_eigen)}; give one factor set per protected domain")
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if config.target_modules is None:
         config.target_modules = _default_targets(getattr(getattr(inner, "config", None), "model_type", None))
@@ -113,11 +119,19 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen],
                     f"the factors hold {len(known)} modules, e.g. {known[:4]}. Collect factors for it or narrow "
                     "target_modules / exclude_modules."
                 )
+            protect = {}
+            for domain, domain_eigen in protect_eigen.items():
+                if name not in domain_eigen:
+                    raise ValueError(f"the factors of protected domain {domain!r} have no module '{name}'; fit them "
+                                     "on the same target modules as the general factors")
+                protect[domain] = (domain_eigen[name], config.protect[domain])
             weight = _logical_weight(module)
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             edits[name] = compute_edit(weight, module_eigen, config.keep_mass_for(name), config.selection,
-                                       config.rank_cap, dtype)
-    config.edited_modules = {name: {"k": e.rank, "q_side": e.q_side} for name, e in edits.items()}
+                                       config.rank_cap, dtype, protect=protect or None)
+    config.edited_modules = {name: {"k": e.rank, "q_side": e.q_side, **({"protected": e.protected}
+                                                                         if e.protected else {})}
+                             for name, e in edits.items()}
     return edits
 
 
@@ -203,7 +217,17 @@ class CurvatureEditModel(BaseTuner):
             factors = EigenFile(config.factors_path)
             if not config.factor_source:
                 config.factor_source = _provenance(factors, config.factors_path)
-            edits = compute_module_edits(model, factors, config)
+            protect_eigen = {}
+            for domain in config.protect:
+                path = config.protect_factor_sources.get(domain, {}).get("path")
+                if not path:
+                    raise ValueError(f"cannot build curvature edit '{adapter_name}': protected domain {domain!r} "
+                                     f"has no factors; set config.protect_factor_sources[{domain!r}] = {{'path': "
+                                     "'.../eigen.safetensors'} or use build_curvature_edit")
+                protect_eigen[domain] = EigenFile(path)
+                config.protect_factor_sources[domain] = {**_provenance(protect_eigen[domain], path),
+                                                         **config.protect_factor_sources[domain]}
+            edits = compute_module_edits(model, factors, config, protect_eigen)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         if edits is not None:
@@ -269,6 +293,45 @@ def _provenance(eigen: Any, path: str | Path | None = None) -> dict[str, Any]:
     return out
 
 
+def _is_factor_set(value: Any) -> bool:
+    return isinstance(value, (KFACFactors, KFACEigen, EigenFile, str, Path)) or (
+        isinstance(value, Mapping) and all(isinstance(v, ModuleEigen) for v in value.values()))
+
+
+def _split_factor_sets(eigen: Any, config: CurvatureEditConfig) -> tuple[Any, dict[str, Any]]:
+    """``(general factors, {protected domain: factors})`` from what `build_curvature_edit` was given."""
+    sets = eigen if isinstance(eigen, Mapping) and not _is_factor_set(eigen) else None
+    if sets is None:
+        if config.protect:
+            raise ValueError(f"config.protect lists {sorted(config.protect)}, so pass one factor set per domain: "
+                             f"build_curvature_edit(model, {{'general': eigen, {next(iter(config.protect))!r}: "
+                             "eigen_domain}, config)")
+        return eigen, {}
+    bad = [k for k, v in sets.items() if not _is_factor_set(v)]
+    if bad:
+        raise TypeError(f"factor sets {bad} are not factors: give KFACFactors, KFACEigen, a mapping of module "
+                        "name -> ModuleEigen, or the path of an eigen.safetensors")
+    general = [k for k in sets if k not in config.protect]
+    missing = [k for k in config.protect if k not in sets]
+    if len(general) != 1 or missing:
+        raise ValueError(f"the factor sets are {sorted(sets)} and config.protect lists {sorted(config.protect)}: give "
+                         "exactly one general set (e.g. 'general') plus one set per protected domain"
+                         + (f"; missing {missing}" if missing else ""))
+    return sets[general[0]], {k: sets[k] for k in config.protect}
+
+
+def _open_eigen(source: Any, provenance: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Eigenbases from a factor set (eigendecomposing fitted factors), with its provenance merged into
+    ``provenance`` (what the caller set wins)."""
+    if isinstance(source, KFACFactors):
+        source = source.eigendecompose()
+    if isinstance(source, (str, Path)):
+        path = source
+        source = EigenFile(path)
+        return source, {**_provenance(source, path), **provenance}
+    return source, provenance or _provenance(source)
+
+
 def build_curvature_edit(
     model: nn.Module,
     eigen: EigenSource,
@@ -283,7 +346,9 @@ def build_curvature_edit(
             them, not activated). The base weights must be the ones the factors were collected on.
         eigen ([`KFACFactors`], [`KFACEigen`], mapping, or path):
             Fitted factors (eigendecomposed here, using their on-disk cache), per-module eigenbases keyed by
-            qualified module name, or the path of an ``eigen.safetensors`` file (read one module at a time).
+            qualified module name, or the path of an ``eigen.safetensors`` file (read one module at a time). With
+            ``config.protect``, a dict of such factor sets: one general set plus one per protected domain, e.g.
+            ``{"general": eigen, "arithmetic": eigen_math}``.
         config ([`CurvatureEditConfig`], *optional*):
             Which modules and how much mass to keep; defaults to ``CurvatureEditConfig()`` (MLP projections, ρ = 0.6).
         adapter_name (`str`):
@@ -301,15 +366,13 @@ def build_curvature_edit(
     config = CurvatureEditConfig() if config is None else config
     if config.edited_modules:
         raise ValueError("this config was already used to build an edit (edited_modules is filled); pass a fresh one")
-    if isinstance(eigen, KFACFactors):
-        eigen = eigen.eigendecompose()
-    if isinstance(eigen, (str, Path)):
-        path = eigen
-        eigen = EigenFile(path)
-        config.factor_source = {**_provenance(eigen, path), **config.factor_source}
-    elif not config.factor_source:
-        config.factor_source = _provenance(eigen)
-    edits = compute_module_edits(model, eigen, config)
+    general, domains = _split_factor_sets(eigen, config)
+    eigen, config.factor_source = _open_eigen(general, config.factor_source)
+    protect_eigen = {}
+    for domain, source in domains.items():
+        protect_eigen[domain], config.protect_factor_sources[domain] = _open_eigen(
+            source, config.protect_factor_sources.get(domain, {}))
+    edits = compute_module_edits(model, eigen, config, protect_eigen)
     if isinstance(model, PeftModel):
         model.add_adapter(adapter_name, config)
         peft_model = model
