@@ -89,3 +89,10 @@ def test_svd_truncation_moved_but_still_importable_from_sweep():
     from hf_curvedit.sweep import svd_truncation as from_sweep
 
     assert from_sweep is svd_truncation
+
+
+def test_long_sequences_are_cut_into_pieces():
+    from hf_curvedit.baselines.balanced_subnet import _sequences
+
+    pieces = _sequences([list(range(10)), [1, 2, 3]], "clean", max_length=4)
+    assert pieces == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [1, 2, 3]]

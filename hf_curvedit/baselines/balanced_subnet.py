@@ -47,6 +47,8 @@ class BalancedSubnetConfig:
         target_modules: the weights to mask, in the `target_modules` grammar; ``None``: the architecture's MLP
             projections in every layer (as published).
         seed: seeds the scores' initialization and the order of the data.
+        max_length: longer sequences are cut into consecutive pieces of at most this many tokens (a document of the
+            clean text can be far longer than the memorized items).
     """
 
     ratio: float = 0.0015
@@ -57,6 +59,7 @@ class BalancedSubnetConfig:
     batch_size: int = 16
     target_modules: TargetSpec = None
     seed: int = 0
+    max_length: int = 256
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -64,7 +67,7 @@ class BalancedSubnetConfig:
                              f"{self.ratio}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1] (the weight of the clean loss), got {self.lam}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
@@ -159,14 +162,15 @@ def _batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, gen: t
         yield ids, attn, ids.masked_fill(attn == 0, -100)
 
 
-def _sequences(data: Any, what: str) -> list[list[int]]:
+def _sequences(data: Any, what: str, max_length: int) -> list[list[int]]:
     if hasattr(data, "prefixes") and hasattr(data, "suffixes"):  # a RecitationSet: the whole memorized text
         seqs = [list(p) + list(s) for p, s in zip(data.prefixes, data.suffixes)]
     elif hasattr(data, "sequences"):  # a TextSet
         seqs = [list(s) for s in data.sequences]
     else:
         seqs = [list(s) for s in data]
-    seqs = [s for s in seqs if len(s) >= 2]
+    seqs = [piece for s in seqs for piece in (s[i:i + max_length] for i in range(0, len(s), max_length))
+            if len(piece) >= 2]
     if not seqs:
         raise ValueError(f"the {what} data has no sequence of 2 or more tokens; give token-id sequences, a "
                          "RecitationSet or a TextSet")
@@ -187,7 +191,8 @@ def train_balanced_subnet(model: nn.Module, memorized: Any, clean: Any,
         pad_token_id: padding id (default: the model config's pad, else 0; padded positions are never scored).
     """
     config = config or BalancedSubnetConfig()
-    mem, cln = _sequences(memorized, "memorized"), _sequences(clean, "clean")
+    mem = _sequences(memorized, "memorized", config.max_length)
+    cln = _sequences(clean, "clean", config.max_length)
     names = resolve_target_modules(model, config.target_modules)
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} selects no linear layer of this model")
