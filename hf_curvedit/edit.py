@@ -234,10 +234,12 @@ def compute_edit(
     With ``protect`` (domain name → (that domain's eigenbasis of this module, its ρ)), a component is kept when the
     general selection *or* a protected domain's selection keeps it: ``W'`` is the orthogonal projection of W onto the
     sum of the kept subspaces (each a subspace of matrices in its own eigenbasis), solved in float64 by conjugate
-    gradients on the kept coordinates until the residual is orthogonal to every kept subspace to ``union_tol``
-    (relative to ‖W‖). ``W'`` lies in ``span(U_G kept cols of all sets) ⊗ span(U_A kept cols of all sets)``, so
-    ``Q`` is an orthonormal basis (SVD) of the smaller of those two spans and ``B = W' Q`` (or ``W'ᵀ Q``): still an
-    exact factorization. See docs/method.md, "Protected domains".
+    gradients (CGLS) on the kept coordinates until the norm of the residual's kept coordinates falls below
+    ``union_tol`` times its start; the result is refused when the residual's largest kept component is still above
+    ``1000 · union_tol · ‖W‖`` (not orthogonal to the kept subspaces). ``W'`` lies in
+    ``span(U_G kept cols of all sets) ⊗ span(U_A kept cols of all sets)``, so ``Q`` is an orthonormal basis
+    (SVD) of the smaller of those two spans and ``B = W' Q`` (or ``W'ᵀ Q``): still an exact factorization.
+    See docs/method.md, "Protected domains".
     """
     d_out, d_in = weight.shape
     _check_shape(eigen, d_out, d_in)
@@ -258,7 +260,9 @@ def compute_edit(
         W_kept, iters, gap = _project_onto_union(W, spaces, union_tol, union_max_iter)
         if gap > 1e3 * union_tol:
             raise RuntimeError(f"the projection onto the protected union did not converge in {iters} iterations "
-                               f"(optimality gap {gap:.2e}); raise union_max_iter")
+                               f"(optimality gap {gap:.2e} > {1e3 * union_tol:.0e}); call compute_edit with a larger "
+                               "union_max_iter, or report it with the factors: the kept subspaces may be nearly "
+                               "parallel")
         protected["_union"] = {"iterations": iters, "optimality_gap": gap}
         Q_in = _orthonormal_span(*(sp.UA for sp in spaces))
         Q_out = _orthonormal_span(*(sp.UG for sp in spaces))

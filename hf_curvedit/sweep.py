@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from .baselines import BASELINES, BalancedSubnetConfig, svd_truncation, train_ba
 from .curvature.eigen import KFACEigen
 from .evaluation import RecitationSet, TextSet, evaluate_recitation
 from .evaluation.coherence import DEFAULT_NDCG_K, ndcg_at_k
-from .evaluation.perplexity import score_text
+from .evaluation.perplexity import perplexity_from_nll, score_text
 from .targets import linear_shape, resolve_target_modules
 from .utils import atomic_write_text
 
@@ -138,6 +137,24 @@ class SweepResult:
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join(rows)
 
+    def pick_mismatch(self, adapter_config: Mapping[str, Any]) -> str | None:
+        """How an adapter's config (``adapter_config.json`` content) differs from the sweep's pick, or ``None`` when
+        the adapter is the pick (same ρ, modules and protection, default selection, no rank cap)."""
+        c = self.chosen
+        if c is None:
+            return "the sweep chose no edit"
+        protect = dict(self.extra.get("protect") or {})
+        checks = [
+            ("keep_mass", adapter_config.get("keep_mass"), c.keep_mass),
+            ("target_modules", adapter_config.get("target_modules"), c.target_modules),
+            ("protect", dict(adapter_config.get("protect") or {}), protect),
+            ("keep_mass_pattern", dict(adapter_config.get("keep_mass_pattern") or {}), {}),
+            ("selection", adapter_config.get("selection", "curvature_mass"), "curvature_mass"),
+            ("rank_cap", adapter_config.get("rank_cap"), None),
+        ]
+        diffs = [f"{name} is {have!r}, the pick's is {want!r}" for name, have, want in checks if have != want]
+        return "; ".join(diffs) or None
+
     def comparison(self) -> str:
         """The side-by-side table: the base, the chosen edit and each baseline at matched perplexity."""
         return self.to_markdown([self.base, *([self.chosen] if self.chosen else []), *self.matches.values()])
@@ -155,7 +172,7 @@ def _measure(model: nn.Module, sets: Mapping[str, RecitationSet], heldout: TextS
                               pad_token_id=pad_token_id, show_progress=False)
     assert topk is not None
     ndcg = ndcg_at_k(topk, base_topk) if base_topk is not None else None
-    return rec, math.exp(nll / n), ndcg, topk
+    return rec, perplexity_from_nll(nll, n), ndcg, topk
 
 
 def sweep_edits(
@@ -217,6 +234,10 @@ def sweep_edits(
     if "balanced_subnet" in baselines and clean is None:
         raise ValueError("the balanced_subnet baseline needs `clean`: a TextSet of text to keep (e.g. the factor "
                          "data), which its loss balances against the memorized sets")
+    subnet_configs = []
+    if "balanced_subnet" in baselines:  # every ratio is checked before the first measurement
+        settings = balanced_subnet or BalancedSubnetConfig()
+        subnet_configs = [dataclasses.replace(settings, ratio=ratio) for ratio in balanced_subnet_ratios]
     if capabilities is not None and tokenizer is None:
         raise ValueError("capabilities need the tokenizer")
     if not recitation_sets:
@@ -256,8 +277,10 @@ def sweep_edits(
     current: nn.Module = model
     for label, regex, rho in tqdm(grid, desc="sweep", unit="edit"):
         edited = build(current, rho, regex)
-        points.append(point("curvedit", label, regex, edited, keep_mass=rho))
-        current = edited.unload()
+        try:
+            points.append(point("curvedit", label, regex, edited, keep_mass=rho))
+        finally:  # the caller's model comes back without adapter layers, also after an error
+            current = edited.unload()
 
     within = [p for p in points if p.perplexity_change <= perplexity_budget]
     chosen = min(within, key=lambda p: (p.recitation[primary]["strict"], p.perplexity)) if within else None
@@ -276,21 +299,20 @@ def sweep_edits(
         for k in tqdm([k for k in svd_ranks or () if 0 < k < max_rank], desc="svd baseline", unit="rank"):
             with svd_truncation(current, names, k):
                 svd_points.append(point("svd", chosen.layers, chosen.target_modules, current, rank=k))
-            recreate[id(svd_points[-1])] = lambda k=k: svd_truncation(current, names, k)
+            recreate[id(svd_points[-1])] = lambda m=current, names=names, k=k: svd_truncation(m, names, k)
         result.points.extend(svd_points)
         if svd_points:
             result.matches["svd"] = min(svd_points, key=lambda q: abs(q.perplexity_change - chosen.perplexity_change))
-    if "balanced_subnet" in baselines:
-        settings = balanced_subnet or BalancedSubnetConfig()
+    if subnet_configs:
         memorized = [list(p) + list(s) for rs in recitation_sets.values() for p, s in zip(rs.prefixes, rs.suffixes)]
         subnet_points = []
-        for ratio in tqdm(list(balanced_subnet_ratios), desc="BalancedSubnet baseline", unit="ratio"):
-            masks = train_balanced_subnet(current, memorized, clean, dataclasses.replace(settings, ratio=ratio),
-                                          pad_token_id=pad_token_id, show_progress=False)
-            label = "all MLP" if settings.target_modules is None else str(settings.target_modules)
+        for cfg in tqdm(subnet_configs, desc="BalancedSubnet baseline", unit="ratio"):
+            masks = train_balanced_subnet(current, memorized, clean, cfg, pad_token_id=pad_token_id,
+                                          show_progress=False)
+            label = "all MLP" if cfg.target_modules is None else str(cfg.target_modules)
             with masks.applied(current):
-                subnet_points.append(point("balanced_subnet", label, None, current, ratio=ratio))
-            recreate[id(subnet_points[-1])] = lambda masks=masks: masks.applied(current)
+                subnet_points.append(point("balanced_subnet", label, None, current, ratio=cfg.ratio))
+            recreate[id(subnet_points[-1])] = lambda m=current, masks=masks: masks.applied(m)
         result.points.extend(subnet_points)
         if subnet_points:
             result.matches["balanced_subnet"] = min(
@@ -301,8 +323,10 @@ def sweep_edits(
 
         base.capabilities = capability_scores(current, tokenizer, capabilities)
         edited = build(current, chosen.keep_mass, chosen.target_modules)
-        chosen.capabilities = capability_scores(edited, tokenizer, capabilities)
-        current = edited.unload()
+        try:
+            chosen.capabilities = capability_scores(edited, tokenizer, capabilities)
+        finally:
+            current = edited.unload()
         for match in result.matches.values():
             with recreate[id(match)]():
                 match.capabilities = capability_scores(current, tokenizer, capabilities)

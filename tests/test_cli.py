@@ -134,6 +134,16 @@ def test_sweep_command(tmp_path, model_dir, text_file, capsys):
     assert "BalancedSubnet trains on the memorized set itself" in section
     assert "balanced_subnet (matched PPL)" in section and "svd (matched PPL)" in section and "**(chosen)**" in section
     assert (tmp_path / "pub" / "plots" / "method_comparison.png").stat().st_size > 1000
+    # another edit than the sweep's pick is refused before anything is written
+    other = 0.9 if chosen["keep_mass"] != 0.9 else 0.5
+    assert main(["edit", "--model", str(model_dir), "--factors", str(out), "--keep-mass", str(other),
+                 "--target-modules", chosen["target_modules"], "--output-dir", str(tmp_path / "edit")]) == 0
+    capsys.readouterr()
+    assert main(["publish", "--adapter", str(tmp_path / "edit" / f"rho{other:g}"), "--repo-id", "user/tiny",
+                 "--out-dir", str(tmp_path / "pub2"), "--dry-run",
+                 "--comparison", str(tmp_path / "sweep" / "sweep.json")]) == 2
+    assert f"picked another edit than this one (keep_mass is {other}" in capsys.readouterr().err
+    assert not (tmp_path / "pub2").exists()
     rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
                "--heldout", str(text_file), "--layers", "x", "--output-dir", str(tmp_path / "s2")])
     assert rc == 2 and "--layers takes" in capsys.readouterr().err

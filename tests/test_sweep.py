@@ -134,3 +134,38 @@ def test_sweep_result_written_before_baselines_still_loads(setup, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = SweepResult.load(tmp_path / "old.json")
     assert loaded.svd_match is loaded.points[1] and loaded.chosen is loaded.points[0]
+
+
+def test_sweep_scores_capabilities_of_the_base_the_pick_and_each_match(tmp_path):
+    pytest.importorskip("lm_eval")
+    from testing_utils import write_choice_task
+
+    from hf_curvedit import CurvatureEditConfig, build_curvature_edit
+    from hf_curvedit.baselines import svd_truncation as svd
+    from hf_curvedit.default import byte_tokenizer
+    from hf_curvedit.evaluation import CapabilityConfig, capability_scores
+
+    tok = byte_tokenizer()
+    model = tiny_llama(vocab_size=len(tok))
+    data = Dataset.from_dict({"input_ids": random_token_rows(24, lo=10, hi=30, seed=2)})
+    eigen = fit_factors(model, data, FactorConfig(seq_len=16, batch_size=8), progress=False).eigendecompose()
+    rows = random_token_rows(6, lo=12, hi=14, seed=4)
+    rec = RecitationSet([r[:8] for r in rows], [r[8:] for r in rows])
+    heldout = TextSet(random_token_rows(6, lo=10, hi=20, seed=9))
+    tasks = write_choice_task(tmp_path / "tasks", "yesno", [(f"Is {i} even?", i % 2) for i in range(12)])
+    caps = CapabilityConfig(tasks=["yesno"], include_path=tasks, bootstrap_iters=0)
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.3,), perplexity_budget=100.0,
+                         svd_ranks=[2, 8], capabilities=caps, tokenizer=tok)
+    chosen, match = result.chosen, result.matches["svd"]
+    assert set(result.base.capabilities) == {"yesno"}
+    assert result.base.capabilities == capability_scores(model, tok, caps)
+    edited = build_curvature_edit(model, eigen,
+                                  CurvatureEditConfig(keep_mass=0.3, target_modules=chosen.target_modules))
+    assert chosen.capabilities == capability_scores(edited, tok, caps)
+    model = edited.unload()
+    with svd(model, [n for n in eigen], match.rank):
+        assert match.capabilities == capability_scores(model, tok, caps)
+    assert all(p.capabilities is None for p in result.points if p is not chosen and p is not match)
+    assert "yesno" in result.comparison()
+    assert result.pick_mismatch({"keep_mass": 0.3, "target_modules": chosen.target_modules}) is None
+    assert "keep_mass is 0.5" in result.pick_mismatch({"keep_mass": 0.5, "target_modules": chosen.target_modules})

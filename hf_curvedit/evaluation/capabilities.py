@@ -138,13 +138,14 @@ def task_manager(config: CapabilityConfig) -> Any:
     """
     _import_lm_eval()
     folders = tuple(str(Path(p).resolve()) for p in config.include_path or ())
-    stamp = tuple((str(f), f.stat().st_mtime_ns) for d in folders for f in sorted(Path(d).rglob("*.y*ml")))
+    stamp = tuple((str(f), f.stat().st_mtime_ns) for d in folders for f in sorted(Path(d).rglob("*"))
+                  if f.suffix in (".yaml", ".yml", ".py"))  # task files and the `!function` modules they name
     return _cached_task_manager(folders, stamp)
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_task_manager(folders: tuple[str, ...], stamp: tuple[tuple[str, int], ...]) -> Any:
-    # `stamp` (each YAML and its mtime) is only part of the key: an edited or added task file builds a new manager.
+    # `stamp` (each task file and its mtime) is only part of the key: an edited or added one builds a new manager.
     from lm_eval.tasks import TaskManager
 
     with _quiet_lm_eval():

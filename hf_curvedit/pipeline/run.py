@@ -45,7 +45,8 @@ class RunLayout:
 
 
 def _with_sweep_pick(step: EditStep, layout: RunLayout) -> EditStep:
-    """The edit step with the sweep's pick (ρ and modules) unless it sets keep_mass itself."""
+    """The edit step with the sweep's pick (ρ and modules) unless it sets keep_mass itself. Protection: the edit
+    step's own ``protect`` when it gives one, else the one the sweep measured its pick with."""
     from ..sweep import SweepResult
 
     if step.keep_mass is not None:
@@ -105,10 +106,13 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[
             from ..sweep import SweepResult
 
             # only the sweep's own pick has its baselines measured next to it
-            sweep_json = layout.sweep / "sweep.json"
-            picked = config.sweep is not None and config.edit is not None and config.edit.keep_mass is None
-            comparison = (sweep_json if picked and sweep_json.exists() and SweepResult.load(sweep_json).matches
-                          else None)
+            sweep_json, adapter = layout.sweep / "sweep.json", layout.adapter()
+            comparison = None
+            if sweep_json.exists():
+                result = SweepResult.load(sweep_json)
+                adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+                if result.matches and result.pick_mismatch(adapter_config) is None:
+                    comparison = sweep_json
             echo(str(run_publish(layout.adapter(), step, layout.publish,
                                  report=layout.report if layout.report.exists() else None,
                                  eigen=layout.eigen if layout.eigen.exists() else None,

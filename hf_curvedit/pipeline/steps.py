@@ -59,8 +59,9 @@ def load_protected_eigen(factors_dir: str | Path, protect: dict[str, float], net
         folder = domain_factors_dir(factors_dir, name)
         if not (folder / FACTORS_FILENAME).exists():
             have = sorted(p.name for p in (Path(factors_dir) / DOMAINS_DIR).glob("*") if p.is_dir())
-            raise UsageError(f"no factors for protected domain {name!r} in {folder} (fitted domains: {have or 'none'})"
-                             f". Fit them first: hf-curvedit fit --name {name} --data FILE --output-dir {factors_dir}")
+            raise UsageError(f"no factors for protected domain {name!r} in {folder} (fitted domains: "
+                             f"{have or 'none'}). Fit them first: hf-curvedit fit --name {name} --data FILE "
+                             f"--output-dir {factors_dir} (in a run YAML: fit: {{domains: {{{name}: FILE}}}})")
         out[name] = load_factors(folder, net).eigendecompose()
     return out
 
@@ -124,7 +125,8 @@ def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
     clean = None
     if "balanced_subnet" in baselines:
         clean = TextSet.from_texts(clean_texts(step.clean, step.text_column), tok)
-    subnet = BalancedSubnetConfig(epochs=step.subnet_epochs, lr=step.subnet_lr, lam=step.subnet_lam)
+    subnet = (BalancedSubnetConfig(epochs=step.subnet_epochs, lr=step.subnet_lr, lam=step.subnet_lam)
+              if "balanced_subnet" in baselines else None)
     result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout,
                          keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,

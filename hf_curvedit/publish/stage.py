@@ -73,6 +73,11 @@ def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,
         if comparison is None and (source / COMPARISON_FILENAME).is_file():
             comparison = source / COMPARISON_FILENAME
     comparison = _load_comparison(comparison)
+    if comparison is not None:  # checked before anything is written
+        mismatch = comparison.pick_mismatch(_edit_config(model, source, adapter_name))
+        if mismatch:
+            raise ValueError(f"the comparison's sweep picked another edit than this one ({mismatch}); publish the "
+                             "sweep's pick, or leave the comparison out")
     if model is not None:
         edit, local_base = _write_model(model, adapter_name, out_dir, merged, overwrite, max_shard_size)
     else:
@@ -228,6 +233,16 @@ def _tradeoff_plot(sweep: Mapping[float, EditReport] | None, out_dir: Path) -> s
     (out_dir / SWEEP_FILENAME).write_text(
         json.dumps({str(k): v.to_dict() for k, v in sorted(sweep.items())}, indent=2), encoding="utf-8")
     return rel
+
+
+def _edit_config(model: PeftModel | None, source: Path | None, adapter_name: str | None) -> dict[str, Any]:
+    """The curvature-edit config (as in ``adapter_config.json``) of what is being published."""
+    if model is not None:
+        return model.peft_config[adapter_name or model.active_adapter].to_dict()
+    assert source is not None
+    if (source / "adapter_config.json").is_file():
+        return _read_json(source / "adapter_config.json")
+    return dict(_read_json(source / EDIT_FILENAME).get("config") or {}) if (source / EDIT_FILENAME).is_file() else {}
 
 
 def _load_comparison(comparison: Any) -> Any:
