@@ -147,6 +147,9 @@ def test_sweep_command(tmp_path, model_dir, text_file, capsys):
     rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
                "--heldout", str(text_file), "--layers", "x", "--output-dir", str(tmp_path / "s2")])
     assert rc == 2 and "--layers takes" in capsys.readouterr().err
+    rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--baselines", "balanced_subnet",
+               "--subnet-ratios", "0.01", "1.5", "--output-dir", str(tmp_path / "s3")])
+    assert rc == 2 and "--subnet-ratios 1.5 is not in (0, 1)" in capsys.readouterr().err
 
 
 def test_run_yaml_does_every_step_and_resumes(tmp_path, model_dir, text_file, capsys):

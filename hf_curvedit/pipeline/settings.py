@@ -239,6 +239,12 @@ class SweepStep(_Step):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_protect(self.protect)
+        bad = [r for r in self.subnet_ratios if not 0.0 < r < 1.0]
+        if bad:
+            raise UsageError(f"--subnet-ratios {bad[0]:g} is not in (0, 1): each ratio is the fraction of MLP weights "
+                             "BalancedSubnet zeroes, e.g. 0.0015 0.01")
+        if self.subnet_epochs < 1 or self.subnet_lr <= 0 or not 0.0 <= self.subnet_lam <= 1.0:
+            raise UsageError("BalancedSubnet needs --subnet-epochs ≥ 1, --subnet-lr > 0 and --subnet-lam in [0, 1]")
 
 
 @dataclass
