@@ -96,12 +96,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     step = _step(SweepStep, args)
     step.capabilities = _capabilities(args)
     result = run_sweep(args.model, args.factors, step, args.output_dir)
-    print(result.to_markdown())
+    print(result.report_markdown())
     if result.chosen is None:
         print(result.summary(), file=sys.stderr)
         return EXIT_FAILURE
-    if result.matches:
-        print("\nAt matched perplexity:\n" + result.comparison())
     print(f"{result.summary()}  (results: {args.output_dir})")
     return EXIT_OK
 

@@ -247,9 +247,9 @@ def compute_edit(
     W = weight.detach().to(torch.float64)
     weight_norm = float(torch.linalg.vector_norm(W))
     protected: dict[str, dict[str, float]] = {}
+    general = _KeptSpace(eigen, keep_mass, selection, device)
+    st, r, s = general.st, general.st.r, general.st.s
     if protect:
-        general = _KeptSpace(eigen, keep_mass, selection, device)
-        st, r, s = general.st, general.st.r, general.st.s
         spaces = [general]
         for name, (domain_eigen, rho) in protect.items():
             _check_shape(domain_eigen, d_out, d_in, f"the eigenbasis of protected domain {name!r}")
@@ -273,17 +273,11 @@ def compute_edit(
         k = int(Q.shape[1])
         kept_norm = float(torch.linalg.vector_norm(W_kept))
     else:
-        st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
-        r, s = st.r, st.s
-        UG = eigen.eigvecs_G[:, :r].to(device, torch.float64)
-        UA = eigen.eigvecs_A[:, :s].to(device, torch.float64)
-        cutoffs = st.cutoffs.to(device)
-        D = (UG.T @ W) @ UA
-        D = D * (torch.arange(s, device=device)[None, :] < cutoffs[:r, None])
+        D = general.coords(W)
         if s <= r:
-            q_side, Q, B = "input", UA, UG @ D
+            q_side, Q, B = "input", general.UA, general.UG @ D
         else:
-            q_side, Q, B = "output", UG, UA @ D.T
+            q_side, Q, B = "output", general.UG, general.UA @ D.T
         k = min(r, s)
         kept_norm = float(torch.linalg.vector_norm(D))
     rank, cap_error, edited_norm = k, 0.0, kept_norm

@@ -155,6 +155,11 @@ class SweepResult:
         diffs = [f"{name} is {have!r}, the pick's is {want!r}" for name, have, want in checks if have != want]
         return "; ".join(diffs) or None
 
+    def report_markdown(self) -> str:
+        """Every point (`to_markdown`), then, when baselines were measured, the side-by-side `comparison`."""
+        text = self.to_markdown()
+        return text + "\n\nAt matched perplexity:\n\n" + self.comparison() if self.matches else text
+
     def comparison(self) -> str:
         """The side-by-side table: the base, the chosen edit and each baseline at matched perplexity."""
         return self.to_markdown([self.base, *([self.chosen] if self.chosen else []), *self.matches.values()])

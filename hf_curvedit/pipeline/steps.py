@@ -122,11 +122,10 @@ def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
     heldout = TextSet.from_texts(heldout_texts(step.heldout, step.text_column, default_model=model is None), tok)
     choices = layer_choices(eig, step.layers, step.modules, step.layer_choice) or None
     baselines = [b for b in step.baselines if b != "svd" or step.svd_ranks]  # no ranks: no SVD baseline
-    clean = None
+    clean = subnet = None
     if "balanced_subnet" in baselines:
         clean = TextSet.from_texts(clean_texts(step.clean, step.text_column), tok)
-    subnet = (BalancedSubnetConfig(epochs=step.subnet_epochs, lr=step.subnet_lr, lam=step.subnet_lam)
-              if "balanced_subnet" in baselines else None)
+        subnet = BalancedSubnetConfig(epochs=step.subnet_epochs, lr=step.subnet_lr, lam=step.subnet_lam)
     result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout,
                          keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
@@ -134,10 +133,7 @@ def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
                          clean=clean, capabilities=capabilities, tokenizer=tok)
     out = Path(output_dir)
     result.save(out / "sweep.json")
-    text = result.to_markdown()
-    if result.matches:
-        text += "\n\nAt matched perplexity:\n\n" + result.comparison()
-    atomic_write_text(out / "sweep.md", text + "\n")
+    atomic_write_text(out / "sweep.md", result.report_markdown() + "\n")
     plot_sweep(result, out / "sweep.png")
     return result
 
