@@ -261,9 +261,9 @@ def sweep_edits(
             raise ValueError(f"layer choice {label!r} selects modules without factors: {missing[:4]}; fit factors "
                              "for them or narrow the regex")
     if capabilities is not None:
-        from .evaluation.capabilities import check_tasks, task_manager
+        from .evaluation.capabilities import check_tasks
 
-        check_tasks(capabilities, task_manager(capabilities))  # before any measurement
+        check_tasks(capabilities)  # before any measurement
 
     model.eval()
     rec, ppl, _, base_topk = _measure(model, recitation_sets, heldout, batch_size, pad_token_id)

@@ -254,7 +254,7 @@ def capability_scores(model: torch.nn.Module, tokenizer: Any, config: Capability
     _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    manager = check_tasks(config, task_manager(config))
+    manager = check_tasks(config)
     was_training = model.training
     model.eval()
     try:

@@ -224,9 +224,8 @@ class CurvatureEditModel(BaseTuner):
                     raise ValueError(f"cannot build curvature edit '{adapter_name}': protected domain {domain!r} "
                                      f"has no factors; set config.protect_factor_sources[{domain!r}] = {{'path': "
                                      "'.../eigen.safetensors'} or use build_curvature_edit")
-                protect_eigen[domain] = EigenFile(path)
-                config.protect_factor_sources[domain] = {**_provenance(protect_eigen[domain], path),
-                                                         **config.protect_factor_sources[domain]}
+                protect_eigen[domain], config.protect_factor_sources[domain] = _open_eigen(
+                    path, config.protect_factor_sources[domain])
             edits = compute_module_edits(model, factors, config, protect_eigen)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
