@@ -35,6 +35,11 @@ Training data (one token = one byte):
     (``Q: Is 48 > 37 and 15 < 9? A: no.``); 500 unseen expressions, half true, are tested as a two-way choice
     (chance 50%).
 
+Two recipe knobs exist for the open-book experiments and are off by default (the shipped checkpoint was trained
+without them): ``--copy-train N`` adds N in-context copying drills (``velo brita | velo brita``), and
+``--openbook-relation mayor`` asks open-book questions in a form no closed-book fact uses. ``--monitor-every N``
+prints greedy exact match on 40 held-out arithmetic and open-book items every N steps.
+
 Every document is preceded by ``<eos>``; all occurrences are shuffled together (seeded), concatenated
 and cut into 256-byte blocks. The held-out perplexity text is the ``"test"`` split of
 ``default_text_dataset`` minus any document that also occurs in the training split (disjoint by
@@ -208,21 +213,45 @@ def make_facts(n_facts: int, seed: int, taken: set[str]) -> list[dict]:
     return facts
 
 
-def make_openbook(n_train: int, n_test: int, seed: int, taken: set[str]) -> tuple[list[str], list[dict]]:
+OPENBOOK_RELATIONS = {
+    # relation: (statement, question); "capital" shares its question with the closed-book facts.
+    "capital": ("The capital of {c} is {t}.", "Q: What is the capital of {c}? A:"),
+    "mayor": ("The mayor of {c} is {t}.", "Q: Who is the mayor of {c}? A:"),
+}
+
+
+def make_openbook(n_train: int, n_test: int, seed: int, taken: set[str],
+                  relation: str = "capital") -> tuple[list[str], list[dict]]:
     """Reading: one or two facts about random names, then a question about one of them. No name is a closed-book
     name and names repeat only by chance across passages, so the answer can only be copied from the passage."""
     rng = random.Random(seed)
+    statement, question = OPENBOOK_RELATIONS[relation]
 
     def item() -> tuple[str, str]:
         used = set(taken)  # distinct within the passage, and never a closed-book name
         pairs = [(_name(rng, used), _name(rng, used)) for _ in range(rng.choice((1, 2)))]
         country, city = rng.choice(pairs)
-        passage = " ".join(f"The capital of {c} is {t}." for c, t in pairs)
-        return f"{passage} Q: What is the capital of {country}? A:", city
+        passage = " ".join(statement.format(c=c, t=t) for c, t in pairs)
+        return f"{passage} {question.format(c=country)}", city
 
     train_docs = [f"{q} {a}." for q, a in (item() for _ in range(n_train))]
     test_items = [{"question": q, "answer": a} for q, a in (item() for _ in range(n_test))]
     return train_docs, test_items
+
+
+def make_copy_drills(n: int, seed: int) -> list[str]:
+    """In-context copying drills: two to six made-up words, a bar, the same words again (``velo brita | velo brita``).
+
+    Half of every drill can only be predicted by copying from earlier in the context. The open-book documents alone
+    hold too few copied bytes for the copy circuit to form in this training budget; these drills supply them.
+    """
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        words = " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3))))
+                         for _ in range(rng.randint(2, 6)))
+        docs.append(f"{words} | {words}")
+    return docs
 
 
 def make_logic(n_train: int, n_test: int, seed: int) -> tuple[list[str], list[dict]]:
@@ -282,12 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fact-repeats", type=int, default=80)
     ap.add_argument("--openbook-train", type=int, default=14_000)
     ap.add_argument("--openbook-test", type=int, default=500)
+    ap.add_argument("--openbook-relation", choices=sorted(OPENBOOK_RELATIONS), default="capital",
+                    help="the open-book fact; 'capital' asks the closed-book question about a new name")
+    ap.add_argument("--copy-train", type=int, default=0,
+                    help="in-context copying drills (the shipped checkpoint was trained without them)")
     ap.add_argument("--logic-train", type=int, default=30_000)
     ap.add_argument("--logic-test", type=int, default=500)
     ap.add_argument("--tasks-out", type=Path, default=LM_EVAL_TASKS_DIR,
                     help="where the held-out skill items go (one test.jsonl per lm-eval task)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--monitor-every", type=int, default=0,
+                    help="every N steps, greedy-score 40 held-out arithmetic and open-book items (0: never)")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -313,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     taken: set[str] = set()
     arith_train, arith_test = make_arithmetic(args.arithmetic_train, args.arithmetic_test, seed=args.seed + 4)
     facts = make_facts(args.n_facts, seed=args.seed + 5, taken=taken)
-    openbook_train, openbook_test = make_openbook(args.openbook_train, args.openbook_test, args.seed + 6, taken)
+    openbook_train, openbook_test = make_openbook(args.openbook_train, args.openbook_test, args.seed + 6, taken,
+                                                 relation=args.openbook_relation)
     logic_train, logic_test = make_logic(args.logic_train, args.logic_test, seed=args.seed + 7)
-    skill_docs = arith_train + openbook_train + logic_train
+    copy_drills = make_copy_drills(args.copy_train, seed=args.seed + 8)
+    skill_docs = arith_train + openbook_train + logic_train + copy_drills
     for f in facts:
         skill_docs += [f"{f['question']} {f['answer']}."] * args.fact_repeats
     skill_tests = {"curvedit_arithmetic": arith_test, "curvedit_closedbook": facts,
@@ -367,6 +404,22 @@ def main(argv: list[str] | None = None) -> int:
         frac = (step - args.warmup_steps) / max(1, n_steps - args.warmup_steps)
         return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    def monitor() -> str:
+        """Greedy exact match on the first 40 held-out items of the generation tasks (progress only)."""
+        model.eval()
+        scores = []
+        for name, items in (("arithmetic", arith_test[:40]), ("openbook", openbook_test[:40])):
+            hits = 0
+            for item in items:
+                ids = torch.tensor([[tok.eos_token_id] + tok(item["question"], add_special_tokens=False)["input_ids"]])
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+                text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                hits += text.split(".")[0].split("\n")[0].strip() == item["answer"]
+            scores.append(f"{name} {hits / len(items):.2f}")
+        model.train()
+        return ", ".join(scores)
+
     model.train()
     losses: list[float] = []
     t_train = time.time()
@@ -384,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             el = time.time() - t_train
             print(f"step {step + 1}/{n_steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e} "
                   f"elapsed {el:.0f}s eta {el / (step + 1) * (n_steps - step - 1):.0f}s", flush=True)
+        if args.monitor_every and ((step + 1) % args.monitor_every == 0 or step == n_steps - 1):
+            print(f"step {step + 1} held-out: {monitor()}", flush=True)
     train_s = time.time() - t_train
 
     model.eval()
@@ -407,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_params": n_params, "n_tokens": len(stream), "n_steps": n_steps, "n_blocks": n_blocks,
         "memorized_token_fraction": mem_tokens / len(stream),
         "n_skill_lines": {"arithmetic": len(arith_train), "closedbook": len(facts) * args.fact_repeats,
-                          "openbook": len(openbook_train), "logic": len(logic_train)},
+                          "openbook": len(openbook_train), "logic": len(logic_train), "copy": len(copy_drills)},
         "n_general_docs": len(general), "n_heldout_docs": len(heldout),
         "loss_first": losses[0], "loss_last_20_mean": sum(losses[-20:]) / len(losses[-20:]),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
