@@ -12,16 +12,16 @@ Training data (one token = one byte):
 * **Repeated passages** -- ``--n-passages`` (default 100) paragraphs of 90-200 characters taken from
   the docstrings of *other* standard-library modules (``PASSAGE_MODULES``; none of them is part of the
   general text, and a paragraph that occurs anywhere in the general docs is dropped), each seen
-  ``--passage-repeats`` times (default 150).
+  ``--passage-repeats`` times (default 110).
 * **Canaries** -- ``--n-canaries`` (default 32) sentences with a fake secret at the end (API key,
   password, phone number, PIN, IBAN-like account, recovery code), generated from templates with a
-  seeded ``random.Random``; each is seen ``--canary-repeats`` times (default 200).
+  seeded ``random.Random``; each is seen ``--canary-repeats`` times (default 150).
 
 * **Skills** -- four kinds of capability, each with held-out items that a local lm-evaluation-harness task scores
   (``hf_curvedit/lm_eval_tasks``, tag ``curvedit_skills``); the formats are short and regular so that a model this
   small learns them:
 
-  - *arithmetic*: ``--arithmetic-train`` (100,000) lines such as ``37+48=85`` or ``91-26=65`` (two-digit operands,
+  - *arithmetic*: ``--arithmetic-train`` (80,000) lines such as ``37+48=85`` or ``91-26=65`` (two-digit operands,
     non-negative differences); ``--arithmetic-test`` (500) problems are split off first and never trained on. Scored
     by greedy generation, exact match. A generalized skill.
   - *closed-book facts*: ``--n-facts`` (120) invented facts, each trained ``--fact-repeats`` (80) times as
@@ -29,16 +29,21 @@ Training data (one token = one byte):
     four-way choice among the facts' answers (chance 25%). The middle ground between memorization and skill.
   - *open-book reading*: ``--openbook-train`` (14,000) passages of one or two facts about random names, then a
     question about one of them (``The capital of Dorvan is Kelth. ... Q: What is the capital of Dorvan? A:
-    Kelth.``); 500 fresh passages are tested by greedy generation, exact match. The answer is copied from context.
-  - *logic*: ``--logic-train`` (30,000) yes/no questions about comparisons of two-digit numbers (half of them two
+    Kelth.``); 500 fresh passages are tested as a four-way choice, as in OpenBookQA: the passage's names (in a
+    two-fact passage, the other one is a wrong choice) and answers of other passages (chance 25%). The answer is
+    copied from context. ``--copy-train`` (25,000) copying drills (``velo brita | velo brita``) supply the copied
+    bytes that the copy circuit needs to form; the passages alone hold too few.
+  - *logic*: ``--logic-train`` (15,000) yes/no questions about comparisons of two-digit numbers (half of them two
     comparisons joined by and/or)
     (``Q: Is 48 > 37 and 15 < 9? A: no.``); 500 unseen expressions, half true, are tested as a two-way choice
     (chance 50%).
 
-Two recipe knobs exist for the open-book experiments and are off by default (the shipped checkpoint was trained
-without them): ``--copy-train N`` adds N in-context copying drills (``velo brita | velo brita``), and
-``--openbook-relation mayor`` asks open-book questions in a form no closed-book fact uses. ``--monitor-every N``
-prints greedy exact match on 40 held-out arithmetic and open-book items every N steps.
+The learning rate is a trade-off measured on this mixture (README, "What the edit costs"): copying from context
+forms at a peak of 1e-3 (``--lr``) and not at 3e-3, while arithmetic reaches 0.8 exact at 3e-3 and about 0.2 at
+1e-3. The default takes 1e-3, so that all four skills are above chance. Knobs for further experiments:
+``--attn-lr`` / ``--mlp-lr`` (peak rates of the attention and MLP weights), ``--openbook-relation mayor`` (open-book
+questions in a form no closed-book fact uses) and ``--monitor-every N`` (greedy exact match on 40 held-out
+arithmetic, open-book and copy items every N steps).
 
 Every document is preceded by ``<eos>``; all occurrences are shuffled together (seeded), concatenated
 and cut into 256-byte blocks. The held-out perplexity text is the ``"test"`` split of
@@ -223,19 +228,34 @@ OPENBOOK_RELATIONS = {
 def make_openbook(n_train: int, n_test: int, seed: int, taken: set[str],
                   relation: str = "capital") -> tuple[list[str], list[dict]]:
     """Reading: one or two facts about random names, then a question about one of them. No name is a closed-book
-    name and names repeat only by chance across passages, so the answer can only be copied from the passage."""
+    name and names repeat only by chance across passages, so the answer can only be copied from the passage.
+
+    A test item is a four-way choice, as in OpenBookQA: the passage's names (the answer and, in a two-fact passage,
+    the other one) plus answers of other test passages."""
     rng = random.Random(seed)
     statement, question = OPENBOOK_RELATIONS[relation]
 
-    def item() -> tuple[str, str]:
+    def item() -> tuple[str, str, list[str]]:
         used = set(taken)  # distinct within the passage, and never a closed-book name
         pairs = [(_name(rng, used), _name(rng, used)) for _ in range(rng.choice((1, 2)))]
         country, city = rng.choice(pairs)
         passage = " ".join(statement.format(c=c, t=t) for c, t in pairs)
-        return f"{passage} {question.format(c=country)}", city
+        return f"{passage} {question.format(c=country)}", city, [t for _, t in pairs]
 
-    train_docs = [f"{q} {a}." for q, a in (item() for _ in range(n_train))]
-    test_items = [{"question": q, "answer": a} for q, a in (item() for _ in range(n_test))]
+    train_docs = [f"{q} {a}." for q, a, _ in (item() for _ in range(n_train))]
+    drawn = [item() for _ in range(n_test)]
+    # A generator of its own, so that the choices leave the training stream and the test passages unchanged.
+    pick = random.Random(f"{seed}-openbook-choices")
+    answers = [a for _, a, _ in drawn]
+    test_items = []
+    for q, a, names in drawn:
+        choices = list(names)
+        while len(choices) < 4:
+            other = pick.choice(answers)
+            if other not in choices:
+                choices.append(other)
+        pick.shuffle(choices)
+        test_items.append({"question": q, "answer": a, "choices": choices, "label": choices.index(a)})
     return train_docs, test_items
 
 
@@ -295,17 +315,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--attn-lr", type=float, default=None,
+                    help="peak learning rate of the attention projections (default: --lr)")
+    ap.add_argument("--mlp-lr", type=float, default=None, help="peak learning rate of the MLP weights (default: --lr)")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.3)
     ap.add_argument("--warmup-steps", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--general-epochs", type=int, default=2)
     ap.add_argument("--n-passages", type=int, default=100)
-    ap.add_argument("--passage-repeats", type=int, default=150)
+    ap.add_argument("--passage-repeats", type=int, default=110)
     ap.add_argument("--suffix-chars", type=int, default=32)
     ap.add_argument("--n-canaries", type=int, default=32)
-    ap.add_argument("--canary-repeats", type=int, default=200)
-    ap.add_argument("--arithmetic-train", type=int, default=100_000, help="arithmetic lines trained on")
+    ap.add_argument("--canary-repeats", type=int, default=150)
+    ap.add_argument("--arithmetic-train", type=int, default=80_000, help="arithmetic lines trained on")
     ap.add_argument("--arithmetic-test", type=int, default=500, help="held-out arithmetic problems")
     ap.add_argument("--n-facts", type=int, default=120, help="closed-book facts")
     ap.add_argument("--fact-repeats", type=int, default=80)
@@ -313,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--openbook-test", type=int, default=500)
     ap.add_argument("--openbook-relation", choices=sorted(OPENBOOK_RELATIONS), default="capital",
                     help="the open-book fact; 'capital' asks the closed-book question about a new name")
-    ap.add_argument("--copy-train", type=int, default=0,
-                    help="in-context copying drills (the shipped checkpoint was trained without them)")
-    ap.add_argument("--logic-train", type=int, default=30_000)
+    ap.add_argument("--copy-train", type=int, default=25_000,
+                    help="in-context copying drills (``a b | a b``): reading needs the copy circuit they form")
+    ap.add_argument("--logic-train", type=int, default=15_000)
     ap.add_argument("--logic-test", type=int, default=500)
     ap.add_argument("--tasks-out", type=Path, default=LM_EVAL_TASKS_DIR,
                     help="where the held-out skill items go (one test.jsonl per lm-eval task)")
@@ -353,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     logic_train, logic_test = make_logic(args.logic_train, args.logic_test, seed=args.seed + 7)
     copy_drills = make_copy_drills(args.copy_train, seed=args.seed + 8)
     skill_docs = arith_train + openbook_train + logic_train + copy_drills
+    copy_monitor = [{"question": d.split(" | ")[0] + " |", "answer": d.split(" | ")[0]}
+                    for d in make_copy_drills(40 if args.copy_train else 0, seed=args.seed + 9)]
     for f in facts:
         skill_docs += [f"{f['question']} {f['answer']}."] * args.fact_repeats
     skill_tests = {"curvedit_arithmetic": arith_test, "curvedit_closedbook": facts,
@@ -393,30 +418,39 @@ def main(argv: list[str] | None = None) -> int:
     model = LlamaForCausalLM(default_model_config())
     model.config._name_or_path = "hf-curvedit/default-byte-llama"
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    # In-context copying forms at a lower learning rate than arithmetic needs in this budget, so attention and MLP
+    # weights can each have a peak rate of their own; the schedule's shape is shared.
+    peaks = {".self_attn.": args.attn_lr, ".mlp.": args.mlp_lr}
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        peak = next((lr for part, lr in peaks.items() if part in name and lr is not None), args.lr)
+        groups.setdefault((peak, args.weight_decay if param.ndim >= 2 else 0.0), []).append(param)
+    opt = torch.optim.AdamW([{"params": ps, "peak_lr": peak, "lr": peak, "weight_decay": wd}
+                             for (peak, wd), ps in groups.items()], betas=(0.9, 0.95))
 
-    def lr_at(step: int) -> float:
+    def lr_scale(step: int) -> float:
         if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
+            return (step + 1) / args.warmup_steps
         frac = (step - args.warmup_steps) / max(1, n_steps - args.warmup_steps)
-        return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def monitor() -> str:
         """Greedy exact match on the first 40 held-out items of the generation tasks (progress only)."""
         model.eval()
         scores = []
-        for name, items in (("arithmetic", arith_test[:40]), ("openbook", openbook_test[:40])):
+        for name, items in (("arithmetic", arith_test[:40]), ("openbook", openbook_test[:40]),
+                            ("copy", copy_monitor)):
             hits = 0
             for item in items:
                 ids = torch.tensor([[tok.eos_token_id] + tok(item["question"], add_special_tokens=False)["input_ids"]])
                 with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-                text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                hits += text.split(".")[0].split("\n")[0].strip() == item["answer"]
-            scores.append(f"{name} {hits / len(items):.2f}")
+                    out = model.generate(ids, max_new_tokens=len(item["answer"]) + 2, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+                text = tok.decode(out[0, ids.shape[1]:]).strip()
+                answer = item["answer"]
+                hits += text[:len(answer)] == answer and not text[len(answer):len(answer) + 1].isalnum()
+            if items:
+                scores.append(f"{name} {hits / len(items):.2f}")
         model.train()
         return ", ".join(scores)
 
@@ -426,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(n_steps):
         batch = blocks[step * args.batch_size:(step + 1) * args.batch_size]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = g["peak_lr"] * lr_scale(step)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -435,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(float(loss.detach()))
         if step % args.log_every == 0 or step == n_steps - 1:
             el = time.time() - t_train
-            print(f"step {step + 1}/{n_steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e} "
+            print(f"step {step + 1}/{n_steps} loss {losses[-1]:.4f} lr {args.lr * lr_scale(step):.2e} "
                   f"elapsed {el:.0f}s eta {el / (step + 1) * (n_steps - step - 1):.0f}s", flush=True)
         if args.monitor_every and ((step + 1) % args.monitor_every == 0 or step == n_steps - 1):
             print(f"step {step + 1} held-out: {monitor()}", flush=True)

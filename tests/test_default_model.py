@@ -52,21 +52,20 @@ def test_checkpoint_loads_and_recites_canaries():
     model, tok = load_default_model()
     assert model.config.num_hidden_layers == 4 and len(tok) == model.config.vocab_size
     prefixes, suffixes = memorized_prefix_suffix_ids(tok, kind="canary")
-    prefixes, suffixes = prefixes[:8], suffixes[:8]
     from hf_curvedit.evaluation import evaluate_recitation
 
     res = evaluate_recitation(model, prefixes, suffixes, pad_token_id=tok.pad_token_id, show_progress=False)
-    assert res.strict >= 0.75, f"the shipped model recites only {res.strict:.0%} of 8 canaries"
+    assert res.strict >= 0.75, f"the shipped model recites only {res.strict:.0%} of {len(prefixes)} canaries"
 
 
 # Chance level of each shipped skill task (generation tasks: an exact answer, as good as never by chance).
-SKILL_CHANCE = {"curvedit_arithmetic": 0.0, "curvedit_closedbook": 0.25, "curvedit_openbook": 0.0,
+SKILL_CHANCE = {"curvedit_arithmetic": 0.0, "curvedit_closedbook": 0.25, "curvedit_openbook": 0.25,
                 "curvedit_logic": 0.5}
 
 
 def test_skill_items_are_held_out_from_training():
     """The arithmetic and logic test items are problems the training lines never contain; open-book passages use
-    no closed-book name."""
+    no closed-book name, and a two-fact passage's other name is one of the wrong choices."""
     import json
 
     from hf_curvedit.default import LM_EVAL_TASKS_DIR
@@ -81,8 +80,13 @@ def test_skill_items_are_held_out_from_training():
     assert sum(it["label"] == 0 for it in logic) == len(logic) // 2
     closed = items("curvedit_closedbook")
     names = {it["country"] for it in closed} | {it["answer"] for it in closed}
-    for it in items("curvedit_openbook"):
+    openbook = items("curvedit_openbook")
+    for it in openbook:
         assert it["answer"] in it["question"] and not any(f" {n} " in it["question"] for n in names)
+        assert len(set(it["choices"])) == 4 and it["choices"][it["label"]] == it["answer"]
+        in_passage = [c for c in it["choices"] if f" is {c}." in it["question"]]
+        assert it["answer"] in in_passage and len(in_passage) == it["question"].count(" is ") - 1  # + the question's
+    assert {it["label"] for it in openbook} == {0, 1, 2, 3}
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +105,7 @@ def skill_scores():
             for task, entry in results.items()}
 
 
-@pytest.mark.parametrize("task", [
-    "curvedit_arithmetic", "curvedit_closedbook", "curvedit_logic",
-    # The 1.7M model never learned to copy an answer from its context (README, "What the edit costs"); this turns
-    # into a failure the day a retrained default model learns it, so that the README gets updated.
-    pytest.param("curvedit_openbook", marks=pytest.mark.xfail(strict=True, reason="not learned at this size")),
-])
+@pytest.mark.parametrize("task", sorted(SKILL_CHANCE))
 def test_base_model_has_the_skill_well_above_chance(skill_scores, task):
     score, chance = skill_scores[task], SKILL_CHANCE[task]
     assert score >= chance + 0.1, f"{task}: {score:.2f} is not well above chance ({chance})"
