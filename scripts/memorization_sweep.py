@@ -27,7 +27,7 @@ secret is recited exactly.
 
 Usage::
 
-    python scripts/memorization_sweep.py                      # ~10 min on 2 CPU cores
+    python scripts/memorization_sweep.py                      # ~4 min on 2 CPU cores
     python scripts/memorization_sweep.py --rhos 0.6 --targets 2,3:gate,up   # one edit
 """
 

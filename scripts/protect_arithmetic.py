@@ -11,12 +11,12 @@ Steps, each through the product's own pipeline functions (the same code as ``hf-
    (what ``hf-curvedit fit --name arithmetic`` writes). Both are cached and reused.
 3. Build the main job's edit (layers 2-3, gate + up + down, ρ = 0.8) without protection and with arithmetic protected
    at each ``--protect-rhos``, and measure each with ``evaluate_edit``: recitation of the memorized set (Strict,
-   canaries), held-out perplexity and the capability tasks (arithmetic, closed-book facts, logic).
+   canaries), held-out perplexity and the capability tasks (arithmetic, closed-book facts, logic, open-book reading).
 4. Print a Markdown table and write ``RUN_DIR/results.json`` and ``RUN_DIR/table.md``.
 
 Usage::
 
-    python scripts/protect_arithmetic.py          # ~6 min on 2 CPU cores
+    python scripts/protect_arithmetic.py          # ~4 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from hf_curvedit.pipeline.steps import run_edit, run_evaluate, run_fit
 from hf_curvedit.utils import atomic_write_text
 
 TARGETS = r"model\.layers\.[23]\.mlp\.(gate|up|down)_proj"
-TASKS = ("curvedit_arithmetic", "curvedit_closedbook", "curvedit_logic")
+TASKS = ("curvedit_arithmetic", "curvedit_closedbook", "curvedit_logic", "curvedit_openbook")
 
 
 def arithmetic_lines(n: int, seed: int) -> list[str]:

@@ -38,9 +38,11 @@ Training data (one token = one byte):
     (``Q: Is 48 > 37 and 15 < 9? A: no.``); 500 unseen expressions, half true, are tested as a two-way choice
     (chance 50%).
 
-The learning rate is a trade-off measured on this mixture (README, "What the edit costs"): copying from context
-forms at a peak of 1e-3 (``--lr``) and not at 3e-3, while arithmetic reaches 0.8 exact at 3e-3 and about 0.2 at
-1e-3. The default takes 1e-3, so that all four skills are above chance. Knobs for further experiments:
+The learning rate is a trade-off (README, "What the edit costs"): with the copying drills in the mix, copying from
+context forms at a peak of 1e-3 (``--lr``, decaying to ``--min-lr-ratio`` 0.3 of it) and not at 3e-3, while
+arithmetic reached 0.82 exact (40 held-out problems) at 3e-3 and reaches 0.17 at 1e-3. The default takes 1e-3, so
+that all four skills are above chance. (The previous default, 3e-3 decaying to 0.1 of it, without drills, 100k sums,
+30k logic lines and the memorized set seen 150/200 times, reached 0.84.) Knobs for further experiments:
 ``--attn-lr`` / ``--mlp-lr`` (peak rates of the attention and MLP weights), ``--openbook-relation mayor`` (open-book
 questions in a form no closed-book fact uses) and ``--monitor-every N`` (greedy exact match on 40 held-out
 arithmetic, open-book and copy items every N steps).
@@ -66,7 +68,7 @@ Deterministic: fixed seeds, ``torch.set_num_threads(--threads)``,
 
 Usage::
 
-    python scripts/train_default_model.py            # ~18 min on 2 idle CPU cores (1607 steps, 6.6M tokens)
+    python scripts/train_default_model.py            # ~17 min on 2 idle CPU cores (1666 steps, 6.8M tokens)
 """
 
 from __future__ import annotations
@@ -235,24 +237,28 @@ def make_openbook(n_train: int, n_test: int, seed: int, taken: set[str],
     rng = random.Random(seed)
     statement, question = OPENBOOK_RELATIONS[relation]
 
-    def item() -> tuple[str, str, list[str]]:
+    def item() -> tuple[str, str, list[str], list[str]]:
         used = set(taken)  # distinct within the passage, and never a closed-book name
         pairs = [(_name(rng, used), _name(rng, used)) for _ in range(rng.choice((1, 2)))]
         country, city = rng.choice(pairs)
         passage = " ".join(statement.format(c=c, t=t) for c, t in pairs)
-        return f"{passage} {question.format(c=country)}", city, [t for _, t in pairs]
+        return f"{passage} {question.format(c=country)}", city, [t for _, t in pairs], [c for c, _ in pairs]
 
-    train_docs = [f"{q} {a}." for q, a, _ in (item() for _ in range(n_train))]
+    train_docs = [f"{q} {a}." for q, a, _, _ in (item() for _ in range(n_train))]
     drawn = [item() for _ in range(n_test)]
     # A generator of its own, so that the choices leave the training stream and the test passages unchanged.
     pick = random.Random(f"{seed}-openbook-choices")
-    answers = [a for _, a, _ in drawn]
+    answers = [a for _, a, _, _ in drawn]
     test_items = []
-    for q, a, names in drawn:
+    for q, a, names, countries in drawn:
+        pool = {other for other in answers if other not in names and other not in countries}
+        if len(pool) < 4 - len(names):
+            raise ValueError(f"--openbook-test {n_test} leaves too few other passages' names for 4 choices: use more "
+                             "(the default is 500)")
         choices = list(names)
         while len(choices) < 4:
             other = pick.choice(answers)
-            if other not in choices:
+            if other not in choices and other not in countries:
                 choices.append(other)
         pick.shuffle(choices)
         test_items.append({"question": q, "answer": a, "choices": choices, "label": choices.index(a)})
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--monitor-every", type=int, default=0,
-                    help="every N steps, greedy-score 40 held-out arithmetic and open-book items (0: never)")
+                    help="every N steps, greedy-score 40 held-out arithmetic, open-book and copy items (0: never)")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def monitor() -> str:
-        """Greedy exact match on the first 40 held-out items of the generation tasks (progress only)."""
+        """Greedy exact match on 40 held-out arithmetic, open-book and copy items (progress only)."""
         model.eval()
         scores = []
         for name, items in (("arithmetic", arith_test[:40]), ("openbook", openbook_test[:40]),
@@ -469,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(float(loss.detach()))
         if step % args.log_every == 0 or step == n_steps - 1:
             el = time.time() - t_train
-            print(f"step {step + 1}/{n_steps} loss {losses[-1]:.4f} lr {args.lr * lr_scale(step):.2e} "
+            print(f"step {step + 1}/{n_steps} loss {losses[-1]:.4f} lr {args.lr * lr_scale(step):.2e} (--lr) "
                   f"elapsed {el:.0f}s eta {el / (step + 1) * (n_steps - step - 1):.0f}s", flush=True)
         if args.monitor_every and ((step + 1) % args.monitor_every == 0 or step == n_steps - 1):
             print(f"step {step + 1} held-out: {monitor()}", flush=True)
@@ -492,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             for item in items:
                 f.write(json.dumps(item, sort_keys=True) + "\n")
     info = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "tasks_out")},
         "n_params": n_params, "n_tokens": len(stream), "n_steps": n_steps, "n_blocks": n_blocks,
         "memorized_token_fraction": mem_tokens / len(stream),
         "n_skill_lines": {"arithmetic": len(arith_train), "closedbook": len(facts) * args.fact_repeats,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -58,21 +61,20 @@ def test_checkpoint_loads_and_recites_canaries():
     assert res.strict >= 0.75, f"the shipped model recites only {res.strict:.0%} of {len(prefixes)} canaries"
 
 
-# Chance level of each shipped skill task (generation tasks: an exact answer, as good as never by chance).
+# Chance level of each shipped skill task (arithmetic is generated: an exact answer, as good as never by chance).
 SKILL_CHANCE = {"curvedit_arithmetic": 0.0, "curvedit_closedbook": 0.25, "curvedit_openbook": 0.25,
                 "curvedit_logic": 0.5}
+
+
+def items(task: str) -> list[dict]:
+    from hf_curvedit.default import LM_EVAL_TASKS_DIR
+
+    return [json.loads(line) for line in (LM_EVAL_TASKS_DIR / task / "test.jsonl").read_text().splitlines()]
 
 
 def test_skill_items_are_held_out_from_training():
     """The arithmetic and logic test items are problems the training lines never contain; open-book passages use
     no closed-book name, and a two-fact passage's other name is one of the wrong choices."""
-    import json
-
-    from hf_curvedit.default import LM_EVAL_TASKS_DIR
-
-    def items(task):
-        return [json.loads(line) for line in (LM_EVAL_TASKS_DIR / task / "test.jsonl").read_text().splitlines()]
-
     arithmetic = items("curvedit_arithmetic")
     assert len({it["question"] for it in arithmetic}) == len(arithmetic) == 500
     assert all(str(eval(it["question"][:-1])) == it["answer"] for it in arithmetic)  # digits and +/- only
@@ -82,7 +84,7 @@ def test_skill_items_are_held_out_from_training():
     names = {it["country"] for it in closed} | {it["answer"] for it in closed}
     openbook = items("curvedit_openbook")
     for it in openbook:
-        assert it["answer"] in it["question"] and not any(f" {n} " in it["question"] for n in names)
+        assert it["answer"] in it["question"] and not set(re.findall(r"\w+", it["question"])) & names
         assert len(set(it["choices"])) == 4 and it["choices"][it["label"]] == it["answer"]
         in_passage = [c for c in it["choices"] if f" is {c}." in it["question"]]
         assert it["answer"] in in_passage and len(in_passage) == it["question"].count(" is ") - 1  # + the question's
@@ -109,3 +111,28 @@ def skill_scores():
 def test_base_model_has_the_skill_well_above_chance(skill_scores, task):
     score, chance = skill_scores[task], SKILL_CHANCE[task]
     assert score >= chance + 0.1, f"{task}: {score:.2f} is not well above chance ({chance})"
+
+
+@pytest.mark.parametrize("facts", [
+    1,
+    # Two facts need the answer bound to the question's name; the 1.7M model picks one of the passage's two names
+    # at chance (README, "What the edit costs"). This fails the day a retrained model binds them.
+    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="binding two facts is not learned at this size")),
+])
+def test_base_model_answers_from_the_passage(facts):
+    """Open-book items scored as lm-eval scores a choice (summed log-probability of " choice" after the prompt):
+    from a one-fact passage the model picks the passage's name over three names of other passages."""
+    model, tok = load_default_model()
+    chosen = [it for it in items("curvedit_openbook") if it["question"].count(" is ") - 1 == facts][:60]
+    hits = 0
+    for it in chosen:
+        context = [tok.eos_token_id] + tok(it["question"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in it["choices"]:
+            ids = tok(" " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = model(torch.tensor([context + ids])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[len(context) - 1 + i, t].item() for i, t in enumerate(ids)))
+        hits += scores.index(max(scores)) == it["label"]
+    # one fact: chance is 0.25 (measured: 0.96 of 245); two facts: 0.5 between the passage's names (measured: 0.43)
+    assert hits / len(chosen) >= 0.8, f"{hits} of {len(chosen)} {facts}-fact passages answered from the passage"
