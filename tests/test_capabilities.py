@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 from huggingface_hub import ModelCard  # noqa: E402
-from testing_utils import edit_llama, random_eigen  # noqa: E402
+from testing_utils import best_choice, edit_llama, random_eigen  # noqa: E402
 
 from hf_curvedit import CurvatureEditConfig, build_curvature_edit  # noqa: E402
 from hf_curvedit.default import LM_EVAL_TASKS_DIR, byte_tokenizer  # noqa: E402
@@ -54,13 +54,6 @@ def _greedy(model, tok, prompt: str) -> str:
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return text.split("\n")[0].lstrip()
-
-
-@torch.no_grad()
-def _loglik(model, tok, context: str, continuation: str) -> float:
-    ctx, cont = _ids(tok, context), _ids(tok, continuation)
-    logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
-    return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +103,7 @@ def _by_hand(model, tok, gen, mc) -> dict[str, float]:
     em = sum(_greedy(model, tok, r["q"]) == r["a"] for r in gen) / len(gen)
     acc = 0
     for r in mc:
-        scores = [_loglik(model, tok, r["q"], " " + c) for c in r["choices"]]
-        acc += max(range(len(scores)), key=scores.__getitem__) == r["label"]
+        acc += best_choice(model, _ids(tok, r["q"]), [_ids(tok, " " + c) for c in r["choices"]]) == r["label"]
     return {"tiny_gen": em, "tiny_mc": acc / len(mc)}
 
 

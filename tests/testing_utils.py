@@ -155,3 +155,14 @@ def write_choice_task(folder: Path, name: str, items: list[tuple[str, int]]) -> 
         "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: ['yes', 'no']\ndoc_to_target: '{{label}}'\n"
         "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\nmetadata: {version: 1.0}\n")
     return folder
+
+
+@torch.no_grad()
+def best_choice(model, context_ids: list[int], choices_ids: list[list[int]]) -> int:
+    """The choice whose tokens have the highest summed log-probability after ``context_ids`` (the first on a tie): how
+    lm-eval's ``multiple_choice`` tasks score ``acc``, computed by hand in fp64."""
+    scores = []
+    for cont in choices_ids:
+        logp = torch.log_softmax(model(input_ids=torch.tensor([context_ids + cont])).logits[0].double(), -1)
+        scores.append(float(sum(logp[len(context_ids) - 1 + i, t] for i, t in enumerate(cont))))
+    return max(range(len(scores)), key=scores.__getitem__)
