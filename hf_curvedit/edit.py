@@ -23,8 +23,9 @@ import torch
 from .curvature.eigen import ModuleEigen
 from .selection import SELECTIONS, Selection, select_cutoffs
 
-__all__ = ["FINGERPRINT_SIZE", "META_FIELDS", "CurvatureEdit", "ModuleEditReport", "compute_edit",
-           "fingerprint_mismatch", "q_side_of", "weight_fingerprint"]
+__all__ = ["FINGERPRINT_SIZE", "META_FIELDS", "CurvatureEdit", "ExpertsEdit", "ModuleEditReport", "compute_edit",
+           "compute_experts_edit", "expert_token_threshold", "fingerprint_mismatch", "q_side_of",
+           "weight_fingerprint"]
 
 # Layout of the per-adapter float64 metadata buffer (persisted in adapter_model.safetensors).
 META_FIELDS = (
@@ -308,6 +309,144 @@ def compute_edit(
     )
 
 
+def expert_token_threshold(min_expert_tokens: int | None, d_out: int, d_in: int) -> int:
+    """The fewest tokens an expert's factors must have seen for the expert to be edited.
+
+    ``None`` (the default policy) asks for ``max(d_out, d_in)``: fewer samples cannot give full-rank factors, and a
+    rank-deficient factor has zero curvature in directions it never saw, so the edit would drop them on no evidence.
+    An expert that no token reached is never edited, whatever the setting.
+    """
+    return max(d_out, d_in) if min_expert_tokens is None else max(int(min_expert_tokens), 1)
+
+
+@dataclass
+class ExpertsEdit:
+    """The edit of an expert projection (a 3D parameter, one ``(d_out, d_in)`` matrix per expert).
+
+    Each edited expert has its own `CurvatureEdit` (``W'_e`` in its own eigenbasis); an under-sampled expert is left
+    as it is (``None``). For storage the per-expert factors are stacked, zero-padded to the largest rank ``k``:
+    ``W'_e = out_e in_eᵀ`` with ``out`` ``(experts, d_out, k)`` and ``in`` ``(experts, d_in, k)`` (the zero columns add
+    nothing, so the stack is exact). Which side is orthonormal is in each expert's `META_FIELDS` row.
+
+    Attributes:
+        experts: one `CurvatureEdit` per expert, ``None`` for an expert left unedited.
+        num_tokens: int64 ``(experts,)``, the tokens each expert's factors saw.
+        meta: float64 ``(experts, len(META_FIELDS))``, each expert's statistics; an unedited expert's row records
+            ρ = 0, every component kept and its weight norm.
+        fingerprint: float64 ``(experts, FINGERPRINT_SIZE)``, the `weight_fingerprint` of every expert's matrix.
+        d_out, d_in: the shape of one expert's matrix.
+    """
+
+    experts: list[CurvatureEdit | None]
+    num_tokens: torch.Tensor
+    meta: torch.Tensor
+    fingerprint: torch.Tensor
+    d_out: int
+    d_in: int
+
+    @property
+    def rank(self) -> int:
+        """The padded rank of the stacked factors (the largest rank among edited experts, at least 1)."""
+        return max([e.rank for e in self.experts if e is not None] + [1])
+
+    @property
+    def edited(self) -> torch.Tensor:
+        """bool ``(experts,)``: which experts the edit changes."""
+        return torch.tensor([e is not None for e in self.experts])
+
+    def stacked(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(out, in, cutoffs)``: the padded factor stacks and the int64 ``(experts, d_out)`` staircases."""
+        n, k = len(self.experts), self.rank
+        out = torch.zeros(n, self.d_out, k, dtype=dtype)
+        inp = torch.zeros(n, self.d_in, k, dtype=dtype)
+        cutoffs = torch.zeros(n, self.d_out, dtype=torch.int64)
+        for i, e in enumerate(self.experts):
+            if e is None:
+                continue
+            o, q = (e.B, e.Q) if e.q_side == "input" else (e.Q, e.B)
+            out[i, :, : e.rank] = o.to("cpu", dtype)
+            inp[i, :, : e.rank] = q.to("cpu", dtype)
+            cutoffs[i] = e.cutoffs.cpu()
+        return out, inp, cutoffs
+
+    def dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W'`` as a logical ``(experts, d_out, d_in)`` stack; unedited experts keep their rows of ``weight``."""
+        out = weight.detach().clone()
+        for i, e in enumerate(self.experts):
+            if e is not None:
+                out[i] = e.dense().to(out.dtype)
+        return out
+
+
+def expert_is_edited(meta: torch.Tensor) -> torch.Tensor:
+    """bool ``(experts,)`` from stacked `META_FIELDS` rows: an unedited expert's row records no ρ (keep_mass 0)."""
+    return meta[..., _M["keep_mass"]] > 0
+
+
+def _unedited_meta(weight: torch.Tensor) -> torch.Tensor:
+    d_out, d_in = weight.shape
+    norm = float(torch.linalg.vector_norm(weight.detach(), dtype=torch.float64))
+    meta = torch.zeros(len(META_FIELDS), dtype=torch.float64)
+    for name, value in {"kept_components": d_out * d_in, "total_components": d_out * d_in, "kept_mass_fraction": 1.0,
+                        "weight_norm": norm, "edited_norm": norm}.items():
+        meta[_M[name]] = value
+    return meta
+
+
+def compute_experts_edit(
+    weight: torch.Tensor,
+    eigen: ModuleEigen,
+    keep_mass: float,
+    selection: Selection = "curvature_mass",
+    rank_cap: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    protect: Mapping[str, tuple[ModuleEigen, float]] | None = None,
+    *,
+    min_expert_tokens: int | None = None,
+) -> ExpertsEdit:
+    """Edit every expert of a logical ``(experts, d_out, d_in)`` weight with its own eigenbasis (`compute_edit` per
+    expert).
+
+    An expert whose factors saw fewer tokens than `expert_token_threshold` (or none, or whose factors carry no
+    curvature mass) is left unedited and recorded as such. A protected domain protects the experts its own factors
+    reached; for an expert that none of its tokens reached, that domain adds nothing.
+    """
+    num = eigen.num_experts
+    if num is None or weight.dim() != 3 or weight.shape[0] != num:
+        raise ValueError(f"an expert projection needs a stacked eigenbasis with one basis per expert; got "
+                         f"{num} bases for a weight of shape {tuple(weight.shape)}")
+    _, d_out, d_in = weight.shape
+    _check_shape(eigen, d_out, d_in)
+    tokens = eigen.num_tokens
+    if tokens is None:
+        raise ValueError("the eigenbasis of an expert projection does not record how many tokens each expert saw; "
+                         "eigendecompose the factors with this version of hf-curvedit")
+    tokens = tokens.to(torch.int64).cpu()
+    need = expert_token_threshold(min_expert_tokens, d_out, d_in)
+    experts: list[CurvatureEdit | None] = []
+    metas, prints = [], []
+    for e in range(num):
+        w = weight[e]
+        basis = eigen.expert(e)
+        usable = int(tokens[e]) >= need and bool(basis.eigvals_G.sum() > 0) and bool(basis.eigvals_A.sum() > 0)
+        if usable:
+            domain = {}
+            for name, (d_eigen, rho) in (protect or {}).items():
+                d_basis = d_eigen.expert(e)
+                d_tokens = d_eigen.num_tokens
+                if (d_tokens is None or int(d_tokens[e]) > 0) and bool(d_basis.eigvals_G.sum() > 0):
+                    domain[name] = (d_basis, rho)
+            edit = compute_edit(w, basis, keep_mass, selection, rank_cap, dtype, domain or None)
+            experts.append(edit)
+            metas.append(edit.meta)
+            prints.append(edit.fingerprint)
+        else:
+            experts.append(None)
+            metas.append(_unedited_meta(w))
+            prints.append(weight_fingerprint(w))
+    return ExpertsEdit(experts, tokens, torch.stack(metas), torch.stack(prints), int(d_out), int(d_in))
+
+
 @dataclass
 class ModuleEditReport:
     """What the edit did to one module (see `CurvatureEditModel.edit_report`)."""
@@ -332,6 +471,10 @@ class ModuleEditReport:
     rank_cap_error: float  # ‖W'_capped - W'‖ / ‖W'‖ (0 without a cap)
     adapter_bytes: int
     weight_bytes: int
+    # expert projections only: how many experts, how many the edit changed, and the tokens each expert's factors saw
+    num_experts: int | None = None
+    edited_experts: int | None = None
+    expert_tokens: list[int] | None = None
 
     @property
     def bytes_ratio(self) -> float:
@@ -361,6 +504,34 @@ class ModuleEditReport:
             removed_norm_fraction=float(m[_M["residual_norm"]]) / w_norm if w_norm > 0 else 0.0,
             rank_cap=int(m[_M["rank_cap"]]) or None, rank_cap_error=float(m[_M["rank_cap_error"]]),
             adapter_bytes=adapter_bytes, weight_bytes=weight_bytes,
+        )
+
+
+    @classmethod
+    def from_expert_meta(cls, meta: torch.Tensor, tokens: torch.Tensor, *, module: str, adapter: str, d_out: int,
+                         d_in: int, adapter_bytes: int, weight_bytes: int) -> ModuleEditReport:
+        """One report for a whole expert projection from its stacked `META_FIELDS` rows: components and norms summed
+        over every expert (an unedited expert keeps all of its own), ρ, r, s, k and the rank cap's error the largest
+        among edited experts, the kept mass fraction their mean."""
+        m = meta.detach().double().cpu()
+        edited = expert_is_edited(m)
+        col = lambda name: m[:, _M[name]]  # noqa: E731
+        mx = lambda name: float(col(name)[edited].max()) if bool(edited.any()) else 0.0  # noqa: E731
+        w_norm = float(col("weight_norm").square().sum().sqrt())
+        kept = float(col("kept_components").sum())
+        total = float(col("total_components").sum())
+        return cls(
+            module=module, adapter=adapter, d_out=d_out, d_in=d_in, keep_mass=mx("keep_mass"),
+            selection=SELECTIONS[int(mx("selection"))],
+            r=int(mx("r")), s=int(mx("s")), k=int(mx("k")), rank=int(mx("rank")),
+            kept_components=int(kept), total_components=int(total),
+            kept_component_fraction=kept / total if total else 0.0,
+            kept_mass_fraction=float(col("kept_mass_fraction")[edited].mean()) if bool(edited.any()) else 1.0,
+            kept_norm_fraction=float(col("edited_norm").square().sum().sqrt()) / w_norm if w_norm > 0 else 0.0,
+            removed_norm_fraction=float(col("residual_norm").square().sum().sqrt()) / w_norm if w_norm > 0 else 0.0,
+            rank_cap=int(mx("rank_cap")) or None, rank_cap_error=mx("rank_cap_error"),
+            adapter_bytes=adapter_bytes, weight_bytes=weight_bytes, num_experts=int(m.shape[0]),
+            edited_experts=int(edited.sum()), expert_tokens=[int(t) for t in tokens.reshape(-1).tolist()],
         )
 
 

@@ -1,11 +1,14 @@
-"""Choosing which linear layers to edit: names, globs, regexes and architecture defaults."""
+"""Choosing which weights to edit (linear layers and fused expert projections): names, globs, regexes and
+architecture defaults."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
@@ -15,11 +18,19 @@ TargetSpec = str | Sequence[str] | None
 # ``re.fullmatch`` against the module's qualified name, so they also work inside a PeftModel
 # (where names gain a ``base_model.model.`` prefix) thanks to the leading ``(.*\.)?``.
 _LLAMA_MLP = r"(.*\.)?mlp\.(gate_proj|up_proj|down_proj)"
+# Mixture-of-experts blocks: the routed experts' fused projections and the dense shared expert(s), when there are some.
+_MOE_MLP = (r"(.*\.)?mlp\.(experts\.(gate_up_proj|up_proj|down_proj)"
+            r"|(shared_experts?\.)?(gate_proj|up_proj|down_proj))")
 _VIT_MLP = r"(.*\.)?(layers\.\d+\.mlp\.(fc1|fc2)|layer\.\d+\.(intermediate\.dense|output\.dense))"
 DEFAULT_TARGET_MODULES: dict[str, str] = {
     "llama": _LLAMA_MLP,
     "mistral": _LLAMA_MLP,
-    "mixtral": r"(.*\.)?block_sparse_moe\.experts\.\d+\.(w1|w2|w3)",
+    "mixtral": _MOE_MLP,
+    "qwen2_moe": _MOE_MLP,
+    "qwen3_moe": _MOE_MLP,
+    "olmoe": _MOE_MLP,
+    "deepseek_v3": _MOE_MLP,
+    "gpt_oss": _MOE_MLP,
     "qwen2": _LLAMA_MLP,
     "qwen3": _LLAMA_MLP,
     "olmo": _LLAMA_MLP,
@@ -46,10 +57,110 @@ DEFAULT_TARGET_MODULES: dict[str, str] = {
 
 _GLOB_CHARS = set("*?[")
 
+# The projections of transformers 5's fused experts modules (`integrations/moe.py`): 3D parameters, one matrix per
+# expert. `gate_up_proj` (or `up_proj` in experts without a gate) reads the token, `down_proj` writes back.
+EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
+
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for `nn.Linear` and GPT-2's `Conv1D` (a linear layer whose weight is stored transposed)."""
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a fused experts module that dispatches through transformers' generic experts interface.
+
+    `transformers.integrations.moe.use_experts_implementation` marks such classes (Mixtral, Qwen2/3-MoE, OLMoE,
+    DeepSeek-V2/V3, GPT-OSS, GLM-4-MoE, GraniteMoE and most MoE families of transformers 5): they hold one 3D parameter
+    per projection and route with ``forward(hidden_states, top_k_index, top_k_weights)``, whose layout flags
+    (``has_gate``, ``has_bias``, ``is_transposed``) the decorator records on the instance.
+    """
+    return (all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts"))
+            and callable(getattr(module, "_apply_gate", None))
+            and any(_expert_parameter(module, p) is not None for p in EXPERT_PROJECTIONS))
+
+
+def _expert_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
+    p = module._parameters.get(name)
+    return p if p is not None and p.dim() == 3 else None
+
+
+def expert_parameter_names(module: nn.Module) -> list[str]:
+    """The 3D projection parameters of an experts module (`is_experts_module`), in forward order."""
+    return [p for p in EXPERT_PROJECTIONS if _expert_parameter(module, p) is not None]
+
+
+@dataclass(frozen=True)
+class TargetWeight:
+    """One weight the edit can act on: a linear layer's weight, or a 3D expert projection (one matrix per expert).
+
+    Attributes:
+        name: the qualified name users target: the linear module's name, or the expert parameter's name
+            (``model.layers.0.mlp.experts.gate_up_proj``).
+        module: the linear layer, or the experts module that owns the parameter.
+        param_name: ``"weight"`` for a linear layer, the parameter's own name for experts.
+        d_out, d_in: the logical shape of one matrix (``y = W a``), whatever the storage layout.
+        num_experts: the number of experts (``None`` for a linear layer).
+        transposed: the storage is ``(d_in, d_out)`` (GPT-2 `Conv1D`) or ``(experts, d_in, d_out)``.
+    """
+
+    name: str
+    module: nn.Module
+    param_name: str
+    d_out: int
+    d_in: int
+    num_experts: int | None = None
+    transposed: bool = False
+
+    @property
+    def is_experts(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(d_out, d_in)``, or ``(experts, d_out, d_in)`` for an expert projection."""
+        return (self.d_out, self.d_in) if self.num_experts is None else (self.num_experts, self.d_out, self.d_in)
+
+    def parameter(self) -> torch.Tensor:
+        """The stored parameter (in its storage layout)."""
+        return getattr(self.module, self.param_name)
+
+    def logical_weight(self) -> torch.Tensor:
+        """The weight in its logical layout, ``(d_out, d_in)`` or ``(experts, d_out, d_in)`` (a view, no copy)."""
+        p = self.parameter()
+        return p.transpose(-1, -2) if self.transposed else p
+
+
+def weight_targets(model: nn.Module) -> dict[str, TargetWeight]:
+    """Every weight of ``model`` an edit can act on, by qualified name, in model order: linear layers (and GPT-2
+    `Conv1D`) and the 3D projections of fused experts modules."""
+    out: dict[str, TargetWeight] = {}
+    for name, module in model.named_modules():
+        if is_linear_like(module):
+            d_out, d_in = linear_shape(module)
+            out[name] = TargetWeight(name, module, "weight", d_out, d_in, transposed=isinstance(module, Conv1D))
+        elif is_experts_module(module):
+            for p in expert_parameter_names(module):
+                shape = tuple(getattr(module, p).shape)
+                num, d_a, d_b = shape
+                d_out, d_in = (d_b, d_a) if module.is_transposed else (d_a, d_b)
+                qualified = f"{name}.{p}" if name else p
+                out[qualified] = TargetWeight(qualified, module, p, int(d_out), int(d_in), int(num),
+                                              bool(module.is_transposed))
+    return out
+
+
+def _unsupported_3d(model: nn.Module) -> dict[str, str]:
+    # 3D parameters of modules that do not dispatch through the generic experts interface (Llama 4, DBRX): their own
+    # forward decides what the matrices mean, so they are refused by name instead of being skipped silently.
+    out = {}
+    for name, module in model.named_modules():
+        if is_experts_module(module):
+            continue
+        for p, t in module.named_parameters(recurse=False):
+            if t.dim() == 3:
+                out[f"{name}.{p}" if name else p] = type(module).__name__
+    return out
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -164,25 +275,26 @@ def resolve_target_modules(
     exclude_modules: TargetSpec = None,
     model_type: str | None = None,
 ) -> list[str]:
-    """Qualified names of the linear layers to edit, in model order.
+    """Qualified names of the weights to edit, in model order: linear layers, and expert projections of fused
+    experts modules (named by their parameter, ``model.layers.0.mlp.experts.gate_up_proj``).
 
     ``target_modules`` follows PEFT's convention: a string is a regex matched against the full
-    module name (``re.fullmatch``); a list holds exact names, name suffixes (``"mlp.up_proj"``) or
-    globs (``"model.layers.1*.mlp.*"``). ``None`` picks the architecture default (the MLP
-    projections). Embeddings and a tied ``lm_head`` are never selected.
+    name (``re.fullmatch``); a list holds exact names, name suffixes (``"mlp.up_proj"``) or
+    globs (``"model.layers.1*.mlp.*"``). Naming an experts module (``mlp.experts``) selects all its projections.
+    ``None`` picks the architecture default (the MLP projections, experts included). Embeddings and a tied
+    ``lm_head`` are never selected.
     """
     if model_type is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-    linears = [(n, m) for n, m in model.named_modules() if is_linear_like(m)]
-    linear_names = [n for n, _ in linears]
+    targets = weight_targets(model)
     spec = target_modules
     if spec is None:
         spec = default_target_modules(model_type)
         if spec is None:
             raise ValueError(
                 f"hf-curvedit has no default target modules for model_type={model_type!r}. "
-                "Pass target_modules explicitly (names, globs or a regex). Linear layers in this "
-                f"model:\n{_describe_linears(linear_names)}"
+                "Pass target_modules explicitly (names, globs or a regex). Linear layers and expert projections in "
+                f"this model:\n{_describe_linears(targets)}"
             )
     if isinstance(spec, (list, tuple, set)) and len(spec) == 0:
         raise ValueError("target_modules is empty; pass at least one name, glob or regex.")
@@ -192,37 +304,42 @@ def resolve_target_modules(
         except re.error as e:
             raise ValueError(f"target_modules={spec!r} is not a valid regular expression: {e}") from e
 
+    def matches(name: str, target: TargetWeight, key: str | Sequence[str]) -> bool:
+        owner = name.rsplit(".", 1)[0] if target.is_experts else None
+        return module_matches(name, key) or (owner is not None and module_matches(owner, key))
+
     selected: list[str] = []
-    non_linear: list[str] = []
     matched_any_key: set[str] = set()
-    all_names = {n: m for n, m in model.named_modules()}
-    for name, module in all_names.items():
-        if not name or not module_matches(name, spec):
+    for name, target in targets.items():
+        if not matches(name, target, spec):
             continue
-        if exclude_modules is not None and module_matches(name, exclude_modules):
-            continue
-        if not is_linear_like(module):
-            non_linear.append(f"{name} ({type(module).__name__})")
+        if exclude_modules is not None and matches(name, target, exclude_modules):
             continue
         if name.endswith("lm_head") or "embed" in name.split(".")[-1]:
             continue
         selected.append(name)
         if not isinstance(spec, str):
-            matched_any_key.update(k for k in spec if module_matches(name, [k]))
+            matched_any_key.update(k for k in spec if matches(name, target, [k]))
 
     if not selected:
-        detail = (f" ({len(non_linear)} matched module(s) are not linear: {', '.join(non_linear[:5])})" if non_linear
-                  else "")
+        others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                  if n and module_matches(n, spec) and n not in targets]
+        others += [f"{n} (a 3D parameter of {cls}, whose experts forward hf-curvedit does not know)"
+                   for n, cls in _unsupported_3d(model).items() if module_matches(n, spec)]
+        detail = (f" ({len(others)} matched name(s) are neither linear layers nor expert projections: "
+                  f"{', '.join(others[:5])})" if others else "")
+        where = (f"the built-in default for model_type={model_type!r}" if target_modules is None
+                 else f"target_modules={spec!r}")
         raise ValueError(
-            f"No linear layer matches target_modules={spec!r}{detail}. Use names, name suffixes, "
-            f"globs or a regex that match some of the linear layers of this model:\n"
-            f"{_describe_linears(linear_names)}"
+            f"No linear layer matches {where}, and no expert projection does{detail}. Use names, name suffixes, "
+            f"globs or a regex that match some of the weights of this model:\n"
+            f"{_describe_linears(targets)}"
         )
     if not isinstance(spec, str):
         unmatched = [k for k in spec if k not in matched_any_key]
         if unmatched:
             raise ValueError(
-                f"target_modules entries {unmatched} match no linear layer (the others do). "
-                f"Linear layers in this model:\n{_describe_linears(linear_names)}"
+                f"target_modules entries {unmatched} match no linear layer or expert projection (the others do). "
+                f"Linear layers and expert projections in this model:\n{_describe_linears(targets)}"
             )
     return selected

@@ -9,6 +9,7 @@ count by `fit_factors`, not here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..targets import linear_shape
+from ..targets import TargetWeight, weight_targets
 from .config import FactorConfig
+from .experts import ExpertRecorder, recording_experts
 from .tasks import FactorTask, SamplePositions, default_task
 
 __all__ = ["FactorCollector", "InputSharing", "collect_factor_sums", "plan_partitions"]
@@ -46,8 +48,8 @@ def accumulate_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def mirror_upper(acc: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix whose upper triangle is that of ``acc``."""
-    return torch.triu(acc) + torch.triu(acc, 1).T
+    """The full symmetric matrix whose upper triangle is that of ``acc`` (of each matrix of a stack)."""
+    return torch.triu(acc) + torch.triu(acc, 1).mT
 
 
 def accumulator_dtype(config: FactorConfig) -> torch.dtype:
@@ -91,23 +93,38 @@ class FactorCollector:
     Use as a context manager (the hooks live inside it); call `begin_batch` with the batch's sample positions before
     its forward pass and `end_batch` after its backward pass. Modules fed the very same input tensor (gate and up
     projections) share one A sum; ``a_alias`` maps such a module to the one that owns it.
+
+    An expert projection (a 3D parameter of a fused experts module, see `hf_curvedit.targets.TargetWeight`) gets one
+    A and one G per expert, stacked as ``(experts, d, d)``, and one sample count per expert (a list): its module runs
+    `hf_curvedit.curvature.experts.recording_forward` inside the context, which shows each expert only its own tokens.
     """
 
     def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype):
-        mods = dict(model.named_modules())
+        targets = weight_targets(model)
+        missing = [n for n in names if n not in targets]
+        if missing:
+            raise ValueError(f"{missing[:3]} are neither linear layers nor expert projections of this model")
         self.model = model
         self.names = names
-        self.modules = {n: mods[n] for n in names}
+        self.targets: dict[str, TargetWeight] = {n: targets[n] for n in names}
+        self.modules = {n: t.module for n, t in self.targets.items() if not t.is_experts}
+        self._experts: dict[nn.Module, dict[str, str]] = {}
+        for n, t in self.targets.items():
+            if t.is_experts:
+                self._experts.setdefault(t.module, {})[t.param_name] = n
         self.dtype = dtype
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {n: 0 for n in names}
+        self.count: dict[str, int | list[int]] = {n: [0] * t.num_experts if t.is_experts else 0
+                                                   for n, t in self.targets.items()}
         self._sharing = InputSharing()
         self._alias_known = False
         self._positions: SamplePositions | None = None
         self._idx: torch.Tensor | None = None
+        self._valid_rows: torch.Tensor | None = None
         self.outputs: list[torch.Tensor] = []
         self._handles: list[Any] = []
+        self._stack = contextlib.ExitStack()
 
     @property
     def a_alias(self) -> dict[str, str]:
@@ -128,17 +145,21 @@ class FactorCollector:
             # With frozen weights nothing upstream requires grad; make the embedding output a leaf
             # that does, so the targets' outputs are differentiable without any weight gradient.
             self._handles.append(emb.register_forward_hook(_output_requires_grad))
+        self._stack.enter_context(recording_experts({m: self._make_expert_recorder(params)
+                                                     for m, params in self._experts.items()}))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._stack.close()
 
     def begin_batch(self, positions: SamplePositions) -> None:
         """Start a batch whose samples are ``positions``: a (B, T) bool mask, ``"cls"`` or ``"all"``."""
         if torch.is_tensor(positions):
-            self._idx = positions.reshape(-1).nonzero().squeeze(1)
+            self._valid_rows = positions.reshape(-1)
+            self._idx = self._valid_rows.nonzero().squeeze(1)
         elif positions not in ("cls", "all"):
             raise ValueError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
         self._positions = positions
@@ -158,7 +179,7 @@ class FactorCollector:
             flat = t.reshape(-1, t.shape[-1])
             idx = self._idx if self._idx.device == flat.device else self._idx.to(flat.device)
             x = flat.index_select(0, idx)
-        return x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return _as_float(x)
 
     def _num_rows(self, t: torch.Tensor) -> int:
         if self._positions == "cls":
@@ -181,11 +202,7 @@ class FactorCollector:
                 if acc is None:
                     acc = self.A[name] = torch.zeros(a.shape[1], a.shape[1], dtype=self.dtype, device=a.device)
                 accumulate_upper(acc, a)
-            if not output.requires_grad:
-                raise RuntimeError(
-                    f"the output of {name} does not require grad; the model's input embeddings could not "
-                    "be hooked. Make sure model.get_input_embeddings() returns the embedding layer."
-                )
+            _require_grad(output, name)
             self.count[name] += self._num_rows(x)
             output.register_hook(self._make_grad_hook(name))
             self.outputs.append(output)
@@ -202,10 +219,53 @@ class FactorCollector:
 
         return grad_hook
 
+    def _make_expert_recorder(self, params: dict[str, str]) -> ExpertRecorder:
+        def record(param: str, expert: int, tokens: torch.Tensor, num_rows: int, a: torch.Tensor,
+                   y: torch.Tensor) -> None:
+            name = params.get(param)
+            if name is None or self._positions is None:
+                return
+            rows = self._expert_rows(name, tokens, num_rows)
+            target = self.targets[name]
+            if name not in self.A:
+                e, d_out, d_in = target.shape
+                self.A[name] = torch.zeros(e, d_in, d_in, dtype=self.dtype, device=a.device)
+                self.G[name] = torch.zeros(e, d_out, d_out, dtype=self.dtype, device=a.device)
+            x = _as_float(a.detach() if rows is None else a.detach()[rows])
+            if x.shape[0] == 0:
+                return
+            accumulate_upper(self.A[name][expert], x)
+            self.count[name][expert] += int(x.shape[0])
+            _require_grad(y, name)
+            acc_g = self.G[name][expert]
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                accumulate_upper(acc_g, _as_float(grad if rows is None else grad[rows]))
+
+            y.register_hook(grad_hook)
+            self.outputs.append(y)
+
+        return record
+
+    def _expert_rows(self, name: str, tokens: torch.Tensor, num_rows: int) -> torch.Tensor | None:
+        """Which of an expert's routed tokens are samples (``None``: all of them)."""
+        if self._positions == "all":
+            return None
+        if self._positions == "cls":
+            raise ValueError(f"token_positions='cls' cannot pick the class token out of the routed tokens of {name}; "
+                             "use token_positions='all' for a mixture-of-experts model.")
+        assert self._valid_rows is not None
+        if num_rows != self._valid_rows.numel():
+            raise RuntimeError(f"the experts of {name} see {num_rows} token rows, but the batch has "
+                               f"{self._valid_rows.numel()} positions: the model does not route one row per position")
+        valid = self._valid_rows if self._valid_rows.device == tokens.device else self._valid_rows.to(tokens.device)
+        return valid[tokens].nonzero().squeeze(1)
+
     def end_batch(self) -> None:
         self._alias_known = True
         self._positions = None
         self._idx = None
+        self._valid_rows = None
         self.outputs.clear()
         self._sharing.reset()
 
@@ -214,6 +274,18 @@ class FactorCollector:
         A = {n: mirror_upper(t) for n, t in self.A.items()}
         G = {n: mirror_upper(t) for n, t in self.G.items()}
         return A, G
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _require_grad(output: torch.Tensor, name: str) -> None:
+    if not output.requires_grad:
+        raise RuntimeError(
+            f"the output of {name} does not require grad; the model's input embeddings could not "
+            "be hooked. Make sure model.get_input_embeddings() returns the embedding layer."
+        )
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -279,21 +351,23 @@ def collect_factor_sums(
     return col
 
 
-def factor_bytes(d_out: int, d_in: int, config: FactorConfig) -> int:
-    """Bytes of one module's two accumulators (A: d_in², G: d_out²) in the accumulation dtype."""
-    return (d_in * d_in + d_out * d_out) * accumulator_dtype(config).itemsize
+def factor_bytes(d_out: int, d_in: int, config: FactorConfig, num_experts: int | None = None) -> int:
+    """Bytes of one target's two accumulators (A: d_in², G: d_out², once per expert for an expert projection) in the
+    accumulation dtype."""
+    return (d_in * d_in + d_out * d_out) * (num_experts or 1) * accumulator_dtype(config).itemsize
 
 
 def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig) -> list[list[str]]:
     """Split ``names`` into groups whose accumulators fit ``config.max_factor_memory_gb`` (one data pass each)."""
     if config.max_factor_memory_gb is None:
         return [names]
-    mods = dict(model.named_modules())
+    targets = weight_targets(model)
     budget = config.max_factor_memory_gb * 1024**3
     parts: list[list[str]] = [[]]
     used = 0.0
     for n in names:
-        need = factor_bytes(*linear_shape(mods[n]), config)
+        t = targets[n]
+        need = factor_bytes(t.d_out, t.d_in, config, t.num_experts)
         if need > budget:
             raise ValueError(
                 f"max_factor_memory_gb={config.max_factor_memory_gb} is too small for {n}: its factors alone need "

@@ -32,18 +32,32 @@ class ModuleEigen:
     """Eigenbasis of one module's factors: ``A = U_A diag(μ) U_Aᵀ`` and ``G = U_G diag(λ) U_Gᵀ``.
 
     Eigenvalues are float64, non-negative and sorted in descending order; eigenvectors are the
-    matching columns (float64).
+    matching columns (float64). For an expert projection every tensor has a leading experts dimension (one basis per
+    expert, see `expert`) and ``num_tokens`` holds how many tokens each expert's factors saw.
     """
 
-    eigvals_A: torch.Tensor  # (d_in,)
-    eigvecs_A: torch.Tensor  # (d_in, d_in)
-    eigvals_G: torch.Tensor  # (d_out,)
-    eigvecs_G: torch.Tensor  # (d_out, d_out)
+    eigvals_A: torch.Tensor  # (d_in,) or (experts, d_in)
+    eigvecs_A: torch.Tensor  # (d_in, d_in) or (experts, d_in, d_in)
+    eigvals_G: torch.Tensor  # (d_out,) or (experts, d_out)
+    eigvecs_G: torch.Tensor  # (d_out, d_out) or (experts, d_out, d_out)
+    num_tokens: torch.Tensor | None = None  # (experts,) int64, for an expert projection
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(d_out, d_in) of the weight this basis belongs to."""
-        return int(self.eigvals_G.numel()), int(self.eigvals_A.numel())
+        """(d_out, d_in) of the weight this basis belongs to (of one expert's matrix for an expert projection)."""
+        return int(self.eigvals_G.shape[-1]), int(self.eigvals_A.shape[-1])
+
+    @property
+    def num_experts(self) -> int | None:
+        """The number of experts of a stacked basis, ``None`` for a linear layer's."""
+        return int(self.eigvals_G.shape[0]) if self.eigvals_G.dim() == 2 else None
+
+    def expert(self, index: int) -> ModuleEigen:
+        """The basis of one expert of a stacked (expert projection) basis."""
+        if self.num_experts is None:
+            raise ValueError("this eigenbasis belongs to a linear layer, not to an expert projection")
+        return ModuleEigen(self.eigvals_A[index], self.eigvecs_A[index], self.eigvals_G[index],
+                           self.eigvecs_G[index])
 
 
 def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +66,9 @@ def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> 
     The decomposition runs on `device` (the CPU by default; a GPU with fast float64, e.g. ``"cuda"``, for large
     factors); the results are returned on the CPU.
     """
+    if matrix.dim() == 3:  # a stack (one factor per expert), one at a time to bound the float64 workspace
+        pairs = [symmetric_eigh(m, device) for m in matrix]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     m = matrix.detach().to(device, torch.float64)
     if not torch.isfinite(m).all():
         raise ValueError("cannot eigendecompose a factor with non-finite entries (NaN or inf)")
@@ -84,7 +101,8 @@ class KFACEigen(Mapping[str, ModuleEigen]):
     def save(self, path: str | Path) -> Path:
         """Write all bases to one safetensors file (atomically)."""
         tensors = {f"{name}.{kind}": getattr(e, kind) for name, e in self.modules.items()
-                   for kind in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")}
+                   for kind in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G", "num_tokens")
+                   if getattr(e, kind) is not None}
         meta = {"format": EIGEN_FORMAT, "modules": json.dumps(list(self.modules)),
                 "metadata": json.dumps(self.metadata)}
         return save_safetensors(path, tensors, meta)
@@ -103,10 +121,12 @@ class KFACEigen(Mapping[str, ModuleEigen]):
                 if missing:
                     raise KeyError(f"{path} has no eigenbasis for modules {missing}; it holds {names}")
                 names = [n for n in names if n in set(modules)]
+            keys = set(f.keys())
             out = {
                 n: ModuleEigen(
                     f.get_tensor(f"{n}.eigvals_A"), f.get_tensor(f"{n}.eigvecs_A"),
                     f.get_tensor(f"{n}.eigvals_G"), f.get_tensor(f"{n}.eigvecs_G"),
+                    f.get_tensor(f"{n}.num_tokens") if f"{n}.num_tokens" in keys else None,
                 )
                 for n in names
             }
@@ -138,7 +158,9 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
             done_A[owner] = symmetric_eigh(factors.A[owner])
         va, ua = done_A[owner]
         vg, ug = symmetric_eigh(factors.G[name])
-        modules[name] = ModuleEigen(va, ua, vg, ug)
+        count = factors.num_tokens.get(name)
+        modules[name] = ModuleEigen(va, ua, vg, ug,
+                                    torch.tensor(count, dtype=torch.int64) if isinstance(count, list) else None)
     meta = {
         "factors_id": factors.factors_id,
         "factor_config": factors.config.to_dict(),

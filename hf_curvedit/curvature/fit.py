@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
-from ..targets import linear_shape, resolve_target_modules
+from ..targets import resolve_target_modules, weight_targets
 from .collector import FactorCollector, accumulator_dtype, collect_factor_sums, plan_partitions
 from .config import FactorConfig
 from .storage import (
@@ -119,11 +119,10 @@ def fit_factors(
     if len(partitions) > 1:
         logger.info("memory budget splits %d modules into %d partitions (one data pass each)", len(names),
                     len(partitions))
-    mods = dict(model.named_modules())
+    targets = weight_targets(model)
 
     def device_of(n: str) -> torch.device:
-        m = mods[n]
-        return (m.weight if hasattr(m, "weight") else next(m.parameters())).device
+        return targets[n].parameter().device
 
     dtype = accumulator_dtype(cfg)
     A_all: dict[str, torch.Tensor] = {}
@@ -171,22 +170,10 @@ def fit_factors(
         count_all.update(col.count)
         alias_all.update(col.a_alias)
 
-    A_all, G_all, count_all = _reduce(A_all, G_all, count_all, names, alias_all, mods, dtype, world)
+    A_all, G_all, count_all = _reduce(A_all, G_all, count_all, names, alias_all, targets, dtype, world)
 
     for n in names:
-        c = count_all[n]
-        if c == 0:
-            raise ValueError(f"no valid token positions reached {n}; the data has no usable tokens")
-        G_all[n] = G_all[n] / c
-        if not bool(G_all[n].diagonal().any()):
-            raise ValueError(f"no gradient reached {n} at the sampled positions, so its G factor is zero: the module "
-                             f"does not take part in computing the logits there."
-                             f"{getattr(task, 'zero_gradient_hint', '')}")
-        if n not in alias_all:
-            A_all[n] = A_all[n] / c
-        for kind, t in (("A", A_all.get(n)), ("G", G_all[n])):
-            if t is not None and not torch.isfinite(t).all():
-                raise FloatingPointError(f"factor {kind} of {n} has non-finite entries; try accumulate_dtype='float64'")
+        _normalize(n, A_all, G_all, count_all[n], n not in alias_all, task)
     for n, owner in alias_all.items():
         A_all[n] = A_all[owner]
 
@@ -203,7 +190,39 @@ def fit_factors(
     return factors
 
 
-def _reduce(A: dict, G: dict, count: dict, names: list[str], alias: dict, mods: dict, dtype: torch.dtype,
+def _normalize(n: str, A: dict, G: dict, count: int | list[int], owns_A: bool, task: FactorTask) -> None:
+    """Divide the sums of ``n`` by its sample count (per expert for an expert projection), in place, and refuse
+    factors no sample or no gradient reached."""
+    hint = getattr(task, "zero_gradient_hint", "")
+    if isinstance(count, list):  # an expert projection: one count per expert
+        if not any(count):
+            raise ValueError(f"no valid token position was routed to any expert of {n}; the data has no usable "
+                             "tokens")
+        # An expert that no token reached keeps all-zero factors; the edit never uses it (min_expert_tokens).
+        scale = torch.tensor([1.0 / c if c else 0.0 for c in count], dtype=G[n].dtype).view(-1, 1, 1)
+        G[n] = G[n] * scale
+        seen = [e for e, c in enumerate(count) if c]
+        dead = [e for e in seen if not bool(G[n][e].diagonal().any())]
+        if dead:
+            raise ValueError(f"no gradient reached experts {dead[:5]} of {n} at the sampled positions, so their G "
+                             f"factors are zero.{hint}")
+        if owns_A:
+            A[n] = A[n] * scale.to(A[n].dtype)
+    else:
+        if count == 0:
+            raise ValueError(f"no valid token positions reached {n}; the data has no usable tokens")
+        G[n] = G[n] / count
+        if not bool(G[n].diagonal().any()):
+            raise ValueError(f"no gradient reached {n} at the sampled positions, so its G factor is zero: the module "
+                             f"does not take part in computing the logits there.{hint}")
+        if owns_A:
+            A[n] = A[n] / count
+    for kind, t in (("A", A.get(n) if owns_A else None), ("G", G[n])):
+        if t is not None and not torch.isfinite(t).all():
+            raise FloatingPointError(f"factor {kind} of {n} has non-finite entries; try accumulate_dtype='float64'")
+
+
+def _reduce(A: dict, G: dict, count: dict, names: list[str], alias: dict, targets: dict, dtype: torch.dtype,
             world: int) -> tuple[dict, dict, dict]:
     """Sum the per-process factor sums, once, on CPU; single-process runs only move to CPU."""
     A = {n: t.cpu() for n, t in A.items()}
@@ -214,14 +233,24 @@ def _reduce(A: dict, G: dict, count: dict, names: list[str], alias: dict, mods: 
 
     # A process that saw no batch has no accumulators: contribute zeros of the right shape.
     for n in names:
-        d_out, d_in = linear_shape(mods[n])
+        t = targets[n]
+        stack = (t.num_experts,) if t.is_experts else ()
         if n not in alias:
-            A.setdefault(n, torch.zeros(d_in, d_in, dtype=dtype))
-        G.setdefault(n, torch.zeros(d_out, d_out, dtype=dtype))
+            A.setdefault(n, torch.zeros(*stack, t.d_in, t.d_in, dtype=dtype))
+        G.setdefault(n, torch.zeros(*stack, t.d_out, t.d_out, dtype=dtype))
     dev = dist_state().device
     for n in names:
         if n not in alias:
             A[n] = reduce(A[n].to(dev), reduction="sum").cpu()
         G[n] = reduce(G[n].to(dev), reduction="sum").cpu()
-    counts = reduce(torch.tensor([count.get(n, 0) for n in names], dtype=torch.float64, device=dev), reduction="sum")
-    return A, G, {n: int(c) for n, c in zip(names, counts.tolist())}
+    # one flat vector of every count (an expert projection contributes one per expert)
+    sizes = [targets[n].num_experts or 1 for n in names]
+    flat = [float(c) for n in names for c in (count[n] if isinstance(count.get(n), list)
+                                              else [count.get(n, 0)] * (targets[n].num_experts or 1))]
+    total = reduce(torch.tensor(flat, dtype=torch.float64, device=dev), reduction="sum").tolist()
+    out, i = {}, 0
+    for n, size in zip(names, sizes):
+        vals = [int(v) for v in total[i:i + size]]
+        out[n] = vals if targets[n].is_experts else vals[0]
+        i += size
+    return A, G, out

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from ..targets import is_linear_like, linear_shape
+from ..targets import weight_targets
 from ..utils import save_safetensors
 from .config import FactorConfig
 from .eigen import EIGEN_FORMAT, KFACEigen, ModuleEigen
@@ -32,24 +32,27 @@ FORMAT_VERSION = "1"
 
 
 def model_fingerprint(model: nn.Module, module_names: Iterable[str]) -> dict[str, Any]:
-    """What a factor file must agree with: model type and the (d_out, d_in) of each module."""
-    mods = dict(model.named_modules())
+    """What a factor file must agree with: model type and the shape of each target, ``(d_out, d_in)`` or
+    ``(experts, d_out, d_in)``."""
+    targets = weight_targets(model)
     cfg = getattr(model, "config", None)
     return {
         "model_type": getattr(cfg, "model_type", None),
         "name_or_path": getattr(cfg, "_name_or_path", None) or None,
-        "module_shapes": {n: list(linear_shape(mods[n])) for n in module_names},
+        "module_shapes": {n: list(targets[n].shape) for n in module_names},
     }
 
 
 @dataclass
 class KFACFactors:
-    """K-FAC factors of a set of linear layers.
+    """K-FAC factors of a set of linear layers and expert projections.
 
     ``A[name]`` is E[a aᵀ] (d_in × d_in) and ``G[name]`` is E[g gᵀ] (d_out × d_out), averaged over
     ``num_tokens[name]`` samples (valid token positions; for an image classifier, class tokens or all token
     positions of the images). Modules that read the same input (gate and up projections) share one A tensor;
-    ``a_alias`` maps such a module to the one that owns A.
+    ``a_alias`` maps such a module to the one that owns A. An expert projection (``...experts.gate_up_proj``) has one
+    pair per expert, stacked as ``(experts, d, d)``, each averaged over the tokens routed to that expert, and
+    ``num_tokens[name]`` is the list of those counts (an expert no token reached has zero factors).
     """
 
     A: dict[str, torch.Tensor]
@@ -67,7 +70,7 @@ class KFACFactors:
         return list(self.G)
 
     def __repr__(self) -> str:
-        toks = max(self.num_tokens.values()) if self.num_tokens else 0
+        toks = max((max(v) if isinstance(v, list) else v for v in self.num_tokens.values()), default=0)
         return f"KFACFactors({len(self.G)} modules, {toks} tokens, label_mode={self.config.label_mode!r})"
 
     def save(self, output_dir: str | Path) -> Path:
@@ -129,6 +132,7 @@ class KFACFactors:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise a ValueError that lists every difference if these factors do not belong to ``model``."""
+        targets = weight_targets(model)
         mods = dict(model.named_modules())
         problems: list[str] = []
         want_type = self.model_info.get("model_type")
@@ -136,20 +140,19 @@ class KFACFactors:
         if want_type and have_type and want_type != have_type:
             problems.append(f"model_type: factors are for {want_type!r}, the model is {have_type!r}")
         shapes = self.model_info.get("module_shapes", {})
-        missing = [n for n in self.module_names if n not in mods]
+        missing = [n for n in self.module_names if n not in mods and n not in targets]
         if missing:
             problems.append(f"{len(missing)} module(s) not in the model: "
                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for n in self.module_names:
-            if n in mods:
-                m = mods[n]
-                if not is_linear_like(m):
-                    problems.append(f"{n}: is a {type(m).__name__} in the model, not a linear layer")
-                    continue
-                have = list(linear_shape(m))
-                want = shapes.get(n, [int(self.G[n].shape[0]), int(self.A[n].shape[0])])
+            if n in targets:
+                have = list(targets[n].shape)
+                want = shapes.get(n, [*self.G[n].shape[:-1], int(self.A[n].shape[-1])])
                 if have != list(want):
-                    problems.append(f"{n}: factors are for (d_out, d_in)={tuple(want)}, the model has {tuple(have)}")
+                    what = "(experts, d_out, d_in)" if len(want) == 3 else "(d_out, d_in)"
+                    problems.append(f"{n}: factors are for {what}={tuple(want)}, the model has {tuple(have)}")
+            elif n in mods:
+                problems.append(f"{n}: is a {type(mods[n]).__name__} in the model, not a linear layer")
         if problems:
             src = self.path or "these factors"
             raise ValueError(

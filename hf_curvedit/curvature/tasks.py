@@ -130,6 +130,45 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _causal_lm_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Raise a ``ValueError`` naming ``task=`` when ``model`` is a transformers model whose head is not a causal
+    language model (a classifier, a masked LM, an encoder-decoder): the built-in task's next-token loss means nothing
+    for it. Models that are not transformers models are taken at their word."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return
+    cls = type(model).__name__
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        head = "an encoder-decoder (seq2seq) model"
+    elif cls in _causal_lm_class_names() or cls.endswith(("ForCausalLM", "LMHeadModel")):
+        return
+    elif "MaskedLM" in cls:
+        head = "a masked language model"
+    elif "SequenceClassification" in cls:
+        head = "a sequence classifier"
+    elif "TokenClassification" in cls:
+        head = "a token classifier"
+    else:
+        head = "not a causal language model"
+    raise ValueError(
+        f"{cls} is {head}, and no built-in factor task covers its head (CausalLMTask needs next-token logits, "
+        "ImageClassificationTask pixel_values). Pass task= to fit_factors with a FactorTask of your own "
+        "(hf_curvedit.curvature.FactorTask: its summed loss and which positions are samples), or load the model "
+        "with its causal-LM head (AutoModelForCausalLM)."
+    )
+
+
 class CausalLMTask:
     """Causal language models (``model(input_ids, attention_mask).logits``): per-token samples at valid positions."""
 
@@ -137,6 +176,7 @@ class CausalLMTask:
     unit = "tok"
 
     def validate(self, model: nn.Module, config: FactorConfig) -> None:
+        check_causal_lm(model)
         if config.token_positions is not None:
             raise ValueError(f"token_positions={config.token_positions!r} is for image classifiers; a language model "
                              "uses every position that has a next-token target. Leave token_positions unset.")

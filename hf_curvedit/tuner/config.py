@@ -77,6 +77,11 @@ class CurvatureEditConfig(PeftConfig):
             bf16 model), from copies of the float32 factors cast once per device and dtype; ``"float32"`` computes in
             float32 whatever the model dtype (the exact path). Where the factorization is not smaller than the weight
             (``k·(d_in + d_out) ≥ d_in·d_out``) the adapter runs the dense ``W'`` instead. Merging is unaffected.
+        min_expert_tokens (`Optional[int]`):
+            Mixture-of-experts models only: the fewest tokens an expert's factors must have seen for that expert to be
+            edited; an expert below it keeps its weights, and the adapter and the card record per expert how many
+            tokens it saw. ``None`` (default) asks for ``max(d_out, d_in)`` of the expert's matrix, the fewest samples
+            that can give full-rank factors. An expert that no token reached is never edited.
         protect (`dict[str, float]`):
             Protected domains: name → ρ of that domain's own factors (fitted on text of the capability to keep, e.g.
             ``{"arithmetic": 0.9}``). A component of W is kept when the general selection (`keep_mass`) *or* a
@@ -121,6 +126,10 @@ class CurvatureEditConfig(PeftConfig):
     compute_dtype: str | None = field(
         default=None,
         metadata={"help": "dtype of the unmerged adapter's matmuls: None = the base layer's dtype, or e.g. 'float32'."},
+    )
+    min_expert_tokens: int | None = field(
+        default=None,
+        metadata={"help": "MoE: experts whose factors saw fewer tokens stay unedited; None = max(d_out, d_in)."},
     )
     protect: dict[str, float] = field(
         default_factory=dict,
@@ -168,6 +177,11 @@ class CurvatureEditConfig(PeftConfig):
             raise ValueError(f"rank_cap must be a positive integer or None, got {self.rank_cap!r}")
         if self.compute_dtype is not None:
             parse_dtype(self.compute_dtype)  # a clear error for an unknown name
+        if self.min_expert_tokens is not None and (isinstance(self.min_expert_tokens, bool)
+                                                   or not isinstance(self.min_expert_tokens, int)
+                                                   or self.min_expert_tokens < 0):
+            raise ValueError(f"min_expert_tokens must be a non-negative integer or None (max(d_out, d_in) of each "
+                             f"expert), got {self.min_expert_tokens!r}")
 
     def keep_mass_for(self, module_name: str) -> float:
         """ρ of one module: the first `keep_mass_pattern` key matching the end of its name, else `keep_mass`.

@@ -61,14 +61,17 @@ class _FingerprintStore(_PinnedDtypeBufferDict):
         owner = self.__dict__.get("_owner")
         layer = owner() if owner is not None else None
         if layer is not None and torch.is_tensor(value) and name in self._buffers:
-            layer._verify_loaded_edit(name)
+            layer._verify_loaded_edit(name, *self.__dict__.get("_owner_args", ()))
 
 
 class CurvatureEditLayer(BaseTunerLayer):
     """Adapter state of one linear layer: per adapter, the factorization of ``W'`` and its metadata, as buffers.
 
     Everything is a persistent buffer (never a parameter: the edit is fixed) kept in float32 (float64 when the base
-    is float64), whatever dtype the base model is cast to.
+    is float64), whatever dtype the base model is cast to. It is also the base class of every curvature-edit tuner
+    layer (PEFT's ``tuner_layer_cls``): `hf_curvedit.tuner.experts.CurvatureEditExperts` keeps its own stores and
+    overrides the linear specifics, and the tuner talks to both through `has_edit`, `set_edit`, `reports` and
+    `check_base`.
     """
 
     # No trainable adapter weights: PEFT toggles requires_grad on `adapter_layer_names`, which must not touch buffers.
@@ -125,6 +128,23 @@ class CurvatureEditLayer(BaseTunerLayer):
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.curvedit_Q.keys())
+
+    def has_edit(self, adapter_name: str) -> bool:
+        """Whether this layer holds (buffers for) the edit `adapter_name`."""
+        return adapter_name in self._get_available_adapters()
+
+    def reports(self, adapter_name: str, module_name: str = "") -> list[ModuleEditReport]:
+        """The per-target reports of `adapter_name` on this layer (one for a linear layer)."""
+        return [self.report(adapter_name, module_name)]
+
+    def _active_edit(self) -> str | None:
+        active = [a for a in self.active_adapters if self.has_edit(a)]
+        if len(active) > 1:
+            raise ValueError(
+                f"curvature edits replace the weight, so only one can be active on a layer; got {active}. "
+                "Use model.set_adapter(name) with a single adapter name."
+            )
+        return active[0] if active else None
 
     def update_layer(self, adapter_name: str, config: Any, module_name: str) -> None:
         """Create adapter `adapter_name` with empty buffers shaped as ``config.edited_modules[module_name]`` records,
@@ -290,15 +310,6 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
         CurvatureEditLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
-
-    def _active_edit(self) -> str | None:
-        active = [a for a in self.active_adapters if a in self.curvedit_Q]
-        if len(active) > 1:
-            raise ValueError(
-                f"curvature edits replace the weight, so only one can be active on a layer; got {active}. "
-                "Use model.set_adapter(name) with a single adapter name."
-            )
-        return active[0] if active else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

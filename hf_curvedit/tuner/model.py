@@ -20,10 +20,18 @@ from transformers.pytorch_utils import Conv1D
 
 from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..curvature.storage import EigenFile, KFACFactors
-from ..edit import CurvatureEdit, ModuleEditReport, compute_edit
-from ..targets import DEFAULT_TARGET_MODULES, default_target_modules, is_linear_like, module_matches
+from ..edit import CurvatureEdit, ExpertsEdit, ModuleEditReport, compute_edit, compute_experts_edit
+from ..targets import (
+    DEFAULT_TARGET_MODULES,
+    default_target_modules,
+    expert_parameter_names,
+    is_experts_module,
+    is_linear_like,
+    module_matches,
+)
 from ..utils import strip_wrapper_prefix
 from .config import CurvatureEditConfig
+from .experts import CurvatureEditExperts
 from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
 
 __all__ = ["CurvatureEditModel", "build_curvature_edit", "check_base_model", "compute_module_edits",
@@ -43,27 +51,56 @@ def _default_targets(model_type: str | None) -> str:
 
 
 def _is_target(config: CurvatureEditConfig, name: str) -> bool | _ExcludedModule:
-    """Whether the module called `name` (wrapper prefixes stripped) is one the config edits, in the one
-    `target_modules` grammar of `hf_curvedit.targets.module_matches` (regex, names, suffixes, globs)."""
-    if config.exclude_modules and module_matches(name, config.exclude_modules):
+    """Whether the weight called `name` (wrapper prefixes stripped) is one the config edits, in the one
+    `target_modules` grammar of `hf_curvedit.targets.module_matches` (regex, names, suffixes, globs). An expert
+    projection (``...experts.gate_up_proj``) is also selected by naming its experts module, as in
+    `hf_curvedit.targets.resolve_target_modules`."""
+    owner = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1] in _EXPERT_LEAVES else None
+
+    def hit(spec: Any) -> bool:
+        return module_matches(name, spec) or (owner is not None and module_matches(owner, spec))
+
+    if config.exclude_modules and hit(config.exclude_modules):
         return _ExcludedModule()
-    return config.target_modules is not None and module_matches(name, config.target_modules)
+    return config.target_modules is not None and hit(config.target_modules)
 
 
-def _edit_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    # Linear layers, and tuner layers seen as the linear layer they wrap (their children are PEFT internals).
+_EXPERT_LEAVES = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def _experts_of(module: nn.Module) -> nn.Module | None:
+    """The experts module behind `module` (itself, or the one a `CurvatureEditExperts` wraps), else None."""
+    if isinstance(module, CurvatureEditExperts):
+        return module.base_layer
+    return module if is_experts_module(module) else None
+
+
+def _edit_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
+    # (name, module, parameter): linear layers and tuner layers seen as the linear layer they wrap (their children
+    # are PEFT internals), with parameter None; each projection of an experts module (wrapped or not), named
+    # `<module>.<parameter>`.
     inside: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, BaseTunerLayer):
+        experts = _experts_of(module)
+        if experts is not None:
             inside.append(name)
-            yield strip_wrapper_prefix(name), module
+            for p in expert_parameter_names(experts):
+                yield f"{strip_wrapper_prefix(name)}.{p}", module, p
+        elif isinstance(module, BaseTunerLayer):
+            inside.append(name)
+            yield strip_wrapper_prefix(name), module, None
         elif is_linear_like(module):
-            yield strip_wrapper_prefix(name), module
+            yield strip_wrapper_prefix(name), module, None
 
 
-def _logical_weight(module: nn.Module) -> torch.Tensor:
+def _logical_weight(module: nn.Module, param: str | None = None) -> torch.Tensor:
+    if param is not None:
+        if isinstance(module, CurvatureEditExperts):
+            return module.base_weight(param)
+        w = getattr(module, param)
+        return w.transpose(-1, -2) if module.is_transposed else w
     if isinstance(module, CurvatureEditLayer):
         return module.base_weight()
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -103,14 +140,15 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], con
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if config.target_modules is None:
         config.target_modules = _default_targets(getattr(getattr(inner, "config", None), "model_type", None))
-    targets = {name: m for name, m in _edit_candidates(inner) if _is_target(config, name) is True}
+    targets = {name: (m, p) for name, m, p in _edit_candidates(inner) if _is_target(config, name) is True}
     if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of this model; use names, "
-                         "name suffixes, globs or a regex that match some of its linear layers")
-    edits: dict[str, CurvatureEdit] = {}
+        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer or expert projection of "
+                         "this model; use names, name suffixes, globs or a regex that match some of its weights")
+    edits: dict[str, CurvatureEdit | ExpertsEdit] = {}
     with torch.no_grad():
-        for name, module in targets.items():
-            _refuse_tied(inner, module, name)
+        for name, (module, param) in targets.items():
+            if param is None:
+                _refuse_tied(inner, module, name)
             module_eigen = eigen.get(name)
             if module_eigen is None:
                 known = list(eigen)
@@ -125,20 +163,51 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], con
                     raise ValueError(f"the factors of protected domain {domain!r} have no module '{name}'; fit them "
                                      "on the same target modules as the general factors")
                 protect[domain] = (domain_eigen[name], config.protect[domain])
-            weight = _logical_weight(module)
+            weight = _logical_weight(module, param)
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            edits[name] = compute_edit(weight, module_eigen, config.keep_mass_for(name), config.selection,
-                                       config.rank_cap, dtype, protect=protect or None)
-    config.edited_modules = {name: {"k": e.rank, "q_side": e.q_side, **({"protected": e.protected}
-                                                                         if e.protected else {})}
-                             for name, e in edits.items()}
+            if param is not None:
+                edits[name] = compute_experts_edit(weight, module_eigen, config.keep_mass_for(name), config.selection,
+                                                   config.rank_cap, dtype, protect=protect or None,
+                                                   min_expert_tokens=config.min_expert_tokens)
+            else:
+                edits[name] = compute_edit(weight, module_eigen, config.keep_mass_for(name), config.selection,
+                                           config.rank_cap, dtype, protect=protect or None)
+    config.edited_modules = {name: _edited_entry(e) for name, e in edits.items()}
     return edits
 
 
-def _fill(model: nn.Module, adapter_name: str, edits: Mapping[str, CurvatureEdit]) -> None:
+def _edited_entry(edit: CurvatureEdit | ExpertsEdit) -> dict[str, Any]:
+    """What ``config.edited_modules`` records of one edit: the buffer shapes loading allocates, and for an expert
+    projection which experts were edited and how many tokens each one's factors saw."""
+    if isinstance(edit, ExpertsEdit):
+        edited = edit.edited.tolist()
+        return {"k": edit.rank, "experts": len(edited), "edited_experts": int(sum(edited)),
+                "unedited_experts": [e for e, done in enumerate(edited) if not done],
+                "expert_tokens": [int(t) for t in edit.num_tokens.tolist()]}
+    return {"k": edit.rank, "q_side": edit.q_side, **({"protected": edit.protected} if edit.protected else {})}
+
+
+def _fill(model: nn.Module, adapter_name: str, edits: Mapping[str, CurvatureEdit | ExpertsEdit]) -> None:
     for name, layer in _iter_layers(model):
-        if name in edits and adapter_name in layer.curvedit_Q:
+        if not layer.has_edit(adapter_name):
+            continue
+        if isinstance(layer, CurvatureEditExperts):
+            mine = {p: edits[f"{name}.{p}"] for p in layer.params_of(adapter_name) if f"{name}.{p}" in edits}
+            if mine:
+                layer.set_edit(adapter_name, mine)
+        elif name in edits:
             layer.set_edit(adapter_name, edits[name])
+
+
+def _edited_names(model: nn.Module, adapter_name: str) -> set[str]:
+    """The weights (linear modules, expert parameters) that carry the edit `adapter_name` in `model`."""
+    out = set()
+    for name, layer in _iter_layers(model):
+        if isinstance(layer, CurvatureEditExperts):
+            out.update(f"{name}.{p}" for p in layer.params_of(adapter_name))
+        elif layer.has_edit(adapter_name):
+            out.add(name)
+    return out
 
 
 class CurvatureEditModel(BaseTuner):
@@ -168,10 +237,20 @@ class CurvatureEditModel(BaseTuner):
             peft_config.target_modules = _default_targets(model_config.get("model_type"))
         return peft_config
 
-    @staticmethod
-    def _check_target_module_exists(peft_config: CurvatureEditConfig, key: str) -> bool | _ExcludedModule:
-        # the same grammar as FactorConfig.target_modules and compute_module_edits (globs included)
-        return _is_target(peft_config, strip_wrapper_prefix(key))
+    def _check_target_module_exists(self, peft_config: CurvatureEditConfig, key: str) -> bool | _ExcludedModule:
+        # the same grammar as FactorConfig.target_modules and compute_module_edits (globs included); an experts
+        # module is a target when one of its projections is
+        name = strip_wrapper_prefix(key)
+        try:
+            experts = _experts_of(self.model.get_submodule(key))
+        except AttributeError:
+            experts = None
+        if experts is None:
+            return _is_target(peft_config, name)
+        results = [_is_target(peft_config, f"{name}.{p}") for p in expert_parameter_names(experts)]
+        if any(r is True for r in results):
+            return True
+        return next((r for r in results if isinstance(r, _ExcludedModule)), False)
 
     def _create_and_replace(
         self, peft_config: CurvatureEditConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -185,13 +264,24 @@ class CurvatureEditModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, module_name)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if is_experts_module(base):
+            self._replace_module(parent, target_name,
+                                 CurvatureEditExperts(target, adapter_name, peft_config, module_name), target)
+            return
         if not is_linear_like(base):
             raise TypeError(
-                f"module '{module_name}' is a {type(base).__name__}; curvature edits support torch.nn.Linear and "
-                "transformers' Conv1D only. Narrow target_modules."
+                f"module '{module_name}' is a {type(base).__name__}; curvature edits support torch.nn.Linear, "
+                "transformers' Conv1D and fused experts modules only. Narrow target_modules."
             )
         self._replace_module(parent, target_name, CurvatureEditLinear(target, adapter_name, peft_config, module_name),
                              target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, CurvatureEditExperts) and not isinstance(new_module, BaseTunerLayer):
+            # unloading: the experts module goes back as it is (PEFT's default would copy a `weight` it has not got)
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = True) -> None:
         """Activate one edit (edits replace weights, so they do not stack)."""
@@ -232,7 +322,7 @@ class CurvatureEditModel(BaseTuner):
         if edits is not None:
             _fill(model, adapter_name, edits)
         # every module the saved edit covers must exist in this base (a base with fewer layers is a wrong base)
-        present = {name for name, layer in _iter_layers(model) if adapter_name in layer.curvedit_Q}
+        present = _edited_names(model, adapter_name)
         missing = sorted(set(config.edited_modules) - present)
         if missing:
             raise WrongBaseModelError(
@@ -266,8 +356,8 @@ def _iter_layers(model: nn.Module) -> Iterator[tuple[str, CurvatureEditLayer]]:
 
 def curvature_edit_report(model: nn.Module, adapter_name: str = "default") -> list[ModuleEditReport]:
     """Per-module [`ModuleEditReport`] of `adapter_name` for every edited module of `model` (PeftModel or not)."""
-    reports = [layer.report(adapter_name, name) for name, layer in _iter_layers(model)
-               if adapter_name in layer.curvedit_Q]
+    reports = [r for name, layer in _iter_layers(model) if layer.has_edit(adapter_name)
+               for r in layer.reports(adapter_name, name)]
     if not reports:
         raise ValueError(f"the model has no curvature edit named '{adapter_name}'")
     return reports
@@ -277,7 +367,7 @@ def check_base_model(model: nn.Module, adapter_name: str = "default") -> None:
     """Raise `WrongBaseModelError` naming the first module whose base weight differs from the one the edit was built
     for."""
     for name, layer in _iter_layers(model):
-        if adapter_name in layer.curvedit_Q:
+        if layer.has_edit(adapter_name):
             layer.check_base(adapter_name, name)
 
 
