@@ -218,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regex, or comma-separated names (default: the MLP projections)")
     e.add_argument("--selection", choices=SELECTIONS, default=EditStep.selection)
     e.add_argument("--rank-cap", type=int, default=None)
+    e.add_argument("--min-expert-tokens", type=int, default=None, metavar="N",
+                   help="mixture-of-experts models: leave an expert unedited when its factors saw fewer than N tokens "
+                        "(default: max(d_out, d_in) of its matrix; an expert no token reached is never edited)")
+    e.add_argument("--compute-dtype", default=None, metavar="DTYPE",
+                   help="dtype of the unmerged adapter's matmuls (default: the base layer's; float32 is exact)")
     e.add_argument("--protect", action="append", default=[], metavar="NAME=RHO",
                    help="also keep what the factors of domain NAME (fit --name NAME) keep at ρ=RHO; repeatable")
     e.add_argument("--output-dir", required=True)

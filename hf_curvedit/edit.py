@@ -471,9 +471,11 @@ class ModuleEditReport:
     rank_cap_error: float  # ‖W'_capped - W'‖ / ‖W'‖ (0 without a cap)
     adapter_bytes: int
     weight_bytes: int
-    # expert projections only: how many experts, how many the edit changed, and the tokens each expert's factors saw
+    # expert projections only: how many experts, how many the edit changed (and which not), and the tokens each
+    # expert's factors saw
     num_experts: int | None = None
     edited_experts: int | None = None
+    unedited_experts: list[int] | None = None
     expert_tokens: list[int] | None = None
 
     @property
@@ -531,7 +533,8 @@ class ModuleEditReport:
             removed_norm_fraction=float(col("residual_norm").square().sum().sqrt()) / w_norm if w_norm > 0 else 0.0,
             rank_cap=int(mx("rank_cap")) or None, rank_cap_error=mx("rank_cap_error"),
             adapter_bytes=adapter_bytes, weight_bytes=weight_bytes, num_experts=int(m.shape[0]),
-            edited_experts=int(edited.sum()), expert_tokens=[int(t) for t in tokens.reshape(-1).tolist()],
+            edited_experts=int(edited.sum()), unedited_experts=(~edited).nonzero().reshape(-1).tolist(),
+            expert_tokens=[int(t) for t in tokens.reshape(-1).tolist()],
         )
 
 

@@ -325,3 +325,36 @@ def test_default_targets_of_moe_families_are_routed_and_shared_experts():
         shared = [n for n in targets if ".shared_expert" in n and not n.endswith("_gate")]
         assert set(shared) <= set(names), f"{family}: shared experts belong to the default"
         assert not any("self_attn" in n or n.endswith((".gate", "lm_head")) for n in names), family
+
+
+@pytest.mark.parametrize("head", ["BertForSequenceClassification", "BertForTokenClassification", "BertForMaskedLM",
+                                  "T5ForConditionalGeneration"])
+def test_heads_no_built_in_task_covers_are_refused_before_any_work(head):
+    import transformers
+
+    if head.startswith("T5"):
+        cfg = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8)
+    else:
+        cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64)
+    model = getattr(transformers, head)(cfg)
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5, 6]] * 4})
+    for mode in ("sampled", "empirical"):  # a masked LM must not silently get next-token labels either
+        with pytest.raises(ValueError, match=rf"{head} is .*task=.*FactorTask"):
+            fit_factors(model, data, FactorConfig(seq_len=6, label_mode=mode, target_modules=r".*dense|.*wi"),
+                        progress=False)
+
+
+def test_card_records_each_experts_token_count(starved, tmp_path):
+    from hf_curvedit.publish import publish
+
+    model, factors, _ = starved
+    edited = build_curvature_edit(model, factors, CurvatureEditConfig(keep_mass=0.6, min_expert_tokens=0))
+    publish(edited, "user/tiny-moe", out_dir=tmp_path / "out", dry_run=True)
+    card = (tmp_path / "out" / "README.md").read_text()
+    n = "model.layers.0.mlp.experts.gate_up_proj"
+    counts = factors.num_tokens[n]
+    assert f"| `{n}` | 3 of 4 |" in card and "| 3 |" in card, "three experts edited, expert 3 left alone"
+    assert f"`{n}`: " + ", ".join(f"{e}: {c:,}" for e, c in enumerate(counts)) in card
+    assert "An expert that no token\nreached keeps its weights." in card
+    edited.unload()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 from datasets import Dataset
 from testing_utils import random_token_rows, tiny_llama
 from transformers import LlamaConfig, Olmo2Config
@@ -106,3 +107,37 @@ def test_cli_plan_reads_only_the_config(tmp_path, capsys):
     assert len(plan["modules"]) == 96 and plan["data_passes"] == 3
     assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget_gb", [None, 0.0002, 0.00007])
+def test_moe_plan_counts_expert_factors_and_splits_experts_across_passes(monkeypatch, budget_gb):
+    from family_configs import tiny_causal_lm
+
+    model = tiny_causal_lm("qwen2_moe")  # routed experts and a shared expert
+    cfg = FactorConfig(seq_len=16, batch_size=4, max_factor_memory_gb=budget_gb)
+    plan = plan_factors(model, cfg)
+    experts = [m for m in plan.modules if m.num_experts]
+    assert experts and all(m.num_experts == 4 for m in experts)
+    gate_up = experts[0]
+    assert gate_up.a_bytes == 4 * gate_up.d_in**2 * 4 and gate_up.g_bytes == 4 * gate_up.d_out**2 * 4
+    split = [e for part in plan.partitions for e in part if "[" in e]
+    assert bool(split) == (budget_gb == 0.00007), "a stack larger than the budget is split across its experts"
+    allocated = _allocated_by_fit(model, cfg, monkeypatch)
+    assert plan.partition_bytes() == allocated
+    assert max(allocated) <= (budget_gb or 1) * 1024**3
+    assert plan_factors(model.config, cfg).to_dict() == plan.to_dict()
+
+
+def test_moe_factors_split_across_passes_equal_one_pass():
+    from family_configs import tiny_causal_lm
+
+    model = tiny_causal_lm("mixtral")
+    data = Dataset.from_dict({"input_ids": random_token_rows(8, lo=20, hi=30)})
+    one = fit_factors(model, data, FactorConfig(seq_len=16, batch_size=4, accumulate_dtype="float64"), progress=False)
+    split_cfg = FactorConfig(seq_len=16, batch_size=4, accumulate_dtype="float64", max_factor_memory_gb=0.0002)
+    assert any("[" in e for part in plan_factors(model, split_cfg).partitions for e in part)
+    split = fit_factors(model, data, split_cfg, progress=False)
+    assert split.num_tokens == one.num_tokens
+    for n in one.module_names:
+        assert split.A[n].shape == one.A[n].shape
+        assert torch.equal(split.A[n], one.A[n]) and torch.equal(split.G[n], one.G[n])

@@ -10,6 +10,7 @@ count by `fit_factors`, not here.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -101,22 +102,30 @@ class FactorCollector:
 
     def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype):
         targets = weight_targets(model)
-        missing = [n for n in names if n not in targets]
+        missing = [n for n in names if split_expert_slice(n)[0] not in targets]
         if missing:
             raise ValueError(f"{missing[:3]} are neither linear layers nor expert projections of this model")
         self.model = model
         self.names = names
-        self.targets: dict[str, TargetWeight] = {n: targets[n] for n in names}
+        self.targets: dict[str, TargetWeight] = {n: targets[split_expert_slice(n)[0]] for n in names}
         self.modules = {n: t.module for n, t in self.targets.items() if not t.is_experts}
-        self._experts: dict[nn.Module, dict[str, str]] = {}
+        # experts module -> parameter -> (name, first expert, end): the slice of experts this collector accumulates
+        self._experts: dict[nn.Module, dict[str, tuple[str, int, int]]] = {}
         for n, t in self.targets.items():
             if t.is_experts:
-                self._experts.setdefault(t.module, {})[t.param_name] = n
+                _, e0, e1 = split_expert_slice(n)
+                self._experts.setdefault(t.module, {})[t.param_name] = (n, e0 or 0, t.num_experts if e1 is None
+                                                                        else e1)
         self.dtype = dtype
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int | list[int]] = {n: [0] * t.num_experts if t.is_experts else 0
-                                                   for n, t in self.targets.items()}
+        self.count: dict[str, int | list[int]] = {}
+        for n, t in self.targets.items():
+            if t.is_experts:
+                _, e0, e1 = self._experts[t.module][t.param_name]
+                self.count[n] = [0] * (e1 - e0)
+            else:
+                self.count[n] = 0
         self._sharing = InputSharing()
         self._alias_known = False
         self._positions: SamplePositions | None = None
@@ -191,7 +200,8 @@ class FactorCollector:
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self._positions is None:
+            if self._positions is None or not torch.is_grad_enabled():
+                # a pass the model itself runs without gradients (HRM's recurrent steps) is no K-FAC sample
                 return
             x = inputs[0]
             if not self._alias_known:
@@ -219,18 +229,20 @@ class FactorCollector:
 
         return grad_hook
 
-    def _make_expert_recorder(self, params: dict[str, str]) -> ExpertRecorder:
+    def _make_expert_recorder(self, params: dict[str, tuple[str, int, int]]) -> ExpertRecorder:
         def record(param: str, expert: int, tokens: torch.Tensor, num_rows: int, a: torch.Tensor,
                    y: torch.Tensor) -> None:
-            name = params.get(param)
-            if name is None or self._positions is None:
+            if param not in params or self._positions is None:
                 return
+            name, first, end = params[param]
+            if not first <= expert < end or not torch.is_grad_enabled():
+                return
+            expert -= first
             rows = self._expert_rows(name, tokens, num_rows)
             target = self.targets[name]
             if name not in self.A:
-                e, d_out, d_in = target.shape
-                self.A[name] = torch.zeros(e, d_in, d_in, dtype=self.dtype, device=a.device)
-                self.G[name] = torch.zeros(e, d_out, d_out, dtype=self.dtype, device=a.device)
+                self.A[name] = torch.zeros(end - first, target.d_in, target.d_in, dtype=self.dtype, device=a.device)
+                self.G[name] = torch.zeros(end - first, target.d_out, target.d_out, dtype=self.dtype, device=a.device)
             x = _as_float(a.detach() if rows is None else a.detach()[rows])
             if x.shape[0] == 0:
                 return
@@ -351,6 +363,19 @@ def collect_factor_sums(
     return col
 
 
+def split_expert_slice(name: str) -> tuple[str, int | None, int | None]:
+    """``"...experts.gate_up_proj[0:64]"`` → ``("...experts.gate_up_proj", 0, 64)``; a plain name → ``(name, None,
+    None)``. A partition names a slice of an expert projection's experts this way when the whole stack of its factors
+    does not fit the memory budget."""
+    match = _SLICE.fullmatch(name)
+    if match is None:
+        return name, None, None
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+_SLICE = re.compile(r"(.+)\[(\d+):(\d+)\]")
+
+
 def factor_bytes(d_out: int, d_in: int, config: FactorConfig, num_experts: int | None = None) -> int:
     """Bytes of one target's two accumulators (A: d_in², G: d_out², once per expert for an expert projection) in the
     accumulation dtype."""
@@ -358,21 +383,34 @@ def factor_bytes(d_out: int, d_in: int, config: FactorConfig, num_experts: int |
 
 
 def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig) -> list[list[str]]:
-    """Split ``names`` into groups whose accumulators fit ``config.max_factor_memory_gb`` (one data pass each)."""
+    """Split ``names`` into groups whose accumulators fit ``config.max_factor_memory_gb`` (one data pass each).
+
+    An expert projection whose stack of factors does not fit the budget on its own is split across its experts: the
+    partitions then name slices of it (``"...experts.gate_up_proj[0:64]"``, see `split_expert_slice`).
+    """
     if config.max_factor_memory_gb is None:
         return [names]
     targets = weight_targets(model)
     budget = config.max_factor_memory_gb * 1024**3
-    parts: list[list[str]] = [[]]
-    used = 0.0
+    units: list[tuple[str, int]] = []
     for n in names:
         t = targets[n]
-        need = factor_bytes(t.d_out, t.d_in, config, t.num_experts)
-        if need > budget:
+        one = factor_bytes(t.d_out, t.d_in, config)
+        if one > budget:
+            what = "one expert's factors" if t.is_experts else "its factors alone"
             raise ValueError(
-                f"max_factor_memory_gb={config.max_factor_memory_gb} is too small for {n}: its factors alone need "
-                f"{need / 1024**3:.3f} GiB. Raise the budget to at least that."
+                f"max_factor_memory_gb={config.max_factor_memory_gb} is too small for {n}: {what} need "
+                f"{one / 1024**3:.3f} GiB. Raise the budget to at least that."
             )
+        if t.is_experts and one * t.num_experts > budget:
+            per = max(1, int(budget // one))
+            units += [(f"{n}[{e}:{min(e + per, t.num_experts)}]", one * (min(e + per, t.num_experts) - e))
+                      for e in range(0, t.num_experts, per)]
+        else:
+            units.append((n, one * (t.num_experts or 1)))
+    parts: list[list[str]] = [[]]
+    used = 0.0
+    for n, need in units:
         if used + need > budget and parts[-1]:
             parts.append([])
             used = 0.0

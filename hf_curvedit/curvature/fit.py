@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
 from ..targets import resolve_target_modules, weight_targets
-from .collector import FactorCollector, accumulator_dtype, collect_factor_sums, plan_partitions
+from .collector import FactorCollector, accumulator_dtype, collect_factor_sums, plan_partitions, split_expert_slice
 from .config import FactorConfig
 from .storage import (
     CHECKPOINT_DIR,
@@ -122,7 +122,7 @@ def fit_factors(
     targets = weight_targets(model)
 
     def device_of(n: str) -> torch.device:
-        return targets[n].parameter().device
+        return targets[split_expert_slice(n)[0]].parameter().device
 
     dtype = accumulator_dtype(cfg)
     A_all: dict[str, torch.Tensor] = {}
@@ -163,12 +163,13 @@ def fit_factors(
                                 n_batches if n_batches is not None else 1 << 62, True, key)
         A, G = col.finalized_sums()
         for n in part:
-            if n not in G and world == 1:
+            if n not in G and world == 1 and not col.targets[n].is_experts:
                 raise RuntimeError(f"{n} never ran in the forward pass; is it part of the model's forward?")
         A_all.update(A)
         G_all.update(G)
         count_all.update(col.count)
         alias_all.update(col.a_alias)
+    _join_expert_slices(A_all, G_all, count_all, names, targets, dtype)
 
     A_all, G_all, count_all = _reduce(A_all, G_all, count_all, names, alias_all, targets, dtype, world)
 
@@ -188,6 +189,33 @@ def fit_factors(
             factors.path = out / FACTORS_FILENAME
         state.wait_for_everyone()
     return factors
+
+
+def _join_expert_slices(A: dict, G: dict, count: dict, names: list[str], targets: dict, dtype: torch.dtype) -> None:
+    """Put each expert projection's stack back together from the slices of experts its partitions collected (and give
+    zero sums to experts no token reached), in place."""
+    slices: dict[str, list[str]] = {}
+    for key in list(count):
+        base, first, _ = split_expert_slice(key)
+        if first is not None:
+            slices.setdefault(base, []).append(key)
+    for n in names:
+        t = targets[n]
+        if not t.is_experts:
+            continue
+        keys = sorted(slices.get(n, [n] if n in count else []), key=lambda k: split_expert_slice(k)[1] or 0)
+        parts_A, parts_G, counts = [], [], []
+        for k in keys:
+            size = len(count[k])
+            parts_A.append(A.pop(k, None) if k in A else torch.zeros(size, t.d_in, t.d_in, dtype=dtype))
+            parts_G.append(G.pop(k, None) if k in G else torch.zeros(size, t.d_out, t.d_out, dtype=dtype))
+            counts += count.pop(k)
+        if len(counts) != t.num_experts:
+            raise RuntimeError(f"the partitions of {n} cover {len(counts)} of its {t.num_experts} experts")
+        device = next((x.device for x in parts_A + parts_G if x is not None), torch.device("cpu"))
+        A[n] = torch.cat([x.to(device) for x in parts_A])
+        G[n] = torch.cat([x.to(device) for x in parts_G])
+        count[n] = counts
 
 
 def _normalize(n: str, A: dict, G: dict, count: int | list[int], owns_A: bool, task: FactorTask) -> None:

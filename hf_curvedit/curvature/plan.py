@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..targets import linear_shape, resolve_target_modules
-from .collector import InputSharing, accumulator_dtype, input_device, plan_partitions
+from ..targets import is_experts_module, resolve_target_modules, weight_targets
+from .collector import InputSharing, accumulator_dtype, input_device, plan_partitions, split_expert_slice
 from .config import FactorConfig
 from .tasks import FactorTask, default_task
 
@@ -41,13 +41,16 @@ def eigh_peak_bytes(n: int) -> int:
 
 @dataclass
 class ModulePlan:
-    """One target module's share of the plan.
+    """One target's share of the plan (a linear layer, or an expert projection: one factor pair per expert).
 
     Attributes:
-        a_bytes: bytes of its A accumulator (0 when it shares the A of ``shares_a_with``).
-        g_bytes: bytes of its G accumulator.
-        partition: index of the data pass that collects it.
-        adapter_max_bytes: the largest adapter the edit can store (rank k = min(d_out, d_in), float32 factors).
+        a_bytes: bytes of its A accumulator(s) (0 when it shares the A of ``shares_a_with``).
+        g_bytes: bytes of its G accumulator(s).
+        partition: index of the (first) data pass that collects it; an expert projection too large for the budget is
+            split across its experts over several passes (`FactorPlan.partitions` names the slices).
+        num_experts: the number of experts of an expert projection (``None`` for a linear layer).
+        adapter_max_bytes: the largest adapter the edit can store (rank k = min(d_out, d_in), float32 factors, per
+            expert).
         dense_break_even_rank: the rank above which the factorization ``(d_in + d_out)·k`` is larger than the dense
             ``d_out·d_in`` weight (the adapter then runs the dense W').
         weight_bf16_bytes: the weight itself in bf16, for comparison.
@@ -63,10 +66,11 @@ class ModulePlan:
     adapter_max_bytes: int
     dense_break_even_rank: int
     weight_bf16_bytes: int
+    num_experts: int | None = None
 
     def adapter_bytes(self, rank: int) -> int:
-        """Bytes of a stored factorization of this rank (float32 factors)."""
-        return (self.d_in + self.d_out) * rank * _ADAPTER_ELEMENT
+        """Bytes of a stored factorization of this rank (float32 factors, per expert)."""
+        return (self.d_in + self.d_out) * rank * _ADAPTER_ELEMENT * (self.num_experts or 1)
 
 
 @dataclass
@@ -91,11 +95,13 @@ class FactorPlan:
         out = []
         for part in self.partitions:
             total = 0
-            for name in part:
+            for entry in part:
+                name, first, end = split_expert_slice(entry)
                 m = by_name[name]
                 # a module sharing A with one of another pass holds an A of its own (the owner's size) in this one
                 a = by_name[m.shares_a_with].a_bytes if m.shares_a_with and m.shares_a_with not in part else m.a_bytes
-                total += a + m.g_bytes
+                share = (end - first) / m.num_experts if first is not None else 1.0
+                total += int((a + m.g_bytes) * share)
             out.append(total)
         return out
 
@@ -117,12 +123,19 @@ class FactorPlan:
 
     def to_table(self) -> str:
         """The plan as text: one row per module shape group, then the totals."""
-        rows = [f"{'module':<44}{'d_out':>7}{'d_in':>7}{'A':>10}{'G':>10}{'pass':>6}{'adapter ≤':>11}"
+        rows = [f"{'module':<44}{'experts':>8}{'d_out':>7}{'d_in':>7}{'A':>10}{'G':>10}{'pass':>6}{'adapter ≤':>11}"
                 f"{'bf16 W':>10}{'dense at k ≥':>14}"]
+        passes = {}
+        for p, part in enumerate(self.partitions):
+            for entry in part:
+                passes.setdefault(split_expert_slice(entry)[0], []).append(p + 1)
         for m in self.modules:
             a = "shared" if m.shares_a_with else _gib(m.a_bytes)
-            rows.append(f"{m.name:<44}{m.d_out:>7}{m.d_in:>7}{a:>10}{_gib(m.g_bytes):>10}{m.partition + 1:>6}"
-                        f"{_gib(m.adapter_max_bytes):>11}{_gib(m.weight_bf16_bytes):>10}{m.dense_break_even_rank:>14}")
+            ps = passes.get(m.name, [m.partition + 1])
+            where = str(ps[0]) if len(ps) == 1 else f"{ps[0]}-{ps[-1]}"
+            rows.append(f"{m.name:<44}{m.num_experts or '':>8}{m.d_out:>7}{m.d_in:>7}{a:>10}{_gib(m.g_bytes):>10}"
+                        f"{where:>6}{_gib(m.adapter_max_bytes):>11}{_gib(m.weight_bf16_bytes):>10}"
+                        f"{m.dense_break_even_rank:>14}")
         budget = f"{self.max_factor_memory_gb:g} GiB" if self.max_factor_memory_gb is not None else "none"
         rows += [
             "",
@@ -190,24 +203,32 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
         names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
         shares = _shared_inputs(model, names, task, cfg)
         partitions = plan_partitions(model, names, cfg)
-        mods = dict(model.named_modules())
-        shapes = {n: linear_shape(mods[n]) for n in names}
+        targets = weight_targets(model)
+        shapes = {n: (targets[n].d_out, targets[n].d_in, targets[n].num_experts) for n in names}
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-    part_of = {n: p for p, part in enumerate(partitions) for n in part}
+    part_of: dict[str, int] = {}
+    for p, part in enumerate(partitions):
+        for entry in part:
+            part_of.setdefault(split_expert_slice(entry)[0], p)
     elt = accumulator_dtype(cfg).itemsize
     modules = []
     for n in names:
-        d_out, d_in = shapes[n]
+        d_out, d_in, experts = shapes[n]
         owner = shares.get(n)
+        copies = experts or 1
         modules.append(ModulePlan(
-            name=n, d_out=d_out, d_in=d_in, a_bytes=0 if owner else d_in * d_in * elt, g_bytes=d_out * d_out * elt,
-            shares_a_with=owner, partition=part_of[n],
-            adapter_max_bytes=(d_in + d_out) * min(d_in, d_out) * _ADAPTER_ELEMENT,
+            name=n, d_out=d_out, d_in=d_in, a_bytes=0 if owner else d_in * d_in * elt * copies,
+            g_bytes=d_out * d_out * elt * copies, shares_a_with=owner, partition=part_of[n],
+            adapter_max_bytes=(d_in + d_out) * min(d_in, d_out) * _ADAPTER_ELEMENT * copies,
             dense_break_even_rank=math.ceil(d_in * d_out / (d_in + d_out)),
-            weight_bf16_bytes=d_in * d_out * _DENSE_BF16_ELEMENT,
+            weight_bf16_bytes=d_in * d_out * _DENSE_BF16_ELEMENT * copies, num_experts=experts,
         ))
     return FactorPlan(model_type=model_type, accumulate_dtype=cfg.accumulate_dtype,
                       max_factor_memory_gb=cfg.max_factor_memory_gb, modules=modules, partitions=partitions)
+
+
+def _no_experts(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.zeros_like(hidden_states)
 
 
 def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig) -> dict[str, str]:
@@ -220,7 +241,12 @@ def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config:
             sharing.observe(name, inputs[0])
         return record
 
-    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names if n in mods]  # expert projections never share
+    # Experts kernels route by value (data-dependent shapes, bf16-only grouped_mm on fake tensors): the shapes-only
+    # pass skips them, which changes no shape.
+    skipped = [m for m in mods.values() if is_experts_module(m)]
+    for m in skipped:
+        m.forward = _no_experts
     try:
         batch = {k: v.to(input_device(model)) for k, v in task.example_batch(model, config).items()}
         with torch.no_grad():
@@ -228,4 +254,6 @@ def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config:
     finally:
         for h in handles:
             h.remove()
+        for m in skipped:
+            del m.forward
     return dict(sharing.alias)

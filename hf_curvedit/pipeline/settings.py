@@ -257,10 +257,22 @@ class EditStep(_Step):
     selection: Selection = "curvature_mass"
     rank_cap: int | None = None
     protect: dict[str, float] = _pairs_field("NAME=RHO", "--protect", float)
+    min_expert_tokens: int | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_protect(self.protect)
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
+            raise UsageError(f"--min-expert-tokens {self.min_expert_tokens} is negative: give the fewest tokens an "
+                             "expert's factors must have seen for it to be edited (e.g. 4096)")
+        if self.compute_dtype is not None:
+            from ..utils import parse_dtype
+
+            try:
+                parse_dtype(self.compute_dtype)
+            except ValueError as err:
+                raise UsageError(f"--compute-dtype: {err}") from None
 
 
 @dataclass

@@ -167,7 +167,8 @@ def run_edit(model: str | None, factors_dir: str | Path, step: EditStep,
     outcome = EditOutcome({}, [])
     for rho in step.keep_mass or (DEFAULT_KEEP_MASS,):
         cfg = CurvatureEditConfig(keep_mass=rho, target_modules=step.target_modules, selection=step.selection,
-                                  rank_cap=step.rank_cap, protect=dict(step.protect))
+                                  rank_cap=step.rank_cap, protect=dict(step.protect),
+                                  min_expert_tokens=step.min_expert_tokens, compute_dtype=step.compute_dtype)
         peft_model = build_curvature_edit(net, {"general": eig, **protected} if protected else eig, cfg)
         folder = Path(output_dir) / f"rho{rho:g}"
         peft_model.save_pretrained(folder)

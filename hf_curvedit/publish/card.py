@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -322,6 +322,8 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         rank_cap=cfg.get("rank_cap"),
         target_modules=sorted(target) if target else [],
         modules=[_module_row(m) for m in inputs.modules],
+        experts=_expert_rows(inputs.modules),
+        min_expert_tokens=cfg.get("min_expert_tokens"),
         factor_data={k: v for k, v in inputs.factor_data.items() if v not in (None, "", {}, [])},
         protected=[{"name": name, "keep_mass": rho,
                     "data": factor_data_from_source((cfg.get("protect_factor_sources") or {}).get(name) or {})}
@@ -340,6 +342,22 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
     )
     card = ModelCard(text)
     return card
+
+
+def _expert_rows(modules: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The card's experts table: per expert projection, how many experts were edited and how many tokens each one's
+    factors saw."""
+    rows = []
+    for m in modules:
+        tokens = m.get("expert_tokens")
+        if not m.get("num_experts") or tokens is None:
+            continue
+        ordered = sorted(tokens)
+        rows.append({"module": m["module"], "num_experts": m["num_experts"], "edited_experts": m.get("edited_experts"),
+                     "tokens": f"{ordered[0]:,} / {ordered[len(ordered) // 2]:,} / {ordered[-1]:,}",
+                     "unedited": ", ".join(str(e) for e in m.get("unedited_experts") or []) or "none",
+                     "per_expert": ", ".join(f"{e}: {t:,}" for e, t in enumerate(tokens))})
+    return rows
 
 
 def _module_row(m: Mapping[str, Any]) -> dict[str, Any]:
@@ -381,7 +399,10 @@ def factor_data_from_source(factor_source: Mapping[str, Any],
 def _token_count(num_tokens: Any) -> Any:
     # Factors keep a count per module; they are equal when all modules saw the same data (the usual case).
     if isinstance(num_tokens, Mapping) and num_tokens:
-        values = sorted({int(v) for v in num_tokens.values()})
+        values = sorted({int(v) for v in num_tokens.values() if not isinstance(v, list)})
+        if not values:  # expert projections only: their counts are per expert (the card's experts table)
+            per_expert = sorted(int(c) for v in num_tokens.values() for c in v)
+            return f"{per_expert[0]:,}–{per_expert[-1]:,} per expert"
         return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}–{values[-1]:,} (per module)"
     return num_tokens
 

@@ -205,9 +205,14 @@ def _spectrum_plots(eigen: EigenLike | None, edit: Mapping[str, Any], out_dir: P
         if e is None:
             logger.warning("no eigenbasis for edited module %s: its spectrum plot is skipped", name)
             continue
+        cutoffs, label = saved.get(name), name
+        if e.num_experts is not None:
+            # one plot per expert projection: its most-used expert's spectrum and staircase
+            busiest = int(e.num_tokens.argmax()) if e.num_tokens is not None else 0
+            e, label = e.expert(busiest), f"{name} (expert {busiest}, the most-used)"
+            cutoffs = cutoffs[busiest] if cutoffs is not None else None
         rel = f"{PLOTS_DIR}/spectrum_{safe_filename(name)}.png"
-        plot_spectrum(e, float(m["keep_mass"]), out_dir / rel, module=name, selection=selection,
-                      cutoffs=saved.get(name))
+        plot_spectrum(e, float(m["keep_mass"]), out_dir / rel, module=label, selection=selection, cutoffs=cutoffs)
         plots.append((name, rel))
     return plots
 
@@ -218,9 +223,15 @@ def _saved_cutoffs(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         return {}
-    suffix = ".curvedit_cutoffs"
+    out = {}
     with safe_open(str(path), framework="pt") as f:
-        return {strip_wrapper_prefix(key[:-len(suffix)]): f.get_tensor(key) for key in f.keys() if key.endswith(suffix)}
+        for key in f.keys():
+            prefix, _, leaf = key.rpartition(".")
+            if leaf == "curvedit_cutoffs":
+                out[strip_wrapper_prefix(prefix)] = f.get_tensor(key)
+            elif leaf.startswith("curvedit_cutoffs_"):  # an experts module: one stack per expert projection
+                out[f"{strip_wrapper_prefix(prefix)}.{leaf.removeprefix('curvedit_cutoffs_')}"] = f.get_tensor(key)
+    return out
 
 
 def _tradeoff_plot(sweep: Mapping[float, EditReport] | None, out_dir: Path) -> str | None:

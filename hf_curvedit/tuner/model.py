@@ -23,6 +23,7 @@ from ..curvature.storage import EigenFile, KFACFactors
 from ..edit import CurvatureEdit, ExpertsEdit, ModuleEditReport, compute_edit, compute_experts_edit
 from ..targets import (
     DEFAULT_TARGET_MODULES,
+    NO_DEFAULT_REASON,
     default_target_modules,
     expert_parameter_names,
     is_experts_module,
@@ -43,9 +44,11 @@ EigenSource = KFACFactors | KFACEigen | Mapping[str, ModuleEigen] | str | Path
 def _default_targets(model_type: str | None) -> str:
     default = default_target_modules(model_type)
     if default is None:
+        why = f" ({NO_DEFAULT_REASON[model_type]})" if model_type in NO_DEFAULT_REASON else ""
         raise ValueError(
-            f"hf-curvedit has no default target modules for model_type={model_type!r}; set "
-            "CurvatureEditConfig(target_modules=...) to the linear layers to edit (names, suffixes, globs or a regex)."
+            f"hf-curvedit has no default target modules for model_type={model_type!r}{why}; set "
+            "CurvatureEditConfig(target_modules=...) to the linear layers or expert projections to edit (names, "
+            "suffixes, globs or a regex)."
         )
     return default
 

@@ -47,7 +47,11 @@ def module_rows_from_config(edit_config: Mapping[str, Any]) -> list[dict[str, An
     rows = []
     for name, info in sorted((edit_config.get("edited_modules") or {}).items()):
         keep_mass = info["keep_mass"] if info.get("keep_mass") is not None else keep_mass_for(name)
-        rows.append({"module": name, "keep_mass": keep_mass, "k": info.get("k")})
+        row = {"module": name, "keep_mass": keep_mass, "k": info.get("k")}
+        if info.get("experts"):
+            row.update(num_experts=info["experts"], edited_experts=info.get("edited_experts"),
+                       expert_tokens=info.get("expert_tokens"), unedited_experts=info.get("unedited_experts"))
+        rows.append(row)
     return rows
 
 
