@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, get_args
 
 from .curvature.config import LabelMode, TokenPositions
+from .integrity import FolderInUseError
 from .pipeline import (
     DEFAULT_KEEP_MASS,
     CapabilitySettings,
@@ -352,6 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What library messages call Python arguments, as the flags and commands of the command line. A message raised deep in
+# the library names the argument of its own function; the user of the command typed a flag.
+_AS_FLAGS = [
+    (re.compile(r"\(?\bfit_factors\(\.\.\., resume=False\)\)?"), "--restart"),
+    (re.compile(r"\bpass resume=False\b"), "pass --restart"),
+    (re.compile(r"\bresume=False\b"), "--restart"),
+    (re.compile(r"\boverwrite=True \(--overwrite\)"), "--overwrite"),
+    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
+    (re.compile(r"\bHubOptions\(token=([^)]*)\)"), r"--token \1"),
+    (re.compile(r"\bpush_folder\('([^']*)', '([^']*)'\)"), r"`hf upload \2 \1 --repo-type model`"),
+    (re.compile(r"\bpush_space\('([^']*)', '([^']*)'\)"), r"`hf upload \2 \1 --repo-type space`"),
+]
+
+
+def as_flags(message: str) -> str:
+    """A library message with the Python arguments it names replaced by the command line's flags."""
+    for pattern, flag in _AS_FLAGS:
+        message = pattern.sub(flag, message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -359,15 +382,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (UsageError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"hf-curvedit {args.command}: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, KeyError, FileNotFoundError, FileExistsError, FolderInUseError) as e:
+        print(f"hf-curvedit {args.command}: error: {as_flags(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the command reports every failure with its exit code
         logger.debug("failure", exc_info=True)
-        print(f"hf-curvedit {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"hf-curvedit {args.command}: failed: {type(e).__name__}: {as_flags(str(e))}", file=sys.stderr)
         return EXIT_FAILURE
 
 

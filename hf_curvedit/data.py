@@ -61,8 +61,54 @@ def load_text_dataset(
     if len(kinds) > 1:
         raise ValueError(f"mixed data file types {sorted(kinds)}; pass files of one kind (text, json, csv or parquet)")
     builder = kinds.pop()
+    for f in files:
+        if f.stat().st_size == 0 or (builder in ("text", "json") and not f.read_bytes()[:1 << 16].strip()):
+            raise ValueError(f"{f} is empty: give a file with at least one document ({_EXPECTED[builder]})")
     kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
-    return load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **kwargs)
+    try:
+        return load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming,
+                            **kwargs)
+    except Exception as err:  # noqa: BLE001 - datasets wraps every parse failure in DatasetGenerationError
+        problem = _diagnose(files, builder)
+        if problem is None:
+            raise
+        raise ValueError(problem) from err
+
+
+# What each kind of local data file must hold (for error messages).
+_EXPECTED = {"text": "plain UTF-8 text, one document per file", "json": "one JSON object per line with a text field",
+             "csv": "a header row and a text column", "parquet": "a Parquet table with a text column",
+             "imagefolder": "images in one sub-folder per class"}
+
+
+def _diagnose(files: list[Path], builder: str) -> str | None:
+    """Why ``datasets`` could not read local data files, naming the file and the line: undecodable bytes or invalid
+    JSON (``None`` when nothing is found, so that the original error is shown)."""
+    import json
+
+    for f in files:
+        if builder in ("text", "json", "csv"):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                return (f"{f} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}): it is "
+                        f"binary or in another encoding; give {_EXPECTED[builder]}")
+            if builder == "json" and f.suffix == ".jsonl":
+                for n, line in enumerate(text.splitlines(), 1):
+                    if line.strip():
+                        try:
+                            obj = json.loads(line)
+                        except ValueError as err:
+                            return f"{f}, line {n}: not valid JSON ({err}); give {_EXPECTED[builder]}"
+                        if not isinstance(obj, dict):
+                            kind = type(obj).__name__
+                            return f"{f}, line {n}: a JSON {kind}, not an object; give {_EXPECTED[builder]}"
+            elif builder == "json":
+                try:
+                    json.loads(text)
+                except ValueError as err:
+                    return f"{f} is not valid JSON ({err}); give {_EXPECTED[builder]}"
+    return None
 
 
 def _column_names(ds: DatasetLike) -> list[str] | None:

@@ -101,7 +101,10 @@ class SweepResult:
     @classmethod
     def load(cls, path: str | Path) -> SweepResult:
         """Read a sweep written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        from .integrity import read_json_file
+
+        return cls.from_dict(read_json_file(path, "a sweep's results (sweep.json)",
+                                            "Run the sweep again (hf-curvedit sweep, or hf-curvedit run --force)"))
 
     def summary(self) -> str:
         """One line on the pick: its layers and ρ, Strict recitation on the primary set before → after, and the

@@ -11,11 +11,23 @@ from pathlib import Path
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The mode a plain open() gives a new file. mkstemp creates files 0600; what we write must get the user's umask like
+# every other file (a published folder is meant to be read by others).
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` atomically.
 
-    A crash mid-write leaves the previous file (or nothing) in place, never a half-written one.
+    A crash mid-write leaves the previous file (or nothing) in place, never a half-written one. The file gets the
+    mode the user's umask gives new files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -36,9 +49,14 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
     """Write ``tensors`` with string ``metadata`` to a safetensors file, atomically.
 
     Tensors are made contiguous and moved to the CPU; tensors that share memory (e.g. gate and up projections that
-    share one factor) are copied, because safetensors refuses shared storage.
+    share one factor) are copied, because safetensors refuses shared storage. The metadata also records the digest of
+    every tensor (`hf_curvedit.integrity.DIGESTS_KEY`), which readers check.
     """
+    import json
+
     from safetensors.torch import save_file
+
+    from .integrity import DIGESTS_KEY, tensor_digest
 
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -48,6 +66,7 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
             t = t.clone()
         seen.add(t.data_ptr())
         out[key] = t
+    metadata = {**metadata, DIGESTS_KEY: json.dumps({k: tensor_digest(t) for k, t in out.items()})}
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=metadata)
     return Path(path)
@@ -91,3 +110,36 @@ def strip_wrapper_prefix(name: str) -> str:
                 name = name[len(prefix):]
                 changed = True
     return name
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``folder``; when the block succeeds it replaces ``folder``.
+
+    The staging folder (``.NAME.staging``) is renamed onto ``folder`` once complete; an existing ``folder`` is
+    first renamed aside (``.NAME.old``) and deleted afterwards. A failure (a full disk, an error) removes the staging
+    folder and leaves ``folder`` as it was; a kill leaves ``folder`` as it was or complete and new, never half written
+    (between the two renames it is briefly absent, and the next call puts the old one back). The caller holds the
+    folder's `hf_curvedit.integrity.output_lock`: leftovers of a killed run are cleaned up on entry.
+    """
+    import shutil
+
+    folder = Path(folder)
+    staging = folder.parent / f".{folder.name}.staging"
+    old = folder.parent / f".{folder.name}.old"
+    if old.exists():  # a run killed between the two renames below
+        if not folder.exists():
+            os.replace(old, folder)
+        else:
+            shutil.rmtree(old)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
 from ..utils import save_safetensors
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 EIGEN_FILENAME = "eigen.safetensors"
 EIGEN_FORMAT = "hf_curvedit.eigen"
+REBUILD_EIGEN = ("Delete it and eigendecompose the factors again (factors.eigendecompose(), or any hf-curvedit command "
+                 "that reads the factors: a damaged cache next to its factors is recomputed)")
 
 
 @dataclass
@@ -111,10 +113,11 @@ class KFACEigen(Mapping[str, ModuleEigen]):
     def load(cls, path: str | Path, modules: list[str] | None = None) -> KFACEigen:
         """Read bases from ``path``; ``modules`` restricts which ones are loaded."""
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path, "an hf-curvedit eigenbasis file", REBUILD_EIGEN) as f:
             meta = f.metadata() or {}
             if meta.get("format") != EIGEN_FORMAT:
-                raise ValueError(f"{path} is not an hf-curvedit eigenbasis file")
+                raise DamagedFileError(path, "is not an hf-curvedit eigenbasis file", REBUILD_EIGEN)
+            digests = recorded_digests(meta)
             names = json.loads(meta["modules"])
             if modules is not None:
                 missing = [m for m in modules if m not in names]
@@ -122,12 +125,13 @@ class KFACEigen(Mapping[str, ModuleEigen]):
                     raise KeyError(f"{path} has no eigenbasis for modules {missing}; it holds {names}")
                 names = [n for n in names if n in set(modules)]
             keys = set(f.keys())
+
+            def get(key: str) -> torch.Tensor:
+                return read_tensor(f, key, digests, path, REBUILD_EIGEN)
+
             out = {
-                n: ModuleEigen(
-                    f.get_tensor(f"{n}.eigvals_A"), f.get_tensor(f"{n}.eigvecs_A"),
-                    f.get_tensor(f"{n}.eigvals_G"), f.get_tensor(f"{n}.eigvecs_G"),
-                    f.get_tensor(f"{n}.num_tokens") if f"{n}.num_tokens" in keys else None,
-                )
+                n: ModuleEigen(get(f"{n}.eigvals_A"), get(f"{n}.eigvecs_A"), get(f"{n}.eigvals_G"),
+                               get(f"{n}.eigvecs_G"), get(f"{n}.num_tokens") if f"{n}.num_tokens" in keys else None)
                 for n in names
             }
         return cls(out, json.loads(meta.get("metadata", "{}")))
@@ -146,7 +150,7 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
         try:
             cached = KFACEigen.load(cache)
         except Exception as e:  # a foreign or damaged cache is recomputed, never trusted
-            logger.warning("ignoring eigen cache %s: %s", cache, e)
+            logger.warning("the eigen cache %s does not verify and is recomputed: %s", cache, e)
         else:
             if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
                 return cached

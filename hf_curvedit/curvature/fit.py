@@ -7,6 +7,7 @@ storage writes and resumes (`storage.py`). Under ``accelerate launch``/``torchru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
+from ..integrity import DamagedFileError, output_lock
 from ..targets import resolve_target_modules, weight_targets
 from .collector import FactorCollector, accumulator_dtype, collect_factor_sums, plan_partitions, split_expert_slice
 from .config import FactorConfig
@@ -83,7 +85,22 @@ def fit_factors(
 
     Under ``accelerate launch``/``torchrun`` each process takes every ``world_size``-th batch, the
     factor sums are reduced once at the end, and only the main process writes the result.
+
+    One run writes to ``output_dir`` at a time: a second one (another process) gets `FolderInUseError`. A
+    ``factors.safetensors`` or checkpoint there that does not verify (damaged bytes, a truncated file) is not used:
+    it is collected again, with a warning.
     """
+    state = dist_state()
+    lock = (output_lock(output_dir, "fit_factors") if output_dir is not None and state.is_main_process
+            else contextlib.nullcontext())
+    with lock:
+        return _fit_factors(model, dataset, config, output_dir, processor=processor, tokenizer=tokenizer,
+                            image_processor=image_processor, task=task, resume=resume, progress=progress)
+
+
+def _fit_factors(model: nn.Module, dataset: DataSource, config: FactorConfig | None, output_dir: str | Path | None,
+                 *, processor: Any, tokenizer: Any, image_processor: Any, task: FactorTask | None, resume: bool,
+                 progress: bool) -> KFACFactors:
     cfg = config or FactorConfig()
     task = task or default_task(model)
     given = [p for p in (processor, tokenizer, image_processor) if p is not None]
@@ -97,15 +114,21 @@ def fit_factors(
     info = model_fingerprint(model, names)
     out = Path(output_dir) if output_dir is not None else None
 
+    done = None
     if out is not None and (out / FACTORS_FILENAME).exists() and resume:
-        done = KFACFactors.load(out)
+        try:
+            done = KFACFactors.load(out)
+        except DamagedFileError as err:
+            logger.warning("%s; collecting the factors again", err)
+            resume = False
+    if done is not None:
         if (done.config.collection_key() == cfg.collection_key()
                 and done.model_info.get("module_shapes") == info["module_shapes"]):
             logger.info("factors already complete in %s; loading them", out)
             return done
         raise FileExistsError(
             f"{out / FACTORS_FILENAME} exists and was fitted with other settings or for another model. "
-            "Choose another output_dir, or pass resume=False to overwrite it."
+            "Choose another output folder, or pass resume=False to overwrite it."
         )
     if out is not None and not resume and state.is_main_process:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
@@ -135,9 +158,14 @@ def fit_factors(
         ckpt = checkpoint_file(out, p, rank, world) if out is not None else None
         finished = False
         if ckpt is not None and ckpt.exists():
-            A, G, count, alias, start, finished = load_checkpoint(ckpt, key, device_of)
-            col.load_state(A, G, count, alias)
-            logger.info("resuming partition %d from batch %d", p, start)
+            try:
+                A, G, count, alias, start, finished = load_checkpoint(ckpt, key, device_of)
+            except DamagedFileError as err:
+                logger.warning("%s; this part starts over", err)
+                ckpt.unlink()
+            else:
+                col.load_state(A, G, count, alias)
+                logger.info("resuming partition %d from batch %d", p, start)
         if not finished:
             total = None
             if n_batches is not None:

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
+from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
 from ..targets import weight_targets
 from ..utils import save_safetensors
 from .config import FactorConfig
-from .eigen import EIGEN_FORMAT, KFACEigen, ModuleEigen
+from .eigen import EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen
 
 __all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "load_factors", "model_fingerprint"]
 
@@ -29,6 +29,8 @@ FACTORS_FILENAME = "factors.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = "hf_curvedit.factors"
 FORMAT_VERSION = "1"
+REFIT = ("Fit the factors again (hf-curvedit fit with the same --output-dir, or fit_factors(..., resume=False)), "
+         "or restore the file from a good copy")
 
 
 def model_fingerprint(model: nn.Module, module_names: Iterable[str]) -> dict[str, Any]:
@@ -104,28 +106,35 @@ class KFACFactors:
             hint = (f" A partial run exists in {partial}: run fit_factors again with the same output_dir to resume it."
                     if partial.exists() else "")
             raise FileNotFoundError(f"no factors at {path}.{hint}")
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path, "an hf-curvedit factor file", REFIT) as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an hf-curvedit factor file (format={meta.get('format')!r})")
-            names = json.loads(meta["modules"])
-            alias = json.loads(meta["a_alias"])
+                raise DamagedFileError(path, f"is not an hf-curvedit factor file (format={meta.get('format')!r})",
+                                       REFIT)
+            digests = recorded_digests(meta)
+            try:
+                names = json.loads(meta["modules"])
+                alias = json.loads(meta["a_alias"])
+                json.loads(meta["num_tokens"])
+            except (KeyError, ValueError) as err:
+                raise DamagedFileError(path, f"its metadata is incomplete or unreadable ({err})", REFIT) from None
             A: dict[str, torch.Tensor] = {}
             G: dict[str, torch.Tensor] = {}
             for n in names:
-                G[n] = f.get_tensor(f"{n}.G")
+                G[n] = read_tensor(f, f"{n}.G", digests, path, REFIT)
                 if n not in alias:
-                    A[n] = f.get_tensor(f"{n}.A")
+                    A[n] = read_tensor(f, f"{n}.A", digests, path, REFIT)
             for n, owner in alias.items():
                 A[n] = A[owner]
         factors = cls(A=A, G=G, num_tokens=json.loads(meta["num_tokens"]),
                       config=FactorConfig.from_dict(json.loads(meta["config"])),
                       model_info=json.loads(meta["model_info"]), a_alias=alias,
                       factors_id=meta["factors_id"], path=path)
-        for n in names:
-            for kind, t in (("A", A[n]), ("G", G[n])):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"factor {kind} of {n} in {path} has non-finite entries; refit the factors.")
+        if digests is None:  # written before files recorded digests: at least refuse NaN and inf
+            for n in names:
+                for kind, t in (("A", A[n]), ("G", G[n])):
+                    if not torch.isfinite(t).all():
+                        raise DamagedFileError(path, f"factor {kind} of {n} has non-finite entries", REFIT)
         if model is not None:
             factors.check_model(model)
         return factors
@@ -191,20 +200,29 @@ def save_checkpoint(path: Path, A: Mapping[str, torch.Tensor], G: Mapping[str, t
 
 
 def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.device]):
-    """Read a checkpoint written with the same ``key``: (A, G, count, a_alias, next_batch, done)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        if json.loads(meta["key"]) != json.loads(json.dumps(key, sort_keys=True)):
+    """Read a checkpoint written with the same ``key``: (A, G, count, a_alias, next_batch, done).
+
+    Raises `DamagedFileError` for a checkpoint that does not verify (the caller starts that part over)."""
+    fix = "The partial run cannot resume from it; it is discarded and that part is collected again"
+    with open_safetensors(path, "an hf-curvedit factor checkpoint", fix) as f:
+        meta = f.metadata() or {}
+        try:
+            written_with = json.loads(meta["key"])
+            count, alias = json.loads(meta["count"]), json.loads(meta["a_alias"])
+            next_batch, done = int(meta["next_batch"]), json.loads(meta["done"])
+        except (KeyError, ValueError) as err:
+            raise DamagedFileError(path, f"its metadata is incomplete or unreadable ({err})", fix) from None
+        if written_with != json.loads(json.dumps(key, sort_keys=True)):
             raise ValueError(
                 f"the checkpoint in {path.parent} was written with different settings or for a different model. "
-                "Use another output_dir, or pass resume=False to start over (this deletes the partial results)."
+                "Use another output folder, or pass resume=False to start over (this deletes the partial results)."
             )
+        digests = recorded_digests(meta)
         A, G = {}, {}
         for k in f.keys():
             n, kind = k.rsplit(".", 1)
-            (A if kind == "A" else G)[n] = f.get_tensor(k).to(device_of(n))
-    return (A, G, json.loads(meta["count"]), json.loads(meta["a_alias"]), int(meta["next_batch"]),
-            json.loads(meta["done"]))
+            (A if kind == "A" else G)[n] = read_tensor(f, k, digests, path, fix).to(device_of(n))
+    return A, G, count, alias, next_batch, done
 
 
 # ------------------------------------------------------------------------------------------------------ eigen reader
@@ -219,10 +237,10 @@ class EigenFile(Mapping[str, ModuleEigen]):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist; point it at an eigen.safetensors file")
-        with safe_open(str(self.path), framework="pt") as f:
+        with open_safetensors(self.path, "an hf-curvedit eigenbasis file", REBUILD_EIGEN) as f:
             meta = f.metadata() or {}
         if meta.get("format") != EIGEN_FORMAT:
-            raise ValueError(f"{self.path} is not an hf-curvedit eigenbasis file")
+            raise DamagedFileError(self.path, "is not an hf-curvedit eigenbasis file", REBUILD_EIGEN)
         self._names = json.loads(meta["modules"])
         self.metadata = json.loads(meta.get("metadata", "{}"))
 

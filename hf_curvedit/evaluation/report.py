@@ -187,5 +187,12 @@ class EditReport:
 
     @classmethod
     def load(cls, path: str | Path) -> EditReport:
-        """Read a report written by [`save`]."""
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Read a report written by [`save`]; a damaged file raises `DamagedFileError` naming it."""
+        from ..integrity import DamagedFileError, read_json_file
+
+        fix = "Evaluate the edit again (hf-curvedit evaluate)"
+        data = read_json_file(path, "an evaluation report", fix)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise DamagedFileError(path, str(err), fix) from None

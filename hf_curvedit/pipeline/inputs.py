@@ -36,6 +36,7 @@ def load_model(name: str | None = None, dtype: str = "float32", device_map: str 
     )
 
     _check_local(name, "model")
+    check_local_weights(name)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if device_map:
         kwargs["device_map"] = device_map
@@ -47,6 +48,18 @@ def load_model(name: str | None = None, dtype: str = "float32", device_map: str 
         return AutoModelForCausalLM.from_pretrained(name, **kwargs).eval(), AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load model {name!r}: {e}") from e
+
+
+def check_local_weights(name: str) -> None:
+    """Read the header of every safetensors file of a local model folder, so that a truncated or damaged file is
+    reported by name (with the fix) before transformers starts loading."""
+    from ..integrity import open_safetensors
+
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.safetensors")):
+            with open_safetensors(f, "model weights", "Download or save the model again, or restore the file"):
+                pass
 
 
 def load_config(name: str | None = None) -> Any:
@@ -71,16 +84,45 @@ def load_recitation_set(path: str | Path, tokenizer: Any, suffix_tokens: int = 8
     from ..evaluation import RecitationSet
 
     p = Path(path)
+    label = f"recitation set {name!r} ({p})" if name else f"recitation set {p}"
     if not p.exists():
-        raise UsageError(f"recitation set {name or str(p)!r}: {p} does not exist")
+        raise UsageError(f"{label}: {p} does not exist")
     if p.is_dir():
         from datasets import load_from_disk
 
-        return RecitationSet.from_dataset(load_from_disk(str(p)))
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            ds = load_from_disk(str(p))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{label}: not a folder written by Dataset.save_to_disk ({err})") from None
+        missing = {"prefix_ids", "suffix_ids"} - set(ds.column_names)
+        if missing:
+            raise UsageError(f"{label}: the dataset has columns {ds.column_names}, and a recitation set needs "
+                             f"{sorted(missing)} (token ids of each item's prefix and suffix)")
+        return RecitationSet.from_dataset(ds)
+    expect = ("one JSON object with a \"text\" field per line" if p.suffix == ".jsonl"
+              else "one text per line (a .txt file), or a .jsonl file with a \"text\" field per line")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{label}: not UTF-8 text (byte {err.start}); it is binary or in another encoding. Give "
+                         f"{expect}") from None
+    lines = [(n, ln) for n, ln in enumerate(raw.splitlines(), 1) if ln.strip()]
+    if not lines:
+        raise UsageError(f"{label}: the file is empty; give {expect}")
     if p.suffix == ".jsonl":
-        lines = [json.loads(ln)["text"] for ln in lines]
-    return RecitationSet.from_texts(lines, tokenizer, suffix_tokens=suffix_tokens, add_special_tokens=False)
+        texts = []
+        for n, ln in lines:
+            try:
+                obj = json.loads(ln)
+            except ValueError as err:
+                raise UsageError(f"{label}, line {n}: not valid JSON ({err}); give {expect}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise UsageError(f"{label}, line {n}: has {keys}, not a \"text\" string; give {expect}")
+            texts.append(obj["text"])
+    else:
+        texts = [ln for _, ln in lines]
+    return RecitationSet.from_texts(texts, tokenizer, suffix_tokens=suffix_tokens, add_special_tokens=False)
 
 
 def recitation_sets(specs: Mapping[str, str | Path], tokenizer: Any, suffix_tokens: int = 8) -> dict[str, Any]:

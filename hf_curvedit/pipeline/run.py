@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..integrity import output_lock
 from ..utils import atomic_write_text
 from .settings import STEPS, EditStep, PipelineConfig, StepFailed, UsageError
 from .steps import report_table, run_edit, run_evaluate, run_fit, run_publish, run_sweep
@@ -70,6 +71,11 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[
     Raises:
         UsageError: bad settings or input. StepFailed: the sweep found nothing within its budget.
     """
+    with output_lock(config.output_dir, "hf-curvedit run"):
+        return _run_pipeline(config, force=force, echo=echo)
+
+
+def _run_pipeline(config: PipelineConfig, *, force: bool, echo: Callable[[str], Any]) -> Path:
     layout = RunLayout(Path(config.output_dir))
     model = config.model
     if config.evaluate and config.evaluate.capabilities and (force or not layout.marker("evaluate").exists()):

@@ -110,8 +110,9 @@ class _Step:
             except (TypeError, ValueError) as e:
                 tp = hints[f.name]
                 kind = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-                raise UsageError(f"step {self.name!r}: {f.name}={value!r} is not a valid {kind}"
-                                 + (f" ({e})" if str(e) else "")) from None
+                shown = f"<a {type(value).__name__}, not shown>" if "token" in f.name.lower() else repr(value)
+                raise UsageError(f"step {self.name!r}: {f.name}={shown} is not a valid {kind}"
+                                 + (f" ({e})" if str(e) and "token" not in f.name.lower() else "")) from None
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None):
@@ -263,6 +264,10 @@ class EditStep(_Step):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_protect(self.protect)
+        bad = [rho for rho in self.keep_mass or () if not 0.0 < rho <= 1.0]
+        if bad:  # all of them, before the first adapter is written
+            raise UsageError(f"--keep-mass {bad[0]:g} is not in (0, 1]: each value is the fraction of curvature mass "
+                             "to keep, e.g. --keep-mass 0.6 0.8")
         if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
             raise UsageError(f"--min-expert-tokens {self.min_expert_tokens} is negative: give the fewest tokens an "
                              "expert's factors must have seen for it to be edited (e.g. 4096)")
@@ -346,6 +351,15 @@ class PublishStep(_Step):
     token: str | None = None
     overwrite: bool = False
     dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..publish.hub import check_repo_id
+
+        try:
+            check_repo_id(self.repo_id)
+        except ValueError as err:
+            raise UsageError(f"--repo-id: {err}") from None
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None):

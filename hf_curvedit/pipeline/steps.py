@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..integrity import output_lock
 from ..targets import layer_choices
-from ..utils import atomic_write_text
+from ..utils import atomic_folder, atomic_write_text
 from .inputs import clean_texts, default_recitation_sets, heldout_texts, load_model, recitation_sets
 from .settings import (
     DEFAULT_FACTOR_DATA,
@@ -107,13 +108,18 @@ def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
               output_dir: str | Path) -> Any:
     """Sweep the edits of the factors in ``factors_dir``; write sweep.json, sweep.md and sweep.png to
     ``output_dir``. Returns the `SweepResult` (its ``chosen`` is None when nothing fits the budget)."""
+    capabilities = step.capabilities.check() if step.capabilities else None
+    with output_lock(output_dir, "hf-curvedit sweep"):
+        return _run_sweep(model, factors_dir, step, Path(output_dir), capabilities)
+
+
+def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out: Path, capabilities: Any) -> Any:
     from ..baselines import BalancedSubnetConfig
     from ..curvature import load_factors
     from ..evaluation import TextSet
     from ..publish.plots import plot_sweep
     from ..sweep import sweep_edits
 
-    capabilities = step.capabilities.check() if step.capabilities else None
     net, tok = load_model(model)
     eig = load_factors(factors_dir, net).eigendecompose()
     protected = load_protected_eigen(factors_dir, step.protect, net)
@@ -131,7 +137,6 @@ def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
                          baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
                          clean=clean, capabilities=capabilities, tokenizer=tok)
-    out = Path(output_dir)
     result.save(out / "sweep.json")
     atomic_write_text(out / "sweep.md", result.report_markdown() + "\n")
     plot_sweep(result, out / "sweep.png")
@@ -161,23 +166,25 @@ def run_edit(model: str | None, factors_dir: str | Path, step: EditStep,
     from ..tuner import CurvatureEditConfig, build_curvature_edit
     from ..tuner.summary import edit_summary
 
-    net, _ = load_model(model)
-    eig = load_factors(factors_dir, net).eigendecompose()
-    protected = load_protected_eigen(factors_dir, step.protect, net)
-    outcome = EditOutcome({}, [])
-    for rho in step.keep_mass or (DEFAULT_KEEP_MASS,):
-        cfg = CurvatureEditConfig(keep_mass=rho, target_modules=step.target_modules, selection=step.selection,
-                                  rank_cap=step.rank_cap, protect=dict(step.protect),
-                                  min_expert_tokens=step.min_expert_tokens, compute_dtype=step.compute_dtype)
-        peft_model = build_curvature_edit(net, {"general": eig, **protected} if protected else eig, cfg)
-        folder = Path(output_dir) / f"rho{rho:g}"
-        peft_model.save_pretrained(folder)
-        outcome.reports += [(rho, rep) for rep in peft_model.edit_report()]
-        summary = edit_summary(peft_model, "default")  # what publish shows as the per-module table
-        atomic_write_text(folder / EDIT_FILENAME, json.dumps(summary, indent=2, default=str))
-        outcome.adapters[rho] = folder
-        net = peft_model.unload()
-    return outcome
+    with output_lock(output_dir, "hf-curvedit edit"):
+        net, _ = load_model(model)
+        eig = load_factors(factors_dir, net).eigendecompose()
+        protected = load_protected_eigen(factors_dir, step.protect, net)
+        outcome = EditOutcome({}, [])
+        for rho in step.keep_mass or (DEFAULT_KEEP_MASS,):
+            cfg = CurvatureEditConfig(keep_mass=rho, target_modules=step.target_modules, selection=step.selection,
+                                      rank_cap=step.rank_cap, protect=dict(step.protect),
+                                      min_expert_tokens=step.min_expert_tokens, compute_dtype=step.compute_dtype)
+            peft_model = build_curvature_edit(net, {"general": eig, **protected} if protected else eig, cfg)
+            folder = Path(output_dir) / f"rho{rho:g}"
+            with atomic_folder(folder) as staging:  # an adapter folder is complete or absent, never half written
+                peft_model.save_pretrained(staging)
+                summary = edit_summary(peft_model, "default")  # what publish shows as the per-module table
+                atomic_write_text(staging / EDIT_FILENAME, json.dumps(summary, indent=2, default=str))
+            outcome.reports += [(rho, rep) for rep in peft_model.edit_report()]
+            outcome.adapters[rho] = folder
+            net = peft_model.unload()
+        return outcome
 
 
 def report_table(report: Any) -> str:
@@ -198,8 +205,10 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
 
     from ..curvature import default_task
     from ..evaluation import TextSet, evaluate_edit
+    from ..tuner.summary import verify_adapter_folder
 
     capabilities = step.capabilities.check() if step.capabilities else None
+    verify_adapter_folder(adapter_dir)  # a damaged or foreign adapter is refused, by name, before any model work
     net, tok = load_model(model)
     if default_task(net).name == "image-classification":
         raise UsageError("`evaluate` measures language models; for an image classifier use the Python API: "

@@ -33,6 +33,8 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from peft import PeftModel
 
 from ..evaluation.report import EditReport
+from ..integrity import output_lock
+from ..utils import atomic_folder
 from .card import CardOptions, base_license, card_inputs, render_card
 from .stage import (
     EDIT_FILENAME,
@@ -41,6 +43,7 @@ from .stage import (
     SWEEP_FILENAME,
     EigenLike,
     StagedFolder,
+    check_out_dir,
     list_files,
     stage_folder,
 )
@@ -182,14 +185,24 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
     """
     card = card if card is not None else CardOptions()
     hub = hub if hub is not None else HubOptions()
+    check_repo_id(repo_id)
+    out_dir = Path(out_dir)
+    if isinstance(model_or_dir, (str, Path)) and Path(model_or_dir).resolve() == out_dir.resolve():
+        raise ValueError("out_dir must differ from the source folder: publish writes a fresh folder")
+    check_out_dir(out_dir, overwrite)
     if space:  # refuse a merged edit or an occupied Space folder before anything is written
         from .space import check_space
 
         space_dir = check_space(out_dir, merged=merged, overwrite=overwrite)
-    staged = stage_folder(model_or_dir, out_dir, report, merged=merged, adapter_name=adapter_name, eigen=eigen,
-                          sweep=sweep, tokenizer=tokenizer, base_model=card.base_model, overwrite=overwrite,
-                          max_shard_size=max_shard_size, comparison=comparison)
-    write_card(staged, repo_id, card, hub, lookup_license=not dry_run)
+    with output_lock(out_dir, f"publish {repo_id}"):
+        # staged next to out_dir and renamed onto it when complete: a full disk or a kill leaves the old folder or the
+        # new one, never half of one
+        with atomic_folder(out_dir) as staging:
+            staged = stage_folder(model_or_dir, staging, report, merged=merged, adapter_name=adapter_name,
+                                  eigen=eigen, sweep=sweep, tokenizer=tokenizer, base_model=card.base_model,
+                                  overwrite=True, max_shard_size=max_shard_size, comparison=comparison)
+            write_card(staged, repo_id, card, hub, lookup_license=not dry_run)
+        staged = dataclasses.replace(staged, folder=out_dir)
     if dry_run:
         result = PublishResult(folder=staged.folder, repo_id=repo_id, files=list_files(staged.folder))
     else:
@@ -202,6 +215,20 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
         result.space = publish_space(staged.folder, repo_id, space_id=space_id, out_dir=space_dir, hub=hub,
                                      revision=model_revision(result, hub), dry_run=dry_run, overwrite=overwrite)
     return result
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse (``user/name``, huggingface_hub's rules), before anything is written."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if "/" not in repo_id:
+            raise HFValidationError("it has no namespace")
+    except HFValidationError as err:
+        raise ValueError(f"repo id {repo_id!r} is not a valid Hub repo id: {err}. Use the form user/name (letters, "
+                         "digits, '-', '_' and '.')") from None
 
 
 def write_card(staged: StagedFolder, repo_id: str, card: CardOptions | None = None,
@@ -309,6 +336,9 @@ class _Target:
         except _transport_errors() as err:
             raise PublishError(f"cannot publish {self.repo_id}: could not connect to the Hub at {self.endpoint} "
                                f"during {stage} ({type(err).__name__}: {err}). Check the network and HF_ENDPOINT. "
+                               f"{self.keep}", folder=self.folder, stage=stage) from err
+        except Exception as err:  # noqa: BLE001 - e.g. huggingface_hub's RuntimeError when an LFS upload dies
+            raise PublishError(f"cannot publish {self.repo_id}: {stage} failed ({type(err).__name__}: {err}). "
                                f"{self.keep}", folder=self.folder, stage=stage) from err
 
     @property

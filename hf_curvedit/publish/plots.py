@@ -18,7 +18,7 @@ import torch
 from ..curvature.eigen import ModuleEigen
 from ..evaluation.report import EditReport
 from ..selection import Selection, Staircase, select_cutoffs, staircase_from_cutoffs
-from ..utils import strip_wrapper_prefix
+from ..utils import atomic_path, strip_wrapper_prefix
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,10 +35,10 @@ def _figure(**kwargs: Any) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    return path
+def _save(fig: Figure, path: Path, **kwargs: Any) -> Path:
+    with atomic_path(path) as tmp:  # a kill mid-write leaves the old picture or none, never half of one
+        fig.savefig(tmp, format="png", **{"dpi": 110, "bbox_inches": "tight", **kwargs})
+    return Path(path)
 
 
 def safe_filename(module: str) -> str:
@@ -157,10 +157,7 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     ax.set_ylabel(f"Strict recitation on {s} (%)")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return _save(fig, Path(path), dpi=120, bbox_inches=None)
 
 
 def eigen_for_module(eigen: Mapping[str, ModuleEigen], module: str) -> ModuleEigen | None:

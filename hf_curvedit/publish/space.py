@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import ModelCard, SpaceCard, SpaceCardData, constants
 
 from .. import __version__
+from ..integrity import output_lock
+from ..utils import atomic_folder
 from .card import is_hub_id
 from .hub import HubOptions, PublishResult, _start_push, _Target
 from .stage import list_files
@@ -127,16 +128,14 @@ def write_space(model_folder: str | Path, repo_id: str, out_dir: str | Path | No
     base = space_base_model(model_folder)
     folder = Path(out_dir) if out_dir is not None else default_space_dir(model_folder)
     _check_space_dir(folder, overwrite)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
     title = title or f"{repo_id.split('/')[-1]} demo"
-    (folder / "app.py").write_text(APP_TEMPLATE.format(model_repo=repo_id, revision=revision, base_model=base,
-                                                       title=title), encoding="utf-8")
     reqs = requirements if requirements is not None else [f"hf-curvedit[demo]=={__version__}"]
-    (folder / "requirements.txt").write_text("".join(f"{r}\n" for r in reqs), encoding="utf-8")
     card = _space_card(model_folder, repo_id, title, base, endpoint or constants.ENDPOINT)
-    card.save(folder / "README.md")
+    with output_lock(folder, f"publish Space of {repo_id}"), atomic_folder(folder) as staging:
+        (staging / "app.py").write_text(APP_TEMPLATE.format(model_repo=repo_id, revision=revision, base_model=base,
+                                                            title=title), encoding="utf-8")
+        (staging / "requirements.txt").write_text("".join(f"{r}\n" for r in reqs), encoding="utf-8")
+        card.save(staging / "README.md")
     return folder
 
 

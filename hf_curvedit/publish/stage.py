@@ -138,6 +138,10 @@ def _write_model(model: PeftModel, adapter_name: str | None, out_dir: Path, merg
 
 
 def _copy_folder(source: Path, out_dir: Path, merged: bool, overwrite: bool) -> tuple[dict[str, Any], str | None]:
+    if (source / "adapter_config.json").is_file():
+        from ..tuner.summary import verify_adapter_folder
+
+        verify_adapter_folder(source)  # a damaged adapter is never published
     edit, local_base = _edit_from_folder(source)
     if merged and edit["kind"] != "merged":
         raise ValueError(f"{source} is not an adapter or merged curvature edit folder")
@@ -162,18 +166,27 @@ def _edit_from_folder(source: Path) -> tuple[dict[str, Any], str | None]:
                      f"folder. Publish the PeftModel itself, or a folder written by save_pretrained/publish")
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Whether `out_dir` holds an earlier publish folder to replace; raises when it may not be written: a file, a
+    folder that is not empty without ``overwrite``, or a non-empty one that publish did not write."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir} exists and is not a folder; pass a folder path")
+        raise NotADirectoryError(f"the publish folder {out_dir} exists and is not a folder; pass a folder path")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         # Everything in the folder is uploaded, so stale files from something else must not be there. Only a folder
         # that an earlier publish() wrote (it holds EDIT_FILENAME) is cleared, never an arbitrary one.
         if not overwrite:
-            raise FileExistsError(f"out_dir {out_dir} is not empty; everything in it would be uploaded. Pass an empty "
-                                  f"or new folder, or overwrite=True to replace an earlier publish() folder")
+            raise FileExistsError(f"the publish folder {out_dir} is not empty; everything in it would be uploaded. "
+                                  "Pass an empty or new folder, or overwrite=True to replace an earlier publish() "
+                                  "folder")
         if not (out_dir / EDIT_FILENAME).is_file():
-            raise FileExistsError(f"out_dir {out_dir} is not empty and was not written by publish() (no "
+            raise FileExistsError(f"the publish folder {out_dir} is not empty and was not written by publish() (no "
                                   f"{EDIT_FILENAME}); refusing to delete it. Pass an empty or new folder")
+        return True
+    return False
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if check_out_dir(out_dir, overwrite):
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -287,4 +300,7 @@ def list_files(folder: Path) -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    from ..integrity import read_json_file
+
+    return read_json_file(path, f"the JSON that {path.name} is", "The folder is damaged: publish from the adapter "
+                          "folder that `hf-curvedit edit` wrote (or the PeftModel) instead, or download it again")

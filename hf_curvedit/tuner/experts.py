@@ -30,10 +30,13 @@ from ..edit import (
 from ..targets import expert_parameter_names, is_experts_module
 from .layer import (
     CurvatureEditLayer,
+    DamagedAdapterError,
     WrongBaseModelError,
+    _damaged_message,
     _FingerprintStore,
     _PinnedDtypeBufferDict,
     _wrong_base_message,
+    canonical_digest,
 )
 
 __all__ = ["CurvatureEditExperts"]
@@ -61,6 +64,7 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
         self.curvedit_original = _PinnedDtypeBufferDict({}, persistent=False)
         self._curvedit_verified: set[str] = set()
         self._curvedit_verified_params: set[tuple[str, str]] = set()
+        self._curvedit_digests: dict[tuple[str, str], str | None] = {}  # (adapter, parameter) -> recorded digest
         self._curvedit_module_name = module_name
         self._curvedit_compute_cache: dict[tuple, tuple] = {}
         self._disable_adapters = False
@@ -125,6 +129,7 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
             )
         for p, info in entries.items():
             self._add_param(p)
+            self._curvedit_digests[(adapter_name, p)] = info.get("digest")
             weight = self.base_weight(p)
             num, d_out, d_in = weight.shape
             k = int(info["k"])
@@ -167,9 +172,30 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
             del self._curvedit_compute_cache[key]
 
     # ---- checks --------------------------------------------------------------------------------------------------
+    def content_tensors(self, adapter_name: str, param: str,  # type: ignore[override]
+                        stores: Any = None) -> list[tuple[str, torch.Tensor]]:
+        """The tensors of `param` of `adapter_name` that its digest covers (as `CurvatureEditLayer.content_tensors`)."""
+        names = [f"curvedit_{kind}_{param}" for kind in _KINDS]
+        get = (lambda name: getattr(self, name)[adapter_name]) if stores is None else stores.__getitem__
+        return [(name, get(name)) for name in names]
+
+    def content_digest(self, adapter_name: str, param: str) -> str:  # type: ignore[override]
+        return canonical_digest(self.content_tensors(adapter_name, param))
+
+    def _check_digest(self, adapter_name: str, param: str,  # type: ignore[override]
+                      tensors: list[tuple[str, torch.Tensor]]) -> None:
+        want = self._curvedit_digests.get((adapter_name, param))
+        if want is not None and canonical_digest(tensors) != want:
+            raise DamagedAdapterError(_damaged_message(adapter_name, f"{self._curvedit_module_name}.{param}"))
+
+    def _on_fingerprint_loaded(self, adapter_name: str, param: str) -> None:  # type: ignore[override]
+        fingerprint = self._store_of("fingerprint", param)[adapter_name]
+        if adapter_name in self._store_of("out", param) and bool((fingerprint[:, 0] > 0).all()):
+            self._check_param(adapter_name, param, fingerprint)
+
     def _verify_loaded_edit(self, adapter_name: str, param: str | None = None) -> None:
-        """Accept the loaded edit of `param` (every parameter when ``None``) of `adapter_name` once it is filled and
-        belongs to this module's base weights."""
+        """Accept the loaded edit of `param` (every parameter when ``None``) of `adapter_name` once it is filled,
+        matches its recorded digest and belongs to this module's base weights."""
         for p in [param] if param is not None else self.params_of(adapter_name):
             store = self._store_of("fingerprint", p)
             if adapter_name not in store or adapter_name not in self._store_of("out", p):
@@ -182,6 +208,7 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
                     "PeftModel.from_pretrained / load_adapter, or build it from factors with "
                     "hf_curvedit.build_curvature_edit."
                 )
+            self._check_digest(adapter_name, p, self.content_tensors(adapter_name, p))
             self._check_param(adapter_name, p, fingerprint)
             self._curvedit_verified_params.add((adapter_name, p))
         if all((adapter_name, p) in self._curvedit_verified_params for p in self.params_of(adapter_name)):
@@ -301,6 +328,7 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"curvature edit '{adapter_name}' is merged; call unmerge_adapter() before deleting it")
         BaseTunerLayer.delete_adapter(self, adapter_name)
+        self._curvedit_digests = {k: v for k, v in self._curvedit_digests.items() if k[0] != adapter_name}
         self._curvedit_verified.discard(adapter_name)
         self._curvedit_verified_params = {k for k in self._curvedit_verified_params if k[0] != adapter_name}
         self._drop_compute_cache(adapter_name)
@@ -321,6 +349,10 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
                 fp_key = f"{prefix}curvedit_fingerprint_{p}.{name}"
                 if fp_key not in state_dict:
                     continue
+                incoming = {f"curvedit_{kind}_{p}": state_dict.get(f"{prefix}curvedit_{kind}_{p}.{name}")
+                            for kind in _KINDS}
+                if all(t is not None for t in incoming.values()):
+                    self._check_digest(name, p, self.content_tensors(name, p, incoming))
                 self._check_param(name, p, state_dict[fp_key])
                 for kind in _KINDS:
                     key, store = f"{prefix}curvedit_{kind}_{p}.{name}", self._store_of(kind, p)

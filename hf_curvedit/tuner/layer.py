@@ -19,14 +19,32 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..edit import CurvatureEdit, ModuleEditReport, fingerprint_mismatch, q_side_of, weight_fingerprint
+from ..integrity import digest_of
 from ..targets import linear_shape
 from ..utils import parse_dtype
 
-__all__ = ["CurvatureEditLayer", "CurvatureEditLinear", "WrongBaseModelError"]
+__all__ = ["CurvatureEditLayer", "CurvatureEditLinear", "DamagedAdapterError", "WrongBaseModelError"]
 
 
 class WrongBaseModelError(ValueError):
     """The adapter was built for a different base weight (other values or another shape)."""
+
+
+class DamagedAdapterError(ValueError):
+    """An adapter's weights do not match the digest its ``adapter_config.json`` recorded when the edit was built."""
+
+
+def _damaged_message(adapter_name: str, module_name: str) -> str:
+    return (f"curvature edit '{adapter_name}' of module '{module_name}' does not match the digest its "
+            "adapter_config.json recorded when the edit was built: the adapter's weights (adapter_model.safetensors) "
+            "are damaged or were changed since. It is not used. Download the adapter again (for a Hub repo: "
+            "`hf download REPO --force-download`) or build the edit again (hf-curvedit edit).")
+
+
+def canonical_digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """The digest an edit's ``edited_modules`` entry records: float tensors hashed as float32, so that an edit loaded
+    into float64 buffers (a float64 base) or from float64 into float32 ones checks against the same value."""
+    return digest_of((name, t.float() if t.is_floating_point() else t) for name, t in tensors)
 
 
 class _PinnedDtypeBufferDict(BufferDict):
@@ -51,9 +69,10 @@ class _PinnedDtypeBufferDict(BufferDict):
 class _FingerprintStore(_PinnedDtypeBufferDict):
     """The per-adapter fingerprints, which tell their layer when a loader assigns one.
 
-    PEFT loads adapters with ``load_state_dict`` (the layer's ``_load_from_state_dict`` checks the base weight then),
-    but transformers 5's ``load_adapter`` assigns each loaded tensor with ``setattr`` on the owning module. The
-    fingerprint is always loaded, so its assignment is where the layer verifies the loaded edit against its base.
+    PEFT loads adapters with ``load_state_dict`` (the layer's ``_load_from_state_dict`` checks the base weight and the
+    digest then), but transformers 5's ``load_adapter`` assigns each loaded tensor with ``setattr`` on the owning
+    module. The fingerprint is always loaded, so its assignment is where the layer checks the loaded edit against its
+    base weight; the digest is checked once every tensor is in, before the edit's first use.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -61,7 +80,7 @@ class _FingerprintStore(_PinnedDtypeBufferDict):
         owner = self.__dict__.get("_owner")
         layer = owner() if owner is not None else None
         if layer is not None and torch.is_tensor(value) and name in self._buffers:
-            layer._verify_loaded_edit(name, *self.__dict__.get("_owner_args", ()))
+            layer._on_fingerprint_loaded(name, *self.__dict__.get("_owner_args", ()))
 
 
 class CurvatureEditLayer(BaseTunerLayer):
@@ -96,6 +115,9 @@ class CurvatureEditLayer(BaseTunerLayer):
         # Adapters whose buffers hold a computed or loaded edit that matched this layer's base weight. A cache of that
         # check, so that the forward pass never reads a buffer back to the host (a device sync on GPU).
         self._curvedit_verified: set[str] = set()
+        # per adapter, the digest its config records (None: built here and not saved yet, or saved by a version that
+        # recorded none)
+        self._curvedit_digests: dict[str, str | None] = {}
         self._curvedit_module_name = ""  # for error messages; set by update_layer
         self._curvedit_compute_dtype: dict[str, torch.dtype | None] = {}  # None: the base layer's dtype
         # Per (adapter, dtype): the matrices the unmerged forward multiplies by, cast once from the stored factors,
@@ -165,6 +187,7 @@ class CurvatureEditLayer(BaseTunerLayer):
                 "hf_curvedit.build_curvature_edit(model, eigen, config) or set config.factors_path to an "
                 "eigen.safetensors file; to load a saved edit use PeftModel.from_pretrained(base, adapter_dir)."
             )
+        self._curvedit_digests[adapter_name] = info.get("digest")
         edit = CurvatureEdit.empty(self.out_features, self.in_features, int(info["k"]), str(info["q_side"]),
                                    self.buffer_dtype())
         compute_dtype = getattr(config, "compute_dtype", None)
@@ -242,6 +265,7 @@ class CurvatureEditLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._curvedit_q_side.pop(adapter_name, None)
         self._curvedit_compute_dtype.pop(adapter_name, None)
+        self._curvedit_digests.pop(adapter_name, None)
         self._curvedit_verified.discard(adapter_name)
         self._drop_compute_cache(adapter_name)
 
@@ -261,8 +285,30 @@ class CurvatureEditLayer(BaseTunerLayer):
         if adapter_name not in self._curvedit_verified:
             self._verify_loaded_edit(adapter_name)
 
+    def content_tensors(self, adapter_name: str, stores: Any = None) -> list[tuple[str, torch.Tensor]]:
+        """The tensors of `adapter_name` that its digest covers, by store name (from ``stores``, a mapping of store
+        name → tensor such as a state dict being loaded; by default the layer's own buffers)."""
+        get = (lambda name: getattr(self, name)[adapter_name]) if stores is None else stores.__getitem__
+        return [(name, get(name)) for name in self.other_param_names]
+
+    def content_digest(self, adapter_name: str) -> str:
+        """The digest of the edit `adapter_name` as this layer holds it (what ``edited_modules`` records)."""
+        return canonical_digest(self.content_tensors(adapter_name))
+
+    def _check_digest(self, adapter_name: str, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        want = self._curvedit_digests.get(adapter_name)
+        if want is not None and canonical_digest(tensors) != want:
+            raise DamagedAdapterError(_damaged_message(adapter_name, self._curvedit_module_name))
+
+    def _on_fingerprint_loaded(self, adapter_name: str) -> None:
+        # transformers' loader assigns the tensors one by one: the base weight can be checked as soon as the
+        # fingerprint is in; the digest waits for the first use, when every tensor is
+        if adapter_name in self.curvedit_Q and bool(self.curvedit_fingerprint[adapter_name][0] > 0):
+            self.check_base(adapter_name, self._curvedit_module_name)
+
     def _verify_loaded_edit(self, adapter_name: str) -> None:
-        """Accept the edit in the buffers of `adapter_name` once it is filled and belongs to this base weight."""
+        """Accept the edit in the buffers of `adapter_name` once it is filled, matches its recorded digest and belongs
+        to this base weight."""
         if adapter_name not in self.curvedit_Q:
             return  # the fingerprint arrived before the update_layer that creates the other stores
         fingerprint = self.curvedit_fingerprint[adapter_name]
@@ -273,6 +319,7 @@ class CurvatureEditLayer(BaseTunerLayer):
                 "alone and no saved adapter was loaded into it. Load one with PeftModel.from_pretrained / "
                 "load_adapter, or build it from factors with hf_curvedit.build_curvature_edit."
             )
+        self._check_digest(adapter_name, self.content_tensors(adapter_name))
         self.check_base(adapter_name, self._curvedit_module_name)
         self._curvedit_verified.add(adapter_name)
 
@@ -388,6 +435,9 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
             fp_key = f"{prefix}curvedit_fingerprint.{name}"
             if fp_key not in state_dict:
                 continue
+            incoming = {store: state_dict.get(f"{prefix}{store}.{name}") for store in self.other_param_names}
+            if all(t is not None for t in incoming.values()):
+                self._check_digest(name, self.content_tensors(name, incoming))
             problem = fingerprint_mismatch(state_dict[fp_key], weight_fingerprint(self.base_weight()))
             if problem:
                 raise WrongBaseModelError(_wrong_base_message(name, self._curvedit_module_name, problem))

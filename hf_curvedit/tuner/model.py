@@ -202,6 +202,21 @@ def _fill(model: nn.Module, adapter_name: str, edits: Mapping[str, CurvatureEdit
             layer.set_edit(adapter_name, edits[name])
 
 
+def _record_digests(model: nn.Module, adapter_name: str, config: CurvatureEditConfig) -> None:
+    """Record in ``config.edited_modules`` the digest of each edited module's tensors, as the layers hold them after
+    the build: saved with the adapter, checked by every load before the edit is used."""
+    for name, layer in _iter_layers(model):
+        if isinstance(layer, CurvatureEditExperts):
+            for p in layer.params_of(adapter_name):
+                digest = layer.content_digest(adapter_name, p)
+                config.edited_modules[f"{name}.{p}"]["digest"] = digest
+                layer._curvedit_digests[(adapter_name, p)] = digest
+        elif layer.has_edit(adapter_name) and name in config.edited_modules:
+            digest = layer.content_digest(adapter_name)
+            config.edited_modules[name]["digest"] = digest
+            layer._curvedit_digests[adapter_name] = digest
+
+
 def _edited_names(model: nn.Module, adapter_name: str) -> set[str]:
     """The weights (linear modules, expert parameters) that carry the edit `adapter_name` in `model`."""
     out = set()
@@ -324,6 +339,7 @@ class CurvatureEditModel(BaseTuner):
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         if edits is not None:
             _fill(model, adapter_name, edits)
+            _record_digests(model, adapter_name, config)
         # every module the saved edit covers must exist in this base (a base with fewer layers is a wrong base)
         present = _edited_names(model, adapter_name)
         missing = sorted(set(config.edited_modules) - present)
@@ -471,4 +487,5 @@ def build_curvature_edit(
     else:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _fill(peft_model, adapter_name, edits)
+    _record_digests(peft_model, adapter_name, peft_model.peft_config[adapter_name])
     return peft_model

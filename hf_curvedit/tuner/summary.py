@@ -22,7 +22,12 @@ from peft import PeftModel
 from .config import CURVEDIT, CurvatureEditConfig
 
 __all__ = ["edit_summary", "is_curvature_edit_config", "jsonable", "merged_state_dict", "module_rows",
-           "module_rows_from_config", "save_adapter", "save_merged"]
+           "module_rows_from_config", "save_adapter", "save_merged", "verify_adapter_folder"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_REDOWNLOAD = ("Download the adapter again (for a Hub repo: `hf download REPO --force-download`) or build the edit "
+               "again (hf-curvedit edit)")
 
 
 def jsonable(value: Any) -> Any:
@@ -141,3 +146,67 @@ def save_adapter(model: PeftModel, adapter_name: str, folder: str | Path) -> Non
         for p in sub.iterdir():
             shutil.move(str(p), folder / p.name)
         sub.rmdir()
+
+
+def verify_adapter_folder(folder: str | Path) -> dict[str, Any]:
+    """Check a saved curvature-edit adapter without loading any model: ``adapter_config.json`` parses and describes a
+    curvature edit, ``adapter_model.safetensors`` reads, and every edited module's tensors match the digest the config
+    recorded when the edit was built. Returns the config (a dict).
+
+    Raises:
+        `FileNotFoundError`: a file is missing.
+        `DamagedFileError`: a file is not what it should be (invalid JSON, truncated or damaged weights), naming it
+            and the fix.
+    """
+    from ..integrity import DamagedFileError, open_safetensors
+    from .layer import canonical_digest
+
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {ADAPTER_CONFIG}: give the folder that `hf-curvedit edit` "
+                                "(save_pretrained) wrote")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedFileError(config_path, f"is not valid JSON ({err}); it is empty, truncated or damaged",
+                               _REDOWNLOAD) from None
+    if not is_curvature_edit_config(config):
+        raise ValueError(f"{config_path} describes a {config.get('peft_type')} adapter, not a curvature edit "
+                         "(peft_type CURVEDIT)")
+    with open_safetensors(weights_path, "the adapter's weights", _REDOWNLOAD) as f:
+        keys = set(f.keys())
+        tensors: dict[str, Any] = {}
+
+        def get(key: str) -> Any:
+            if key not in tensors:
+                if key not in keys:
+                    raise DamagedFileError(weights_path, f"has no tensor {key!r}, which the edit of its "
+                                           f"{ADAPTER_CONFIG} needs", _REDOWNLOAD)
+                try:
+                    tensors[key] = f.get_tensor(key)
+                except Exception as err:  # noqa: BLE001 - safetensors' errors on a bad data section
+                    raise DamagedFileError(weights_path, f"tensor {key!r} cannot be read ({err})",
+                                           _REDOWNLOAD) from None
+            return tensors[key]
+
+        prefix = "base_model.model."
+        for name, info in (config.get("edited_modules") or {}).items():
+            want = info.get("digest")
+            if want is None:
+                continue  # saved before adapters recorded digests
+            owner, _, leaf = name.rpartition(".")
+            if info.get("experts"):
+                stores = [f"curvedit_{kind}_{leaf}" for kind in ("out", "in", "meta", "fingerprint", "cutoffs",
+                                                                  "tokens")]
+                named = [(store, get(f"{prefix}{owner}.{store}")) for store in stores]
+            else:
+                stores = ["curvedit_Q", "curvedit_B", "curvedit_cutoffs", "curvedit_meta", "curvedit_fingerprint"]
+                named = [(store, get(f"{prefix}{name}.{store}")) for store in stores]
+            if canonical_digest(named) != want:
+                raise DamagedFileError(weights_path, f"the edit of module {name!r} does not match the digest its "
+                                       f"{ADAPTER_CONFIG} recorded when the edit was built: its bytes are damaged or "
+                                       "were changed", _REDOWNLOAD)
+    return config
