@@ -25,8 +25,9 @@ from .curvature import (
     eigendecompose,
     fit_factors,
     load_factors,
+    plan_factors,
 )
-from .edit import CurvatureEdit, compute_edit
+from .edit import CurvatureEdit, ExpertsEdit, compute_edit, compute_experts_edit
 from .evaluation import (
     CapabilityConfig,
     CapabilityResult,
@@ -47,25 +48,30 @@ from .evaluation import (
     recitation_scores,
     stress_test,
 )
+from .integrity import DamagedFileError, FolderInUseError
 from .publish import CardOptions, HubOptions, PublishError, PublishResult, push_folder, render_card
 from .selection import Staircase, curvature_mass_cutoffs, factor_truncation_cutoffs, select_cutoffs
-from .targets import DEFAULT_TARGET_MODULES, resolve_target_modules
+from .targets import DEFAULT_TARGET_MODULES, TargetWeight, resolve_target_modules, weight_targets
 
 # Importing .tuner registers PeftType.CURVEDIT with PEFT (see hf_curvedit/tuner/__init__.py).
 from .tuner import (
     CurvatureEditConfig,
     CurvatureEditModel,
+    DamagedAdapterError,
     ModuleEditReport,
     WrongBaseModelError,
     build_curvature_edit,
     check_base_model,
     curvature_edit_report,
 )
+from .tuner.summary import verify_adapter_folder
 
 __all__ = [
     "CapabilityConfig", "CapabilityResult", "evaluate_capabilities",
     "DEFAULT_TARGET_MODULES", "CardOptions", "CausalLMTask", "CurvatureEdit", "CurvatureEditConfig",
-    "CurvatureEditModel", "EditReport", "EvalConfig", "FactorConfig", "FactorTask", "HubOptions",
+    "CurvatureEditModel", "DamagedAdapterError", "DamagedFileError", "EditReport", "EvalConfig", "ExpertsEdit",
+    "FactorConfig", "FactorTask", "FolderInUseError", "HubOptions", "TargetWeight", "compute_experts_edit",
+    "plan_factors", "verify_adapter_folder", "weight_targets",
     "ImageClassificationSet", "ImageClassificationTask", "KFACEigen", "KFACFactors", "ModuleEditReport", "ModuleEigen",
     "PublishError", "PublishResult", "RecitationSet", "Staircase", "TextSet", "WrongBaseModelError", "__version__",
     "build_curvature_edit", "check_base_model", "coherence_ndcg", "compute_edit", "curvature_edit_report",

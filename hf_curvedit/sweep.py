@@ -27,7 +27,7 @@ from .curvature.eigen import KFACEigen
 from .evaluation import RecitationSet, TextSet, evaluate_recitation
 from .evaluation.coherence import DEFAULT_NDCG_K, ndcg_at_k
 from .evaluation.perplexity import perplexity_from_nll, score_text
-from .targets import linear_shape, resolve_target_modules
+from .targets import resolve_target_modules, weight_targets
 from .utils import atomic_write_text
 
 
@@ -301,8 +301,8 @@ def sweep_edits(
     recreate: dict[int, Any] = {}
     if "svd" in baselines:
         names = resolve_target_modules(current, chosen.target_modules)
-        mods = dict(current.named_modules())
-        max_rank = min(min(linear_shape(mods[n])) for n in names)
+        targets = weight_targets(current)
+        max_rank = min(min(targets[n].d_out, targets[n].d_in) for n in names)
         svd_points = []
         for k in tqdm([k for k in svd_ranks or () if 0 < k < max_rank], desc="svd baseline", unit="rank"):
             with svd_truncation(current, names, k):

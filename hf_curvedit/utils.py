@@ -139,6 +139,9 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for path in staging.rglob("*"):  # what other libraries wrote (safetensors creates 0600 files) gets the umask
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, FILE_MODE)
     if folder.exists():
         os.replace(folder, old)
     os.replace(staging, folder)

@@ -106,6 +106,7 @@ def train(out: Path, args: argparse.Namespace) -> None:
             el = time.time() - t0
             _log(f"step {step + 1}/{n_steps} loss {float(loss):.4f} eta {el / (step + 1) * (n_steps - step - 1):.0f}s")
     model.eval()
+    model.config.output_router_logits = False  # the balancing loss is for training; inference does not need it
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.config.output_router_logits = False
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     items = [json.loads(line) for line in (model_dir / "memorized_set.jsonl").read_text().splitlines()]
     heldout = [json.loads(line)["text"] for line in (model_dir / "heldout.jsonl").read_text().splitlines()]

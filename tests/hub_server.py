@@ -35,6 +35,7 @@ import yaml
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".png", ".jpg", ".gz")
 LFS_MIN_SIZE = 10 * 1024 * 1024
+DROP = 0  # a `HubServer.fail` status: close the connection without an answer, as a server that dies would
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -239,6 +240,12 @@ class HubHandler(BaseHTTPRequestHandler):
         try:
             self._dispatch()
         except HubError as err:
+            if err.status == DROP:  # the server dies mid-request: the connection closes with no answer
+                import socket
+
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             headers = {"X-Error-Message": err.message}
             if err.code:
                 headers["X-Error-Code"] = err.code
@@ -468,7 +475,7 @@ class HubServer(ThreadingHTTPServer):
 
     def fail(self, method: str, path_regex: str, status: int, times: int | None = None) -> None:
         """Answer `status` to requests whose method is `method` and path matches `path_regex` (`times` times, or
-        always when ``None``)."""
+        always when ``None``); `DROP` closes the connection without an answer."""
         with self.state.lock:
             self.state.fail_rules.append(FailRule(method.upper(), path_regex, status, times))
 

@@ -28,3 +28,10 @@ def test_scale_benchmark_runs_at_small_shapes():
     assert "| 96² |" in out and "| 256² |" in out
     assert out.count("| gate_proj |") == 3 and "| down_proj | 0.9 |" in out
     assert "| bfloat16 | 4×512 |" in out and "| float32 | 1×1 |" in out and "factorized" in out
+
+
+def test_integrity_benchmark_runs_at_small_shapes():
+    out = _run(str(BENCH / "integrity_overhead.py"), "--hidden", "64", "--mlp", "128", "--rank", "16", "--layers", "1",
+               "--repeats", "1", "--threads", "1")
+    assert "| PeftModel.from_pretrained + forward |" in out and "| load_adapter + forward |" in out
+    assert out.count("× |") == 2 and "| verify_adapter_folder (no model) |" in out

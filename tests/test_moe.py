@@ -358,3 +358,22 @@ def test_card_records_each_experts_token_count(starved, tmp_path):
     assert f"`{n}`: " + ", ".join(f"{e}: {c:,}" for e, c in enumerate(counts)) in card
     assert "An expert that no token\nreached keeps its weights." in card
     edited.unload()
+
+
+def test_the_sweep_and_its_baselines_handle_expert_projections(starved):
+    from hf_curvedit.baselines import BalancedSubnetConfig, svd_truncation, train_balanced_subnet
+
+    model, factors, _ = starved
+    names = ["model.layers.1.mlp.experts.down_proj"]
+    w = model.get_parameter(names[0]).detach().clone()
+    with svd_truncation(model, names, 3):
+        truncated = model.get_parameter(names[0]).detach().clone()
+    assert torch.equal(model.get_parameter(names[0]), w), "restored"
+    assert all(int(torch.linalg.matrix_rank(truncated[e].double(), tol=1e-4)) <= 3 for e in range(4))
+    seqs = [torch.randint(3, 128, (12,)).tolist() for _ in range(4)]
+    masks = train_balanced_subnet(model, seqs, seqs, BalancedSubnetConfig(target_modules=names, epochs=1, ratio=0.1),
+                                  show_progress=False)
+    assert masks.masks[names[0]].shape == w.shape and not bool(masks.masks[names[0]].all())
+    with masks.applied(model):
+        assert not torch.equal(model.get_parameter(names[0]), w)
+    assert torch.equal(model.get_parameter(names[0]), w)

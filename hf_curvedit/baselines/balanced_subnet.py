@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..targets import TargetSpec, resolve_target_modules
+from ..targets import TargetSpec, resolve_target_modules, weight_targets
 
 __all__ = ["BalancedSubnetConfig", "BalancedSubnetMasks", "train_balanced_subnet"]
 
@@ -106,23 +106,25 @@ class BalancedSubnetMasks:
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily zero the masked weights of ``model`` (restored on exit, also after an error)."""
         saved = {}
+        targets = weight_targets(model)
         try:
             with torch.no_grad():
                 for name, mask in self.masks.items():
-                    w = model.get_submodule(name).weight
+                    w = targets[name].parameter()
                     saved[name] = w.detach().clone()
                     w.mul_(mask.to(w.device, w.dtype))
             yield model
         finally:
             with torch.no_grad():
                 for name, w in saved.items():
-                    model.get_submodule(name).weight.copy_(w)
+                    targets[name].parameter().copy_(w)
 
     def bake(self, model: nn.Module) -> nn.Module:
         """Zero the masked weights of ``model`` in place (permanent) and return it."""
+        targets = weight_targets(model)
         with torch.no_grad():
             for name, mask in self.masks.items():
-                w = model.get_submodule(name).weight
+                w = targets[name].parameter()
                 w.mul_(mask.to(w.device, w.dtype))
         return model
 
@@ -198,10 +200,13 @@ def train_balanced_subnet(model: nn.Module, memorized: Any, clean: Any,
         raise ValueError(f"target_modules={config.target_modules!r} selects no linear layer of this model")
     pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
     gen = torch.Generator().manual_seed(config.seed)
-    weights = {n: model.get_submodule(n).weight for n in names}
+    targets = weight_targets(model)
+    weights = {n: targets[n].parameter() for n in names}
+    # the parameter's own name: "<module>.weight" for a linear layer; an expert projection is named by its parameter
+    param_names = {n: n if targets[n].is_experts else f"{n}.weight" for n in names}
     scores = {}
     for n, w in weights.items():
-        bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform(a=√5), the edge-popup initialization
+        bound = 1.0 / math.sqrt(w.shape[-1])  # kaiming_uniform(a=√5), the edge-popup initialization
         scores[n] = (torch.rand(w.shape, generator=gen) * 2 * bound - bound).to(w.device).requires_grad_(True)
     drops = {n: n_dropped(w.numel(), config.ratio) for n, w in weights.items()}
     opt = torch.optim.SGD(list(scores.values()), lr=config.lr, momentum=config.momentum)
@@ -214,7 +219,7 @@ def train_balanced_subnet(model: nn.Module, memorized: Any, clean: Any,
 
     def loss_on(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, attn, labels = (t.to(device) for t in batch)
-        masked = {f"{n}.weight": w * _DropLowest.apply(scores[n], drops[n]).to(w.dtype) for n, w in weights.items()}
+        masked = {param_names[n]: w * _DropLowest.apply(scores[n], drops[n]).to(w.dtype) for n, w in weights.items()}
         out = torch.func.functional_call(model, masked, args=(), kwargs={"input_ids": ids, "attention_mask": attn,
                                                                           "labels": labels})
         return out.loss.float()

@@ -11,7 +11,8 @@ from peft.utils import register_peft_method
 
 from ..edit import CurvatureEdit, ModuleEditReport, compute_edit, weight_fingerprint
 from .config import CURVEDIT, CurvatureEditConfig
-from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
+from .experts import CurvatureEditExperts
+from .layer import CurvatureEditLayer, CurvatureEditLinear, DamagedAdapterError, WrongBaseModelError
 from .model import (
     CurvatureEditModel,
     build_curvature_edit,
@@ -24,9 +25,11 @@ __all__ = [
     "CURVEDIT",
     "CurvatureEdit",
     "CurvatureEditConfig",
+    "CurvatureEditExperts",
     "CurvatureEditLayer",
     "CurvatureEditLinear",
     "CurvatureEditModel",
+    "DamagedAdapterError",
     "ModuleEditReport",
     "WrongBaseModelError",
     "build_curvature_edit",
