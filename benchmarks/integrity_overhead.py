@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hf_curvedit import CurvatureEditConfig
 from hf_curvedit.edit import FINGERPRINT_SIZE, META_FIELDS, CurvatureEdit, weight_fingerprint
 from hf_curvedit.tuner import CurvatureEditLayer
-from hf_curvedit.tuner.model import _fill, _record_digests
+from hf_curvedit.tuner.build import fill_edits, record_digests
 from hf_curvedit.tuner.summary import verify_adapter_folder
 
 
@@ -57,8 +57,8 @@ def build(folder: Path, layers: int, rank: int, hidden: int, mlp: int) -> None:
                                  edited_modules={n: {"k": rank, "q_side": "input"} for n in names})
     config.base_model_name_or_path = str(folder / "base")
     peft_model = get_peft_model(base, config)
-    _fill(peft_model, "default", edits)
-    _record_digests(peft_model, "default", peft_model.peft_config["default"])
+    fill_edits(peft_model, "default", edits)
+    record_digests(peft_model, "default", peft_model.peft_config["default"])
     peft_model.save_pretrained(folder / "adapter")
 
 

@@ -51,6 +51,7 @@ from .evaluation import (
 from .integrity import DamagedFileError, FolderInUseError
 from .publish import CardOptions, HubOptions, PublishError, PublishResult, push_folder, render_card
 from .selection import Staircase, curvature_mass_cutoffs, factor_truncation_cutoffs, select_cutoffs
+from .sweep import SweepConfig, SweepResult, sweep_edits
 from .targets import DEFAULT_TARGET_MODULES, TargetWeight, resolve_target_modules, weight_targets
 
 # Importing .tuner registers PeftType.CURVEDIT with PEFT (see hf_curvedit/tuner/__init__.py).
@@ -71,7 +72,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES", "CardOptions", "CausalLMTask", "CurvatureEdit", "CurvatureEditConfig",
     "CurvatureEditModel", "DamagedAdapterError", "DamagedFileError", "EditReport", "EvalConfig", "ExpertsEdit",
     "FactorConfig", "FactorTask", "FolderInUseError", "HubOptions", "TargetWeight", "compute_experts_edit",
-    "plan_factors", "verify_adapter_folder", "weight_targets",
+    "plan_factors", "verify_adapter_folder", "weight_targets", "SweepConfig", "SweepResult", "sweep_edits",
     "ImageClassificationSet", "ImageClassificationTask", "KFACEigen", "KFACFactors", "ModuleEditReport", "ModuleEigen",
     "PublishError", "PublishResult", "RecitationSet", "Staircase", "TextSet", "WrongBaseModelError", "__version__",
     "build_curvature_edit", "check_base_model", "coherence_ndcg", "compute_edit", "curvature_edit_report",

@@ -203,9 +203,8 @@ def output_lock(folder: str | Path, command: str | None = None) -> Iterator[None
         raise FolderInUseError(folder, _read_owner(folder)) from None
     try:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
-        from .utils import atomic_write_text
-
-        atomic_write_text(_owner_file(folder), json.dumps(owner))
+        # read only to word a second writer's error (a torn file reads as "another process"), so a plain write
+        _owner_file(folder).write_text(json.dumps(owner), encoding="utf-8")
         with _held_lock:
             _held[folder] = 1
         try:

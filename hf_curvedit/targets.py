@@ -113,11 +113,18 @@ def is_experts_module(module: nn.Module) -> bool:
     `transformers.integrations.moe.use_experts_implementation` marks such classes (Mixtral, Qwen2/3-MoE, OLMoE,
     DeepSeek-V2/V3, GPT-OSS, GLM-4-MoE, GraniteMoE and most MoE families of transformers 5): they hold one 3D parameter
     per projection and route with ``forward(hidden_states, top_k_index, top_k_weights)``, whose layout flags
-    (``has_gate``, ``has_bias``, ``is_transposed``) the decorator records on the instance.
+    (``has_bias``, ``is_transposed`` and, from transformers 5.3 on, ``has_gate``) the decorator records on the
+    instance.
     """
-    return (all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts"))
+    return (all(hasattr(module, a) for a in ("has_bias", "is_transposed", "num_experts"))
             and callable(getattr(module, "_apply_gate", None))
             and any(_expert_parameter(module, p) is not None for p in EXPERT_PROJECTIONS))
+
+
+def experts_have_gate(module: nn.Module) -> bool:
+    """Whether an experts module's first projection is the fused ``gate_up_proj`` (else ``up_proj``, no gate).
+    transformers before 5.3 records no ``has_gate``: its experts always have a gate."""
+    return bool(getattr(module, "has_gate", _expert_parameter(module, "gate_up_proj") is not None))
 
 
 def _expert_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -211,6 +218,12 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return int(module.out_features), int(module.in_features)
     raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def no_default_message(model_type: str | None) -> str:
+    """The first sentence of the error for a family without a default: the family, and why when it is known."""
+    why = f" ({NO_DEFAULT_REASON[model_type]})" if model_type in NO_DEFAULT_REASON else ""
+    return f"hf-curvedit has no default target modules for model_type={model_type!r}{why}"
 
 
 def default_target_modules(model_type: str | None) -> str | None:
@@ -331,11 +344,9 @@ def resolve_target_modules(
     if spec is None:
         spec = default_target_modules(model_type)
         if spec is None:
-            why = f" ({NO_DEFAULT_REASON[model_type]})" if model_type in NO_DEFAULT_REASON else ""
             raise ValueError(
-                f"hf-curvedit has no default target modules for model_type={model_type!r}{why}. "
-                "Pass target_modules explicitly (names, globs or a regex). Linear layers and expert projections in "
-                f"this model:\n{_describe_linears(targets)}"
+                f"{no_default_message(model_type)}. Pass target_modules explicitly (names, globs or a regex). "
+                f"Linear layers and expert projections in this model:\n{_describe_linears(targets)}"
             )
     if isinstance(spec, (list, tuple, set)) and len(spec) == 0:
         raise ValueError("target_modules is empty; pass at least one name, glob or regex.")

@@ -248,3 +248,19 @@ def test_run_stops_with_exit_code_1_when_the_sweep_finds_nothing(tmp_path, monke
     assert "| curvedit | all | ρ=0.5 |" in captured.out
     assert "[run] sweep failed: no edit keeps the perplexity increase within 15%" in captured.err
     assert not (tmp_path / "run" / "steps" / "sweep.done.json").exists(), "a failed step is not marked done"
+
+
+def test_edit_flags_reach_the_adapter_config_and_plan_factors_is_top_level(tmp_path, model_dir, text_file):
+    import hf_curvedit
+    from hf_curvedit.curvature import plan_factors
+
+    assert hf_curvedit.plan_factors is plan_factors
+    out = tmp_path / "factors"
+    assert main(["fit", "--model", str(model_dir), "--data", str(text_file), "--output-dir", str(out),
+                 "--seq-len", "32", "--batch-size", "4", "--max-tokens", "256"]) == 0
+    assert main(["edit", "--model", str(model_dir), "--factors", str(out), "--keep-mass", "0.6", "--compute-dtype",
+                 "float32", "--min-expert-tokens", "100", "--output-dir", str(tmp_path / "e")]) == 0
+    cfg = json.loads((tmp_path / "e" / "rho0.6" / "adapter_config.json").read_text())
+    assert cfg["compute_dtype"] == "float32" and cfg["min_expert_tokens"] == 100
+    assert main(["edit", "--model", str(model_dir), "--factors", str(out), "--compute-dtype", "float13",
+                 "--output-dir", str(tmp_path / "f")]) == 2

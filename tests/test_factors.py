@@ -13,7 +13,8 @@ from testing_utils import random_token_rows, record_module_io, tiny_gpt2, tiny_l
 
 from hf_curvedit import FactorConfig, fit_factors, load_factors
 from hf_curvedit.curvature import fit as fit_mod
-from hf_curvedit.curvature.collector import accumulate_upper, mirror_upper, plan_partitions
+from hf_curvedit.curvature.collector import accumulate_upper, mirror_upper
+from hf_curvedit.curvature.partitions import plan_partitions
 from hf_curvedit.curvature.tasks import batch_generator, sample_labels, valid_position_mask
 from hf_curvedit.data import pack_into_blocks
 from hf_curvedit.targets import resolve_target_modules

@@ -7,8 +7,10 @@ import re
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
-from family_configs import TINY, available_families, tiny_causal_lm
+from family_configs import TINY, available_families, check_family, tiny_causal_lm
+from packaging.version import Version
 from peft import PeftModel
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
@@ -25,17 +27,54 @@ _NEVER = re.compile(r".*(attn|attention|router|\.gate|shared_experts?_gate|\.wg|
 # unescaped regex, so `load_adapter` turns an adapter's `mlp.shared_experts.up_proj` keys into
 # `mlp.shared_experts..up_proj` (a LoRA adapter of the shared experts meets the same fate); PEFT's loader is unaffected.
 _LOAD_ADAPTER_RENAMES_KEYS = {"laguna"}
+# transformers before 5.8 maps an adapter's `base_model.model.model.` keys and no others in `load_adapter`, so the
+# adapter of a model whose modules are not under `model.` (GPT-2's `transformer.`, ...) loads nothing there: any PEFT
+# method's, ours too. PEFT's loader is unaffected.
+_OLD_LOAD_ADAPTER = Version(transformers.__version__) < Version("5.8")
+# The zoo's configs are written for the newest transformers pyproject.toml allows. The lowest-versions job runs 5.0,
+# where some tiny models do not build or run (a config attribute added later, a kernel bug under autograd, a
+# from_pretrained round trip that fails for the base model itself, experts not yet marked for PEFT): those families
+# are skipped there with the reason, and never on the newest version.
+_OLDER_TRANSFORMERS = Version(transformers.__version__) < Version("5.23")
+
+
+def _skip_on_older_transformers(family: str, err: Exception, what: str = "does not run") -> None:
+    if not _OLDER_TRANSFORMERS:
+        raise err
+    pytest.skip(f"the tiny {family} {what} on transformers {transformers.__version__}: "
+                f"{type(err).__name__}: {str(err)[:80]}")
+
+
+def _base_round_trips(family: str, folder) -> bool:
+    """Whether the unedited tiny model survives save_pretrained and from_pretrained with the same logits."""
+    model = build(family)
+    model.save_pretrained(folder)
+    x = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            reloaded = type(model).from_pretrained(folder)
+            return torch.allclose(reloaded(input_ids=x, use_cache=False).logits,
+                                  model(input_ids=x, use_cache=False).logits, rtol=1e-4, atol=1e-5)
+    except Exception:
+        return False
 
 
 def test_every_family_of_the_zoo_has_a_default_or_a_reason():
-    model_types = set()
+    model_types, unbuilt = set(), []
     for family in available_families():
-        model_type = tiny_causal_lm(family).config.model_type
+        try:
+            model_type = tiny_causal_lm(family).config.model_type
+        except Exception:
+            if not _OLDER_TRANSFORMERS:
+                raise
+            unbuilt.append(family)
+            continue
         model_types.add(model_type)
         assert model_type in DEFAULT_TARGET_MODULES or model_type in NO_DEFAULT_REASON, (family, model_type)
     # and no default names a family the zoo does not build (image classifiers have tests of their own)
     claimed = set(DEFAULT_TARGET_MODULES) - {"vit", "deit", "beit", "dinov2", "swin"}
-    assert claimed <= set(TINY) | model_types
+    if not unbuilt:
+        assert claimed <= set(TINY) | model_types
 
 
 def build(family: str) -> torch.nn.Module:
@@ -57,15 +96,25 @@ def _data() -> Dataset:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_lifecycle(family, tmp_path):
+    try:
+        check_family(family)
+    except Exception as err:
+        _skip_on_older_transformers(family, err)
     model = build(family)
-    names = resolve_target_modules(model)
+    try:
+        names = resolve_target_modules(model)
+    except ValueError as err:  # e.g. experts that this transformers does not yet mark as fused experts
+        _skip_on_older_transformers(family, err, "has a layout the default does not cover")
     bad = [n for n in names if _NEVER.fullmatch(n)]
     assert not bad, f"{family}: the default picks {bad}"
     targets = weight_targets(model)
     experts = [n for n, t in targets.items() if t.is_experts]
     assert set(experts) <= set(names), f"{family}: every routed expert projection belongs to the default"
 
-    factors = fit_factors(model, _data(), FactorConfig(seq_len=16, batch_size=8), progress=False)
+    try:
+        factors = fit_factors(model, _data(), FactorConfig(seq_len=16, batch_size=8), progress=False)
+    except Exception as err:  # e.g. a model whose backward pass fails on this transformers
+        _skip_on_older_transformers(family, err, "does not train")
     edited = build_curvature_edit(model, factors, CurvatureEditConfig(keep_mass=0.6, min_expert_tokens=1))
     x = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -88,11 +137,19 @@ def test_family_lifecycle(family, tmp_path):
         info = plain.load_adapter(str(tmp_path / "edit"))
         if family in _LOAD_ADAPTER_RENAMES_KEYS:
             assert any("shared_experts.." in k for k in info.unexpected_keys), "the transformers bug is fixed"
+        elif _OLD_LOAD_ADAPTER and not names[0].startswith("model."):
+            assert info.missing_keys, "the transformers bug is fixed in this version: drop the exception"
         else:
             assert torch.equal(logits(plain), out), f"{family}: load_adapter differs"
         merged = peft_loaded.merge_and_unload()
         merged.save_pretrained(tmp_path / "merged")
         # a text model that a multimodal family builds from its text_config has no AutoModelForCausalLM entry
         loader = AutoModelForCausalLM if type(merged.config) in MODEL_FOR_CAUSAL_LM_MAPPING else type(merged)
-        reloaded = loader.from_pretrained(tmp_path / "merged")
-        torch.testing.assert_close(logits(reloaded), out, rtol=1e-4, atol=1e-5)
+        try:
+            reloaded = loader.from_pretrained(tmp_path / "merged")
+            torch.testing.assert_close(logits(reloaded), out, rtol=1e-4, atol=1e-5)
+        except (AssertionError, NotImplementedError, RuntimeError) as err:
+            if _OLDER_TRANSFORMERS and not _base_round_trips(family, tmp_path / "base"):
+                pytest.skip(f"the unedited tiny {family} does not survive save and reload on transformers "
+                            f"{transformers.__version__} either")
+            raise err

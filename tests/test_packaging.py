@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,12 @@ def test_every_lower_bound_is_pinned_by_the_lowest_versions_job():
 def test_no_pin_without_a_requirement():
     names = {canonicalize_name(r.name) for r in _requirements()}
     assert set(_pins()) <= names
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    test_commands = [c for c in commands if "pytest" in c]
+    assert len(test_commands) == 1, "README.md gives one command that runs the tests"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert test_commands[0] in ci, ".ci/run must run README.md's test command as written"

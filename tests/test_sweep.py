@@ -9,7 +9,7 @@ from testing_utils import random_token_rows, tiny_llama
 
 from hf_curvedit import FactorConfig, fit_factors
 from hf_curvedit.evaluation import RecitationSet, TextSet
-from hf_curvedit.sweep import SweepResult, svd_truncation, sweep_edits
+from hf_curvedit.sweep import SweepConfig, SweepResult, svd_truncation, sweep_edits
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,9 @@ def test_sweep_measures_every_point_and_picks_within_budget(setup):
     x = torch.tensor([random_token_rows(1, lo=10, hi=10, seed=5)[0]])
     with torch.no_grad():
         before = model(x).logits.clone()
-    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.3, 0.9),
-                         layer_choices={"L1": r".*layers\.1\.mlp\.(gate|up)_proj", "all": r".*mlp\.\w+_proj"},
-                         perplexity_budget=0.5, svd_ranks=[2, 8, 16])
+    config = SweepConfig(keep_masses=(0.3, 0.9), perplexity_budget=0.5, svd_ranks=[2, 8, 16],
+                         layer_choices={"L1": r".*layers\.1\.mlp\.(gate|up)_proj", "all": r".*mlp\.\w+_proj"})
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     edits = [p for p in result.points if p.method == "curvedit"]
     assert [(p.layers, p.keep_mass) for p in edits] == [("L1", 0.3), ("L1", 0.9), ("all", 0.3), ("all", 0.9)]
     for p in edits:
@@ -63,15 +63,15 @@ def test_svd_truncation_is_rank_k_and_restores(setup):
 def test_sweep_rejects_modules_without_factors(setup):
     model, eigen, rec, heldout = setup
     with pytest.raises(ValueError, match="without factors"):
-        sweep_edits(model, eigen, {"mem": rec}, heldout, layer_choices={"attn": r".*self_attn\.q_proj"})
+        sweep_edits(model, eigen, {"mem": rec}, heldout, SweepConfig(layer_choices={"attn": r".*self_attn\.q_proj"}))
 
 
 def test_sweep_result_round_trips_and_plots(setup, tmp_path):
     from hf_curvedit.publish.plots import plot_sweep
 
     model, eigen, rec, heldout = setup
-    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5,), perplexity_budget=10.0,
-                         svd_ranks=[4])
+    config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4])
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     loaded = SweepResult.load(result.save(tmp_path / "sweep.json"))
     assert loaded == result and loaded.chosen is loaded.points[0] and loaded.svd_match is loaded.points[1]
     assert loaded.to_markdown() == result.to_markdown() and loaded.summary().startswith("chosen: all ρ=0.5")
@@ -90,9 +90,10 @@ def test_sweep_measures_the_baselines_at_matched_perplexity(setup):
     with torch.no_grad():
         before = model(x).logits.clone()
     settings = BalancedSubnetConfig(epochs=2, batch_size=4, target_modules=r".*mlp\.\w+_proj")
-    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5,), perplexity_budget=10.0,
-                         svd_ranks=[4, 8], baselines=["svd", "balanced_subnet"], balanced_subnet=settings,
-                         balanced_subnet_ratios=(0.01, 0.2), clean=clean)
+    config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4, 8],
+                         baselines=["svd", "balanced_subnet"], balanced_subnet=settings,
+                         balanced_subnet_ratios=(0.01, 0.2))
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, clean=clean)
     subnet = [p for p in result.points if p.method == "balanced_subnet"]
     assert [p.ratio for p in subnet] == [0.01, 0.2]
     for name in ("svd", "balanced_subnet"):
@@ -115,15 +116,15 @@ def test_sweep_measures_the_baselines_at_matched_perplexity(setup):
     with torch.no_grad():
         assert torch.equal(model(x).logits, before), "the sweep leaves the model as it found it"
     with pytest.raises(ValueError, match="needs `clean`"):
-        sweep_edits(model, eigen, {"mem": rec}, heldout, baselines=["balanced_subnet"])
+        sweep_edits(model, eigen, {"mem": rec}, heldout, SweepConfig(baselines=["balanced_subnet"]))
     with pytest.raises(ValueError, match="unknown baselines"):
-        sweep_edits(model, eigen, {"mem": rec}, heldout, baselines=["lora"])
+        sweep_edits(model, eigen, {"mem": rec}, heldout, SweepConfig(baselines=["lora"]))
 
 
 def test_sweep_result_written_before_baselines_still_loads(setup, tmp_path):
     model, eigen, rec, heldout = setup
-    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5,), perplexity_budget=10.0,
-                         svd_ranks=[4])
+    config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4])
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     old = result.to_dict()
     old["svd_match"] = old.pop("matches")["svd"]
     for p in [old["base"], *old["points"], old["chosen"], old["svd_match"]]:
@@ -154,8 +155,8 @@ def test_sweep_scores_capabilities_of_the_base_the_pick_and_each_match(tmp_path)
     heldout = TextSet(random_token_rows(6, lo=10, hi=20, seed=9))
     tasks = write_choice_task(tmp_path / "tasks", "yesno", [(f"Is {i} even?", i % 2) for i in range(12)])
     caps = CapabilityConfig(tasks=["yesno"], include_path=tasks, bootstrap_iters=0)
-    result = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.3,), perplexity_budget=100.0,
-                         svd_ranks=[2, 8], capabilities=caps, tokenizer=tok)
+    config = SweepConfig(keep_masses=(0.3,), perplexity_budget=100.0, svd_ranks=[2, 8], capabilities=caps)
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, tokenizer=tok)
     chosen, match = result.chosen, result.matches["svd"]
     assert set(result.base.capabilities) == {"yesno"}
     assert result.base.capabilities == capability_scores(model, tok, caps)
@@ -169,3 +170,29 @@ def test_sweep_scores_capabilities_of_the_base_the_pick_and_each_match(tmp_path)
     assert "yesno" in result.comparison()
     assert result.pick_mismatch({"keep_mass": 0.3, "target_modules": chosen.target_modules}) is None
     assert "keep_mass is 0.5" in result.pick_mismatch({"keep_mass": 0.5, "target_modules": chosen.target_modules})
+
+
+def test_a_sweep_config_is_saved_with_its_result_and_reruns_it(setup, tmp_path):
+    model, eigen, rec, heldout = setup
+    config = SweepConfig(keep_masses=(0.5, 0.9), layer_choices={"L1": r".*layers\.1\.mlp\.(gate|up)_proj"},
+                         perplexity_budget=2.0, svd_ranks=(4,))
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
+    saved = SweepResult.load(result.save(tmp_path / "sweep.json"))
+    again = SweepConfig.from_dict(saved.config)
+    assert again == config and again.baselines == ("svd",)
+    rerun = sweep_edits(model, eigen, {"mem": rec}, heldout, again)
+    assert rerun.to_markdown() == result.to_markdown(), "the same settings measure the same points"
+    with pytest.warns(DeprecationWarning, match="config=SweepConfig"):
+        legacy = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5, 0.9),
+                             layer_choices={"L1": r".*layers\.1\.mlp\.(gate|up)_proj"}, perplexity_budget=2.0,
+                             svd_ranks=[4])
+    assert legacy.to_markdown() == result.to_markdown() and legacy.config == result.config
+    with pytest.raises(TypeError, match="not both"):
+        sweep_edits(model, eigen, {"mem": rec}, heldout, config, keep_masses=(0.5,))
+    # a sweep.json written before the config was saved still loads
+    import json
+
+    old = json.loads((tmp_path / "sweep.json").read_text())
+    del old["config"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert SweepResult.load(tmp_path / "old.json").config == {}

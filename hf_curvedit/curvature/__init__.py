@@ -1,12 +1,13 @@
 """K-FAC curvature factors: tasks (`tasks`), collection (`collector`, `fit`), planning (`plan`), storage
 (`storage`), eigenbases (`eigen`)."""
 
-from .collector import FactorCollector, InputSharing, collect_factor_sums, plan_partitions
+from .collector import FactorCollector, InputSharing, collect_factor_sums
 from .config import FactorConfig
-from .eigen import KFACEigen, ModuleEigen, eigendecompose, symmetric_eigh
+from .eigen import KFACEigen, ModuleEigen, symmetric_eigh
 from .fit import fit_factors
+from .partitions import plan_partitions
 from .plan import FactorPlan, ModulePlan, plan_factors
-from .storage import EigenFile, KFACFactors, load_factors
+from .storage import EigenFile, KFACFactors, eigendecompose, load_factors
 from .tasks import (
     CausalLMTask,
     FactorTask,

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 LabelMode = Literal["sampled", "empirical"]
 TokenPositions = Literal["cls", "all"]
 
@@ -120,3 +122,8 @@ class FactorConfig:
             if d[k] == default:
                 d.pop(k)
         return d
+
+
+def accumulator_dtype(config: FactorConfig) -> torch.dtype:
+    """The dtype of the running sums: float32 by default, float64 on request."""
+    return torch.float64 if config.accumulate_dtype == "float64" else torch.float32

@@ -1,27 +1,21 @@
-"""Eigendecomposition of K-FAC factors (fp64, symmetrized, clamped, sorted descending) and its cache.
+"""Eigendecomposition of K-FAC factors (fp64, symmetrized, clamped, sorted descending) and its file format.
 
-The bottom layer of the curvature package: it needs nothing from collection or storage at run time.
+The bottom layer of the curvature package: it needs nothing from collection or storage. `eigendecompose` (factors →
+bases, with the cache next to the factor file) lives with the factors in `storage.py`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
 from ..utils import save_safetensors
-
-if TYPE_CHECKING:
-    from .storage import KFACFactors
-
-logger = logging.getLogger(__name__)
 
 EIGEN_FILENAME = "eigen.safetensors"
 EIGEN_FORMAT = "hf_curvedit.eigen"
@@ -135,44 +129,3 @@ class KFACEigen(Mapping[str, ModuleEigen]):
                 for n in names
             }
         return cls(out, json.loads(meta.get("metadata", "{}")))
-
-
-def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) -> KFACEigen:
-    """Eigendecompose every factor in float64 (symmetrized, eigenvalues clamped at 0, descending).
-
-    With ``cache_dir`` (default: the folder the factors were loaded from or saved to) the result
-    is written to ``eigen.safetensors`` there and reused on the next call for the same factors.
-    """
-    if cache_dir is None and factors.path is not None:
-        cache_dir = factors.path.parent
-    cache = Path(cache_dir) / EIGEN_FILENAME if cache_dir is not None else None
-    if cache is not None and cache.exists():
-        try:
-            cached = KFACEigen.load(cache)
-        except Exception as e:  # a foreign or damaged cache is recomputed, never trusted
-            logger.warning("the eigen cache %s does not verify and is recomputed: %s", cache, e)
-        else:
-            if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
-                return cached
-    done_A: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    modules: dict[str, ModuleEigen] = {}
-    for name in tqdm(factors.module_names, desc="eigendecompose", unit="module", leave=False):
-        owner = factors.a_alias.get(name, name)
-        if owner not in done_A:
-            done_A[owner] = symmetric_eigh(factors.A[owner])
-        va, ua = done_A[owner]
-        vg, ug = symmetric_eigh(factors.G[name])
-        count = factors.num_tokens.get(name)
-        modules[name] = ModuleEigen(va, ua, vg, ug,
-                                    torch.tensor(count, dtype=torch.int64) if isinstance(count, list) else None)
-    meta = {
-        "factors_id": factors.factors_id,
-        "factor_config": factors.config.to_dict(),
-        "num_tokens": factors.num_tokens,
-        "model_info": factors.model_info,
-        "factors_path": str(factors.path) if factors.path else None,
-    }
-    eig = KFACEigen(modules, meta)
-    if cache is not None:
-        eig.save(cache)
-    return eig

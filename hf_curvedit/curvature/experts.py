@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..targets import experts_have_gate
+
 __all__ = ["ExpertRecorder", "recording_forward", "recording_experts"]
 
 # (parameter name, expert index, its token rows of the module's input, number of input rows, projection input,
@@ -47,7 +49,8 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
 def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[..., torch.Tensor]:
     """A forward for the experts module ``module`` that computes what transformers' eager experts dispatch computes and
     calls ``record(param, expert, token_rows, num_rows, a, y)`` for each expert projection it runs."""
-    first = "gate_up_proj" if module.has_gate else "up_proj"
+    gated = experts_have_gate(module)
+    first = "gate_up_proj" if gated else "up_proj"
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         top_k_index, top_k_weights = _routing(args, kwargs)
@@ -61,7 +64,7 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
             a = hidden_states[tokens]
             h = _project(a, w_in[e], None if b_in is None else b_in[e], module.is_transposed)
             record(first, e, tokens, hidden_states.shape[0], a, h)
-            h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+            h = module._apply_gate(h) if gated else module.act_fn(h)
             y = _project(h, w_out[e], None if b_out is None else b_out[e], module.is_transposed)
             record("down_proj", e, tokens, hidden_states.shape[0], h, y)
             if getattr(module, "has_post_expert_norm", False):

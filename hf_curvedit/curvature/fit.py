@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
 from ..integrity import DamagedFileError, output_lock
 from ..targets import resolve_target_modules, weight_targets
-from .collector import FactorCollector, accumulator_dtype, collect_factor_sums, plan_partitions, split_expert_slice
+from .collector import FactorCollector, accumulator_dtype, collect_factor_sums
 from .config import FactorConfig
+from .partitions import plan_partitions, split_expert_slice
 from .storage import (
     CHECKPOINT_DIR,
     FACTORS_FILENAME,

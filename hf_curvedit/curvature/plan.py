@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from ..targets import is_experts_module, resolve_target_modules, weight_targets
-from .collector import InputSharing, accumulator_dtype, input_device, plan_partitions, split_expert_slice
+from .collector import InputSharing, accumulator_dtype, input_device
 from .config import FactorConfig
+from .partitions import plan_partitions, split_expert_slice
 from .tasks import FactorTask, default_task
 
 __all__ = ["FactorPlan", "ModulePlan", "eigh_peak_bytes", "plan_factors"]

@@ -8,6 +8,7 @@ with, so a resume with other settings is refused instead of mixing two runs.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,14 +17,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
 from ..targets import weight_targets
 from ..utils import save_safetensors
 from .config import FactorConfig
-from .eigen import EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen
+from .eigen import EIGEN_FILENAME, EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen, symmetric_eigh
 
-__all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "load_factors", "model_fingerprint"]
+__all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "eigendecompose", "load_factors",
+           "model_fingerprint"]
+
+logger = logging.getLogger(__name__)
 
 FACTORS_FILENAME = "factors.safetensors"
 CHECKPOINT_DIR = "checkpoint"
@@ -172,9 +177,48 @@ class KFACFactors:
 
     def eigendecompose(self, cache_dir: str | Path | None = None) -> KFACEigen:
         """See :func:`hf_curvedit.eigendecompose`."""
-        from .eigen import eigendecompose
-
         return eigendecompose(self, cache_dir)
+
+
+def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) -> KFACEigen:
+    """Eigendecompose every factor in float64 (symmetrized, eigenvalues clamped at 0, descending).
+
+    With ``cache_dir`` (default: the folder the factors were loaded from or saved to) the result
+    is written to ``eigen.safetensors`` there and reused on the next call for the same factors.
+    """
+    if cache_dir is None and factors.path is not None:
+        cache_dir = factors.path.parent
+    cache = Path(cache_dir) / EIGEN_FILENAME if cache_dir is not None else None
+    if cache is not None and cache.exists():
+        try:
+            cached = KFACEigen.load(cache)
+        except Exception as e:  # a foreign or damaged cache is recomputed, never trusted
+            logger.warning("the eigen cache %s does not verify and is recomputed: %s", cache, e)
+        else:
+            if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
+                return cached
+    done_A: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    modules: dict[str, ModuleEigen] = {}
+    for name in tqdm(factors.module_names, desc="eigendecompose", unit="module", leave=False):
+        owner = factors.a_alias.get(name, name)
+        if owner not in done_A:
+            done_A[owner] = symmetric_eigh(factors.A[owner])
+        va, ua = done_A[owner]
+        vg, ug = symmetric_eigh(factors.G[name])
+        count = factors.num_tokens.get(name)
+        modules[name] = ModuleEigen(va, ua, vg, ug,
+                                    torch.tensor(count, dtype=torch.int64) if isinstance(count, list) else None)
+    meta = {
+        "factors_id": factors.factors_id,
+        "factor_config": factors.config.to_dict(),
+        "num_tokens": factors.num_tokens,
+        "model_info": factors.model_info,
+        "factors_path": str(factors.path) if factors.path else None,
+    }
+    eig = KFACEigen(modules, meta)
+    if cache is not None:
+        eig.save(cache)
+    return eig
 
 
 def load_factors(path: str | Path, model: nn.Module | None = None) -> KFACFactors:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .settings import UsageError
+from .fields import UsageError
 
 
 def _check_local(name: str, what: str) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..integrity import output_lock
 from ..utils import atomic_write_text
-from .settings import STEPS, EditStep, PipelineConfig, StepFailed, UsageError
+from .fields import StepFailed, UsageError
+from .settings import STEPS, EditStep, PipelineConfig
 from .steps import report_table, run_edit, run_evaluate, run_fit, run_publish, run_sweep
 
 

@@ -118,7 +118,7 @@ def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out:
     from ..curvature import load_factors
     from ..evaluation import TextSet
     from ..publish.plots import plot_sweep
-    from ..sweep import sweep_edits
+    from ..sweep import SweepConfig, sweep_edits
 
     net, tok = load_model(model)
     eig = load_factors(factors_dir, net).eigendecompose()
@@ -132,11 +132,12 @@ def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out:
     if "balanced_subnet" in baselines:
         clean = TextSet.from_texts(clean_texts(step.clean, step.text_column), tok)
         subnet = BalancedSubnetConfig(epochs=step.subnet_epochs, lr=step.subnet_lr, lam=step.subnet_lam)
-    result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout,
-                         keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
+    config = SweepConfig(keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
                          baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
-                         clean=clean, capabilities=capabilities, tokenizer=tok)
+                         capabilities=capabilities)
+    result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout, config,
+                         clean=clean, tokenizer=tok)
     result.save(out / "sweep.json")
     atomic_write_text(out / "sweep.md", result.report_markdown() + "\n")
     plot_sweep(result, out / "sweep.png")

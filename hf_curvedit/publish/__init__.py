@@ -16,8 +16,9 @@ from .card import (
     load_template,
     render_card,
 )
-from .hub import HubOptions, PublishError, PublishResult, publish, push_folder, write_card
+from .hub import publish, write_card
 from .plots import plot_spectrum, plot_sweep, plot_tradeoff  # matplotlib is imported on the first plot only
+from .push import HubOptions, PublishError, PublishResult, push_folder
 from .space import publish_space, push_space, write_space
 from .stage import EDIT_FILENAME, REPORT_FILENAME, StagedFolder, stage_folder
 

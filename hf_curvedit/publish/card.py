@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,13 +19,14 @@ from typing import Any, Literal
 
 import jinja2
 import yaml
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from ..evaluation.capabilities import CapabilityResult
-from ..evaluation.report import EditReport, TableRow
+from ..evaluation.report import EditReport
 
 # re-exported: they lived here before the tuner owned them
 from ..tuner.summary import jsonable, module_rows, module_rows_from_config  # noqa: F401
+from .card_metadata import eval_results, pipeline_tag_for
+from .card_rows import capability_row, eval_meta, expert_rows, fmt, format_row, module_row
 
 logger = logging.getLogger(__name__)
 
@@ -41,27 +41,7 @@ CITATION = """@article{merullo2025curvature,
 TEMPLATE_PACKAGE_DIR = "model_cards"
 CardKind = Literal["adapter", "merged"]
 
-_PIPELINE_BY_TASK = {
-    "CAUSAL_LM": "text-generation",
-    "SEQ_2_SEQ_LM": "text2text-generation",
-    "SEQ_CLS": "text-classification",
-    "TOKEN_CLS": "token-classification",
-    "QUESTION_ANS": "question-answering",
-    "FEATURE_EXTRACTION": "feature-extraction",
-}
-_PIPELINE_BY_ARCH_SUFFIX = {
-    "ForCausalLM": "text-generation",
-    "LMHeadModel": "text-generation",
-    "ForConditionalGeneration": "text2text-generation",
-    "ForSequenceClassification": "text-classification",
-    "ForImageClassification": "image-classification",
-}
-# model-index metric ids per card-table metric (the Hub shows metric_name; metric_type is a stable slug)
-_METRIC_SLUGS = {"Strict": "strict_recitation", "AvgLev": "avg_levenshtein", "Perplexity": "perplexity",
-                 "Stress longest match": "stress_longest_match", "Stress full match": "stress_full_match",
-                 "Memorized-label rate": "memorized_label_rate", "True-label accuracy": "true_label_accuracy",
-                 "Accuracy": "accuracy"}
-_PERCENT_METRICS = ("Strict", "Loose", "Stress full match", "Memorized-label rate", "True-label accuracy", "Accuracy")
+
 
 
 @dataclass
@@ -165,96 +145,6 @@ def config_yaml(edit_config: Mapping[str, Any]) -> str:
     return yaml.safe_dump(jsonable(dict(edit_config)), sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def pipeline_tag_for(edit_config: Mapping[str, Any], explicit: str | None = None) -> str | None:
-    """The Hub pipeline tag: `explicit`, else from the PEFT ``task_type``, else from the model's architectures."""
-    if explicit:
-        return explicit
-    task = edit_config.get("task_type")
-    if task in _PIPELINE_BY_TASK:
-        return _PIPELINE_BY_TASK[task]
-    for arch in edit_config.get("architectures") or []:
-        for suffix, tag in _PIPELINE_BY_ARCH_SUFFIX.items():
-            if arch.endswith(suffix):
-                return tag
-    return None
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _is_percent(metric: str) -> bool:
-    return metric.startswith(_PERCENT_METRICS)
-
-
-def _format_row(row: TableRow) -> dict[str, str]:
-    if _is_percent(row.metric):
-        def show(v: float | None) -> str:
-            return "–" if v is None else f"{100 * v:.1f}%"
-        change = "–" if row.base is None else f"{100 * (row.edited - row.base):+.1f} pt"
-        metric = f"{row.metric} (%)"
-    else:
-        digits = 2 if row.metric == "Perplexity" else 3
-        show = lambda v: _fmt(v, digits)  # noqa: E731
-        if row.base is None:
-            change = "–"
-        elif row.metric == "Perplexity" and row.base:
-            change = f"{100 * (row.edited / row.base - 1):+.1f}%"
-        else:
-            change = f"{row.edited - row.base:+.{digits}f}"
-        metric = row.metric
-    return {"metric": metric, "set": row.set, "base": show(row.base), "edited": show(row.edited), "change": change}
-
-
-def _capability_row(res: CapabilityResult) -> dict[str, str]:
-    def show(value: float, stderr: float | None) -> str:
-        return f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
-
-    metric = res.metric if res.filter == "none" else f"{res.metric} ({res.filter})"
-    shots = "" if res.num_fewshot in (None, 0) else f", {res.num_fewshot}-shot"
-    return {"task": res.task, "metric": metric + shots, "n": str(res.n), "base": show(res.base, res.base_stderr),
-            "edited": show(res.edited, res.edited_stderr), "change": f"{res.change:+.3f}"}
-
-
-def eval_results(report: EditReport, task_type: str = "text-generation") -> list[EvalResult]:
-    """`EvalResult` entries (the card's ``model-index``) for the edited model's numbers in `report`.
-
-    Recitation and stress rates are given in percent, like the paper's tables; the base model's numbers are in the
-    card's table, not in ``model-index`` (which describes this model only).
-    """
-    results = []
-    for row in report.to_table_rows():
-        percent = _is_percent(row.metric)
-        slug = _METRIC_SLUGS.get(row.metric) or re.sub(r"[^a-z0-9]+", "_", row.metric.lower()).strip("_")
-        results.append(EvalResult(
-            task_type=task_type,
-            dataset_type=row.set,
-            dataset_name=row.set,
-            metric_type=slug,
-            metric_name=f"{row.metric} (%)" if percent else row.metric,
-            metric_value=round(100 * row.edited, 4) if percent else float(row.edited),
-        ))
-    for task, res in report.capabilities.items():
-        # A Hub task is filed under its dataset id, which is what the Hub's evaluation widgets group by.
-        results.append(EvalResult(
-            task_type=task_type,
-            task_name=task,
-            dataset_type=res.dataset or task,
-            dataset_name=task,
-            dataset_config=res.dataset_config,
-            metric_type=res.metric,
-            metric_name=res.metric if res.filter == "none" else f"{res.metric} ({res.filter})",
-            metric_value=float(res.edited),
-        ))
-    return results
-
-
 def card_data(inputs: CardInputs) -> ModelCardData:
     """The card's YAML metadata: base model and relation, library, tags, pipeline tag, license and model-index."""
     pipeline_tag = pipeline_tag_for(inputs.edit_config, inputs.pipeline_tag)
@@ -278,18 +168,6 @@ def card_data(inputs: CardInputs) -> ModelCardData:
     )
 
 
-def _eval_meta(report: EditReport | None) -> str:
-    if report is None:
-        return ""
-    parts = []
-    md = report.metadata
-    if md.created_at:
-        parts.append(f"evaluated {md.created_at}")
-    if md.library_version:
-        parts.append(f"hf-curvedit {md.library_version}")
-    return ", ".join(parts)
-
-
 def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> ModelCard:
     """Render the model card of a curvature edit.
 
@@ -303,7 +181,7 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
     """
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template_file), keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined, autoescape=False)
-    env.filters["fmt"] = _fmt
+    env.filters["fmt"] = fmt
     data = card_data(inputs)
     cfg = inputs.edit_config
     target = cfg.get("target_modules")
@@ -321,8 +199,8 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         selection=cfg.get("selection", "curvature_mass"),
         rank_cap=cfg.get("rank_cap"),
         target_modules=sorted(target) if target else [],
-        modules=[_module_row(m) for m in inputs.modules],
-        experts=_expert_rows(inputs.modules),
+        modules=[module_row(m) for m in inputs.modules],
+        experts=expert_rows(inputs.modules),
         min_expert_tokens=cfg.get("min_expert_tokens"),
         factor_data={k: v for k, v in inputs.factor_data.items() if v not in (None, "", {}, [])},
         protected=[{"name": name, "keep_mass": rho,
@@ -333,37 +211,15 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         comparison_table=inputs.comparison.comparison() if inputs.comparison is not None else None,
         comparison_methods=sorted(inputs.comparison.matches) if inputs.comparison is not None else [],
         comparison_plot=inputs.comparison_plot,
-        eval_rows=[_format_row(r) for r in inputs.report.to_table_rows()] if inputs.report else [],
-        eval_meta=_eval_meta(inputs.report),
-        capability_rows=[_capability_row(r) for r in inputs.report.capabilities.values()] if inputs.report else [],
+        eval_rows=[format_row(r) for r in inputs.report.to_table_rows()] if inputs.report else [],
+        eval_meta=eval_meta(inputs.report),
+        capability_rows=[capability_row(r) for r in inputs.report.capabilities.values()] if inputs.report else [],
         config_yaml=config_yaml(cfg),
         versions=framework_versions(),
         citation=CITATION,
     )
     card = ModelCard(text)
     return card
-
-
-def _expert_rows(modules: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The card's experts table: per expert projection, how many experts were edited and how many tokens each one's
-    factors saw."""
-    rows = []
-    for m in modules:
-        tokens = m.get("expert_tokens")
-        if not m.get("num_experts") or tokens is None:
-            continue
-        ordered = sorted(tokens)
-        rows.append({"module": m["module"], "num_experts": m["num_experts"], "edited_experts": m.get("edited_experts"),
-                     "tokens": f"{ordered[0]:,} / {ordered[len(ordered) // 2]:,} / {ordered[-1]:,}",
-                     "unedited": ", ".join(str(e) for e in m.get("unedited_experts") or []) or "none",
-                     "per_expert": ", ".join(f"{e}: {t:,}" for e, t in enumerate(tokens))})
-    return rows
-
-
-def _module_row(m: Mapping[str, Any]) -> dict[str, Any]:
-    row = {"r": None, "s": None, "k": None, "kept_mass_fraction": None, "removed_norm_fraction": None}
-    row.update(m)
-    return row
 
 
 def factor_dataset(factor_source: Mapping[str, Any]) -> str | None:

@@ -19,7 +19,7 @@ from .. import __version__
 from ..integrity import output_lock
 from ..utils import atomic_folder
 from .card import is_hub_id
-from .hub import HubOptions, PublishResult, _start_push, _Target
+from .push import HubOptions, PublishResult, PushTarget, start_push
 from .stage import list_files
 
 __all__ = ["SPACE_FILES", "check_space", "default_space_dir", "default_space_id", "model_revision", "publish_space",
@@ -168,7 +168,7 @@ def _space_card(model_folder: str | Path, repo_id: str, title: str, base: str | 
 
 
 @dataclass(frozen=True)
-class _SpaceTarget(_Target):
+class _SpaceTarget(PushTarget):
     """A Space push: the model pushes' error handling, with the Space's retry call."""
 
     @property
@@ -186,7 +186,7 @@ def push_space(folder: str | Path, space_id: str, hub: HubOptions | None = None)
     Raises:
         [`PublishError`]: naming the failed step; ``__cause__`` is huggingface_hub's exception.
     """
-    hub, api, target = _start_push(folder, space_id, hub, _SpaceTarget)
+    hub, api, target = start_push(folder, space_id, hub, _SpaceTarget)
     folder = target.folder
     with target.step("create_repo"):
         repo_url = api.create_repo(space_id, private=hub.private, exist_ok=True, repo_type="space",

@@ -10,16 +10,12 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from ..edit import CurvatureEdit, ModuleEditReport, compute_edit, weight_fingerprint
+from .build import build_curvature_edit, compute_module_edits
 from .config import CURVEDIT, CurvatureEditConfig
 from .experts import CurvatureEditExperts
 from .layer import CurvatureEditLayer, CurvatureEditLinear, DamagedAdapterError, WrongBaseModelError
-from .model import (
-    CurvatureEditModel,
-    build_curvature_edit,
-    check_base_model,
-    compute_module_edits,
-    curvature_edit_report,
-)
+from .locate import check_base_model, curvature_edit_report
+from .model import CurvatureEditModel
 
 __all__ = [
     "CURVEDIT",

@@ -28,15 +28,15 @@ from ..edit import (
     weight_fingerprint,
 )
 from ..targets import expert_parameter_names, is_experts_module
-from .layer import (
-    CurvatureEditLayer,
+from .layer import CurvatureEditLayer
+from .stores import (
     DamagedAdapterError,
+    FingerprintStore,
+    PinnedDtypeBufferDict,
     WrongBaseModelError,
-    _damaged_message,
-    _FingerprintStore,
-    _PinnedDtypeBufferDict,
-    _wrong_base_message,
     canonical_digest,
+    damaged_message,
+    wrong_base_message,
 )
 
 __all__ = ["CurvatureEditExperts"]
@@ -61,7 +61,7 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
         self.other_param_names: tuple[str, ...] = ()
         self._curvedit_params: list[str] = []
         # the original parameters while an edit is merged (bit-exact unmerge); not saved: they are the base weights
-        self.curvedit_original = _PinnedDtypeBufferDict({}, persistent=False)
+        self.curvedit_original = PinnedDtypeBufferDict({}, persistent=False)
         self._curvedit_verified: set[str] = set()
         self._curvedit_verified_params: set[tuple[str, str]] = set()
         self._curvedit_digests: dict[tuple[str, str], str | None] = {}  # (adapter, parameter) -> recorded digest
@@ -74,15 +74,15 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
         self.update_layer(adapter_name, config, module_name)
 
     # ---- stores --------------------------------------------------------------------------------------------------
-    def _store_of(self, kind: str, param: str) -> _PinnedDtypeBufferDict:
+    def _store_of(self, kind: str, param: str) -> PinnedDtypeBufferDict:
         return getattr(self, f"curvedit_{kind}_{param}")
 
     def _add_param(self, param: str) -> None:
         if param in self._curvedit_params:
             return
         for kind in _KINDS:
-            store = _FingerprintStore({}, persistent=True) if kind == "fingerprint" else \
-                _PinnedDtypeBufferDict({}, persistent=True)
+            store = FingerprintStore({}, persistent=True) if kind == "fingerprint" else \
+                PinnedDtypeBufferDict({}, persistent=True)
             if kind == "fingerprint":
                 store.__dict__["_owner"] = weakref.ref(self)
                 store.__dict__["_owner_args"] = (param,)
@@ -117,7 +117,7 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
         entries = {p: info for p, info in entries.items() if info is not None}
         if not entries:
             if config.edited_modules:
-                raise WrongBaseModelError(_wrong_base_message(
+                raise WrongBaseModelError(wrong_base_message(
                     adapter_name, module_name,
                     f"the saved edit has no entry for this experts module (it edits {len(config.edited_modules)} "
                     f"weights, e.g. {sorted(config.edited_modules)[:3]}), so the architecture differs"))
@@ -186,7 +186,7 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
                       tensors: list[tuple[str, torch.Tensor]]) -> None:
         want = self._curvedit_digests.get((adapter_name, param))
         if want is not None and canonical_digest(tensors) != want:
-            raise DamagedAdapterError(_damaged_message(adapter_name, f"{self._curvedit_module_name}.{param}"))
+            raise DamagedAdapterError(damaged_message(adapter_name, f"{self._curvedit_module_name}.{param}"))
 
     def _on_fingerprint_loaded(self, adapter_name: str, param: str) -> None:  # type: ignore[override]
         fingerprint = self._store_of("fingerprint", param)[adapter_name]
@@ -217,13 +217,13 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
     def _check_param(self, adapter_name: str, param: str, fingerprints: torch.Tensor) -> None:
         weight = self.base_weight(param)
         if fingerprints.shape[0] != weight.shape[0]:
-            raise WrongBaseModelError(_wrong_base_message(
+            raise WrongBaseModelError(wrong_base_message(
                 adapter_name, f"{self._curvedit_module_name}.{param}",
                 f"the module has {weight.shape[0]} experts, the adapter was built for {fingerprints.shape[0]}"))
         for e in range(weight.shape[0]):
             problem = fingerprint_mismatch(fingerprints[e], weight_fingerprint(weight[e]))
             if problem:
-                raise WrongBaseModelError(_wrong_base_message(
+                raise WrongBaseModelError(wrong_base_message(
                     adapter_name, f"{self._curvedit_module_name}.{param}", f"expert {e}: {problem}"))
 
     def check_base(self, adapter_name: str, module_name: str = "") -> None:
@@ -279,18 +279,9 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
 
     # ---- forward, merge ------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(hidden_states, *args, **kwargs)
-        name = self._active_edit()
-        if self.merged:
-            if name in self.merged_adapters:
-                return self.base_layer(hidden_states, *args, **kwargs)
-            self.unmerge()  # another edit became active since the merge: never run a stale weight
+        name = self._edit_to_run()
         if name is None:
             return self.base_layer(hidden_states, *args, **kwargs)
-        self._check_ready(name)
         edited = {p: self._edited_parameter(name, p) for p in self.params_of(name)}
         return torch.func.functional_call(self.base_layer, edited, (hidden_states, *args), kwargs)
 

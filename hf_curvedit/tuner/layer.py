@@ -2,7 +2,8 @@
 
 A layer stores, per adapter, the factorization of an edit computed by `hf_curvedit.edit.compute_edit` (see
 docs/method.md), and applies, merges or disables it. It knows nothing about factors, ρ or target patterns: the model
-(`model.py`) computes edits and hands them over, or loading fills the buffers.
+(`build.py`) computes edits and hands them over, or loading fills the buffers. Its stores and errors are in
+`stores.py`.
 """
 
 from __future__ import annotations
@@ -13,77 +14,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..edit import CurvatureEdit, ModuleEditReport, fingerprint_mismatch, q_side_of, weight_fingerprint
-from ..integrity import digest_of
 from ..targets import linear_shape
 from ..utils import parse_dtype
+from .stores import (
+    ContentDigest,
+    DamagedAdapterError,
+    FingerprintStore,
+    PinnedDtypeBufferDict,
+    WrongBaseModelError,
+    wrong_base_message,
+)
 
+# the errors stay importable from here, where they were before the stores had their own module
 __all__ = ["CurvatureEditLayer", "CurvatureEditLinear", "DamagedAdapterError", "WrongBaseModelError"]
 
 
-class WrongBaseModelError(ValueError):
-    """The adapter was built for a different base weight (other values or another shape)."""
-
-
-class DamagedAdapterError(ValueError):
-    """An adapter's weights do not match the digest its ``adapter_config.json`` recorded when the edit was built."""
-
-
-def _damaged_message(adapter_name: str, module_name: str) -> str:
-    return (f"curvature edit '{adapter_name}' of module '{module_name}' does not match the digest its "
-            "adapter_config.json recorded when the edit was built: the adapter's weights (adapter_model.safetensors) "
-            "are damaged or were changed since. It is not used. Download the adapter again (for a Hub repo: "
-            "`hf download REPO --force-download`) or build the edit again (hf-curvedit edit).")
-
-
-def canonical_digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """The digest an edit's ``edited_modules`` entry records: float tensors hashed as float32, so that an edit loaded
-    into float64 buffers (a float64 base) or from float64 into float32 ones checks against the same value."""
-    return digest_of((name, t.float() if t.is_floating_point() else t) for name, t in tensors)
-
-
-class _PinnedDtypeBufferDict(BufferDict):
-    """A `BufferDict` whose tensors keep their dtype when the model is cast (``model.half()``, ``.to(bfloat16)``).
-
-    PEFT's own dtype handling (``autocast_adapter_dtype``) upcasts adapter tensors when an adapter is created or
-    loaded, but a later ``Module.half()`` reaches buffers only through ``_apply``. The edit's factors stay float32
-    (float64 on a float64 base) and its metadata float64 whatever the model is cast to; devices still move.
-    """
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # A BufferDict holds buffers only (no parameters, no children). Where `fn` would change a dtype, only its
-        # device is taken, from the original tensor: casting down and back up would lose the precision kept here.
-        for key, t in self._buffers.items():
-            if t is None:
-                continue
-            moved = fn(t)
-            self._buffers[key] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
-        return self
-
-
-class _FingerprintStore(_PinnedDtypeBufferDict):
-    """The per-adapter fingerprints, which tell their layer when a loader assigns one.
-
-    PEFT loads adapters with ``load_state_dict`` (the layer's ``_load_from_state_dict`` checks the base weight and the
-    digest then), but transformers 5's ``load_adapter`` assigns each loaded tensor with ``setattr`` on the owning
-    module. The fingerprint is always loaded, so its assignment is where the layer checks the loaded edit against its
-    base weight; the digest is checked once every tensor is in, before the edit's first use.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        owner = self.__dict__.get("_owner")
-        layer = owner() if owner is not None else None
-        if layer is not None and torch.is_tensor(value) and name in self._buffers:
-            layer._on_fingerprint_loaded(name, *self.__dict__.get("_owner_args", ()))
-
-
-class CurvatureEditLayer(BaseTunerLayer):
+class CurvatureEditLayer(ContentDigest, BaseTunerLayer):
     """Adapter state of one linear layer: per adapter, the factorization of ``W'`` and its metadata, as buffers.
 
     Everything is a persistent buffer (never a parameter: the edit is fixed) kept in float32 (float64 when the base
@@ -95,17 +46,16 @@ class CurvatureEditLayer(BaseTunerLayer):
 
     # No trainable adapter weights: PEFT toggles requires_grad on `adapter_layer_names`, which must not touch buffers.
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = (
-        "curvedit_Q", "curvedit_B", "curvedit_cutoffs", "curvedit_meta", "curvedit_fingerprint",
-    )
+    other_param_names: tuple[str, ...] = ("curvedit_Q", "curvedit_B", "curvedit_cutoffs", "curvedit_meta",
+                                           "curvedit_fingerprint")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.curvedit_Q = _PinnedDtypeBufferDict({}, persistent=True)
-        self.curvedit_B = _PinnedDtypeBufferDict({}, persistent=True)
-        self.curvedit_cutoffs = _PinnedDtypeBufferDict({}, persistent=True)
-        self.curvedit_meta = _PinnedDtypeBufferDict({}, persistent=True)
-        self.curvedit_fingerprint = _FingerprintStore({}, persistent=True)
+        self.curvedit_Q = PinnedDtypeBufferDict({}, persistent=True)
+        self.curvedit_B = PinnedDtypeBufferDict({}, persistent=True)
+        self.curvedit_cutoffs = PinnedDtypeBufferDict({}, persistent=True)
+        self.curvedit_meta = PinnedDtypeBufferDict({}, persistent=True)
+        self.curvedit_fingerprint = FingerprintStore({}, persistent=True)
         # a weak reference: a strong one would be registered as a child module (a cycle in the module tree)
         self.curvedit_fingerprint.__dict__["_owner"] = weakref.ref(self)
         # The original weight while an edit is merged: restoring it is bit-exact in every dtype. Non-persistent:
@@ -159,6 +109,22 @@ class CurvatureEditLayer(BaseTunerLayer):
         """The per-target reports of `adapter_name` on this layer (one for a linear layer)."""
         return [self.report(adapter_name, module_name)]
 
+    def _edit_to_run(self) -> str | None:
+        """The edit the forward applies, checked; ``None``: the base layer runs as it is (disabled, none active, or
+        merged). A merged edit no longer active (transformers' set_adapter) is unmerged: no stale weight runs."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return None
+        name = self._active_edit()
+        if self.merged:
+            if name in self.merged_adapters:
+                return None
+            self.unmerge()
+        if name is not None:
+            self._check_ready(name)
+        return name
+
     def _active_edit(self) -> str | None:
         active = [a for a in self.active_adapters if self.has_edit(a)]
         if len(active) > 1:
@@ -176,7 +142,7 @@ class CurvatureEditLayer(BaseTunerLayer):
         self._curvedit_module_name = module_name
         info = config.edited_modules.get(module_name)
         if info is None and config.edited_modules:
-            raise WrongBaseModelError(_wrong_base_message(
+            raise WrongBaseModelError(wrong_base_message(
                 adapter_name, module_name,
                 f"the saved edit has no entry for this module (it edits {len(config.edited_modules)} modules, "
                 f"e.g. {sorted(config.edited_modules)[:3]}), so the architecture differs"))
@@ -285,21 +251,6 @@ class CurvatureEditLayer(BaseTunerLayer):
         if adapter_name not in self._curvedit_verified:
             self._verify_loaded_edit(adapter_name)
 
-    def content_tensors(self, adapter_name: str, stores: Any = None) -> list[tuple[str, torch.Tensor]]:
-        """The tensors of `adapter_name` that its digest covers, by store name (from ``stores``, a mapping of store
-        name → tensor such as a state dict being loaded; by default the layer's own buffers)."""
-        get = (lambda name: getattr(self, name)[adapter_name]) if stores is None else stores.__getitem__
-        return [(name, get(name)) for name in self.other_param_names]
-
-    def content_digest(self, adapter_name: str) -> str:
-        """The digest of the edit `adapter_name` as this layer holds it (what ``edited_modules`` records)."""
-        return canonical_digest(self.content_tensors(adapter_name))
-
-    def _check_digest(self, adapter_name: str, tensors: list[tuple[str, torch.Tensor]]) -> None:
-        want = self._curvedit_digests.get(adapter_name)
-        if want is not None and canonical_digest(tensors) != want:
-            raise DamagedAdapterError(_damaged_message(adapter_name, self._curvedit_module_name))
-
     def _on_fingerprint_loaded(self, adapter_name: str) -> None:
         # transformers' loader assigns the tensors one by one: the base weight can be checked as soon as the
         # fingerprint is in; the digest waits for the first use, when every tensor is
@@ -327,7 +278,7 @@ class CurvatureEditLayer(BaseTunerLayer):
         """Raise `WrongBaseModelError` if the base weight is not the one `adapter_name` was built for."""
         problem = fingerprint_mismatch(self.curvedit_fingerprint[adapter_name], weight_fingerprint(self.base_weight()))
         if problem:
-            raise WrongBaseModelError(_wrong_base_message(adapter_name, module_name, problem))
+            raise WrongBaseModelError(wrong_base_message(adapter_name, module_name, problem))
 
     def report(self, adapter_name: str, module_name: str = "") -> ModuleEditReport:
         """Per-module numbers of `adapter_name` (see [`ModuleEditReport`]), read from the stored metadata."""
@@ -341,14 +292,6 @@ class CurvatureEditLayer(BaseTunerLayer):
         )
 
 
-def _wrong_base_message(adapter_name: str, module_name: str, problem: str) -> str:
-    where = f" at module '{module_name}'" if module_name else ""
-    return (
-        f"curvature edit '{adapter_name}' was built for a different base model{where}: {problem}. Load the adapter "
-        "onto the base model it was made from (see base_model_name_or_path in its adapter_config.json)."
-    )
-
-
 class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
     """Curvature edit of an `nn.Linear` or GPT-2 `Conv1D`: enabled, ``y = B (Qᵀ x) + b``; disabled, the base layer."""
 
@@ -359,19 +302,9 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        name = self._active_edit()
-        if self.merged:
-            if name in self.merged_adapters:
-                return self.base_layer(x, *args, **kwargs)
-            # another edit became active since the merge (e.g. transformers' set_adapter): never run a stale weight
-            self.unmerge()
+        name = self._edit_to_run()
         if name is None:
             return self.base_layer(x, *args, **kwargs)
-        self._check_ready(name)
         Q, B = self.curvedit_Q[name], self.curvedit_B[name]
         dtype = self.compute_dtype(name)
         bias = self.get_base_layer().bias
@@ -440,7 +373,7 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
                 self._check_digest(name, self.content_tensors(name, incoming))
             problem = fingerprint_mismatch(state_dict[fp_key], weight_fingerprint(self.base_weight()))
             if problem:
-                raise WrongBaseModelError(_wrong_base_message(name, self._curvedit_module_name, problem))
+                raise WrongBaseModelError(wrong_base_message(name, self._curvedit_module_name, problem))
             for store_name in self.other_param_names:
                 key = f"{prefix}{store_name}.{name}"
                 store = getattr(self, store_name)

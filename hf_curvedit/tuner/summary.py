@@ -159,7 +159,7 @@ def verify_adapter_folder(folder: str | Path) -> dict[str, Any]:
             and the fix.
     """
     from ..integrity import DamagedFileError, open_safetensors
-    from .layer import canonical_digest
+    from .stores import canonical_digest
 
     folder = Path(folder)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS

@@ -1,170 +1,32 @@
-"""The ``hf-curvedit`` command.
-
-    hf-curvedit fit   [--model M] [--data D] --output-dir runs/default
-    hf-curvedit edit  --factors runs/default --keep-mass 0.6 [0.8 ...] --output-dir runs/default/edits
-    hf-curvedit evaluate --adapter runs/default/edits/rho0.6 --recitation quotes=quotes.txt --output report.json
-    hf-curvedit publish  --adapter runs/default/edits/rho0.6 --repo-id user/name --out-dir publish/ [--dry-run]
-    hf-curvedit run examples/default.yaml     # fit → sweep → edit → evaluate → publish, resuming finished steps
-    hf-curvedit plan --model allenai/OLMo-2-1124-7B --max-factor-memory-gb 40   # memory and passes, no weights
-    hf-curvedit demo [--adapter runs/default/edit/rho0.8]   # base vs edited side by side in the browser (gradio)
-
-Without ``--model`` the embedded default (a small byte-level Llama) is used; without ``--data``
-the factors come from the documentation of Python's standard library.
-Exit codes: 0 success, 1 a run-time failure, 2 bad arguments or input.
-
-This module only parses arguments: each subcommand builds its step settings (`hf_curvedit.pipeline.FitStep`, ...)
-from the flags and calls the step function that `hf-curvedit run` calls too (`hf_curvedit.pipeline.run_fit`, ...).
-"""
+"""The ``hf-curvedit`` argument parser: one function per subcommand."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
-import re
-import sys
-from collections.abc import Sequence
 from typing import Any, get_args
 
-from .curvature.config import LabelMode, TokenPositions
-from .integrity import FolderInUseError
-from .pipeline import (
+from ..curvature.config import LabelMode, TokenPositions
+from ..pipeline import (
     DEFAULT_KEEP_MASS,
-    CapabilitySettings,
     EditStep,
     EvaluateStep,
     FitStep,
-    PipelineConfig,
-    PublishStep,
-    StepFailed,
     SweepStep,
-    UsageError,
-    load_config,
-    report_table,
-    run_edit,
-    run_evaluate,
-    run_fit,
-    run_pipeline,
-    run_publish,
-    run_sweep,
 )
-from .selection import SELECTIONS
-from .targets import parse_target_modules
+from ..selection import SELECTIONS
+from ..targets import parse_target_modules
+from .commands import (
+    cmd_demo,
+    cmd_edit,
+    cmd_evaluate,
+    cmd_fit,
+    cmd_plan,
+    cmd_publish,
+    cmd_run,
+    cmd_sweep,
+)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-logger = logging.getLogger("hf_curvedit")
-
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
-
-
-def _step(cls: type, args: argparse.Namespace) -> Any:
-    """The step settings from the parsed flags of its subcommand (same names, dashes → underscores)."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
-def cmd_fit(args: argparse.Namespace) -> int:
-    print(run_fit(args.model, _step(FitStep, args), args.output_dir).summary())
-    return EXIT_OK
-
-
-def cmd_edit(args: argparse.Namespace) -> int:
-    print(run_edit(args.model, args.factors, _step(EditStep, args), args.output_dir).summary())
-    return EXIT_OK
-
-
-def _capabilities(args: argparse.Namespace) -> CapabilitySettings | None:
-    """The lm-eval settings of ``--tasks`` and its companion flags (which need it)."""
-    fewshot = getattr(args, "num_fewshot", None)
-    if args.tasks:
-        return CapabilitySettings(tasks=(args.tasks,), include_path=tuple(args.include_path), limit=args.limit,
-                                  num_fewshot=fewshot)
-    if args.include_path or args.limit is not None or fewshot is not None:
-        raise UsageError("--include-path, --limit and --num-fewshot set up lm-eval capability tasks: add --tasks")
-    return None
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    step = _step(EvaluateStep, args)
-    step.capabilities = _capabilities(args)
-    report = run_evaluate(args.model, args.adapter, step, args.output)
-    if args.output:
-        print(f"report: {args.output}")
-    print(report_table(report))
-    return EXIT_OK
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    step = _step(SweepStep, args)
-    step.capabilities = _capabilities(args)
-    result = run_sweep(args.model, args.factors, step, args.output_dir)
-    print(result.report_markdown())
-    if result.chosen is None:
-        print(result.summary(), file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"{result.summary()}  (results: {args.output_dir})")
-    return EXIT_OK
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    if args.space_id and not args.space:
-        raise UsageError("--space-id needs --space")
-    if args.space:
-        from .publish.space import check_space
-
-        space_dir = check_space(args.out_dir, merged=args.merged, overwrite=args.overwrite)  # before any write
-    step = _step(PublishStep, args)
-    result = run_publish(args.adapter, step, args.out_dir, report=args.report, eigen=args.eigen,
-                         comparison=args.comparison)
-    print(result)
-    if args.space:
-        from .publish import HubOptions
-        from .publish.space import model_revision, publish_space
-
-        hub = HubOptions(private=step.private or None, revision=step.revision, token=step.token)
-        print(publish_space(result.folder, step.repo_id, space_id=args.space_id, out_dir=space_dir, hub=hub,
-                            revision=model_revision(result, hub), dry_run=step.dry_run, overwrite=step.overwrite))
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_INSTALL_HINT, launch_demo, require_gradio
-
-    try:
-        require_gradio()
-    except ImportError:
-        print(f"hf-curvedit demo: gradio is not installed; install it with: {DEMO_INSTALL_HINT}", file=sys.stderr)
-        return EXIT_FAILURE
-    launch_demo(args.adapter, args.model, host=args.host, port=args.port, work_dir=args.work_dir,
-                fit_tokens=args.fit_tokens, recitation=_step(EvaluateStep, args).recitation,
-                suffix_tokens=args.suffix_tokens)
-    return EXIT_OK
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        run_pipeline(PipelineConfig.from_yaml(args.config), force=args.force)
-    except StepFailed as e:
-        print(f"[run] {e.step} failed: {e}; fix it and run again to resume from this step", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from .curvature import FactorConfig, plan_factors
-
-    config = FactorConfig(target_modules=parse_target_modules(args.target_modules),
-                          accumulate_dtype=args.accumulate_dtype, max_factor_memory_gb=args.max_factor_memory_gb)
-    plan = plan_factors(load_config(args.model), config)
-    print(plan.to_table())
-    if args.json:
-        from .utils import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(plan.to_dict(), indent=2))
-        print(f"plan: {args.json}")
-    return EXIT_OK
+__all__ = ["build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_fit(sub)
+    _add_edit(sub)
+    _add_evaluate(sub)
+    _add_sweep(sub)
+    _add_publish(sub)
+    _add_demo(sub)
+    _add_run(sub)
+    _add_plan(sub)
+    return p
 
+
+def _add_fit(sub: Any) -> None:
+    """`hf-curvedit fit`."""
     f = sub.add_parser("fit", help="collect K-FAC curvature factors and eigendecompose them",
                        description="Collect K-FAC factors A and G for the target modules over ordinary text (or "
                                    "images, for an image classifier), then eigendecompose them (fp64). Resumes a "
@@ -210,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside the general ones; edit and sweep use them with --protect NAME=RHO")
     f.set_defaults(func=cmd_fit)
 
+
+def _add_edit(sub: Any) -> None:
+    """`hf-curvedit edit`."""
     e = sub.add_parser("edit", help="build curvature-edit adapters from fitted factors",
                        description="Build one adapter per --keep-mass value and save each with save_pretrained.")
     e.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
@@ -230,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-dir", required=True)
     e.set_defaults(func=cmd_edit)
 
+
+def _add_evaluate(sub: Any) -> None:
+    """`hf-curvedit evaluate`."""
     v = sub.add_parser("evaluate", help="measure an edit: recitation, perplexity, nDCG, stress test (base vs edited)",
                        description="Load the base model with the adapter and measure it with the adapter on and off.")
     v.add_argument("--model", help="base model (default: embedded default)")
@@ -254,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-stress", action="store_true", help="skip the stress test (the slowest part)")
     v.set_defaults(func=cmd_evaluate)
 
+
+def _add_sweep(sub: Any) -> None:
+    """`hf-curvedit sweep`."""
     w = sub.add_parser("sweep", help="try several ρ and layer choices, print the trade-off, pick an edit",
                        description="Build, measure and drop one edit per ρ x layer choice (plus an SVD-truncation "
                                    "baseline); pick the lowest Strict recitation within the perplexity budget. "
@@ -290,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output-dir", required=True)
     w.set_defaults(func=cmd_sweep)
 
+
+def _add_publish(sub: Any) -> None:
+    """`hf-curvedit publish`."""
     u = sub.add_parser("publish", help="write the model card and push an edit to the Hub",
                        description="Write a folder with the weights, model card, plots and evaluation, then create "
                                    "the repo and upload it (huggingface_hub). --dry-run only writes the folder.")
@@ -312,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--space-id", help="the Space repo (default: REPO_ID-demo)")
     u.set_defaults(func=cmd_publish)
 
+
+def _add_demo(sub: Any) -> None:
+    """`hf-curvedit demo`."""
     d = sub.add_parser("demo", help="compare base and edited continuations side by side in the browser",
                        description="Serve a gradio app on 127.0.0.1: a prompt's continuation by the base model "
                                    "(adapter disabled) and by the edit, side by side, from one loaded model, with "
@@ -331,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fit-tokens", type=int, default=50_000, help="factor tokens for the default edit")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_run(sub: Any) -> None:
+    """`hf-curvedit run`."""
     r = sub.add_parser("run", help="do every step from one YAML file, resuming finished steps",
                        description="Run the steps named in CONFIG.yaml in the order fit, sweep, edit, evaluate, "
                                    "publish. Each step takes the same options as its subcommand (YAML keys with "
@@ -340,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="redo finished steps")
     r.set_defaults(func=cmd_run)
 
+
+def _add_plan(sub: Any) -> None:
+    """`hf-curvedit plan`."""
     n = sub.add_parser("plan", help="plan a factor fit: memory, data passes, eigendecomposition, adapter sizes",
                        description="Build the model from its config with fake tensors (no weights are read or "
                                    "allocated) and print what fit_factors would allocate: per-module factor sizes, "
@@ -351,48 +246,3 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-factor-memory-gb", type=float, default=None)
     n.add_argument("--json", help="also write the plan as JSON to this file")
     n.set_defaults(func=cmd_plan)
-    return p
-
-
-# What library messages call Python arguments, as the flags and commands of the command line. A message raised deep in
-# the library names the argument of its own function; the user of the command typed a flag.
-_AS_FLAGS = [
-    (re.compile(r"\(?\bfit_factors\(\.\.\., resume=False\)\)?"), "--restart"),
-    (re.compile(r"\bpass resume=False\b"), "pass --restart"),
-    (re.compile(r"\bresume=False\b"), "--restart"),
-    (re.compile(r"\boverwrite=True \(--overwrite\)"), "--overwrite"),
-    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
-    (re.compile(r"\bHubOptions\(token=([^)]*)\)"), r"--token \1"),
-    (re.compile(r"\bpush_folder\('([^']*)', '([^']*)'\)"), r"`hf upload \2 \1 --repo-type model`"),
-    (re.compile(r"\bpush_space\('([^']*)', '([^']*)'\)"), r"`hf upload \2 \1 --repo-type space`"),
-]
-
-
-def as_flags(message: str) -> str:
-    """A library message with the Python arguments it names replaced by the command line's flags."""
-    for pattern, flag in _AS_FLAGS:
-        message = pattern.sub(flag, message)
-    return message
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (UsageError, ValueError, KeyError, FileNotFoundError, FileExistsError, FolderInUseError) as e:
-        print(f"hf-curvedit {args.command}: error: {as_flags(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the command reports every failure with its exit code
-        logger.debug("failure", exc_info=True)
-        print(f"hf-curvedit {args.command}: failed: {type(e).__name__}: {as_flags(str(e))}", file=sys.stderr)
-        return EXIT_FAILURE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
