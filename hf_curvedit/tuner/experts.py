@@ -15,7 +15,7 @@ import weakref
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..edit import (
@@ -28,7 +28,7 @@ from ..edit import (
     weight_fingerprint,
 )
 from ..targets import expert_parameter_names, is_experts_module
-from .layer import CurvatureEditLayer
+from .layer import CurvatureEditLayer, single_edit_to_merge
 from .stores import (
     DamagedAdapterError,
     FingerprintStore,
@@ -287,15 +287,9 @@ class CurvatureEditExperts(nn.Module, CurvatureEditLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Replace each edited parameter by ``W'`` of the (single) active edit; the originals are kept for `unmerge`."""
-        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if self.has_edit(a)]
-        if not adapter_names:
+        name = single_edit_to_merge(self, adapter_names, self.has_edit)
+        if name is None:
             return
-        if len(adapter_names) > 1 or self.merged:
-            raise ValueError(
-                f"curvature edits replace the weight, so only one can be merged at a time (asked for {adapter_names}, "
-                f"already merged {self.merged_adapters}); unmerge first"
-            )
-        name = adapter_names[0]
         new = {p: self._edited_parameter(name, p) for p in self.params_of(name)}
         if safe_merge and not all(torch.isfinite(w).all() for w in new.values()):
             raise ValueError(f"the edited weights of adapter '{name}' contain NaN or inf; not merging them")

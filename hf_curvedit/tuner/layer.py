@@ -34,6 +34,20 @@ from .stores import (
 __all__ = ["CurvatureEditLayer", "CurvatureEditLinear", "DamagedAdapterError", "WrongBaseModelError"]
 
 
+
+def single_edit_to_merge(layer: BaseTunerLayer, adapter_names: list[str] | None, has_edit: Any) -> str | None:
+    """The one edit of ``layer`` to merge (None if there is none): curvature edits replace the weight, so merging
+    two, or one on top of another, has no meaning."""
+    names = [a for a in check_adapters_to_merge(layer, adapter_names) if has_edit(a)]
+    if not names:
+        return None
+    if len(names) > 1 or layer.merged:
+        raise ValueError(
+            f"curvature edits replace the weight, so only one can be merged at a time (asked for {names}, "
+            f"already merged {layer.merged_adapters}); unmerge first"
+        )
+    return names[0]
+
 class CurvatureEditLayer(ContentDigest, BaseTunerLayer):
     """Adapter state of one linear layer: per adapter, the factorization of ``W'`` and its metadata, as buffers.
 
@@ -325,16 +339,9 @@ class CurvatureEditLinear(nn.Module, CurvatureEditLayer):
 
         With ``safe_merge`` the edited weight is checked for NaN/inf before it replaces anything.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        adapter_names = [a for a in adapter_names if a in self.curvedit_Q]
-        if not adapter_names:
+        name = single_edit_to_merge(self, adapter_names, lambda a: a in self.curvedit_Q)
+        if name is None:
             return
-        if len(adapter_names) > 1 or self.merged:
-            raise ValueError(
-                f"curvature edits replace the weight, so only one can be merged at a time (asked for {adapter_names}, "
-                f"already merged {self.merged_adapters}); unmerge first"
-            )
-        name = adapter_names[0]
         base = self.get_base_layer()
         new = self.edited_weight(name)
         new = (new.T if self.is_conv1d else new).to(base.weight.dtype).contiguous()
