@@ -39,7 +39,8 @@ def brute_force_factors(model, input_ids, attention_mask, names, label_mode, see
         labels = torch.tensor([int(input_ids[b, t + 1]) for b, t in pos])
     else:
         labels = sample_labels(sel.detach(), batch_generator(seed, batch_index, sel.device), chunk)
-    loss = sum(F.cross_entropy(sel[i:i + 1].float(), labels[i:i + 1], reduction="sum") for i in range(len(pos)))
+    loss_dtype = torch.promote_types(sel.dtype, torch.float32)
+    loss = sum(F.cross_entropy(sel[i:i + 1].to(loss_dtype), labels[i:i + 1], reduction="sum") for i in range(len(pos)))
     grads = torch.autograd.grad(loss, [outs[n] for n in names])
     A, G = {}, {}
     for n, g in zip(names, grads):
@@ -81,6 +82,28 @@ def test_factors_match_brute_force_with_padding(make_model, label_mode):
     if make_model is tiny_llama:
         # gate and up read the same input: one A, shared.
         assert any(n.endswith("up_proj") for n in factors.a_alias)
+
+
+@pytest.mark.parametrize("label_mode", ["empirical", "sampled"])
+def test_float64_fit_is_float64_end_to_end(label_mode):
+    """A float64 model fitted with float64 accumulation agrees with a float64 brute force to float64 round-off, in G
+    too: the loss is not passed through a float32 softmax."""
+    model = tiny_llama().double()
+    ds = padded_dataset()
+    cfg = FactorConfig(label_mode=label_mode, seq_len=20, batch_size=6, packing=False, accumulate_dtype="float64")
+    factors = fit_factors(model, ds, cfg, progress=False)
+    rows = ds["input_ids"]
+    ids = torch.zeros(len(rows), 20, dtype=torch.long)
+    mask = torch.zeros(len(rows), 20, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    names = resolve_target_modules(model)
+    A, G, _ = brute_force_factors(model, ids, mask, names, label_mode)
+    for n in names:
+        for got, want in ((factors.A[n], A[n]), (factors.G[n], G[n])):
+            assert got.dtype == torch.float64
+            assert (got - want).abs().max() <= 1e-13 * want.abs().max()
 
 
 def test_padded_batch_equals_unpadded_rows(llama):

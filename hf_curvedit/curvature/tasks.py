@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import DatasetLike, count_batches, image_batch_converter, pack_into_blocks, select_image_columns
-from .config import FactorConfig
+from .config import FactorConfig, accumulator_dtype
 
 __all__ = ["CausalLMTask", "FactorTask", "ImageClassificationTask", "PreparedData", "SamplePositions", "default_task",
            "sample_labels", "valid_position_mask"]
@@ -123,6 +123,12 @@ def _targets(logits: torch.Tensor, gold: torch.Tensor | None, config: FactorConf
                              config.sample_chunk_size)
 
 
+def _loss_precision(logits: torch.Tensor, config: FactorConfig) -> torch.Tensor:
+    # The cross-entropy runs in at least float32, and in the accumulation dtype when that is wider: a float64 fit
+    # of a float64 model must not pass its gradients through a float32 softmax.
+    return logits.to(torch.promote_types(torch.promote_types(logits.dtype, torch.float32), accumulator_dtype(config)))
+
+
 def _input_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -206,7 +212,7 @@ class CausalLMTask:
         gold = None
         if config.label_mode == "empirical":
             gold = batch["input_ids"].roll(-1, dims=1).reshape(-1).to(logits.device).index_select(0, flat_idx)
-        return F.cross_entropy(sel.float(), _targets(sel, gold, config, batch_index), reduction="sum")
+        return F.cross_entropy(_loss_precision(sel, config), _targets(sel, gold, config, batch_index), reduction="sum")
 
     def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
@@ -276,7 +282,8 @@ class ImageClassificationTask:
             if gold.numel() and (gold.min() < 0 or gold.max() >= logits.shape[-1]):
                 raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the model's num_labels); batch "
                                  f"{batch_index} has labels in [{int(gold.min())}, {int(gold.max())}]")
-        return F.cross_entropy(logits.float(), _targets(logits, gold, config, batch_index), reduction="sum")
+        return F.cross_entropy(_loss_precision(logits, config), _targets(logits, gold, config, batch_index),
+                               reduction="sum")
 
     def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:
         cfg = model.config
