@@ -337,6 +337,17 @@ def test_upper_triangle_accumulation_equals_full_gram(d, acc_dtype):
     want = 5 * (x.double().T @ x.double())
     assert torch.equal(full, full.T)
     torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-4)
+    # in place and idempotent: a resumed run accumulates into a mirrored sum and mirrors again
+    assert full is acc
+    accumulate_upper(acc, x)
+    again = mirror_upper(acc)
+    assert torch.equal(again, again.T)
+    torch.testing.assert_close(again.double(), want * 6 / 5, rtol=1e-5, atol=1e-4)
+    stack = torch.zeros(2, d, d, dtype=acc_dtype)
+    accumulate_upper(stack[1], x)
+    mirror_upper(stack)
+    assert not stack[0].any() and torch.equal(stack[1], stack[1].T)
+    torch.testing.assert_close(stack[1].double(), want / 5, rtol=1e-5, atol=1e-4)
 
 
 def test_device_map_and_fp16_loaded_models(tmp_path, llama):

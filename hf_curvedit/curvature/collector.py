@@ -49,8 +49,18 @@ def accumulate_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def mirror_upper(acc: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix whose upper triangle is that of ``acc`` (of each matrix of a stack)."""
-    return torch.triu(acc) + torch.triu(acc, 1).mT
+    """Make ``acc`` (a sum filled by `accumulate_upper`, or a stack of them) the full symmetric matrix of its upper
+    triangle, in place, and return it.
+
+    `accumulate_upper` fills whole diagonal blocks of its strips and the blocks right of them, so only the blocks
+    below the diagonal blocks are copied (no full-size temporary) and each diagonal block is made exactly symmetric.
+    Idempotent: accumulating more and mirroring again gives the same result as mirroring once at the end.
+    """
+    for i0, i1 in _strips(acc.shape[-1]):
+        block = acc[..., i0:i1, i0:i1]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).mT)
+        acc[..., i1:, i0:i1] = acc[..., i0:i1, i1:].mT
+    return acc
 
 
 def _output_requires_grad(_module: nn.Module, _inputs: tuple, out: Any) -> None:
@@ -277,7 +287,7 @@ class FactorCollector:
         self._sharing.reset()
 
     def finalized_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Full symmetric sums (lower blocks mirrored from the upper ones)."""
+        """Full symmetric sums (lower blocks mirrored from the upper ones, in place: the running sums stay valid)."""
         A = {n: mirror_upper(t) for n, t in self.A.items()}
         G = {n: mirror_upper(t) for n, t in self.G.items()}
         return A, G

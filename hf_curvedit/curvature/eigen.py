@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
-from ..utils import save_safetensors
+from ..utils import all_finite, save_safetensors
 
 EIGEN_FILENAME = "eigen.safetensors"
 EIGEN_FORMAT = "hf_curvedit.eigen"
@@ -66,7 +66,7 @@ def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> 
         pairs = [symmetric_eigh(m, device) for m in matrix]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     m = matrix.detach().to(device, torch.float64)
-    if not torch.isfinite(m).all():
+    if not all_finite(m):
         raise ValueError("cannot eigendecompose a factor with non-finite entries (NaN or inf)")
     m = 0.5 * (m + m.T)
     vals, vecs = torch.linalg.eigh(m)  # ascending

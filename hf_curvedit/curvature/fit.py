@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
 from ..integrity import DamagedFileError, output_lock
 from ..targets import resolve_target_modules, weight_targets
+from ..utils import all_finite
 from .collector import FactorCollector, accumulator_dtype, collect_factor_sums
 from .config import FactorConfig
 from .partitions import plan_partitions, split_expert_slice
@@ -275,7 +276,7 @@ def _normalize(n: str, A: dict, G: dict, count: int | list[int], owns_A: bool, t
         if owns_A:
             A[n] = A[n] / count
     for kind, t in (("A", A.get(n) if owns_A else None), ("G", G[n])):
-        if t is not None and not torch.isfinite(t).all():
+        if t is not None and not all_finite(t):
             raise FloatingPointError(f"factor {kind} of {n} has non-finite entries; try accumulate_dtype='float64'")
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
 from ..targets import weight_targets
-from ..utils import save_safetensors
+from ..utils import all_finite, save_safetensors
 from .config import FactorConfig
 from .eigen import EIGEN_FILENAME, EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen, symmetric_eigh
 
@@ -138,7 +138,7 @@ class KFACFactors:
         if digests is None:  # written before files recorded digests: at least refuse NaN and inf
             for n in names:
                 for kind, t in (("A", A[n]), ("G", G[n])):
-                    if not torch.isfinite(t).all():
+                    if not all_finite(t):
                         raise DamagedFileError(path, f"factor {kind} of {n} has non-finite entries", REFIT)
         if model is not None:
             factors.check_model(model)
