@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from . import publish
 from .curvature import (
     CausalLMTask,
+    EigenCorrection,
     FactorConfig,
     FactorTask,
     ImageClassificationTask,
@@ -23,6 +24,7 @@ from .curvature import (
     ModuleEigen,
     default_task,
     eigendecompose,
+    fit_eigen_correction,
     fit_factors,
     load_factors,
     plan_factors,
@@ -50,7 +52,14 @@ from .evaluation import (
 )
 from .integrity import DamagedFileError, FolderInUseError
 from .publish import CardOptions, HubOptions, PublishError, PublishResult, push_folder, render_card
-from .selection import Staircase, curvature_mass_cutoffs, factor_truncation_cutoffs, select_cutoffs
+from .selection import (
+    CorrectedSelection,
+    Staircase,
+    corrected_mass_selection,
+    curvature_mass_cutoffs,
+    factor_truncation_cutoffs,
+    select_cutoffs,
+)
 from .sweep import SweepConfig, SweepResult, sweep_edits
 from .targets import DEFAULT_TARGET_MODULES, TargetWeight, resolve_target_modules, weight_targets
 
@@ -80,4 +89,5 @@ __all__ = [
     "evaluate_recitation", "evaluate_text_recitation", "factor_truncation_cutoffs", "find_memorized_windows",
     "fit_factors", "load_factors", "metric_path", "perplexity", "publish", "push_folder", "recitation_scores",
     "render_card", "resolve_target_modules", "select_cutoffs", "stress_test",
+    "CorrectedSelection", "EigenCorrection", "corrected_mass_selection", "fit_eigen_correction",
 ]

@@ -25,11 +25,12 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-__all__ = ["SELECTIONS", "Selection", "Staircase", "curvature_mass_cutoffs", "factor_truncation_cutoffs",
-           "select_cutoffs", "staircase_from_cutoffs"]
+__all__ = ["SELECTIONS", "CorrectedSelection", "Selection", "Staircase", "corrected_mass_selection",
+           "curvature_mass_cutoffs", "factor_truncation_cutoffs", "select_cutoffs", "staircase_from_cutoffs"]
 
-# The selection variants: the paper's staircase on λ_i μ_j, and per-factor eigenvalue truncation.
-Selection = Literal["curvature_mass", "factor_truncation"]
+# The selection variants: the paper's staircase on λ_i μ_j, per-factor eigenvalue truncation, and the components of
+# largest EK-FAC corrected curvature Λ_ij (any set, not a staircase).
+Selection = Literal["curvature_mass", "factor_truncation", "ekfac_mass"]
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 
 # Products in the final threshold band are enumerated and sorted when there are at most this many of them.
@@ -271,6 +272,9 @@ def select_cutoffs(
         return curvature_mass_cutoffs(eigvals_G, eigvals_A, keep_mass)
     if selection == "factor_truncation":
         return factor_truncation_cutoffs(eigvals_G, eigvals_A, keep_mass)
+    if selection == "ekfac_mass":
+        raise ValueError("selection='ekfac_mass' ranks the measured curvature, not the eigenvalue products: use "
+                         "corrected_mass_selection(eigen.eigvals_corrected, keep_mass)")
     raise ValueError(f"unknown selection {selection!r}; use one of {SELECTIONS}")
 
 
@@ -288,3 +292,95 @@ def staircase_from_cutoffs(cutoffs: torch.Tensor, eigvals_G: torch.Tensor, eigva
     rows = np.nonzero(cut)[0]
     threshold = float(min(lam[i] * mu[cut[i] - 1] for i in rows)) if rows.size else 0.0
     return _summary(cut, lam, mu, threshold)
+
+
+@dataclass
+class CorrectedSelection:
+    """The kept set of one module under ``selection="ekfac_mass"``: the components of largest corrected curvature
+    ``Λ_ij``, which need not form a staircase.
+
+    Attributes:
+        mask (`torch.BoolTensor` of shape `(d_out, d_in)`): the kept components.
+        kept_mass (`float`), total_mass (`float`): corrected curvature mass kept, and ``ΣΛ``.
+        threshold (`float`): the smallest kept ``Λ`` (0 if nothing is kept).
+    """
+
+    mask: torch.Tensor
+    kept_mass: float
+    total_mass: float
+    threshold: float
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Indices of the rows (G eigenvectors) that keep something."""
+        return self.mask.any(1).nonzero().squeeze(1)
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """Indices of the columns (A eigenvectors) that keep something."""
+        return self.mask.any(0).nonzero().squeeze(1)
+
+    @property
+    def cutoffs(self) -> torch.Tensor:
+        """Components kept per row (int64 ``(d_out,)``; a count, not a staircase cutoff)."""
+        return self.mask.sum(1, dtype=torch.int64)
+
+    @property
+    def r(self) -> int:
+        return int(self.mask.any(1).sum())
+
+    @property
+    def s(self) -> int:
+        return int(self.mask.any(0).sum())
+
+    @property
+    def k(self) -> int:
+        """Upper bound on the rank of the edited weight, ``min(r, s)``."""
+        return min(self.r, self.s)
+
+    @property
+    def kept_components(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def total_components(self) -> int:
+        return int(self.mask.numel())
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept_components / self.total_components if self.total_components else 0.0
+
+    @property
+    def kept_mass_fraction(self) -> float:
+        return self.kept_mass / self.total_mass if self.total_mass > 0 else 0.0
+
+
+def corrected_mass_selection(corrected: torch.Tensor, keep_mass: float) -> CorrectedSelection:
+    """The smallest set of components, in descending corrected curvature ``Λ_ij``, whose mass reaches
+    ``ρ · ΣΛ`` (the rule of `curvature_mass_cutoffs`, on measured rather than Kronecker-product curvature).
+
+    The component that crosses the threshold is kept; ties are broken row-major; zero components are never kept.
+
+    Args:
+        corrected (`torch.Tensor` of shape `(d_out, d_in)`): ``Λ`` in the order of the module's eigenbasis, ≥ 0.
+        keep_mass (`float`): ρ in ``(0, 1]``.
+    """
+    if not (0.0 < float(keep_mass) <= 1.0):
+        raise ValueError(f"keep_mass must be in (0, 1], got {keep_mass}")
+    if corrected.dim() != 2:
+        raise ValueError(f"corrected eigenvalues must be a (d_out, d_in) matrix, got shape {tuple(corrected.shape)}")
+    v = corrected.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    if not np.isfinite(v).all() or (v < 0).any():
+        raise ValueError("the corrected eigenvalues contain NaN, inf or negative values; measure them again "
+                         "(fit_eigen_correction)")
+    order = np.argsort(-v, kind="stable")  # stable on the row-major flat index: ties break row-major
+    mass = np.cumsum(v[order])
+    total = float(mass[-1]) if mass.size else 0.0
+    if total <= 0:
+        raise ValueError("the total corrected curvature mass is zero, so no component can be ranked; the correction "
+                         "was measured on no samples or on a dead layer")
+    n = min(int(np.searchsorted(mass, keep_mass * total, side="left")) + 1, int((v > 0).sum()))
+    flat = np.zeros(v.size, dtype=bool)
+    flat[order[:n]] = True
+    return CorrectedSelection(mask=torch.from_numpy(flat.reshape(corrected.shape)), kept_mass=float(mass[n - 1]),
+                              total_mass=total, threshold=float(v[order[n - 1]]))

@@ -1,9 +1,11 @@
 """K-FAC curvature factors: tasks (`tasks`), collection (`collector`, `fit`), planning (`plan`), storage
-(`storage`), eigenbases (`eigen`)."""
+(`storage`), eigenbases (`eigen`), EK-FAC corrected eigenvalues (`ekfac`, `correction`)."""
 
 from .collector import FactorCollector, InputSharing, collect_factor_sums
 from .config import FactorConfig
+from .correction import EigenCorrection
 from .eigen import KFACEigen, ModuleEigen, symmetric_eigh
+from .ekfac import LambdaCollector, fit_eigen_correction
 from .fit import fit_factors
 from .partitions import plan_partitions
 from .plan import FactorPlan, ModulePlan, plan_factors
@@ -18,7 +20,8 @@ from .tasks import (
     valid_position_mask,
 )
 
-__all__ = ["CausalLMTask", "EigenFile", "FactorCollector", "FactorConfig", "FactorPlan", "FactorTask",
+__all__ = ["CausalLMTask", "EigenCorrection", "EigenFile", "LambdaCollector", "fit_eigen_correction",
+           "FactorCollector", "FactorConfig", "FactorPlan", "FactorTask",
            "ImageClassificationTask", "InputSharing", "KFACEigen", "KFACFactors", "ModuleEigen", "ModulePlan",
            "PreparedData", "collect_factor_sums", "default_task", "eigendecompose", "fit_factors", "load_factors",
            "plan_factors", "plan_partitions", "sample_labels", "symmetric_eigh", "valid_position_mask"]

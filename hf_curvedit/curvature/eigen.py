@@ -29,7 +29,8 @@ class ModuleEigen:
 
     Eigenvalues are float64, non-negative and sorted in descending order; eigenvectors are the
     matching columns (float64). For an expert projection every tensor has a leading experts dimension (one basis per
-    expert, see `expert`) and ``num_tokens`` holds how many tokens each expert's factors saw.
+    expert, see `expert`) and ``num_tokens`` holds how many tokens each expert's factors saw. ``eigvals_corrected``,
+    when EK-FAC measured it, is the ``(d_out, d_in)`` curvature of each component in this basis.
     """
 
     eigvals_A: torch.Tensor  # (d_in,) or (experts, d_in)
@@ -37,6 +38,8 @@ class ModuleEigen:
     eigvals_G: torch.Tensor  # (d_out,) or (experts, d_out)
     eigvecs_G: torch.Tensor  # (d_out, d_out) or (experts, d_out, d_out)
     num_tokens: torch.Tensor | None = None  # (experts,) int64, for an expert projection
+    # EK-FAC: the measured curvature of each component (d_out, d_in), see `hf_curvedit.curvature.correction`
+    eigvals_corrected: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorde
 from ..targets import weight_targets
 from ..utils import all_finite, save_safetensors
 from .config import FactorConfig
+from .correction import EKFAC_FILENAME, attach_correction, correction_beside
 from .eigen import EIGEN_FILENAME, EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen, symmetric_eigh
 
 __all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "eigendecompose", "load_factors",
@@ -196,7 +197,7 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
             logger.warning("the eigen cache %s does not verify and is recomputed: %s", cache, e)
         else:
             if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
-                return cached
+                return _with_correction(cached, cache.parent, factors.factors_id)
     done_A: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: dict[str, ModuleEigen] = {}
     for name in tqdm(factors.module_names, desc="eigendecompose", unit="module", leave=False):
@@ -218,7 +219,14 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
     eig = KFACEigen(modules, meta)
     if cache is not None:
         eig.save(cache)
+        eig = _with_correction(eig, cache.parent, factors.factors_id)
     return eig
+
+
+def _with_correction(eigen: KFACEigen, folder: Path, factors_id: str | None) -> KFACEigen:
+    """The bases with the EK-FAC corrected eigenvalues beside them attached, when they belong to these factors."""
+    corr = correction_beside(folder, factors_id)
+    return attach_correction(eigen, corr) if corr is not None else eigen
 
 
 def load_factors(path: str | Path, model: nn.Module | None = None) -> KFACFactors:
@@ -291,7 +299,12 @@ class EigenFile(Mapping[str, ModuleEigen]):
     def __getitem__(self, name: str) -> ModuleEigen:
         if name not in self._names:
             raise KeyError(name)
-        return KFACEigen.load(self.path, modules=[name])[name]
+        basis = KFACEigen.load(self.path, modules=[name])
+        if (self.path.parent / EKFAC_FILENAME).exists():
+            corr = correction_beside(self.path.parent, self.metadata.get("factors_id"), modules=[name])
+            if corr is not None:
+                basis = attach_correction(basis, corr)
+        return basis[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

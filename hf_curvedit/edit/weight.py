@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..curvature.eigen import ModuleEigen
-from ..selection import SELECTIONS, Selection, select_cutoffs
+from ..selection import (
+    SELECTIONS,
+    CorrectedSelection,
+    Selection,
+    Staircase,
+    corrected_mass_selection,
+    select_cutoffs,
+)
 from .fingerprint import FINGERPRINT_SIZE, weight_fingerprint
 
 __all__ = ["META_FIELDS", "META_INDEX", "CurvatureEdit", "compute_edit", "q_side_of"]
@@ -38,7 +45,7 @@ META_FIELDS = (
     "residual_norm",  # ‖W - W'‖_F (after the rank cap)
     "rank_cap",  # 0 = none
     "rank_cap_error",  # ‖W'_capped - W'‖_F / ‖W'‖_F
-    "selection",  # 0: curvature_mass, 1: factor_truncation
+    "selection",  # 0: curvature_mass, 1: factor_truncation, 2: ekfac_mass
 )
 META_INDEX = {name: i for i, name in enumerate(META_FIELDS)}
 _SELECTION_CODES = {name: code for code, name in enumerate(SELECTIONS)}
@@ -52,7 +59,8 @@ class CurvatureEdit:
         Q: orthonormal columns, ``(d_in, k)`` or ``(d_out, k)``.
         B: the other factor, ``(d_out, k)`` or ``(d_in, k)``.
         q_side: which space Q spans, ``"input"`` or ``"output"``.
-        cutoffs: int64 ``(d_out,)``, the kept staircase: row i of ``C`` keeps columns ``j < cutoffs[i]``.
+        cutoffs: int64 ``(d_out,)``, the kept staircase: row i of ``C`` keeps columns ``j < cutoffs[i]`` (with
+            ``selection="ekfac_mass"``, whose kept set is no staircase: how many components row i keeps).
         meta: float64 statistics laid out as `META_FIELDS` (the one record of ρ, r, s, k, kept mass, norms, ...).
         fingerprint: float64 `weight_fingerprint` of the weight that was edited.
         protected: per protected domain, what its own selection kept (``r``, ``s``, ``kept_components``,
@@ -101,11 +109,22 @@ class _KeptSpace:
     """One selection's kept components ``{U_G (M ∘ c) U_Aᵀ}`` as a subspace of ``(d_out, d_in)`` matrices (float64)."""
 
     def __init__(self, eigen: ModuleEigen, keep_mass: float, selection: Selection, device: torch.device):
-        self.st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
-        r, s = self.st.r, self.st.s
-        self.UG = eigen.eigvecs_G[:, :r].to(device, torch.float64)
-        self.UA = eigen.eigvecs_A[:, :s].to(device, torch.float64)
-        self.mask = torch.arange(s, device=device)[None, :] < self.st.cutoffs.to(device)[:r, None]
+        if selection == "ekfac_mass":
+            if eigen.eigvals_corrected is None:
+                raise ValueError(
+                    "selection='ekfac_mass' needs EK-FAC corrected eigenvalues, and these factors have none. Measure "
+                    "them first: hf-curvedit fit --ekfac (same --output-dir), or fit_eigen_correction(model, data, "
+                    "factors); an expert projection has none (use selection='curvature_mass' for experts)")
+            self.st: Staircase | CorrectedSelection = corrected_mass_selection(eigen.eigvals_corrected, keep_mass)
+            rows, cols = self.st.rows, self.st.columns
+            self.mask = self.st.mask[rows][:, cols].to(device)
+        else:
+            self.st = select_cutoffs(eigen.eigvals_G, eigen.eigvals_A, keep_mass, selection)
+            rows, cols = slice(0, self.st.r), slice(0, self.st.s)
+            self.mask = torch.arange(self.st.s, device=device)[None, :] < self.st.cutoffs.to(device)[:self.st.r, None]
+        # the kept rows and columns: a prefix of each basis for a staircase, any subset for EK-FAC
+        self.UG = eigen.eigvecs_G[:, rows].to(device, torch.float64)
+        self.UA = eigen.eigvecs_A[:, cols].to(device, torch.float64)
 
     def coords(self, X: torch.Tensor) -> torch.Tensor:
         """The adjoint: the kept coordinates ``M ∘ (U_Gᵀ X U_A)`` of a matrix (its projection, in this basis)."""

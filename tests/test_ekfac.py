@@ -1,0 +1,313 @@
+"""EK-FAC: corrected eigenvalues against brute force (and kronfluence where it is installed), their storage, and the
+selection that ranks by them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import PeftModel
+from testing_utils import brute_force_mask, random_token_rows, tiny_gpt2, tiny_llama
+
+from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors, load_factors
+from hf_curvedit.curvature import EigenCorrection, EigenFile, ModuleEigen, fit_eigen_correction
+from hf_curvedit.curvature.correction import EKFAC_FILENAME
+from hf_curvedit.edit import compute_edit
+from hf_curvedit.integrity import DamagedFileError
+from hf_curvedit.selection import corrected_mass_selection, curvature_mass_cutoffs
+from hf_curvedit.targets import resolve_target_modules
+from hf_curvedit.tuner.locate import curvature_edit_report
+
+SEQ = 20
+
+
+def padded_rows(n: int = 6, seed: int = 0) -> list[list[int]]:
+    return random_token_rows(n, lo=5, hi=SEQ, seed=seed)
+
+
+def fit_with_correction(model, rows, folder, **kw):
+    cfg = FactorConfig(label_mode="empirical", seq_len=SEQ, batch_size=3, packing=False,
+                       accumulate_dtype="float64", **kw)
+    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}), cfg, folder, progress=False)
+    corr = fit_eigen_correction(model, Dataset.from_dict({"input_ids": rows}), factors, progress=False)
+    return factors, corr
+
+
+def brute_force_lambda(model, rows, names, eigen):
+    """Per sequence, autograd's gradient of the weight (summed next-token loss of that sequence alone), rotated into
+    the eigenbasis and squared; averaged over sequences. float64."""
+    weights = {n: model.get_submodule(n).weight for n in names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    total = {n: torch.zeros(eigen[n].shape, dtype=torch.float64) for n in names}
+    try:
+        for r in rows:
+            ids = torch.tensor([r])
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            loss = F.cross_entropy(logits.double(), ids[0, 1:], reduction="sum")
+            grads = torch.autograd.grad(loss, [weights[n] for n in names])
+            for n, D in zip(names, grads):
+                e = eigen[n]
+                total[n] += (e.eigvecs_G.T @ D.double() @ e.eigvecs_A) ** 2
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+    return {n: t / len(rows) for n, t in total.items()}
+
+
+def test_corrected_eigenvalues_match_brute_force_with_padding(tmp_path):
+    """Padded batches of three sequences give the per-sequence brute force to float64 round-off."""
+    model = tiny_llama().double()
+    rows = padded_rows()
+    factors, corr = fit_with_correction(model, rows, tmp_path)
+    names = resolve_target_modules(model)
+    eigen = factors.eigendecompose()
+    want = brute_force_lambda(model, rows, names, eigen)
+    assert corr.num_samples == len(rows)
+    for n in names:
+        got = corr[n]
+        assert got.dtype == torch.float64 and got.shape == eigen[n].shape
+        assert (got - want[n]).abs().max() <= 1e-12 * want[n].abs().max()
+        # the correction measures something K-FAC does not: it is not the eigenvalue product
+        kfac = torch.outer(eigen[n].eigvals_G, eigen[n].eigvals_A)
+        assert not torch.allclose(got / got.sum(), kfac / kfac.sum(), rtol=0.05)
+    # written beside the bases and attached to them on every read path
+    assert (tmp_path / EKFAC_FILENAME).exists()
+    again = load_factors(tmp_path).eigendecompose()
+    lazy = EigenFile(tmp_path / "eigen.safetensors")
+    for n in names:
+        assert torch.equal(again[n].eigvals_corrected, corr[n])
+        assert torch.equal(lazy[n].eigvals_corrected, corr[n])
+
+
+def test_gpt2_conv1d_and_float32(tmp_path):
+    """Conv1D layers (weights stored transposed) and float32 accumulation agree with brute force to float32."""
+    model = tiny_gpt2()
+    rows = padded_rows(4, seed=1)
+    cfg = FactorConfig(label_mode="empirical", seq_len=SEQ, batch_size=4, packing=False)
+    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}), cfg, tmp_path, progress=False)
+    corr = fit_eigen_correction(model, Dataset.from_dict({"input_ids": rows}), factors, progress=False)
+    names = resolve_target_modules(model)
+    eigen = factors.eigendecompose()
+    want = brute_force_lambda(model, rows, names, {n: _transposed(eigen[n]) for n in names})
+    for n in names:
+        assert corr[n].dtype == torch.float32
+        got = corr[n].double()
+        assert (got - want[n].T).abs().max() <= 1e-4 * want[n].abs().max()
+
+
+def _transposed(e: ModuleEigen) -> ModuleEigen:
+    # a Conv1D weight is (d_in, d_out): its autograd gradient is Dᵀ, rotated by U_A on the left
+    return ModuleEigen(e.eigvals_G, e.eigvecs_G, e.eigvals_A, e.eigvecs_A)
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
+    from hf_curvedit.curvature import ekfac
+
+    model = tiny_llama().double()
+    rows = padded_rows(9, seed=2)
+    data = Dataset.from_dict({"input_ids": rows})
+    cfg = FactorConfig(label_mode="sampled", seq_len=SEQ, batch_size=3, packing=False, accumulate_dtype="float64",
+                       checkpoint_every=1)
+    factors = fit_factors(model, data, cfg, tmp_path / "a", progress=False)
+    whole = fit_eigen_correction(model, data, factors, progress=False)
+
+    factors_b = fit_factors(model, data, cfg, tmp_path / "b", progress=False)
+    real = ekfac.collect_factor_sums
+
+    def crashing(model, batches, *a, **kw):
+        def two():
+            for i, item in enumerate(batches):
+                if i == 2:
+                    raise KeyboardInterrupt
+                yield item
+        return real(model, two(), *a, **kw)
+
+    monkeypatch.setattr(ekfac, "collect_factor_sums", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        fit_eigen_correction(model, data, factors_b, progress=False)
+    assert list((tmp_path / "b" / ekfac.CHECKPOINT_DIR).glob("*.safetensors"))
+    assert not (tmp_path / "b" / EKFAC_FILENAME).exists()
+    monkeypatch.setattr(ekfac, "collect_factor_sums", real)
+    resumed = fit_eigen_correction(model, data, factors_b, progress=False)
+    assert resumed.num_samples == whole.num_samples == 9
+    for n in whole:
+        torch.testing.assert_close(resumed[n], whole[n], rtol=1e-12, atol=0)
+    assert not (tmp_path / "b" / ekfac.CHECKPOINT_DIR).exists()
+
+
+def test_damaged_or_foreign_file_is_never_used(tmp_path, caplog):
+    model = tiny_llama().double()
+    rows = padded_rows(3)
+    factors, corr = fit_with_correction(model, rows, tmp_path)
+    path = tmp_path / EKFAC_FILENAME
+    data = bytearray(path.read_bytes())
+    data[-200:-100] = bytes(100)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match="ekfac.safetensors"):
+        EigenCorrection.load(path)
+    eigen = load_factors(tmp_path).eigendecompose()
+    assert all(e.eigvals_corrected is None for e in eigen.values())
+    assert "measure the corrected eigenvalues again" in caplog.text
+    with pytest.raises(ValueError, match="needs EK-FAC corrected eigenvalues.*--ekfac"):
+        build_curvature_edit(tiny_llama().double(), eigen, CurvatureEditConfig(keep_mass=0.8, selection="ekfac_mass"))
+    # measured again on the next pass, not trusted
+    fresh = fit_eigen_correction(model, Dataset.from_dict({"input_ids": rows}), factors, progress=False)
+    for n in corr:
+        assert torch.equal(fresh[n], corr[n])
+    # a correction of other factors is not attached
+    other = EigenCorrection(dict(corr.values), corr.num_samples, "another-fit", corr.config)
+    other.save(tmp_path)
+    assert all(e.eigvals_corrected is None for e in load_factors(tmp_path).eigendecompose().values())
+
+
+def test_expert_projections_get_a_clear_error(tmp_path):
+    from family_configs import tiny_causal_lm
+
+    model = tiny_causal_lm("mixtral")
+    rows = random_token_rows(2, lo=8, hi=12)
+    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}),
+                          FactorConfig(seq_len=12, batch_size=2, packing=False), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="expert projections is not supported"):
+        fit_eigen_correction(model, Dataset.from_dict({"input_ids": rows}), factors, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ the selection
+def brute_force_corrected_mask(L: torch.Tensor, rho: float) -> torch.Tensor:
+    flat = [(-float(v), i) for i, v in enumerate(L.reshape(-1).tolist())]
+    flat.sort()
+    total = float(L.sum())
+    mask = torch.zeros(L.numel(), dtype=torch.bool)
+    acc = 0.0
+    for v, i in flat:
+        if acc >= rho * total or v == 0:
+            break
+        mask[i] = True
+        acc += -v
+    return mask.reshape(L.shape)
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.5, 0.8, 0.99, 1.0])
+def test_corrected_selection_matches_brute_force_sort(rho):
+    g = torch.Generator().manual_seed(0)
+    L = torch.rand(13, 9, generator=g, dtype=torch.float64) ** 4
+    L[3, 4] = L[5, 1]  # a tie, broken row-major
+    L[7] = 0.0  # zero components are never kept
+    sel = corrected_mass_selection(L, rho)
+    want = brute_force_corrected_mask(L, rho)
+    assert torch.equal(sel.mask, want)
+    assert sel.kept_components == int(want.sum())
+    assert sel.kept_mass_fraction >= rho - 1e-12 or rho == 1.0
+    assert torch.equal(sel.cutoffs, want.sum(1))
+    assert sel.r == int(want.any(1).sum()) and sel.s == int(want.any(0).sum())
+
+
+def test_kronecker_corrected_values_select_the_kfac_staircase():
+    """When Λ is exactly λ_G ⊗ λ_A, the EK-FAC selection is the K-FAC staircase: the two rules agree."""
+    g = torch.Generator().manual_seed(1)
+    lam = torch.rand(17, generator=g, dtype=torch.float64).sort(descending=True).values
+    mu = torch.rand(11, generator=g, dtype=torch.float64).sort(descending=True).values
+    for rho in (0.3, 0.7, 0.95):
+        sel = corrected_mass_selection(torch.outer(lam, mu), rho)
+        st = curvature_mass_cutoffs(lam, mu, rho)
+        assert torch.equal(sel.mask, st.mask()) and torch.equal(sel.mask, brute_force_mask(lam, mu, rho))
+
+
+def test_ekfac_edit_is_the_projection_onto_the_kept_components():
+    g = torch.Generator().manual_seed(2)
+    d_out, d_in = 12, 8
+    UG, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))
+    UA, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))
+    L = torch.rand(d_out, d_in, generator=g, dtype=torch.float64) ** 3
+    e = ModuleEigen(torch.linspace(1, 0.1, d_in, dtype=torch.float64), UA,
+                    torch.linspace(1, 0.1, d_out, dtype=torch.float64), UG, eigvals_corrected=L)
+    W = torch.randn(d_out, d_in, generator=g)
+    edit = compute_edit(W, e, 0.6, selection="ekfac_mass", dtype=torch.float64)
+    M = brute_force_corrected_mask(L, 0.6)
+    want = UG @ ((UG.T @ W.double() @ UA) * M) @ UA.T
+    assert (edit.dense() - want).abs().max() < 1e-12
+    assert edit.rank == min(int(M.any(1).sum()), int(M.any(0).sum()))
+    assert torch.equal(edit.cutoffs, M.sum(1))
+
+
+def test_ekfac_edit_lifecycle(tmp_path):
+    """selection='ekfac_mass' builds an adapter that saves, reloads with PEFT to the same outputs, toggles and merges,
+    and records the selection."""
+    model = tiny_llama().double()
+    rows = padded_rows(6, seed=4)
+    factors, _ = fit_with_correction(model, rows, tmp_path / "f")
+    cfg = CurvatureEditConfig(keep_mass=0.7, selection="ekfac_mass")
+    edited = build_curvature_edit(model, factors, cfg)
+    x = torch.tensor([rows[0]])
+    with torch.no_grad():
+        out = edited(input_ids=x).logits
+        with edited.disable_adapter():
+            base = edited(input_ids=x).logits
+    assert not torch.allclose(out, base)
+    edited.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_llama().double(), tmp_path / "adapter")
+    assert reloaded.peft_config["default"].selection == "ekfac_mass"
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, out)
+        merged = reloaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=x).logits, out, rtol=1e-9, atol=1e-9)
+    report = curvature_edit_report(edited)
+    assert report and all(r.selection == "ekfac_mass" for r in report)
+
+
+def test_matches_kronfluence_lambda_matrix(tmp_path):
+    """kronfluence's EK-FAC (the reference implementation) on the same blocks with data labels gives the same
+    corrected eigenvalues to float64 round-off. Runs where kronfluence is installed (the benchmark environment:
+    pip install kronfluence; it is no dependency of hf-curvedit)."""
+    pytest.importorskip("kronfluence")
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+
+    from hf_curvedit.curvature.tasks import valid_position_mask
+
+    rows = padded_rows(6, seed=5)
+    ids = torch.zeros(len(rows), SEQ, dtype=torch.long)
+    mask = torch.zeros(len(rows), SEQ, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    model = tiny_llama().double()
+    names = resolve_target_modules(model)
+    factors, corr = fit_with_correction(model, rows, tmp_path / "ours")
+
+    class LMTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            valid = valid_position_mask(batch["attention_mask"])
+            labels = batch["input_ids"].roll(-1, dims=1).masked_fill(~valid, -100)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return names
+
+        def get_attention_mask(self, batch):
+            # the positions that are samples: the same rows of A as hf-curvedit's (a real next token)
+            return valid_position_mask(batch["attention_mask"]).long()
+
+    data = [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(len(rows))]
+    task = LMTask()
+    kf_model = prepare_model(tiny_llama().double(), task)
+    analyzer = Analyzer("ekfac", kf_model, task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path / "kf"))
+    f64 = torch.float64
+    args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, activation_covariance_dtype=f64,
+                           gradient_covariance_dtype=f64, eigendecomposition_dtype=f64, per_sample_gradient_dtype=f64,
+                           lambda_dtype=f64)
+    analyzer.fit_all_factors("f", dataset=data, per_device_batch_size=3, factor_args=args,
+                             overwrite_output_dir=True)
+    kf = analyzer.load_lambda_matrices("f")
+    for n in names:
+        want = kf["lambda_matrix"][n] / kf["num_lambda_processed"][n]
+        want = want.flip(0).flip(1)  # kronfluence orders eigenvalues ascending
+        err = float((corr[n] - want).abs().max() / want.abs().max())
+        print(f"{n}: relative error {err:.1e}")
+        assert err <= 1e-12, n
