@@ -49,7 +49,7 @@ def brute_force_lambda(model, rows, names, eigen):
             grads = torch.autograd.grad(loss, [weights[n] for n in names])
             for n, D in zip(names, grads):
                 e = eigen[n]
-                total[n] += (e.eigvecs_G.T @ D.double() @ e.eigvecs_A) ** 2
+                total[n] += (e.eigvecs_G.double().T @ D.double() @ e.eigvecs_A.double()) ** 2
     finally:
         for w in weights.values():
             w.requires_grad_(False)

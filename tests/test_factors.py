@@ -100,10 +100,12 @@ def test_float64_fit_is_float64_end_to_end(label_mode):
         mask[i, :len(r)] = 1
     names = resolve_target_modules(model)
     A, G, _ = brute_force_factors(model, ids, mask, names, label_mode)
+    eigen = factors.eigendecompose()
     for n in names:
         for got, want in ((factors.A[n], A[n]), (factors.G[n], G[n])):
             assert got.dtype == torch.float64
             assert (got - want).abs().max() <= 1e-13 * want.abs().max()
+        assert eigen[n].eigvecs_A.dtype == eigen[n].eigvecs_G.dtype == torch.float64
 
 
 def test_padded_batch_equals_unpadded_rows(llama):
@@ -269,9 +271,12 @@ def test_eigendecompose_is_cached_and_correct(tmp_path, llama):
         e = eig[n]
         assert e.eigvals_A.dtype == torch.float64 and (e.eigvals_A >= 0).all()
         assert (e.eigvals_G[:-1] >= e.eigvals_G[1:]).all()
-        rebuilt = e.eigvecs_G @ torch.diag(e.eigvals_G) @ e.eigvecs_G.T
+        # decomposed in float64, eigenvectors kept in the factors' float32
+        assert e.eigvecs_A.dtype == e.eigvecs_G.dtype == torch.float32
+        UG, UA = e.eigvecs_G.double(), e.eigvecs_A.double()
+        rebuilt = UG @ torch.diag(e.eigvals_G) @ UG.T
         torch.testing.assert_close(rebuilt, f.G[n].double(), atol=1e-6, rtol=1e-5)
-        rebuilt = e.eigvecs_A @ torch.diag(e.eigvals_A) @ e.eigvecs_A.T
+        rebuilt = UA @ torch.diag(e.eigvals_A) @ UA.T
         torch.testing.assert_close(rebuilt, f.A[n].double(), atol=1e-6, rtol=1e-5)
     mtime = (tmp_path / "eigen.safetensors").stat().st_mtime_ns
     again = load_factors(tmp_path).eigendecompose()

@@ -234,8 +234,9 @@ def test_each_edited_expert_is_the_brute_force_projection(starved):
     W = layer.base_weight("gate_up_proj")
     for e in range(3):
         basis = eigen[n].expert(e)
-        C = basis.eigvecs_G.T @ W[e].double() @ basis.eigvecs_A
-        want = basis.eigvecs_G @ (C * brute_force_mask(basis.eigvals_G, basis.eigvals_A, 0.7)) @ basis.eigvecs_A.T
+        UG, UA = basis.eigvecs_G.double(), basis.eigvecs_A.double()
+        C = UG.T @ W[e].double() @ UA
+        want = UG @ (C * brute_force_mask(basis.eigvals_G, basis.eigvals_A, 0.7)) @ UA.T
         torch.testing.assert_close(got[e], want, atol=1e-5, rtol=1e-4)
     assert set(edited.peft_config["default"].edited_modules) == {n}, "down_proj, router and attention untouched"
     edited.unload()

@@ -112,9 +112,10 @@ def logical_weight(module: torch.nn.Module) -> torch.Tensor:
 def dense_edit(weight: torch.Tensor, e: ModuleEigen, rho: float) -> torch.Tensor:
     """W' = U_G (M ∘ C) U_Aᵀ in float64, with M from a brute-force sort of all products."""
     W = weight.double()
-    C = e.eigvecs_G.T @ W @ e.eigvecs_A
+    UG, UA = e.eigvecs_G.double(), e.eigvecs_A.double()
+    C = UG.T @ W @ UA
     M = brute_force_mask(e.eigvals_G, e.eigvals_A, rho)
-    return e.eigvecs_G @ (C * M) @ e.eigvecs_A.T
+    return UG @ (C * M) @ UA.T
 
 
 def ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:

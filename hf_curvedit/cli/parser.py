@@ -79,6 +79,9 @@ def _add_fit(sub: Any) -> None:
                    help="batches between resumable checkpoints")
     f.add_argument("--max-factor-memory-gb", type=float, default=None)
     f.add_argument("--restart", action="store_true", help="discard a partial run in --output-dir and start over")
+    f.add_argument("--ekfac", action="store_true",
+                   help="then measure the EK-FAC corrected eigenvalues in a second pass over the same data "
+                        "(ekfac.safetensors; needed by --selection ekfac_mass)")
     f.add_argument("--name", dest="domain", metavar="NAME",
                    help="fit a protected domain's factors (e.g. arithmetic) from --data into OUTPUT_DIR/domains/NAME, "
                         "beside the general ones; edit and sweep use them with --protect NAME=RHO")
@@ -95,7 +98,9 @@ def _add_edit(sub: Any) -> None:
                    help=f"ρ values in (0, 1] (default: {DEFAULT_KEEP_MASS:g})")
     e.add_argument("--target-modules", type=parse_target_modules,
                    help="regex, or comma-separated names (default: the MLP projections)")
-    e.add_argument("--selection", choices=SELECTIONS, default=EditStep.selection)
+    e.add_argument("--selection", choices=SELECTIONS, default=EditStep.selection,
+                   help="curvature_mass: the K-FAC staircase (default); factor_truncation: top eigenvectors of each "
+                        "factor; ekfac_mass: the components of largest EK-FAC curvature (needs fit --ekfac)")
     e.add_argument("--rank-cap", type=int, default=None)
     e.add_argument("--min-expert-tokens", type=int, default=None, metavar="N",
                    help="mixture-of-experts models: leave an expert unedited when its factors saw fewer than N tokens "
@@ -170,6 +175,8 @@ def _add_sweep(sub: Any) -> None:
     w.add_argument("--include-path", action="append", default=[], metavar="DIR")
     w.add_argument("--limit", type=float, default=None, help="lm-eval: items per task (a fraction if < 1)")
     w.add_argument("--batch-size", type=int, default=SweepStep.batch_size)
+    w.add_argument("--selection", choices=SELECTIONS, default=SweepStep.selection,
+                   help="which components every candidate keeps (ekfac_mass: needs fit --ekfac)")
     w.add_argument("--output-dir", required=True)
     w.set_defaults(func=cmd_sweep)
 

@@ -28,7 +28,8 @@ class ModuleEigen:
     """Eigenbasis of one module's factors: ``A = U_A diag(μ) U_Aᵀ`` and ``G = U_G diag(λ) U_Gᵀ``.
 
     Eigenvalues are float64, non-negative and sorted in descending order; eigenvectors are the
-    matching columns (float64). For an expert projection every tensor has a leading experts dimension (one basis per
+    matching columns (computed in float64, kept in the factors' dtype: float32 unless they were accumulated in
+    float64). For an expert projection every tensor has a leading experts dimension (one basis per
     expert, see `expert`) and ``num_tokens`` holds how many tokens each expert's factors saw. ``eigvals_corrected``,
     when EK-FAC measured it, is the ``(d_out, d_in)`` curvature of each component in this basis.
     """

@@ -29,9 +29,9 @@ from ..utils import all_finite, save_safetensors
 from .collector import _output_requires_grad, _require_grad, collect_factor_sums
 from .config import FactorConfig, accumulator_dtype
 from .correction import EKFAC_FILENAME, EigenCorrection
-from .eigen import ModuleEigen
+from .eigen import EIGEN_FILENAME, KFACEigen, ModuleEigen
 from .fit import dist_state
-from .storage import KFACFactors
+from .storage import FACTORS_FILENAME, REFIT, KFACFactors, load_factors
 from .tasks import FactorTask, SamplePositions, default_task
 
 __all__ = ["LambdaCollector", "fit_eigen_correction"]
@@ -60,6 +60,11 @@ class LambdaCollector:
         missing = [n for n in eigen if n not in targets]
         if missing:
             raise ValueError(f"{missing[:3]} are not linear layers of this model; the factors belong to another model")
+        wrong = [f"{n}: bases for {eigen[n].shape}, the model has {targets[n].shape}" for n in eigen
+                 if tuple(targets[n].shape) != eigen[n].shape]
+        if wrong:
+            raise ValueError(f"the factors do not match this model ({'; '.join(wrong[:3])}); fit factors for this "
+                             "model, or load the model they were fitted on")
         self.model = model
         self.modules = {n: targets[n].module for n in eigen}
         self.dtype = dtype
@@ -168,7 +173,7 @@ class LambdaCollector:
 def fit_eigen_correction(
     model: nn.Module,
     dataset: DataSource,
-    factors: KFACFactors,
+    factors: KFACFactors | str | Path,
     config: FactorConfig | None = None,
     output_dir: str | Path | None = None,
     *,
@@ -182,7 +187,8 @@ def fit_eigen_correction(
     Args:
         model: The model the factors were fitted on (same weights).
         dataset: The data, as for `fit_factors` (usually the same data).
-        factors: Fitted K-FAC factors; their eigenbases (``factors.eigendecompose()``, cached) are the basis of ``Λ``.
+        factors: Fitted K-FAC factors, or the folder `fit_factors` wrote them to; their eigenbases (cached beside
+            them) are the basis of ``Λ``. Given a folder, only the bases are held in memory during the pass.
         config: Data settings (block size, batch size, token budget, labels, seed); defaults to the factors' own, so
             that the pass sees the same blocks and, for sampled labels, draws the same labels.
         output_dir: Where ``ekfac.safetensors`` and resumable checkpoints go; defaults to the factors' folder, where
@@ -195,33 +201,59 @@ def fit_eigen_correction(
     Under ``accelerate launch``/``torchrun`` each process takes every ``world_size``-th batch and the sums are
     reduced once at the end. Expert projections are not supported.
     """
-    cfg = config or factors.config
-    out = Path(output_dir) if output_dir is not None else (factors.path.parent if factors.path else None)
     state = dist_state()
+    if isinstance(factors, KFACFactors):
+        factors.check_model(model)
+        home = factors.path.parent if factors.path else None
+        out = Path(output_dir) if output_dir is not None else home
+        eigen = factors.eigendecompose(out) if out is not None else factors.eigendecompose()
+        factors_id, fitted_with = factors.factors_id, factors.config
+    else:
+        out = Path(output_dir) if output_dir is not None else Path(factors)
+        eigen = _bases_in(Path(factors))
+        factors_id, fitted_with = eigen.metadata["factors_id"], FactorConfig.from_dict(eigen.metadata["factor_config"])
+    cfg = config or fitted_with
     lock = (output_lock(out, "fit_eigen_correction") if out is not None and state.is_main_process
             else contextlib.nullcontext())
     with lock:
-        return _fit_eigen_correction(model, dataset, factors, cfg, out, processor, task, resume, progress)
+        return _fit_eigen_correction(model, dataset, eigen, factors_id, cfg, out, processor, task, resume, progress)
 
 
-def _fit_eigen_correction(model: nn.Module, dataset: DataSource, factors: KFACFactors, cfg: FactorConfig,
+def _bases_in(folder: Path) -> Any:
+    """The eigenbases of the factors in ``folder``: its eigen cache when it belongs to them, else decomposed now
+    (the factor tensors are not kept)."""
+    if not (folder / FACTORS_FILENAME).exists():
+        raise FileNotFoundError(f"{folder} holds no {FACTORS_FILENAME}; fit the factors first (hf-curvedit fit "
+                                f"--output-dir {folder}, or fit_factors(model, data, config, '{folder}'))")
+    with open_safetensors(folder / FACTORS_FILENAME, "an hf-curvedit factor file", REFIT) as f:
+        factors_id = (f.metadata() or {}).get("factors_id")
+    if (folder / EIGEN_FILENAME).exists():
+        try:
+            cached = KFACEigen.load(folder / EIGEN_FILENAME)
+        except DamagedFileError as err:
+            logger.warning("%s; decomposing the factors again", err)
+        else:
+            if cached.metadata.get("factors_id") == factors_id:
+                return cached
+    return load_factors(folder).eigendecompose(folder)
+
+
+def _fit_eigen_correction(model: nn.Module, dataset: DataSource, eigen: Any, factors_id: str, cfg: FactorConfig,
                           out: Path | None, processor: Any, task: FactorTask | None, resume: bool,
                           progress: bool) -> EigenCorrection:
     task = task or default_task(model)
     task.validate(model, cfg)
-    factors.check_model(model)
     state = dist_state()
     rank, world = state.process_index, state.num_processes
-    eigen = factors.eigendecompose(out) if out is not None else factors.eigendecompose()
-    names = factors.module_names
-    key = {"factors_id": factors.factors_id, "config": cfg.collection_key(), "world_size": world}
+    names = list(eigen)
+    key = {"factors_id": factors_id, "config": cfg.collection_key(), "world_size": world}
     if out is not None and resume and (out / EKFAC_FILENAME).exists():
         try:
             done = EigenCorrection.load(out)
         except DamagedFileError as err:
             logger.warning("%s; measuring it again", err)
         else:
-            if done.factors_id == factors.factors_id and done.config == cfg.to_dict() and set(done) == set(names):
+            if done.factors_id == factors_id and done.config == cfg.to_dict() and set(done) == set(names):
                 logger.info("corrected eigenvalues already complete in %s; loading them", out)
                 return done
             raise FileExistsError(f"{out / EKFAC_FILENAME} exists and was measured for other factors or with other "
@@ -270,7 +302,7 @@ def _fit_eigen_correction(model: nn.Module, dataset: DataSource, factors: KFACFa
         if not all_finite(values[n]):
             raise FloatingPointError(f"the corrected eigenvalues of {n} have non-finite entries; try "
                                      "accumulate_dtype='float64'")
-    corr = EigenCorrection(values, count, factors.factors_id, cfg.to_dict())
+    corr = EigenCorrection(values, count, factors_id, cfg.to_dict())
     if out is not None:
         if state.is_main_process:
             corr.save(out)

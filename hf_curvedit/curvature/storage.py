@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
 from ..targets import weight_targets
 from ..utils import all_finite, save_safetensors
-from .config import FactorConfig
+from .config import FactorConfig, accumulator_dtype
 from .correction import EKFAC_FILENAME, attach_correction, correction_beside
 from .eigen import EIGEN_FILENAME, EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen, symmetric_eigh
 
@@ -198,14 +198,20 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
         else:
             if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
                 return _with_correction(cached, cache.parent, factors.factors_id)
+    # Decomposed in float64; the eigenvectors are kept in the factors' own dtype (float32 unless they were
+    # accumulated in float64, as kronfluence does), which halves the bases' memory and cache: every use casts them to
+    # float64 for its own arithmetic, and an adapter stores float32 anyway.
+    store = accumulator_dtype(factors.config)
     done_A: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: dict[str, ModuleEigen] = {}
     for name in tqdm(factors.module_names, desc="eigendecompose", unit="module", leave=False):
         owner = factors.a_alias.get(name, name)
         if owner not in done_A:
-            done_A[owner] = symmetric_eigh(factors.A[owner])
+            va, ua = symmetric_eigh(factors.A[owner])
+            done_A[owner] = va, ua.to(store)
         va, ua = done_A[owner]
         vg, ug = symmetric_eigh(factors.G[name])
+        ug = ug.to(store)
         count = factors.num_tokens.get(name)
         modules[name] = ModuleEigen(va, ua, vg, ug,
                                     torch.tensor(count, dtype=torch.int64) if isinstance(count, list) else None)

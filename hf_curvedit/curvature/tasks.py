@@ -87,17 +87,22 @@ def valid_position_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return valid
 
 
-def sample_labels(logits: torch.Tensor, generator: torch.Generator, chunk_size: int) -> torch.Tensor:
-    """Draw one label per row of ``logits`` (N, V) from softmax(logits), ``chunk_size`` rows at a time.
+def sample_labels(logits: torch.Tensor, generator: torch.Generator, chunk_size: int,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one label per row of ``logits`` (N, V) (or per row ``rows`` names, in that order) from softmax(logits),
+    ``chunk_size`` rows at a time.
 
-    Chunking bounds the fp32 probability tensor to chunk_size × V instead of N × V.
+    Chunking bounds the fp32 probability tensor to chunk_size × V instead of N × V, and ``rows`` picks the rows chunk
+    by chunk instead of copying them all first.
     """
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    n = logits.shape[0] if rows is None else rows.numel()
+    out = torch.empty(n, dtype=torch.long, device=logits.device)
     vocab = logits.shape[-1]
-    for s in range(0, logits.shape[0], chunk_size):
+    for s in range(0, n, chunk_size):
+        chunk = logits[s:s + chunk_size] if rows is None else logits.index_select(0, rows[s:s + chunk_size])
         # Inverse-CDF sampling needs one uniform draw per row; torch.multinomial draws one
         # exponential per vocabulary entry, which dominated collection time on CPU.
-        cdf = torch.softmax(logits[s:s + chunk_size].float(), dim=-1).cumsum_(dim=-1)
+        cdf = torch.softmax(chunk.float(), dim=-1).cumsum_(dim=-1)
         u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
         out[s:s + chunk_size] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
     return out
@@ -207,12 +212,20 @@ class CausalLMTask:
                      batch_index: int) -> torch.Tensor:
         valid = self.sample_positions(batch, config)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        flat = logits.reshape(-1, logits.shape[-1])
         flat_idx = valid.reshape(-1).nonzero().squeeze(1).to(logits.device)
-        sel = logits.reshape(-1, logits.shape[-1]).index_select(0, flat_idx)
-        gold = None
+        # The loss runs over every position, the others' targets ignored: a copy of the valid rows' logits (and its
+        # scatter back in the backward pass) would cost two more (tokens × vocabulary) buffers at the peak.
+        targets = torch.full((flat.shape[0],), -100, dtype=torch.long, device=logits.device)
         if config.label_mode == "empirical":
-            gold = batch["input_ids"].roll(-1, dims=1).reshape(-1).to(logits.device).index_select(0, flat_idx)
-        return F.cross_entropy(_loss_precision(sel, config), _targets(sel, gold, config, batch_index), reduction="sum")
+            gold = batch["input_ids"].roll(-1, dims=1).reshape(-1).to(logits.device)
+            targets[flat_idx] = gold.index_select(0, flat_idx)
+        else:
+            with torch.no_grad():
+                targets[flat_idx] = sample_labels(flat.detach(), batch_generator(config.seed, batch_index,
+                                                                                logits.device),
+                                                  config.sample_chunk_size, rows=flat_idx)
+        return F.cross_entropy(_loss_precision(flat, config), targets, ignore_index=-100, reduction="sum")
 
     def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.zeros(1, 2, dtype=torch.long)}

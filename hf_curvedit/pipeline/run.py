@@ -62,7 +62,10 @@ def _with_sweep_pick(step: EditStep, layout: RunLayout) -> EditStep:
         return step
     targets = step.target_modules if step.target_modules is not None else chosen.target_modules
     protect = step.protect or dict(result.extra.get("protect") or {})  # the pick was measured with this protection
-    return dataclasses.replace(step, keep_mass=(chosen.keep_mass,), target_modules=targets, protect=protect)
+    # the pick was measured with the sweep's selection; an edit step that names another one keeps its own
+    selection = step.selection if step.selection != "curvature_mass" else result.extra.get("selection", step.selection)
+    return dataclasses.replace(step, keep_mass=(chosen.keep_mass,), target_modules=targets, protect=protect,
+                               selection=selection)
 
 
 def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[[str], Any] = print) -> Path:

@@ -48,6 +48,7 @@ class FitStep(StepSettings):
     dtype: str = "float32"
     device_map: str | None = None
     restart: bool = False
+    ekfac: bool = False  # also measure the EK-FAC corrected eigenvalues (for selection="ekfac_mass")
     # Protected domains' factor sets (OUTPUT_DIR/domains/NAME): `domain` fits only that one from `data` (the CLI's
     # `fit --name NAME --data ...`); `domains` (NAME=DATA) fits each after the general set (a run YAML's fit step).
     domain: str | None = None
@@ -92,6 +93,7 @@ class SweepStep(StepSettings):
     subnet_lam: float = 0.7
     clean: str | None = None  # text BalancedSubnet keeps; default: the standard-library docs
     capabilities: CapabilitySettings | None = None
+    selection: Selection = "curvature_mass"
 
     def __post_init__(self) -> None:
         super().__post_init__()

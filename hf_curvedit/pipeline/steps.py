@@ -101,6 +101,10 @@ def _fit_one(net: Any, processor: Any, step: FitStep, data_spec: str | None, out
         label_column=step.label_column, max_examples=step.max_examples, dataset=data_spec or DEFAULT_FACTOR_DATA)
     data: Any = data_spec or default_text_dataset("train")
     factors = fit_factors(net, data, cfg, out, processor=processor, resume=not step.restart)
+    if step.ekfac:
+        from ..curvature import fit_eigen_correction
+
+        fit_eigen_correction(net, data, factors, cfg, out, processor=processor, resume=not step.restart)
     return FitOutcome(factors, factors.eigendecompose(out), out / EIGEN_FILENAME)
 
 
@@ -135,7 +139,7 @@ def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out:
     config = SweepConfig(keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
                          baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
-                         capabilities=capabilities)
+                         capabilities=capabilities, selection=step.selection)
     result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout, config,
                          clean=clean, tokenizer=tok)
     result.save(out / "sweep.json")

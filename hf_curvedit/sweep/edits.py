@@ -64,6 +64,8 @@ class SweepConfig:
         balanced_subnet_ratios: the ratios tried.
         capabilities: a `CapabilityConfig`: lm-eval tasks scored on the base, the chosen edit and each match (needs
             the tokenizer).
+        selection: which components every candidate keeps, as `CurvatureEditConfig.selection` (``"ekfac_mass"``
+            needs the EK-FAC corrected eigenvalues beside the bases).
     """
 
     keep_masses: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -78,8 +80,13 @@ class SweepConfig:
     balanced_subnet: BalancedSubnetConfig | None = None
     balanced_subnet_ratios: tuple[float, ...] = (0.0015, 0.005, 0.01, 0.02, 0.05)
     capabilities: Any = None
+    selection: str = "curvature_mass"
 
     def __post_init__(self) -> None:
+        from ..selection import SELECTIONS
+
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         self.keep_masses = tuple(self.keep_masses)
         self.svd_ranks = tuple(self.svd_ranks) if self.svd_ranks else None
         self.protect = dict(self.protect or {})
@@ -164,7 +171,7 @@ def sweep_edits(
     within = [p for p in points if p.perplexity_change <= config.perplexity_budget]
     chosen = min(within, key=lambda p: (p.recitation[primary]["strict"], p.perplexity)) if within else None
     result = SweepResult(measure.base, points, config.perplexity_budget, primary, chosen,
-                         extra={"protect": config.protect} if config.protect else {}, config=config.to_dict())
+                         extra=_extra(config), config=config.to_dict())
     if chosen is not None:
         recreate = measure.baselines(result, clean)
         if config.capabilities is not None:
@@ -203,6 +210,14 @@ def _check(model: nn.Module, eigen: Any, recitation_sets: Mapping[str, Recitatio
     return general, primary
 
 
+
+def _extra(config: SweepConfig) -> dict[str, Any]:
+    """What an edit must share with the pick besides ρ and modules (checked by `SweepResult.pick_mismatch`)."""
+    extra: dict[str, Any] = {"protect": config.protect} if config.protect else {}
+    if config.selection != "curvature_mass":
+        extra["selection"] = config.selection
+    return extra
+
 class _Measure:
     """The sweep's stages over one model: the base, the grid of edits, the baselines at matched perplexity, the
     capabilities. Every edit is built on the model and removed again (``self.model`` is the model without adapter
@@ -224,8 +239,8 @@ class _Measure:
     def build(self, rho: float, regex: str) -> Any:
         from ..tuner import CurvatureEditConfig, build_curvature_edit
 
-        return build_curvature_edit(self.model, self.eigen, CurvatureEditConfig(keep_mass=rho, target_modules=regex,
-                                                                                protect=self.config.protect))
+        return build_curvature_edit(self.model, self.eigen, CurvatureEditConfig(
+            keep_mass=rho, target_modules=regex, protect=self.config.protect, selection=self.config.selection))
 
     def grid(self, layer_choices: Mapping[str, str]) -> list[SweepPoint]:
         """Every ρ × layer choice."""

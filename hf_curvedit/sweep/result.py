@@ -126,7 +126,7 @@ class SweepResult:
 
     def pick_mismatch(self, adapter_config: Mapping[str, Any]) -> str | None:
         """How an adapter's config (``adapter_config.json`` content) differs from the sweep's pick, or ``None`` when
-        the adapter is the pick (same ρ, modules and protection, default selection, no rank cap)."""
+        the adapter is the pick (same ρ, modules, protection and selection, no rank cap)."""
         c = self.chosen
         if c is None:
             return "the sweep chose no edit"
@@ -136,7 +136,8 @@ class SweepResult:
             ("target_modules", adapter_config.get("target_modules"), c.target_modules),
             ("protect", dict(adapter_config.get("protect") or {}), protect),
             ("keep_mass_pattern", dict(adapter_config.get("keep_mass_pattern") or {}), {}),
-            ("selection", adapter_config.get("selection", "curvature_mass"), "curvature_mass"),
+            ("selection", adapter_config.get("selection", "curvature_mass"),
+             self.extra.get("selection", "curvature_mass")),
             ("rank_cap", adapter_config.get("rank_cap"), None),
         ]
         diffs = [f"{name} is {have!r}, the pick's is {want!r}" for name, have, want in checks if have != want]
