@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,6 +84,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the memory the allocator holds free back to the operating system (glibc's ``malloc_trim``; a no-op
+    elsewhere).
+
+    Between the batches of a long pass, glibc keeps freed activations of a few MB in its heap, where later batches
+    cannot always reuse them: without this the resident memory of a factor pass grows batch after batch (about 30 MB
+    per batch on the kronfluence comparison in ``benchmarks/``)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -264,3 +264,34 @@ def test_edit_flags_reach_the_adapter_config_and_plan_factors_is_top_level(tmp_p
     assert cfg["compute_dtype"] == "float32" and cfg["min_expert_tokens"] == 100
     assert main(["edit", "--model", str(model_dir), "--factors", str(out), "--compute-dtype", "float13",
                  "--output-dir", str(tmp_path / "f")]) == 2
+
+
+def test_fit_ekfac_then_edit_by_corrected_curvature(tmp_path, model_dir, text_file, capsys):
+    """`fit --ekfac` writes the corrected eigenvalues; `edit --selection ekfac_mass` uses them and records the
+    selection; without them the edit stops with exit 2 and names the flag, before any adapter is written."""
+    plain, corrected = tmp_path / "plain", tmp_path / "corrected"
+    common = ["--model", str(model_dir), "--data", str(text_file), "--seq-len", "32", "--batch-size", "4",
+              "--max-tokens", "512"]
+    assert main(["fit", *common, "--output-dir", str(plain)]) == 0
+    assert main(["fit", *common, "--output-dir", str(corrected), "--ekfac"]) == 0
+    assert (corrected / "ekfac.safetensors").exists() and not (plain / "ekfac.safetensors").exists()
+    capsys.readouterr()
+
+    rc = main(["edit", "--model", str(model_dir), "--factors", str(plain), "--keep-mass", "0.7",
+               "--selection", "ekfac_mass", "--output-dir", str(tmp_path / "none")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--ekfac" in err and "Traceback" not in err
+    assert not (tmp_path / "none" / "rho0.7").exists()
+
+    out = tmp_path / "edits"
+    assert main(["edit", "--model", str(model_dir), "--factors", str(corrected), "--keep-mass", "0.7",
+                 "--selection", "ekfac_mass", "--output-dir", str(out)]) == 0
+    cfg = json.loads((out / "rho0.7" / "adapter_config.json").read_text())
+    assert cfg["selection"] == "ekfac_mass"
+    edit = json.loads((out / "rho0.7" / "curvedit_edit.json").read_text())
+    assert all(r["selection"] == "ekfac_mass" for r in edit["modules"])
+    edited = AutoModelForCausalLM.from_pretrained(out / "rho0.7")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    x = torch.randint(0, 200, (1, 12))
+    assert not torch.allclose(edited(x).logits, base(x).logits)

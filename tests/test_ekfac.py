@@ -311,3 +311,30 @@ def test_matches_kronfluence_lambda_matrix(tmp_path):
         err = float((corr[n] - want).abs().max() / want.abs().max())
         print(f"{n}: relative error {err:.1e}")
         assert err <= 1e-12, n
+
+
+def test_publish_of_an_ekfac_edit_names_its_curvature_and_draws_its_kept_set(tmp_path):
+    """The card says which curvature ranked the components; the spectrum plot shows the kept set (not a staircase)
+    when the corrected eigenvalues are beside the bases, and the per-row counts the adapter saved otherwise."""
+    from hf_curvedit.publish.hub import publish
+    from hf_curvedit.publish.plots import plot_spectrum
+
+    model = tiny_llama().double()
+    factors, corr = fit_with_correction(model, padded_rows(6, seed=6), tmp_path / "f")
+    name = "model.layers.1.mlp.up_proj"
+    edited = build_curvature_edit(model, factors, CurvatureEditConfig(keep_mass=0.7, selection="ekfac_mass",
+                                                                      target_modules=[name]))
+    edited.save_pretrained(tmp_path / "adapter")
+    result = publish(tmp_path / "adapter", repo_id="user/tiny-ekfac", out_dir=tmp_path / "out",
+                     eigen=tmp_path / "f" / "eigen.safetensors", dry_run=True)
+    card = (result.folder / "README.md").read_text()
+    assert "`ekfac_mass` (components ranked by their EK-FAC measured curvature" in card
+    assert list((result.folder / "plots").glob("spectrum_*.png"))
+
+    eigen = load_factors(tmp_path / "f").eigendecompose()
+    _, kept = plot_spectrum(eigen[name], 0.7, tmp_path / "p.png", selection="ekfac_mass")
+    saved = edited.get_submodule(f"base_model.model.{name}").curvedit_cutoffs["default"]
+    assert torch.equal(kept.cutoffs, saved.cpu()) and kept.kept_mass_fraction >= 0.7
+    bare = ModuleEigen(eigen[name].eigvals_A, eigen[name].eigvecs_A, eigen[name].eigvals_G, eigen[name].eigvecs_G)
+    path, none = plot_spectrum(bare, 0.7, tmp_path / "q.png", selection="ekfac_mass", cutoffs=saved)
+    assert none is None and path.read_bytes().startswith(b"\x89PNG")

@@ -447,3 +447,24 @@ def test_a_users_own_task_collects_factors_that_match_brute_force():
         torch.testing.assert_close(factors.G[n], g.T @ g / ids.numel(), rtol=1e-5, atol=1e-10)
     with pytest.raises(ValueError, match="reads labels from the data"):
         fit_factors(model, ds, FactorConfig(target_modules=names), task=task, progress=False)
+
+
+@pytest.mark.parametrize("dtype,loss_dtype,tol", [(torch.float32, torch.float32, 1e-6), (torch.float64, torch.float64,
+                                                                                       1e-13),
+                                                  (torch.bfloat16, torch.float32, 1e-2)])
+def test_summed_cross_entropy_is_the_cross_entropy(dtype, loss_dtype, tol):
+    """The chunked loss of the causal-LM task gives F.cross_entropy's value and gradient (ignored rows included),
+    over more rows than one chunk holds."""
+    from hf_curvedit.curvature.tasks import summed_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(700, 9000, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, 9000, (700,), generator=g)
+    t[::7] = -100
+    got = summed_cross_entropy(z * 1.0, t, loss_dtype)
+    (g_got,) = torch.autograd.grad(got * 2.5, z)
+    want = F.cross_entropy((z * 1.0).to(loss_dtype), t, ignore_index=-100, reduction="sum")
+    (g_want,) = torch.autograd.grad(want * 2.5, z)
+    assert got.dtype == loss_dtype and abs(float(got) - float(want)) <= tol * abs(float(want))
+    assert g_got.dtype == dtype and (g_got.double() - g_want.double()).abs().max() <= tol
+    assert not g_got[::7].any()

@@ -18,9 +18,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..targets import TargetWeight, weight_targets
+from ..utils import release_free_memory
 from .config import FactorConfig, accumulator_dtype
 from .experts import ExpertRecorder, recording_experts
 from .partitions import split_expert_slice
+from .roots import GradientRoots, frozen_parameters
 from .tasks import FactorTask, SamplePositions, default_task
 
 __all__ = ["FactorCollector", "InputSharing", "accumulator_dtype", "collect_factor_sums"]
@@ -61,13 +63,6 @@ def mirror_upper(acc: torch.Tensor) -> torch.Tensor:
         block.copy_(torch.triu(block) + torch.triu(block, 1).mT)
         acc[..., i1:, i0:i1] = acc[..., i0:i1, i1:].mT
     return acc
-
-
-def _output_requires_grad(_module: nn.Module, _inputs: tuple, out: Any) -> None:
-    # Some patch embeddings (Swin, BEiT) return (embeddings, sizes): the tensor is the first item.
-    t = out[0] if isinstance(out, (tuple, list)) and out else out
-    if torch.is_tensor(t) and t.is_floating_point() and not t.requires_grad:
-        t.requires_grad_()
 
 
 class InputSharing:
@@ -136,7 +131,7 @@ class FactorCollector:
         self._positions: SamplePositions | None = None
         self._idx: torch.Tensor | None = None
         self._valid_rows: torch.Tensor | None = None
-        self.outputs: list[torch.Tensor] = []
+        self._roots = GradientRoots()
         self._handles: list[Any] = []
         self._stack = contextlib.ExitStack()
 
@@ -153,12 +148,9 @@ class FactorCollector:
 
     def __enter__(self) -> FactorCollector:
         for n, m in self.modules.items():
+            self._handles.append(self._roots.register(m))
             self._handles.append(m.register_forward_hook(self._make_hook(n)))
-        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        if emb is not None:
-            # With frozen weights nothing upstream requires grad; make the embedding output a leaf
-            # that does, so the targets' outputs are differentiable without any weight gradient.
-            self._handles.append(emb.register_forward_hook(_output_requires_grad))
+        self._handles += [self._roots.register(m) for m in self._experts]
         self._stack.enter_context(recording_experts({m: self._make_expert_recorder(params)
                                                      for m, params in self._experts.items()}))
         return self
@@ -178,7 +170,12 @@ class FactorCollector:
             raise ValueError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
         self._positions = positions
         self._sharing.reset()
-        self.outputs.clear()
+        self._roots.reset()
+
+    @property
+    def roots(self) -> list[torch.Tensor]:
+        """This batch's leaves of the backward pass (see `hf_curvedit.curvature.roots`)."""
+        return self._roots.tensors
 
     def _select(self, t: torch.Tensor, name: str) -> torch.Tensor:
         if self._positions == "cls":
@@ -220,7 +217,6 @@ class FactorCollector:
             _require_grad(output, name)
             self.count[name] += self._num_rows(x)
             output.register_hook(self._make_grad_hook(name))
-            self.outputs.append(output)
 
         return hook
 
@@ -260,7 +256,6 @@ class FactorCollector:
                 accumulate_upper(acc_g, _as_float(grad if rows is None else grad[rows]))
 
             y.register_hook(grad_hook)
-            self.outputs.append(y)
 
         return record
 
@@ -283,7 +278,7 @@ class FactorCollector:
         self._positions = None
         self._idx = None
         self._valid_rows = None
-        self.outputs.clear()
+        self._roots.reset()
         self._sharing.reset()
 
     def finalized_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -300,8 +295,8 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
 def _require_grad(output: torch.Tensor, name: str) -> None:
     if not output.requires_grad:
         raise RuntimeError(
-            f"the output of {name} does not require grad; the model's input embeddings could not "
-            "be hooked. Make sure model.get_input_embeddings() returns the embedding layer."
+            f"the output of {name} does not depend on its input through autograd (it was computed under "
+            "torch.no_grad or detached inside the module), so its output gradient cannot be collected"
         )
 
 
@@ -345,7 +340,7 @@ def collect_factor_sums(
     was_training = model.training
     model.eval()
     try:
-        with col:
+        with frozen_parameters(model), col:
             for b, batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 positions = task.sample_positions(batch, config)
@@ -355,10 +350,12 @@ def collect_factor_sums(
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss ({loss.item()}) at batch {b}; check the model's "
                                                  "dtype and inputs")
-                    # Gradients w.r.t. the targets' outputs only: the tensor hooks see every g,
-                    # and autograd skips all weight gradients and everything below the first target.
-                    torch.autograd.grad(loss, list(col.outputs), allow_unused=True)
+                    # Down to the roots only (roots.py): the tensor hooks see every g, and autograd computes no
+                    # weight gradient and nothing below the first target.
+                    if col.roots:
+                        torch.autograd.grad(loss, col.roots, allow_unused=True)
                 col.end_batch()
+                release_free_memory()
                 if progress is not None:
                     progress.update(_samples_in(positions, batch))
                 if on_batch_end is not None:

@@ -26,11 +26,12 @@ from ..data import DataSource, count_batches, iter_batches, load_text_dataset
 from ..integrity import DamagedFileError, open_safetensors, output_lock, read_tensor, recorded_digests
 from ..targets import weight_targets
 from ..utils import all_finite, save_safetensors
-from .collector import _output_requires_grad, _require_grad, collect_factor_sums
+from .collector import _require_grad, collect_factor_sums
 from .config import FactorConfig, accumulator_dtype
 from .correction import EKFAC_FILENAME, EigenCorrection
 from .eigen import EIGEN_FILENAME, KFACEigen, ModuleEigen
 from .fit import dist_state
+from .roots import GradientRoots
 from .storage import FACTORS_FILENAME, REFIT, KFACFactors, load_factors
 from .tasks import FactorTask, SamplePositions, default_task
 
@@ -84,7 +85,7 @@ class LambdaCollector:
         self.U_G = {n: conv(e.eigvecs_G, devices[n]) for n, e in eigen.items()}
         self.sums: dict[str, torch.Tensor] = {}
         self.num_samples = 0
-        self.outputs: list[torch.Tensor] = []
+        self._roots = GradientRoots()
         self._positions: SamplePositions | None = None
         self._batch_rows = 0
         self._rotated: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -92,10 +93,8 @@ class LambdaCollector:
 
     def __enter__(self) -> LambdaCollector:
         for n, m in self.modules.items():
+            self._handles.append(self._roots.register(m))
             self._handles.append(m.register_forward_hook(self._make_hook(n)))
-        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        if emb is not None:
-            self._handles.append(emb.register_forward_hook(_output_requires_grad))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -109,7 +108,12 @@ class LambdaCollector:
             raise ValueError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
         self._positions = positions
         self._rotated.clear()
-        self.outputs.clear()
+        self._roots.reset()
+
+    @property
+    def roots(self) -> list[torch.Tensor]:
+        """This batch's leaves of the backward pass (see `hf_curvedit.curvature.roots`)."""
+        return self._roots.tensors
 
     def _per_sample(self, t: torch.Tensor, masked: bool) -> torch.Tensor:
         """``t`` as (samples, positions, features); with ``masked``, positions that are no samples are zeroed (one
@@ -138,7 +142,6 @@ class LambdaCollector:
             self._batch_rows = a_rot.shape[0]
             _require_grad(output, name)
             output.register_hook(self._make_grad_hook(name, a_rot))
-            self.outputs.append(output)
 
         return hook
 
@@ -167,7 +170,7 @@ class LambdaCollector:
         self._positions = None
         self._batch_rows = 0
         self._rotated.clear()
-        self.outputs.clear()
+        self._roots.reset()
 
 
 def fit_eigen_correction(

@@ -128,10 +128,54 @@ def _targets(logits: torch.Tensor, gold: torch.Tensor | None, config: FactorConf
                              config.sample_chunk_size)
 
 
-def _loss_precision(logits: torch.Tensor, config: FactorConfig) -> torch.Tensor:
+def _loss_dtype(logits: torch.Tensor, config: FactorConfig) -> torch.dtype:
     # The cross-entropy runs in at least float32, and in the accumulation dtype when that is wider: a float64 fit
     # of a float64 model must not pass its gradients through a float32 softmax.
-    return logits.to(torch.promote_types(torch.promote_types(logits.dtype, torch.float32), accumulator_dtype(config)))
+    return torch.promote_types(torch.promote_types(logits.dtype, torch.float32), accumulator_dtype(config))
+
+
+class _SummedCrossEntropy(torch.autograd.Function):
+    """``Σ_rows CE(logits[row], targets[row])`` (rows with target -100 ignored) in ``dtype``, a chunk of rows at a
+    time, whose backward writes ``softmax − onehot`` over the logits it saved.
+
+    The logits of a causal LM are its largest activation (tokens × vocabulary). `F.cross_entropy` keeps a log-softmax
+    of that size for the backward and builds two more there; this keeps the logits (which the model made anyway) and
+    builds only their gradient, so the loss costs one tokens × vocabulary buffer instead of three at the peak. The
+    temporaries of a chunk of rows hold about 4M entries.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,  # type: ignore[override]
+                chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=dtype, device=logits.device)
+        rows = (targets != -100).nonzero().squeeze(1)
+        for s in range(0, rows.numel(), chunk):
+            r = rows[s:s + chunk]
+            z = logits.index_select(0, r).to(dtype)
+            total += (torch.logsumexp(z, dim=-1) - z.gather(1, targets[r, None]).squeeze(1)).sum()
+        ctx.save_for_backward(logits, targets)
+        ctx.dtype, ctx.chunk = dtype, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_out.to(ctx.dtype)
+        for s in range(0, grad.shape[0], ctx.chunk):
+            t = targets[s:s + ctx.chunk]
+            p = torch.softmax(logits[s:s + ctx.chunk].to(ctx.dtype), dim=-1)
+            valid = t != -100
+            p[valid, t[valid]] -= 1.0
+            p[~valid] = 0.0
+            grad[s:s + ctx.chunk] = p.mul_(scale)
+        return grad, None, None, None
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The summed loss of ``logits`` (N, V) against ``targets`` (N,; -100: ignored), computed in ``dtype`` without a
+    log-softmax buffer of the logits' size (see `_SummedCrossEntropy`)."""
+    return _SummedCrossEntropy.apply(logits, targets, dtype, max(1, (1 << 22) // max(1, logits.shape[-1])))
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype:
@@ -225,7 +269,7 @@ class CausalLMTask:
                 targets[flat_idx] = sample_labels(flat.detach(), batch_generator(config.seed, batch_index,
                                                                                 logits.device),
                                                   config.sample_chunk_size, rows=flat_idx)
-        return F.cross_entropy(_loss_precision(flat, config), targets, ignore_index=-100, reduction="sum")
+        return summed_cross_entropy(flat, targets, _loss_dtype(flat, config))
 
     def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
@@ -295,7 +339,7 @@ class ImageClassificationTask:
             if gold.numel() and (gold.min() < 0 or gold.max() >= logits.shape[-1]):
                 raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the model's num_labels); batch "
                                  f"{batch_index} has labels in [{int(gold.min())}, {int(gold.max())}]")
-        return F.cross_entropy(_loss_precision(logits, config), _targets(logits, gold, config, batch_index),
+        return F.cross_entropy(logits.to(_loss_dtype(logits, config)), _targets(logits, gold, config, batch_index),
                                reduction="sum")
 
     def example_batch(self, model: nn.Module, config: FactorConfig) -> dict[str, torch.Tensor]:

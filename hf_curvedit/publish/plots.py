@@ -17,7 +17,14 @@ import torch
 
 from ..curvature.eigen import ModuleEigen
 from ..evaluation.report import EditReport
-from ..selection import Selection, Staircase, select_cutoffs, staircase_from_cutoffs
+from ..selection import (
+    CorrectedSelection,
+    Selection,
+    Staircase,
+    corrected_mass_selection,
+    select_cutoffs,
+    staircase_from_cutoffs,
+)
 from ..utils import atomic_path, strip_wrapper_prefix
 
 if TYPE_CHECKING:
@@ -48,7 +55,7 @@ def safe_filename(module: str) -> str:
 
 def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, module: str = "",
                   selection: Selection = "curvature_mass",
-                  cutoffs: torch.Tensor | None = None) -> tuple[Path, Staircase]:
+                  cutoffs: torch.Tensor | None = None) -> tuple[Path, Staircase | CorrectedSelection]:
     """Plot one module's K-FAC spectra with the ρ cut and the kept staircase; write a PNG.
 
     Left: eigenvalues λ of G and μ of A (descending, log scale) with the cut at ``r`` rows of G and ``s`` columns of
@@ -63,6 +70,8 @@ def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, mod
     """
     lam = eigen.eigvals_G.detach().double().cpu()
     mu = eigen.eigvals_A.detach().double().cpu()
+    if selection == "ekfac_mass":
+        return _plot_corrected(eigen, lam, mu, keep_mass, Path(path), module, cutoffs)
     st = (staircase_from_cutoffs(cutoffs, lam, mu) if cutoffs is not None
           else select_cutoffs(lam, mu, keep_mass, selection))
     fig = _figure(figsize=(10, 3.6))
@@ -88,6 +97,38 @@ def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, mod
     ax2.set_title(f"kept mass {st.kept_mass_fraction:.3f}, rank ≤ {st.k}", fontsize=9)
     ax2.legend(fontsize=8, loc="lower right")
     return _save(fig, Path(path)), st
+
+
+def _plot_corrected(eigen: ModuleEigen, lam: torch.Tensor, mu: torch.Tensor, keep_mass: float, path: Path,
+                    module: str, counts: torch.Tensor | None) -> tuple[Path, Any]:
+    """The spectra, and the components an EK-FAC selection kept: the kept set itself when the corrected eigenvalues
+    are at hand, else how many components each row kept (the adapter's ``curvedit_cutoffs`` of such an edit)."""
+    fig = _figure(figsize=(10, 3.6))
+    ax, ax2 = fig.subplots(1, 2)
+    floor = 1e-12 * max(float(lam.max()), float(mu.max()), 1e-300)
+    for values, label, color in ((lam, "λ (G, output side)", "tab:blue"), (mu, "μ (A, input side)", "tab:orange")):
+        ax.semilogy(np.arange(1, len(values) + 1), np.clip(values.numpy(), floor, None), color=color, label=label)
+    ax.set_xlabel("eigenvalue index (descending)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(f"{module or 'module'}: spectra, ρ = {keep_mass:g} of the EK-FAC mass", fontsize=9)
+    ax.legend(fontsize=8)
+    result: Any = None
+    if eigen.eigvals_corrected is not None:
+        result = corrected_mass_selection(eigen.eigvals_corrected, keep_mass)
+        ax2.imshow(result.mask.numpy(), aspect="auto", cmap="Greens", interpolation="nearest", vmin=0, vmax=1.6)
+        ax2.set_title(f"kept {result.kept_components} / {result.total_components} components (EK-FAC Λ), "
+                      f"rank ≤ {result.k}", fontsize=9)
+        ax2.set_xlabel("j (A eigenvector)")
+    else:
+        per_row = (counts if counts is not None else torch.zeros(len(lam))).detach().cpu().numpy()
+        ax2.barh(np.arange(len(per_row)), per_row, height=1.0, color="tab:green", alpha=0.6)
+        ax2.set_xlim(0, len(mu))
+        ax2.set_ylim(len(lam), 0)
+        ax2.set_title(f"components kept per row (EK-FAC Λ): {int(per_row.sum())} / {len(lam) * len(mu)}",
+                      fontsize=9)
+        ax2.set_xlabel("components kept")
+    ax2.set_ylabel("i (G eigenvector)")
+    return _save(fig, path), result
 
 
 def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,

@@ -19,6 +19,7 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
+from ..curvature.correction import attach_correction, correction_beside
 from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..evaluation.report import EditReport
 from ..tuner.summary import edit_summary, is_curvature_edit_config, module_rows_from_config, save_adapter, save_merged
@@ -208,7 +209,11 @@ def _spectrum_plots(eigen: EigenLike | None, edit: Mapping[str, Any], out_dir: P
     from .plots import eigen_for_module, plot_spectrum  # matplotlib only when a plot is drawn
 
     if isinstance(eigen, (str, Path)):
-        eigen = KFACEigen.load(eigen)
+        path = Path(eigen)
+        eigen = KFACEigen.load(path)
+        corr = correction_beside(path.parent, eigen.metadata.get("factors_id"))
+        if corr is not None:  # an EK-FAC edit's plot shows the set it kept
+            eigen = attach_correction(eigen, corr)
     selection = edit["config"].get("selection", "curvature_mass")
     saved = _saved_cutoffs(out_dir)
     plots = []
