@@ -74,10 +74,10 @@ def main() -> None:
     data = default_text_dataset("train")
     cfg = FactorConfig(seq_len=256, batch_size=8, max_tokens=args.tokens, label_mode="sampled")
     _log("K-FAC factors")
-    factors = fit_factors(model, data, cfg, run / "factors")
+    factors = fit_factors(model, data, cfg, run / "factors", tokenizer=tok)
     del factors
     _log("EK-FAC pass")
-    fit_eigen_correction(model, data, run / "factors")
+    fit_eigen_correction(model, data, run / "factors", tokenizer=tok)
     eigen = load_factors(run / "factors", model).eigendecompose()
     sets = default_recitation_sets(tok)
     heldout = TextSet.from_texts(heldout_texts(default_model=True), tok)

@@ -35,3 +35,15 @@ def test_integrity_benchmark_runs_at_small_shapes():
                "--repeats", "1", "--threads", "1")
     assert "| PeftModel.from_pretrained + forward |" in out and "| load_adapter + forward |" in out
     assert out.count("× |") == 2 and "| verify_adapter_folder (no model) |" in out
+
+
+def test_kronfluence_parity_benchmark_runs_at_small_shapes():
+    """Where kronfluence is installed (the benchmark environment; no dependency of hf-curvedit)."""
+    import pytest
+
+    pytest.importorskip("kronfluence")
+    out = _run(str(BENCH / "kronfluence_parity.py"), "--hidden", "128", "--layers", "1", "--vocab", "500",
+               "--batches", "2", "--pairs", "1", "--threads", "1")
+    for stage in ("factors", "eigen", "ekfac"):
+        assert out.count(f"| {stage} |") == 1
+    assert "relative difference (Frobenius)" in out and "fixed costs per fit" in out

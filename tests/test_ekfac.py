@@ -72,8 +72,12 @@ def test_corrected_eigenvalues_match_brute_force_with_padding(tmp_path):
         # the correction measures something K-FAC does not: it is not the eigenvalue product
         kfac = torch.outer(eigen[n].eigvals_G, eigen[n].eigvals_A)
         assert not torch.allclose(got / got.sum(), kfac / kfac.sum(), rtol=0.05)
-    # written beside the bases and attached to them on every read path
+    # written beside the bases and attached to them on every read path; asked again, it is read back, not measured
     assert (tmp_path / EKFAC_FILENAME).exists()
+    mtime = (tmp_path / EKFAC_FILENAME).stat().st_mtime_ns
+    again_corr = fit_eigen_correction(model, Dataset.from_dict({"input_ids": rows}), tmp_path, progress=False)
+    assert (tmp_path / EKFAC_FILENAME).stat().st_mtime_ns == mtime
+    assert all(torch.equal(again_corr[n], corr[n]) for n in names)
     again = load_factors(tmp_path).eigendecompose()
     lazy = EigenFile(tmp_path / "eigen.safetensors")
     for n in names:

@@ -181,6 +181,8 @@ def fit_eigen_correction(
     output_dir: str | Path | None = None,
     *,
     processor: Any = None,
+    tokenizer: Any = None,
+    image_processor: Any = None,
     task: FactorTask | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -197,6 +199,7 @@ def fit_eigen_correction(
         output_dir: Where ``ekfac.safetensors`` and resumable checkpoints go; defaults to the factors' folder, where
             ``eigendecompose`` and `EigenFile` find it and attach it to the bases.
         processor: The tokenizer or image processor, when the data is raw text or images.
+        tokenizer, image_processor: The same as ``processor``, by their specific names.
         task: How batches become losses (see `FactorTask`); by default picked from the model.
         resume: Continue from a checkpoint in ``output_dir`` if one exists (default). ``False`` starts over.
         progress: Show a tqdm bar on the main process.
@@ -204,6 +207,10 @@ def fit_eigen_correction(
     Under ``accelerate launch``/``torchrun`` each process takes every ``world_size``-th batch and the sums are
     reduced once at the end. Expert projections are not supported.
     """
+    given = [p for p in (processor, tokenizer, image_processor) if p is not None]
+    if len(given) > 1:
+        raise ValueError("pass one of processor=, tokenizer= or image_processor=, not several")
+    processor = given[0] if given else None
     state = dist_state()
     if isinstance(factors, KFACFactors):
         factors.check_model(model)
@@ -256,7 +263,9 @@ def _fit_eigen_correction(model: nn.Module, dataset: DataSource, eigen: Any, fac
         except DamagedFileError as err:
             logger.warning("%s; measuring it again", err)
         else:
-            if done.factors_id == factors_id and done.config == cfg.to_dict() and set(done) == set(names):
+            same = (done.factors_id == factors_id and set(done) == set(names)
+                    and FactorConfig.from_dict(done.config).collection_key() == cfg.collection_key())
+            if same:
                 logger.info("corrected eigenvalues already complete in %s; loading them", out)
                 return done
             raise FileExistsError(f"{out / EKFAC_FILENAME} exists and was measured for other factors or with other "
