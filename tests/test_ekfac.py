@@ -342,3 +342,34 @@ def test_publish_of_an_ekfac_edit_names_its_curvature_and_draws_its_kept_set(tmp
     bare = ModuleEigen(eigen[name].eigvals_A, eigen[name].eigvecs_A, eigen[name].eigvals_G, eigen[name].eigvecs_G)
     path, none = plot_spectrum(bare, 0.7, tmp_path / "q.png", selection="ekfac_mass", cutoffs=saved)
     assert none is None and path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_with_ekfac_selection_records_it_and_its_pick_needs_it(tmp_path):
+    """Every candidate of an EK-FAC sweep is an EK-FAC edit; the saved sweep reruns with it, and an adapter of the
+    pick's ρ and modules but another selection is not the pick."""
+    from hf_curvedit import SweepConfig, SweepResult, sweep_edits
+    from hf_curvedit.evaluation import RecitationSet, TextSet
+    from hf_curvedit.tuner.locate import curvature_edit_report as report
+
+    model = tiny_llama().double()
+    factors, _ = fit_with_correction(model, padded_rows(6, seed=7), tmp_path / "f")
+    eigen = factors.eigendecompose()
+    rows = random_token_rows(6, lo=12, hi=14, seed=4)
+    rec = RecitationSet([r[:8] for r in rows], [r[8:] for r in rows])
+    heldout = TextSet(random_token_rows(6, lo=10, hi=20, seed=9))
+    regex = r".*layers\.1\.mlp\.(gate|up|down)_proj"
+    config = SweepConfig(keep_masses=(0.6, 0.9), layer_choices={"L1": regex}, perplexity_budget=100.0,
+                         selection="ekfac_mass")
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
+    chosen = result.chosen
+    edited = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=chosen.keep_mass, target_modules=regex,
+                                                                    selection="ekfac_mass"))
+    assert all(r.selection == "ekfac_mass" for r in report(edited))
+    edited.unload()
+    saved = SweepResult.load(result.save(tmp_path / "sweep.json"))
+    assert SweepConfig.from_dict(saved.config).selection == "ekfac_mass"
+    same = {"keep_mass": chosen.keep_mass, "target_modules": chosen.target_modules}
+    assert saved.pick_mismatch({**same, "selection": "ekfac_mass"}) is None
+    assert "selection is 'curvature_mass'" in saved.pick_mismatch(same)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        SweepConfig(selection="ekfac")
