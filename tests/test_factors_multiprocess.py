@@ -1,4 +1,4 @@
-"""A 2-process (gloo, CPU) run equals a 1-process run.
+"""A 2-process (gloo, CPU) run equals a 1-process run: the factors and the EK-FAC pass.
 
 The two processes come from `torchrun --nproc_per_node 2` in a subprocess: on CPU,
 `accelerate launch --num_processes 2` starts one process, and forking from a pytest process whose
@@ -8,6 +8,7 @@ OpenMP pool is already running can deadlock.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from datasets import Dataset
 from testing_utils import random_token_rows, tiny_llama
 
-from hf_curvedit import FactorConfig, fit_factors, load_factors
+from hf_curvedit import EigenCorrection, FactorConfig, fit_eigen_correction, fit_factors, load_factors
 
 CFG = dict(seq_len=16, batch_size=2, label_mode="sampled", seed=3, checkpoint_every=1)
 
@@ -50,3 +51,15 @@ def test_two_process_run_equals_one_process(tmp_path):
         torch.testing.assert_close(multi.A[n], single.A[n], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(multi.G[n], single.G[n], rtol=1e-5, atol=1e-7)
     assert not (out / "checkpoint").exists()
+
+    # the EK-FAC pass too, in the same eigenbasis (the multi-process run's): one process gives the same Λ
+    one = tmp_path / "one"
+    one.mkdir()
+    for name in ("factors.safetensors", "eigen.safetensors"):
+        shutil.copy(out / name, one / name)
+    single_corr = fit_eigen_correction(tiny_llama(), _data(), one, progress=False)
+    multi_corr = EigenCorrection.load(out)
+    assert multi_corr.num_samples == single_corr.num_samples > 0
+    for n in single.module_names:
+        torch.testing.assert_close(multi_corr[n], single_corr[n], rtol=1e-5, atol=1e-9)
+    assert not (out / "ekfac_checkpoint").exists()

@@ -216,11 +216,19 @@ def fit_eigen_correction(
         factors.check_model(model)
         home = factors.path.parent if factors.path else None
         out = Path(output_dir) if output_dir is not None else home
-        eigen = factors.eigendecompose(out) if out is not None else factors.eigendecompose()
-        factors_id, fitted_with = factors.factors_id, factors.config
+        fitted = factors
+        bases = lambda: fitted.eigendecompose(out) if out is not None else fitted.eigendecompose()  # noqa: E731
     else:
         out = Path(output_dir) if output_dir is not None else Path(factors)
-        eigen = _bases_in(Path(factors))
+        folder = Path(factors)
+        bases = lambda: _bases_in(folder)  # noqa: E731
+    # the main process decomposes (and caches) first; the others then read its cache
+    eigen = bases() if state.is_main_process else None
+    state.wait_for_everyone()
+    eigen = eigen if eigen is not None else bases()
+    if isinstance(factors, KFACFactors):
+        factors_id, fitted_with = factors.factors_id, factors.config
+    else:
         factors_id, fitted_with = eigen.metadata["factors_id"], FactorConfig.from_dict(eigen.metadata["factor_config"])
     cfg = config or fitted_with
     lock = (output_lock(out, "fit_eigen_correction") if out is not None and state.is_main_process
@@ -368,3 +376,4 @@ def _load_checkpoint(path: Path, key: dict, col: LambdaCollector) -> int:
             col.sums[k.removesuffix(".lambda")] = read_tensor(f, k, digests, path, fix)
     col.num_samples = num_samples
     return next_batch
+
