@@ -468,3 +468,27 @@ def test_summed_cross_entropy_is_the_cross_entropy(dtype, loss_dtype, tol):
     assert got.dtype == loss_dtype and abs(float(got) - float(want)) <= tol * abs(float(want))
     assert g_got.dtype == dtype and (g_got.double() - g_want.double()).abs().max() <= tol
     assert not g_got[::7].any()
+
+
+def test_bfloat16_storage_halves_the_file_and_keeps_the_selection(tmp_path, llama):
+    """storage_dtype='bfloat16' writes and keeps the finished factors in bfloat16 (accumulated in float32); they load,
+    verify and eigendecompose, and the edit keeps almost the same staircase."""
+    from hf_curvedit.selection import curvature_mass_cutoffs
+
+    ds = Dataset.from_dict({"input_ids": random_token_rows(8, lo=10, hi=30)})
+    full = fit_factors(llama, ds, FactorConfig(seq_len=16, batch_size=2), tmp_path / "f32", progress=False)
+    half = fit_factors(llama, ds, FactorConfig(seq_len=16, batch_size=2, storage_dtype="bfloat16"), tmp_path / "bf16",
+                       progress=False)
+    size = lambda d: (d / "factors.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "bf16") < 0.6 * size(tmp_path / "f32")
+    loaded = load_factors(tmp_path / "bf16")
+    for n in full.module_names:
+        assert loaded.A[n].dtype == loaded.G[n].dtype == torch.bfloat16
+        torch.testing.assert_close(loaded.G[n].float(), full.G[n], rtol=1e-2, atol=1e-2 * float(full.G[n].abs().max()))
+    e32, e16 = full.eigendecompose(), loaded.eigendecompose()
+    for n in full.module_names:
+        a = curvature_mass_cutoffs(e32[n].eigvals_G, e32[n].eigvals_A, 0.8).mask()
+        b = curvature_mass_cutoffs(e16[n].eigvals_G, e16[n].eigvals_A, 0.8).mask()
+        assert (a != b).double().mean() < 0.02
+    with pytest.raises(ValueError, match="storage_dtype"):
+        FactorConfig(storage_dtype="float16")

@@ -72,6 +72,9 @@ def _add_fit(sub: Any) -> None:
     f.add_argument("--batch-size", type=int, default=FitStep.batch_size)
     f.add_argument("--max-tokens", type=int, default=None)
     f.add_argument("--accumulate-dtype", choices=["float32", "float64"], default=FitStep.accumulate_dtype)
+    f.add_argument("--storage-dtype", choices=["float32", "float64", "bfloat16"], default=None,
+                   help="dtype of the finished factors in memory and on disk (default: --accumulate-dtype; "
+                        "bfloat16 halves the file)")
     f.add_argument("--dtype", default=FitStep.dtype, help="model dtype: float32, bfloat16, float16")
     f.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto)")
     f.add_argument("--seed", type=int, default=FitStep.seed)

@@ -32,6 +32,10 @@ class FactorConfig:
             positions are masked out of both factors.
         text_column: Column holding raw text. A column named ``input_ids`` is used as-is instead.
         accumulate_dtype: ``"float32"`` (default) or ``"float64"`` for the running sums.
+        storage_dtype: The dtype the finished factors are kept and written in; ``None`` (default) keeps the
+            accumulation dtype. ``"bfloat16"`` halves the factor file and the memory that holds it (its effect on
+            the selection is measured in ``benchmarks/factor_dtype.py``); the sums are still accumulated in
+            ``accumulate_dtype`` and eigendecomposed in float64.
         seed: Seed for label sampling. Each batch gets its own generator seeded from
             ``(seed, batch index)``, so results do not depend on resumes or process count.
         sample_chunk_size: Token positions per chunk when sampling labels, which bounds the size
@@ -61,6 +65,7 @@ class FactorConfig:
     packing: bool = True
     text_column: str = "text"
     accumulate_dtype: Literal["float32", "float64"] = "float32"
+    storage_dtype: Literal["float32", "float64", "bfloat16"] | None = None
     seed: int = 0
     sample_chunk_size: int = 2048
     checkpoint_every: int = 50
@@ -76,6 +81,9 @@ class FactorConfig:
             raise ValueError(f"label_mode={self.label_mode!r}: use 'sampled' (true Fisher) or 'empirical'.")
         if self.accumulate_dtype not in ("float32", "float64"):
             raise ValueError(f"accumulate_dtype={self.accumulate_dtype!r}: use 'float32' or 'float64'.")
+        if self.storage_dtype not in (None, "float32", "float64", "bfloat16"):
+            raise ValueError(f"storage_dtype={self.storage_dtype!r}: use 'float32', 'float64', 'bfloat16' or None "
+                             "(the accumulation dtype).")
         for name in ("seq_len", "batch_size", "sample_chunk_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -113,7 +121,7 @@ class FactorConfig:
     def collection_key(self) -> dict[str, Any]:
         """The fields that change what is collected. A resume must match them exactly."""
         d = self.to_dict()
-        for k in ("checkpoint_every", "max_factor_memory_gb", "dataset"):
+        for k in ("checkpoint_every", "max_factor_memory_gb", "dataset", "storage_dtype"):
             d.pop(k)
         # Image-only fields join the key only when set, so keys (and checkpoints) of text runs written
         # before these fields existed still match.

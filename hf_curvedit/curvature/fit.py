@@ -205,6 +205,10 @@ def _fit_factors(model: nn.Module, dataset: DataSource, config: FactorConfig | N
 
     for n in names:
         _normalize(n, A_all, G_all, count_all[n], n not in alias_all, task)
+    if cfg.storage_dtype is not None:
+        store = getattr(torch, cfg.storage_dtype)
+        A_all = {n: t.to(store) for n, t in A_all.items()}
+        G_all = {n: t.to(store) for n, t in G_all.items()}
     for n, owner in alias_all.items():
         A_all[n] = A_all[owner]
 

@@ -38,6 +38,7 @@ class FitStep(StepSettings):
     batch_size: int = 8
     max_tokens: int | None = None
     accumulate_dtype: Literal["float32", "float64"] = "float32"
+    storage_dtype: Literal["float32", "float64", "bfloat16"] | None = None
     seed: int = 0
     checkpoint_every: int = 50
     max_factor_memory_gb: float | None = None

@@ -96,6 +96,7 @@ def _fit_one(net: Any, processor: Any, step: FitStep, data_spec: str | None, out
     cfg = FactorConfig(
         target_modules=step.target_modules, label_mode=step.label_mode, seq_len=step.seq_len,
         batch_size=step.batch_size, max_tokens=step.max_tokens, accumulate_dtype=step.accumulate_dtype,
+        storage_dtype=step.storage_dtype,
         seed=step.seed, checkpoint_every=step.checkpoint_every, max_factor_memory_gb=step.max_factor_memory_gb,
         text_column=step.text_column, token_positions=step.token_positions, image_column=step.image_column,
         label_column=step.label_column, max_examples=step.max_examples, dataset=data_spec or DEFAULT_FACTOR_DATA)
