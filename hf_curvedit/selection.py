@@ -333,10 +333,7 @@ class CorrectedSelection:
     def s(self) -> int:
         return int(self.mask.any(0).sum())
 
-    @property
-    def k(self) -> int:
-        """Upper bound on the rank of the edited weight, ``min(r, s)``."""
-        return min(self.r, self.s)
+    k = Staircase.k
 
     @property
     def kept_components(self) -> int:
@@ -346,13 +343,8 @@ class CorrectedSelection:
     def total_components(self) -> int:
         return int(self.mask.numel())
 
-    @property
-    def kept_fraction(self) -> float:
-        return self.kept_components / self.total_components if self.total_components else 0.0
-
-    @property
-    def kept_mass_fraction(self) -> float:
-        return self.kept_mass / self.total_mass if self.total_mass > 0 else 0.0
+    kept_fraction = Staircase.kept_fraction
+    kept_mass_fraction = Staircase.kept_mass_fraction
 
 
 def corrected_mass_selection(corrected: torch.Tensor, keep_mass: float) -> CorrectedSelection:

@@ -51,6 +51,16 @@ def brute_force_factors(model, input_ids, attention_mask, names, label_mode, see
     return A, G, len(pos)
 
 
+def padded_batch(rows, length):
+    """``(input_ids, attention_mask)`` of ``rows`` right-padded to ``length``."""
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
 def padded_dataset(n=6, seed=0):
     return Dataset.from_dict({"input_ids": random_token_rows(n, lo=5, hi=20, seed=seed)})
 
@@ -64,11 +74,7 @@ def test_factors_match_brute_force_with_padding(make_model, label_mode):
     factors = fit_factors(model, ds, cfg, progress=False)
 
     rows = ds["input_ids"]
-    ids = torch.zeros(len(rows), 20, dtype=torch.long)
-    mask = torch.zeros(len(rows), 20, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+    ids, mask = padded_batch(rows, 20)
     assert (mask == 0).any(), "the batch must contain padding"
     names = resolve_target_modules(model)
     A, G, n_tok = brute_force_factors(model, ids, mask, names, label_mode)
@@ -93,11 +99,7 @@ def test_float64_fit_is_float64_end_to_end(label_mode):
     cfg = FactorConfig(label_mode=label_mode, seq_len=20, batch_size=6, packing=False, accumulate_dtype="float64")
     factors = fit_factors(model, ds, cfg, progress=False)
     rows = ds["input_ids"]
-    ids = torch.zeros(len(rows), 20, dtype=torch.long)
-    mask = torch.zeros(len(rows), 20, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+    ids, mask = padded_batch(rows, 20)
     names = resolve_target_modules(model)
     A, G, _ = brute_force_factors(model, ids, mask, names, label_mode)
     eigen = factors.eigendecompose()
@@ -483,7 +485,7 @@ def test_bfloat16_storage_halves_the_file_and_keeps_the_selection(tmp_path, llam
     assert size(tmp_path / "bf16") < 0.6 * size(tmp_path / "f32")
     loaded = load_factors(tmp_path / "bf16")
     for n in full.module_names:
-        assert loaded.A[n].dtype == loaded.G[n].dtype == torch.bfloat16
+        assert loaded.A[n].dtype == loaded.G[n].dtype == half.G[n].dtype == torch.bfloat16
         torch.testing.assert_close(loaded.G[n].float(), full.G[n], rtol=1e-2, atol=1e-2 * float(full.G[n].abs().max()))
     e32, e16 = full.eigendecompose(), loaded.eigendecompose()
     for n in full.module_names:
