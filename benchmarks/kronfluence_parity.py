@@ -1,6 +1,7 @@
 """hf-curvedit against kronfluence (the reference K-FAC/EK-FAC library), side by side on the same run.
 
-    pip install kronfluence==1.0.1 && pip uninstall -y torchvision   # benchmark-only; kronfluence never imports it
+    # benchmark-only, and without its torchvision requirement (never imported), which would replace the CPU torch:
+    pip install --no-deps kronfluence==1.0.1 einconv opt-einsum einops
     python benchmarks/kronfluence_parity.py [--pairs 3] [--batches 8] [--threads 2]
 
 Three stages, each library in its own chain of fresh processes (so each process's peak RSS is that stage's, imports

@@ -262,8 +262,8 @@ def test_ekfac_edit_lifecycle(tmp_path):
 
 def test_matches_kronfluence_lambda_matrix(tmp_path):
     """kronfluence's EK-FAC (the reference implementation) on the same blocks with data labels gives the same
-    corrected eigenvalues to float64 round-off. Runs where kronfluence is installed (the benchmark environment:
-    pip install kronfluence; it is no dependency of hf-curvedit)."""
+    corrected eigenvalues to float64 round-off. Runs where kronfluence is installed (the benchmark environment, see
+    benchmarks/kronfluence_parity.py; it is no dependency of hf-curvedit)."""
     pytest.importorskip("kronfluence")
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
