@@ -30,7 +30,7 @@ from .collector import _require_grad, collect_factor_sums
 from .config import FactorConfig, accumulator_dtype
 from .correction import EKFAC_FILENAME, EigenCorrection
 from .eigen import EIGEN_FILENAME, KFACEigen, ModuleEigen
-from .fit import dist_state
+from .fit import dist_state, one_processor
 from .roots import GradientRoots
 from .storage import FACTORS_FILENAME, REFIT, KFACFactors, load_factors
 from .tasks import FactorTask, SamplePositions, default_task
@@ -207,10 +207,7 @@ def fit_eigen_correction(
     Under ``accelerate launch``/``torchrun`` each process takes every ``world_size``-th batch and the sums are
     reduced once at the end. Expert projections are not supported.
     """
-    given = [p for p in (processor, tokenizer, image_processor) if p is not None]
-    if len(given) > 1:
-        raise ValueError("pass one of processor=, tokenizer= or image_processor=, not several")
-    processor = given[0] if given else None
+    processor = one_processor(processor, tokenizer, image_processor)
     state = dist_state()
     if isinstance(factors, KFACFactors):
         factors.check_model(model)

@@ -51,6 +51,14 @@ def dist_state():
     return PartialState(cpu=cpu)
 
 
+def one_processor(processor: Any, tokenizer: Any, image_processor: Any) -> Any:
+    """The one of ``processor=``, ``tokenizer=`` and ``image_processor=`` that was given (``None`` if none was)."""
+    given = [p for p in (processor, tokenizer, image_processor) if p is not None]
+    if len(given) > 1:
+        raise ValueError("pass one of processor=, tokenizer= or image_processor=, not several")
+    return given[0] if given else None
+
+
 def fit_factors(
     model: nn.Module,
     dataset: DataSource,
@@ -105,10 +113,7 @@ def _fit_factors(model: nn.Module, dataset: DataSource, config: FactorConfig | N
                  progress: bool) -> KFACFactors:
     cfg = config or FactorConfig()
     task = task or default_task(model)
-    given = [p for p in (processor, tokenizer, image_processor) if p is not None]
-    if len(given) > 1:
-        raise ValueError("pass one of processor=, tokenizer= or image_processor=, not several")
-    processor = given[0] if given else None
+    processor = one_processor(processor, tokenizer, image_processor)
     task.validate(model, cfg)
     state = dist_state()
     rank, world = state.process_index, state.num_processes
