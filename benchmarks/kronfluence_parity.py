@@ -73,7 +73,6 @@ def worker_ours(args: argparse.Namespace, stage: str, folder: Path) -> dict:
 
 
 def worker_kronfluence(args: argparse.Namespace, stage: str, folder: Path) -> dict:
-    import torch
     import torch.nn.functional as F
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
@@ -113,7 +112,6 @@ def worker_kronfluence(args: argparse.Namespace, stage: str, folder: Path) -> di
         analyzer.perform_eigendecomposition("f", factor_args=fargs, overwrite_output_dir=True)
     else:
         analyzer.fit_lambda_matrices("f", data, **common)
-    del torch
     return {"seconds": time.perf_counter() - start, "rss_before": before}
 
 

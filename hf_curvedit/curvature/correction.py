@@ -23,7 +23,7 @@ from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorde
 from ..utils import save_safetensors
 from .eigen import KFACEigen, ModuleEigen
 
-__all__ = ["EKFAC_FILENAME", "EigenCorrection", "attach_correction"]
+__all__ = ["EKFAC_FILENAME", "EigenCorrection", "attach_correction", "with_correction_beside"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +114,20 @@ def attach_correction(eigen: Mapping[str, ModuleEigen], correction: EigenCorrect
     return KFACEigen(modules, metadata)
 
 
-def correction_beside(folder: Path | None, factors_id: str | None,
-                      modules: list[str] | None = None) -> EigenCorrection | None:
-    """The corrected eigenvalues in ``folder`` that belong to the factors ``factors_id`` (of ``modules``, or all), if
-    there are any: a file of other factors is ignored, a damaged one is reported and not used."""
+def with_correction_beside(eigen: KFACEigen, folder: Path | None, factors_id: str | None,
+                           modules: list[str] | None = None) -> KFACEigen:
+    """``eigen`` with the corrected eigenvalues in ``folder`` attached (of ``modules``, or all), when there are any
+    and they belong to the factors ``factors_id``: a file of other factors is ignored, a damaged one is reported and
+    not used."""
     if folder is None or not (Path(folder) / EKFAC_FILENAME).exists():
-        return None
+        return eigen
     try:
         corr = EigenCorrection.load(folder, modules)
     except DamagedFileError as err:
         logger.warning("%s; the edit cannot use selection='ekfac_mass' until it is measured again", err)
-        return None
+        return eigen
     if factors_id is not None and corr.factors_id != factors_id:
         logger.warning("%s was measured for other factors (%s, not %s) and is not used", corr.path, corr.factors_id,
                        factors_id)
-        return None
-    return corr
+        return eigen
+    return attach_correction(eigen, corr)

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
 from ..integrity import DamagedFileError, open_safetensors, output_lock, read_tensor, recorded_digests
@@ -30,7 +29,7 @@ from .collector import _require_grad, collect_factor_sums
 from .config import FactorConfig, accumulator_dtype
 from .correction import EKFAC_FILENAME, EigenCorrection
 from .eigen import EIGEN_FILENAME, KFACEigen, ModuleEigen
-from .fit import dist_state, one_processor
+from .fit import dist_state, one_processor, pass_bar
 from .roots import GradientRoots
 from .storage import FACTORS_FILENAME, REFIT, KFACFactors, load_factors
 from .tasks import FactorTask, SamplePositions, default_task
@@ -293,11 +292,7 @@ def _fit_eigen_correction(model: nn.Module, dataset: DataSource, eigen: Any, fac
             logger.info("resuming the EK-FAC pass from batch %d", start)
     data = task.prepare_data(model, load_text_dataset(dataset), cfg, processor)
     n_batches = count_batches(data.rows, cfg.batch_size, data.max_rows)
-    total = None
-    if n_batches is not None:
-        total = len([b for b in range(start, n_batches) if b % world == rank]) * cfg.batch_size * data.samples_per_row
-    bar = tqdm(total=total, unit=task.unit, unit_scale=True, dynamic_ncols=True, desc="EK-FAC eigenvalues",
-               disable=not (progress and state.is_main_process))
+    bar = pass_bar("EK-FAC eigenvalues", task, data, cfg, n_batches, start, progress)
     since = [0]
 
     def on_batch_end(b: int, c: Any) -> None:

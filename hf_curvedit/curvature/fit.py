@@ -51,6 +51,19 @@ def dist_state():
     return PartialState(cpu=cpu)
 
 
+def pass_bar(desc: str, task: FactorTask, data: Any, cfg: FactorConfig, n_batches: int | None, start: int,
+             progress: bool) -> tqdm:
+    """The progress bar of this process's share of a data pass from batch ``start``: every ``world_size``-th batch,
+    counted in the task's samples (shown on the main process only)."""
+    state = dist_state()
+    total = None
+    if n_batches is not None:
+        mine = len([b for b in range(start, n_batches) if b % state.num_processes == state.process_index])
+        total = mine * cfg.batch_size * data.samples_per_row
+    return tqdm(total=total, unit=task.unit, unit_scale=True, dynamic_ncols=True, desc=desc,
+                disable=not (progress and state.is_main_process))
+
+
 def one_processor(processor: Any, tokenizer: Any, image_processor: Any) -> Any:
     """The one of ``processor=``, ``tokenizer=`` and ``image_processor=`` that was given (``None`` if none was)."""
     given = [p for p in (processor, tokenizer, image_processor) if p is not None]
@@ -174,13 +187,8 @@ def _fit_factors(model: nn.Module, dataset: DataSource, config: FactorConfig | N
                 col.load_state(A, G, count, alias)
                 logger.info("resuming partition %d from batch %d", p, start)
         if not finished:
-            total = None
-            if n_batches is not None:
-                mine = len([b for b in range(start, n_batches) if b % world == rank])
-                total = mine * cfg.batch_size * data.samples_per_row
-            bar = tqdm(total=total, unit=task.unit, unit_scale=True, dynamic_ncols=True,
-                       desc=f"K-FAC factors{f' [part {p + 1}/{len(partitions)}]' if len(partitions) > 1 else ''}",
-                       disable=not (progress and state.is_main_process))
+            bar = pass_bar(f"K-FAC factors{f' [part {p + 1}/{len(partitions)}]' if len(partitions) > 1 else ''}",
+                           task, data, cfg, n_batches, start, progress)
             since = [0]
 
             def on_batch_end(b: int, c: FactorCollector) -> None:

@@ -23,7 +23,7 @@ from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorde
 from ..targets import weight_targets
 from ..utils import all_finite, save_safetensors
 from .config import FactorConfig, accumulator_dtype
-from .correction import EKFAC_FILENAME, attach_correction, correction_beside
+from .correction import with_correction_beside
 from .eigen import EIGEN_FILENAME, EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen, symmetric_eigh
 
 __all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "eigendecompose", "load_factors",
@@ -197,7 +197,7 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
             logger.warning("the eigen cache %s does not verify and is recomputed: %s", cache, e)
         else:
             if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
-                return _with_correction(cached, cache.parent, factors.factors_id)
+                return with_correction_beside(cached, cache.parent, factors.factors_id)
     # Decomposed in float64; the eigenvectors are kept in the factors' own dtype (float32 unless they were
     # accumulated in float64, as kronfluence does), which halves the bases' memory and cache: every use casts them to
     # float64 for its own arithmetic, and an adapter stores float32 anyway.
@@ -225,14 +225,8 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
     eig = KFACEigen(modules, meta)
     if cache is not None:
         eig.save(cache)
-        eig = _with_correction(eig, cache.parent, factors.factors_id)
+        eig = with_correction_beside(eig, cache.parent, factors.factors_id)
     return eig
-
-
-def _with_correction(eigen: KFACEigen, folder: Path, factors_id: str | None) -> KFACEigen:
-    """The bases with the EK-FAC corrected eigenvalues beside them attached, when they belong to these factors."""
-    corr = correction_beside(folder, factors_id)
-    return attach_correction(eigen, corr) if corr is not None else eigen
 
 
 def load_factors(path: str | Path, model: nn.Module | None = None) -> KFACFactors:
@@ -306,11 +300,7 @@ class EigenFile(Mapping[str, ModuleEigen]):
         if name not in self._names:
             raise KeyError(name)
         basis = KFACEigen.load(self.path, modules=[name])
-        if (self.path.parent / EKFAC_FILENAME).exists():
-            corr = correction_beside(self.path.parent, self.metadata.get("factors_id"), modules=[name])
-            if corr is not None:
-                basis = attach_correction(basis, corr)
-        return basis[name]
+        return with_correction_beside(basis, self.path.parent, self.metadata.get("factors_id"), modules=[name])[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -76,16 +76,7 @@ def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, mod
           else select_cutoffs(lam, mu, keep_mass, selection))
     fig = _figure(figsize=(10, 3.6))
     ax, ax2 = fig.subplots(1, 2)
-    floor = 1e-12 * max(float(lam.max()), float(mu.max()), 1e-300)
-    for values, label, cut, color in ((lam, "λ (G, output side)", st.r, "tab:blue"),
-                                      (mu, "μ (A, input side)", st.s, "tab:orange")):
-        v = np.clip(values.numpy(), floor, None)
-        ax.semilogy(np.arange(1, len(v) + 1), v, color=color, label=f"{label}, cut at {cut}")
-        ax.axvline(cut + 0.5, color=color, linestyle="--", linewidth=1)
-    ax.set_xlabel("eigenvalue index (descending)")
-    ax.set_ylabel("eigenvalue")
-    ax.set_title(f"{module or 'module'}: spectra, ρ = {keep_mass:g}", fontsize=9)
-    ax.legend(fontsize=8)
+    _spectra_panel(ax, lam, mu, f"{module or 'module'}: spectra, ρ = {keep_mass:g}", cuts=(st.r, st.s))
     cut = st.cutoffs.detach().cpu().numpy()
     rows = np.arange(len(cut))
     ax2.fill_betweenx(rows, 0, cut, step="post", color="tab:green", alpha=0.5,
@@ -99,19 +90,31 @@ def plot_spectrum(eigen: ModuleEigen, keep_mass: float, path: str | Path, *, mod
     return _save(fig, Path(path)), st
 
 
+def _spectra_panel(ax: Any, lam: torch.Tensor, mu: torch.Tensor, title: str,
+                   cuts: tuple[int, int] | None = None) -> None:
+    """The two eigenvalue spectra (descending, log scale), with the cut at ``r`` rows of G and ``s`` columns of A when
+    the kept set is a staircase."""
+    floor = 1e-12 * max(float(lam.max()), float(mu.max()), 1e-300)
+    for side, (values, label, color) in enumerate(((lam, "λ (G, output side)", "tab:blue"),
+                                                   (mu, "μ (A, input side)", "tab:orange"))):
+        v = np.clip(values.numpy(), floor, None)
+        if cuts is not None:
+            label = f"{label}, cut at {cuts[side]}"
+            ax.axvline(cuts[side] + 0.5, color=color, linestyle="--", linewidth=1)
+        ax.semilogy(np.arange(1, len(v) + 1), v, color=color, label=label)
+    ax.set_xlabel("eigenvalue index (descending)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+
+
 def _plot_corrected(eigen: ModuleEigen, lam: torch.Tensor, mu: torch.Tensor, keep_mass: float, path: Path,
                     module: str, counts: torch.Tensor | None) -> tuple[Path, Any]:
     """The spectra, and the components an EK-FAC selection kept: the kept set itself when the corrected eigenvalues
     are at hand, else how many components each row kept (the adapter's ``curvedit_cutoffs`` of such an edit)."""
     fig = _figure(figsize=(10, 3.6))
     ax, ax2 = fig.subplots(1, 2)
-    floor = 1e-12 * max(float(lam.max()), float(mu.max()), 1e-300)
-    for values, label, color in ((lam, "λ (G, output side)", "tab:blue"), (mu, "μ (A, input side)", "tab:orange")):
-        ax.semilogy(np.arange(1, len(values) + 1), np.clip(values.numpy(), floor, None), color=color, label=label)
-    ax.set_xlabel("eigenvalue index (descending)")
-    ax.set_ylabel("eigenvalue")
-    ax.set_title(f"{module or 'module'}: spectra, ρ = {keep_mass:g} of the EK-FAC mass", fontsize=9)
-    ax.legend(fontsize=8)
+    _spectra_panel(ax, lam, mu, f"{module or 'module'}: spectra, ρ = {keep_mass:g} of the EK-FAC mass")
     result: Any = None
     if eigen.eigvals_corrected is not None:
         result = corrected_mass_selection(eigen.eigvals_corrected, keep_mass)

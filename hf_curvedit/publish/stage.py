@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from ..curvature.correction import attach_correction, correction_beside
+from ..curvature.correction import with_correction_beside
 from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..evaluation.report import EditReport
 from ..tuner.summary import edit_summary, is_curvature_edit_config, module_rows_from_config, save_adapter, save_merged
@@ -211,9 +211,8 @@ def _spectrum_plots(eigen: EigenLike | None, edit: Mapping[str, Any], out_dir: P
     if isinstance(eigen, (str, Path)):
         path = Path(eigen)
         eigen = KFACEigen.load(path)
-        corr = correction_beside(path.parent, eigen.metadata.get("factors_id"))
-        if corr is not None:  # an EK-FAC edit's plot shows the set it kept
-            eigen = attach_correction(eigen, corr)
+        # an EK-FAC edit's plot shows the set it kept
+        eigen = with_correction_beside(eigen, path.parent, eigen.metadata.get("factors_id"))
     selection = edit["config"].get("selection", "curvature_mass")
     saved = _saved_cutoffs(out_dir)
     plots = []
