@@ -196,3 +196,41 @@ def test_a_sweep_config_is_saved_with_its_result_and_reruns_it(setup, tmp_path):
     del old["config"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert SweepResult.load(tmp_path / "old.json").config == {}
+
+
+def test_sweep_ranks_candidates_by_predicted_cost(setup, tmp_path):
+    from hf_curvedit.exposure import predict_exposure
+
+    model, eigen, rec, heldout = setup
+    tasks = {"skill": TextSet(random_token_rows(5, lo=10, hi=20, seed=11)), "other": TextSet([[3, 4, 5, 6, 7]])}
+    choices = {"L1": r".*layers\.1\.mlp\.(gate|up)_proj", "all": r".*mlp\.\w+_proj"}
+    config = SweepConfig(keep_masses=(0.3, 0.6, 0.9), perplexity_budget=10.0, layer_choices=choices,
+                         pick_by="predicted_cost", recitation_tolerance=1.0)
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, exposure_texts=tasks)
+    edits = [p for p in result.points if p.method == "curvedit"]
+    # each candidate's exposure is the prediction from the eigenbases for the same edit
+    from hf_curvedit import CurvatureEditConfig
+
+    for label, regex in choices.items():
+        pred = predict_exposure(model, eigen, tasks, [0.3, 0.6, 0.9], CurvatureEditConfig(target_modules=regex),
+                                show_progress=False)
+        for p in (q for q in edits if q.layers == label):
+            for t in tasks:
+                assert p.exposure[t] == pytest.approx(pred.exposure(f"ρ={p.keep_mass:g}", t), rel=1e-5)
+    # with every candidate acceptable, the pick is the cheapest: the lightest edit of the fewest modules
+    assert result.chosen is min(edits, key=lambda p: p.predicted_cost)
+    assert (result.chosen.layers, result.chosen.keep_mass) == ("L1", 0.9)
+    assert result.ranked_by_cost()[0] is result.chosen
+    assert "predicted cost" in result.to_markdown() and "predicted capability cost" in result.summary()
+    again = SweepResult.load(result.save(tmp_path / "sweep.json"))
+    assert again.chosen.exposure == result.chosen.exposure
+    # no tolerance: the pick has the lowest Strict, the cost breaks the tie
+    config = SweepConfig(keep_masses=(0.3, 0.9), perplexity_budget=10.0, layer_choices=choices,
+                         pick_by="predicted_cost", recitation_tolerance=0.0)
+    tight = sweep_edits(model, eigen, {"mem": rec}, heldout, config, exposure_texts=tasks)
+    best = min(p.recitation["mem"]["strict"] for p in tight.points if p.method == "curvedit")
+    assert tight.chosen.recitation["mem"]["strict"] == best
+    with pytest.raises(ValueError, match="pass exposure_texts"):
+        sweep_edits(model, eigen, {"mem": rec}, heldout, config)
+    with pytest.raises(ValueError, match="pick_by must be"):
+        SweepConfig(pick_by="cheapest")

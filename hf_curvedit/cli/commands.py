@@ -12,6 +12,7 @@ from ..pipeline import (
     CapabilitySettings,
     EditStep,
     EvaluateStep,
+    ExposureStep,
     FitStep,
     PipelineConfig,
     PublishStep,
@@ -22,6 +23,7 @@ from ..pipeline import (
     report_table,
     run_edit,
     run_evaluate,
+    run_exposure,
     run_fit,
     run_pipeline,
     run_publish,
@@ -29,8 +31,8 @@ from ..pipeline import (
 )
 from ..targets import parse_target_modules
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "cmd_demo", "cmd_edit", "cmd_evaluate", "cmd_fit", "cmd_plan",
-           "cmd_publish", "cmd_run", "cmd_sweep"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "cmd_demo", "cmd_edit", "cmd_evaluate", "cmd_exposure", "cmd_fit",
+           "cmd_plan", "cmd_publish", "cmd_run", "cmd_sweep"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -68,6 +70,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.output:
         print(f"report: {args.output}")
     print(report_table(report))
+    return EXIT_OK
+
+
+def cmd_exposure(args: argparse.Namespace) -> int:
+    report = run_exposure(args.model, args.factors, _step(ExposureStep, args), args.output)
+    print(report.to_markdown())
+    print(f"{len(report.tasks)} tasks ({sum(report.tokens.values())} tokens); exposure = share of each task's signal "
+          "the edit removes (docs/method.md, Exposure); cheapest edit first"
+          + (f"; results: {args.output}" if args.output else ""))
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from ..pipeline import (
     DEFAULT_KEEP_MASS,
     EditStep,
     EvaluateStep,
+    ExposureStep,
     FitStep,
     SweepStep,
 )
@@ -19,6 +20,7 @@ from .commands import (
     cmd_demo,
     cmd_edit,
     cmd_evaluate,
+    cmd_exposure,
     cmd_fit,
     cmd_plan,
     cmd_publish,
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     _add_edit(sub)
     _add_evaluate(sub)
+    _add_exposure(sub)
     _add_sweep(sub)
     _add_publish(sub)
     _add_demo(sub)
@@ -137,6 +140,9 @@ def _add_evaluate(sub: Any) -> None:
                    help="a folder of extra lm-eval task YAMLs, e.g. local tasks for offline use (repeatable)")
     v.add_argument("--limit", type=float, default=None, help="lm-eval: items per task (a fraction if < 1)")
     v.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: the task's)")
+    v.add_argument("--exposure-tasks", type=_names, default=(), metavar="TASKS",
+                   help="lm-eval tasks (comma-separated) whose exposure to the edit is measured without running them; "
+                        "the --tasks get theirs too. The card shows both next to the capability table")
     v.add_argument("--stress-steps", type=int, nargs="+", default=EvaluateStep.stress_steps,
                    help="stress test: left-extend / right-shorten the prompt by these many tokens")
     v.add_argument("--no-stress", action="store_true", help="skip the stress test (the slowest part)")
@@ -180,8 +186,55 @@ def _add_sweep(sub: Any) -> None:
     w.add_argument("--batch-size", type=int, default=SweepStep.batch_size)
     w.add_argument("--selection", choices=SELECTIONS, default=SweepStep.selection,
                    help="which components every candidate keeps (ekfac_mass: needs fit --ekfac)")
+    w.add_argument("--exposure-tasks", type=_names, default=(), metavar="TASKS",
+                   help="lm-eval tasks (comma-separated; default: --tasks) whose exposure every candidate gets: its "
+                        "predicted capability cost, from forward passes only")
+    w.add_argument("--pick-by", choices=["recitation", "predicted_cost"], default=SweepStep.pick_by,
+                   help="recitation: lowest Strict within the budget (default); predicted_cost: the lowest predicted "
+                        "cost among those within --recitation-tolerance of the lowest Strict (lm-eval then scores the "
+                        "pick alone, with --tasks)")
+    w.add_argument("--recitation-tolerance", type=float, default=SweepStep.recitation_tolerance,
+                   help="--pick-by predicted_cost: Strict recitation (a fraction) it may give up for a lower cost")
     w.add_argument("--output-dir", required=True)
     w.set_defaults(func=cmd_sweep)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _add_exposure(sub: Any) -> None:
+    """`hf-curvedit exposure`."""
+    x = sub.add_parser("exposure", help="predict which tasks an edit will hurt, before building it",
+                       description="For each task and ρ, the share of the task's signal (prompt + gold answer) that "
+                                   "the edit would remove from the edited layers' outputs: forward passes of the base "
+                                   "model over the task's texts, with the eigenbases of `hf-curvedit fit`; nothing is "
+                                   "generated and no lm-eval run is needed. Prints one row per ρ, cheapest first.")
+    x.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
+    x.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
+    x.add_argument("--keep-mass", type=float, nargs="+", default=ExposureStep.keep_mass,
+                   help=f"ρ values in (0, 1] (default: {DEFAULT_KEEP_MASS:g})")
+    x.add_argument("--target-modules", type=parse_target_modules,
+                   help="regex, or comma-separated names (default: the MLP projections)")
+    x.add_argument("--selection", choices=SELECTIONS, default=ExposureStep.selection)
+    x.add_argument("--protect", action="append", default=[], metavar="NAME=RHO",
+                   help="protect domain NAME (fit --name NAME) at ρ=RHO, as for `edit`; repeatable")
+    x.add_argument("--tasks", type=_names, default=(), metavar="TASKS",
+                   help="lm-eval tasks, comma-separated (the default model's: curvedit_skills); their items' prompt + "
+                        "gold answer are the texts. Needs pip install 'hf-curvedit[lm-eval]'")
+    x.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of extra lm-eval task YAMLs (repeatable)")
+    x.add_argument("--limit", type=float, default=None, help="lm-eval: items per task (a fraction if < 1)")
+    x.add_argument("--texts", action="append", default=[], metavar="NAME=PATH",
+                   help="a task given as a text, JSONL, CSV or parquet file (one text per row; repeatable)")
+    x.add_argument("--text-column", default=ExposureStep.text_column)
+    x.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
+                   help="a memorized set (prefix + suffix), as for `evaluate`; repeatable")
+    x.add_argument("--suffix-tokens", type=int, default=ExposureStep.suffix_tokens)
+    x.add_argument("--memorized", action="store_true", help="also the embedded default's memorized set")
+    x.add_argument("--batch-size", type=int, default=ExposureStep.batch_size)
+    x.add_argument("--output", help="write the ExposureReport JSON here")
+    x.set_defaults(func=cmd_exposure)
 
 
 def _add_publish(sub: Any) -> None:

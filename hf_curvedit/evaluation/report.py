@@ -107,7 +107,8 @@ class EditReport:
     paper's percentages). ``classification`` holds image-classifier sets: a noisy-label set gives the
     memorized-label rate and the true-label accuracy, a clean set its accuracy. ``capabilities`` holds the
     lm-evaluation-harness tasks, keyed by task name (see [`evaluate_capabilities`]); they are not table rows, the card
-    shows them in a table of their own.
+    shows them in a table of their own, beside ``exposure``: per task (evaluated or not), the share of its signal the
+    edit removes (see `hf_curvedit.exposure`).
     """
 
     recitation: dict[str, RecitationComparison] = field(default_factory=dict)
@@ -116,6 +117,7 @@ class EditReport:
     stress: dict[str, StressComparison] = field(default_factory=dict)
     classification: dict[str, ClassificationComparison] = field(default_factory=dict)
     capabilities: dict[str, CapabilityResult] = field(default_factory=dict)
+    exposure: dict[str, float] = field(default_factory=dict)
     metadata: ReportMetadata = field(default_factory=ReportMetadata)
 
     def to_table_rows(self) -> list[TableRow]:
@@ -167,6 +169,7 @@ class EditReport:
                                                             ClassificationMetrics(**v["edited"]))
                                 for k, v in data.get("classification", {}).items()},
                 capabilities={k: CapabilityResult(**v) for k, v in data.get("capabilities", {}).items()},
+                exposure={k: float(v) for k, v in data.get("exposure", {}).items()},
                 metadata=ReportMetadata(**data.get("metadata", {})),
             )
         except (KeyError, TypeError) as err:

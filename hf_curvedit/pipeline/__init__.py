@@ -15,10 +15,12 @@ subcommands call the same functions. Without a model name the embedded default (
 Bad settings or input raise `UsageError` (a ``ValueError``); a step that ran and did not succeed raises `StepFailed`.
 
 The package's modules: `settings` (the errors, the step settings and `PipelineConfig`), `inputs` (model and data
-loading shared by the steps), `steps` (the five step functions and their outcomes) and `run` (`RunLayout`,
+loading shared by the steps), `steps` (the five step functions and their outcomes),
+`exposure` (`run_exposure`, for ``hf-curvedit exposure``) and `run` (`RunLayout`,
 `run_pipeline`).
 """
 
+from .exposure import run_exposure
 from .inputs import (
     default_recitation_sets,
     heldout_texts,
@@ -35,6 +37,7 @@ from .settings import (
     CapabilitySettings,
     EditStep,
     EvaluateStep,
+    ExposureStep,
     FitStep,
     PipelineConfig,
     PublishStep,
@@ -45,7 +48,7 @@ from .settings import (
 from .steps import EditOutcome, FitOutcome, report_table, run_edit, run_evaluate, run_fit, run_publish, run_sweep
 
 __all__ = ["CapabilitySettings", "DEFAULT_FACTOR_DATA", "DEFAULT_KEEP_MASS",
-           "EditOutcome", "EditStep", "EvaluateStep", "FitOutcome",
+           "EditOutcome", "EditStep", "EvaluateStep", "ExposureStep", "run_exposure", "FitOutcome",
            "FitStep", "PipelineConfig", "PublishStep", "RunLayout", "STEPS", "StepFailed", "SweepStep", "UsageError",
            "default_recitation_sets", "heldout_texts", "load_config", "load_model", "load_recitation_set",
            "recitation_sets", "report_table", "run_edit", "run_evaluate", "run_fit", "run_pipeline", "run_publish",

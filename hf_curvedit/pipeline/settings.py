@@ -95,6 +95,9 @@ class SweepStep(StepSettings):
     clean: str | None = None  # text BalancedSubnet keeps; default: the standard-library docs
     capabilities: CapabilitySettings | None = None
     selection: Selection = "curvature_mass"
+    exposure_tasks: tuple[str, ...] = ()  # lm-eval tasks whose exposure each candidate gets (default: capabilities')
+    pick_by: Literal["recitation", "predicted_cost"] = "recitation"
+    recitation_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,6 +169,12 @@ class CapabilitySettings(StepSettings):
         except CapabilityError as err:
             raise UsageError(str(err)) from None
 
+    def exposure_config(self, extra: tuple[str, ...] = ()) -> Any:
+        """The `CapabilityConfig` of these tasks plus ``extra`` (tasks whose exposure alone is measured)."""
+        from dataclasses import replace
+
+        return replace(self, tasks=tuple(dict.fromkeys([*self.tasks, *extra]))).check()
+
     def check(self) -> Any:
         """The `CapabilityConfig`, once lm-eval is installed and every task and its data are within reach: called
         before any model work, so a typo in a task name does not cost a fit."""
@@ -195,6 +204,43 @@ class EvaluateStep(StepSettings):
     stress_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
     no_stress: bool = False
     capabilities: CapabilitySettings | None = None
+    exposure_tasks: tuple[str, ...] = ()  # lm-eval tasks whose exposure alone is measured (not evaluated)
+
+
+@dataclass
+class ExposureStep(StepSettings):
+    """`hf-curvedit exposure`: each task's predicted exposure to the edit at each ρ, from the eigenbases alone.
+
+    ``tasks``: lm-eval task names (prompt + gold answer of each item); ``texts``: NAME=PATH text files;
+    ``recitation``: memorized sets (NAME=PATH, as for ``evaluate``); ``memorized``: the embedded default's."""
+
+    name: ClassVar[str] = "exposure"
+    keep_mass: tuple[float, ...] = (DEFAULT_KEEP_MASS,)
+    target_modules: TargetSpec = None
+    selection: Selection = "curvature_mass"
+    protect: dict[str, float] = pairs_field("NAME=RHO", "--protect", float)
+    tasks: tuple[str, ...] = ()
+    include_path: tuple[str, ...] = ()
+    limit: float | None = None
+    texts: dict[str, str] = pairs_field("NAME=PATH", "--texts")
+    text_column: str = "text"
+    recitation: dict[str, str] = pairs_field("NAME=PATH", "--recitation")
+    suffix_tokens: int = 8
+    memorized: bool = False
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_protect(self.protect)
+        bad = [rho for rho in self.keep_mass if not 0.0 < rho <= 1.0]
+        if bad:
+            raise UsageError(f"--keep-mass {bad[0]:g} is not in (0, 1]: each value is a fraction of curvature mass "
+                             "to keep, e.g. --keep-mass 0.95 0.9 0.8")
+        if not (self.tasks or self.texts or self.recitation or self.memorized):
+            raise UsageError("name what to measure: --tasks (lm-eval tasks, e.g. curvedit_skills), --texts NAME=PATH "
+                             "(a text or JSONL file), --recitation NAME=PATH or --memorized")
+        if (self.include_path or self.limit is not None) and not self.tasks:
+            raise UsageError("--include-path and --limit set up lm-eval tasks: add --tasks")
 
 
 @dataclass

@@ -114,11 +114,16 @@ def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,
     """Sweep the edits of the factors in ``factors_dir``; write sweep.json, sweep.md and sweep.png to
     ``output_dir``. Returns the `SweepResult` (its ``chosen`` is None when nothing fits the budget)."""
     capabilities = step.capabilities.check() if step.capabilities else None
+    exposure_tasks = exposure_config(step.capabilities, step.exposure_tasks)
+    if step.pick_by == "predicted_cost" and exposure_tasks is None:
+        raise UsageError("--pick-by predicted_cost ranks the candidates by their exposure to lm-eval tasks: name them "
+                         "with --exposure-tasks (or --tasks)")
     with output_lock(output_dir, "hf-curvedit sweep"):
-        return _run_sweep(model, factors_dir, step, Path(output_dir), capabilities)
+        return _run_sweep(model, factors_dir, step, Path(output_dir), capabilities, exposure_tasks)
 
 
-def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out: Path, capabilities: Any) -> Any:
+def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out: Path, capabilities: Any,
+               exposure_tasks: Any) -> Any:
     from ..baselines import BalancedSubnetConfig
     from ..curvature import load_factors
     from ..evaluation import TextSet
@@ -140,9 +145,15 @@ def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out:
     config = SweepConfig(keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
                          baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
-                         capabilities=capabilities, selection=step.selection)
+                         capabilities=capabilities, selection=step.selection, pick_by=step.pick_by,
+                         recitation_tolerance=step.recitation_tolerance)
+    texts = None
+    if exposure_tasks is not None:
+        from ..exposure import lm_eval_task_texts
+
+        texts = lm_eval_task_texts(exposure_tasks, tok)
     result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout, config,
-                         clean=clean, tokenizer=tok)
+                         clean=clean, tokenizer=tok, exposure_texts=texts)
     result.save(out / "sweep.json")
     atomic_write_text(out / "sweep.md", result.report_markdown() + "\n")
     plot_sweep(result, out / "sweep.png")
@@ -214,6 +225,7 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
     from ..tuner.summary import verify_adapter_folder
 
     capabilities = step.capabilities.check() if step.capabilities else None
+    exposure_tasks = exposure_config(step.capabilities, step.exposure_tasks)
     verify_adapter_folder(adapter_dir)  # a damaged or foreign adapter is refused, by name, before any model work
     net, tok = load_model(model)
     if default_task(net).name == "image-classification":
@@ -228,9 +240,25 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
     report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(adapter_dir)}, batch_size=step.batch_size,
                            stress=not step.no_stress, stress_extend=step.stress_steps, stress_shorten=step.stress_steps,
                            capabilities=capabilities)
+    if exposure_tasks is not None:
+        from ..exposure import adapter_exposure, lm_eval_task_texts
+
+        texts = lm_eval_task_texts(exposure_tasks, tok)
+        report.exposure = adapter_exposure(peft_model, texts, tokenizer=tok, batch_size=step.batch_size).exposures(
+            peft_model.active_adapter)
     if output:
         report.save(output)
     return report
+
+
+def exposure_config(capabilities: Any, extra: tuple[str, ...]) -> Any:
+    """The `CapabilityConfig` of the tasks whose exposure is measured: the capability tasks plus ``extra``; None when
+    there are none. Checked (lm-eval installed, every task known) before any model work."""
+    from .settings import CapabilitySettings
+
+    if capabilities is None and not extra:
+        return None
+    return (capabilities or CapabilitySettings(tasks=())).exposure_config(extra)
 
 
 def run_publish(adapter_dir: str | Path, step: PublishStep, out_dir: str | Path, *,

@@ -26,7 +26,7 @@ from ..evaluation.report import EditReport
 # re-exported: they lived here before the tuner owned them
 from ..tuner.summary import jsonable, module_rows, module_rows_from_config  # noqa: F401
 from .card_metadata import eval_results, pipeline_tag_for
-from .card_rows import capability_row, eval_meta, expert_rows, fmt, format_row, module_row
+from .card_rows import capability_rows, eval_meta, expert_rows, fmt, format_row, module_row
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         comparison_plot=inputs.comparison_plot,
         eval_rows=[format_row(r) for r in inputs.report.to_table_rows()] if inputs.report else [],
         eval_meta=eval_meta(inputs.report),
-        capability_rows=[capability_row(r) for r in inputs.report.capabilities.values()] if inputs.report else [],
+        capability_rows=capability_rows(inputs.report),
         config_yaml=config_yaml(cfg),
         versions=framework_versions(),
         citation=CITATION,

@@ -10,7 +10,8 @@ from typing import Any
 from ..evaluation.capabilities import CapabilityResult
 from ..evaluation.report import EditReport, TableRow
 
-__all__ = ["capability_row", "eval_meta", "expert_rows", "fmt", "format_row", "is_percent", "module_row"]
+__all__ = ["capability_row", "capability_rows", "eval_meta", "expert_rows", "fmt", "format_row", "is_percent",
+           "module_row"]
 
 PERCENT_METRICS = ("Strict", "Loose", "Stress full match", "Memorized-label rate", "True-label accuracy", "Accuracy")
 
@@ -48,14 +49,27 @@ def format_row(row: TableRow) -> dict[str, str]:
     return {"metric": metric, "set": row.set, "base": show(row.base), "edited": show(row.edited), "change": change}
 
 
-def capability_row(res: CapabilityResult) -> dict[str, str]:
+def capability_row(res: CapabilityResult, exposure: float | None = None) -> dict[str, str]:
+    """One row of the card's capability table; ``exposure`` is the task's predicted exposure to the edit."""
     def show(value: float, stderr: float | None) -> str:
         return f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
 
     metric = res.metric if res.filter == "none" else f"{res.metric} ({res.filter})"
     shots = "" if res.num_fewshot in (None, 0) else f", {res.num_fewshot}-shot"
     return {"task": res.task, "metric": metric + shots, "n": str(res.n), "base": show(res.base, res.base_stderr),
-            "edited": show(res.edited, res.edited_stderr), "change": f"{res.change:+.3f}"}
+            "edited": show(res.edited, res.edited_stderr), "change": f"{res.change:+.3f}",
+            "exposure": "–" if exposure is None else f"{exposure:.3f}"}
+
+
+def capability_rows(report: EditReport | None) -> list[dict[str, str]]:
+    """The card's capability table: each lm-eval task with its exposure, then each task whose exposure alone was
+    measured (not evaluated)."""
+    if report is None:
+        return []
+    rows = [capability_row(r, report.exposure.get(task)) for task, r in report.capabilities.items()]
+    rows += [{"task": task, "metric": "not evaluated", "n": "–", "base": "–", "edited": "–", "change": "–",
+              "exposure": f"{value:.3f}"} for task, value in report.exposure.items() if task not in report.capabilities]
+    return rows
 
 
 def eval_meta(report: EditReport | None) -> str:

@@ -66,6 +66,12 @@ class SweepConfig:
             the tokenizer).
         selection: which components every candidate keeps, as `CurvatureEditConfig.selection` (``"ekfac_mass"``
             needs the EK-FAC corrected eigenvalues beside the bases).
+        pick_by: ``"recitation"``: the lowest Strict recitation of the primary set within the perplexity budget (ties:
+            the lower perplexity). ``"predicted_cost"``: among the candidates within the budget whose Strict is at most
+            ``recitation_tolerance`` above that lowest one, the one of lowest predicted capability cost (the mean
+            exposure of ``sweep_edits(exposure_texts=...)``), so that lm-eval runs on the pick alone.
+        recitation_tolerance: how much more Strict recitation (a fraction: 0.02 = 2 points) ``"predicted_cost"`` may
+            accept for a lower cost.
     """
 
     keep_masses: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -81,10 +87,17 @@ class SweepConfig:
     balanced_subnet_ratios: tuple[float, ...] = (0.0015, 0.005, 0.01, 0.02, 0.05)
     capabilities: Any = None
     selection: str = "curvature_mass"
+    pick_by: str = "recitation"
+    recitation_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         from ..selection import SELECTIONS
 
+        if self.pick_by not in ("recitation", "predicted_cost"):
+            raise ValueError(f"pick_by must be 'recitation' or 'predicted_cost', got {self.pick_by!r}")
+        if not 0 <= self.recitation_tolerance <= 1:
+            raise ValueError(f"recitation_tolerance is a fraction in [0, 1] (0.02 = 2 points), got "
+                             f"{self.recitation_tolerance}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         self.keep_masses = tuple(self.keep_masses)
@@ -140,6 +153,7 @@ def sweep_edits(
     *,
     clean: TextSet | None = None,
     tokenizer: Any = None,
+    exposure_texts: Mapping[str, Any] | None = None,
     **legacy: Any,
 ) -> SweepResult:
     """Measure every ρ × layer choice and the baselines, and pick the best edit within budget.
@@ -152,7 +166,10 @@ def sweep_edits(
         config: the settings (`SweepConfig`). The settings' names as keywords (``keep_masses=...``, as before the
             config existed) still work, with a DeprecationWarning.
         clean: text BalancedSubnet keeps (its λ term); not the held-out text, which judges every method.
-        tokenizer: needed by ``config.capabilities``.
+        tokenizer: needed by ``config.capabilities`` (and by ``exposure_texts`` given as raw text).
+        exposure_texts: task name → texts (`hf_curvedit.exposure.TaskTexts`, e.g. from `lm_eval_task_texts`): every
+            candidate gets each task's exposure (``point.exposure``) and its predicted capability cost, their mean
+            (``point.predicted_cost``); forward passes only. Needed by ``pick_by="predicted_cost"``.
     """
     if legacy:
         unknown = sorted(set(legacy) - _LEGACY_KEYWORDS)
@@ -165,11 +182,13 @@ def sweep_edits(
         config = SweepConfig(**legacy)
     config = config or SweepConfig()
     general, primary = _check(model, eigen, recitation_sets, config, clean, tokenizer)
+    if config.pick_by == "predicted_cost" and not exposure_texts:
+        raise ValueError("pick_by='predicted_cost' ranks candidates by their exposure: pass exposure_texts (task name "
+                         "-> texts, e.g. lm_eval_task_texts(CapabilityConfig(...), tokenizer))")
     layer_choices = config.layer_choices or {"all": "|".join(re.escape(n) for n in general)}
     measure = _Measure(model, recitation_sets, heldout, config, eigen)
-    points = measure.grid(layer_choices)
-    within = [p for p in points if p.perplexity_change <= config.perplexity_budget]
-    chosen = min(within, key=lambda p: (p.recitation[primary]["strict"], p.perplexity)) if within else None
+    points = measure.grid(layer_choices, _exposure_sets(exposure_texts, tokenizer))
+    chosen = _pick(points, primary, config)
     result = SweepResult(measure.base, points, config.perplexity_budget, primary, chosen,
                          extra=_extra(config), config=config.to_dict())
     if chosen is not None:
@@ -211,6 +230,25 @@ def _check(model: nn.Module, eigen: Any, recitation_sets: Mapping[str, Recitatio
 
 
 
+def _exposure_sets(texts: Mapping[str, Any] | None, tokenizer: Any) -> dict[str, TextSet] | None:
+    from ..exposure.measure import _as_text_set
+
+    return {name: _as_text_set(name, t, tokenizer) for name, t in texts.items()} if texts else None
+
+
+def _pick(points: list[SweepPoint], primary: str, config: SweepConfig) -> SweepPoint | None:
+    """The chosen edit among the measured ones (see `SweepConfig.pick_by`), or None when none fits the budget."""
+    within = [p for p in points if p.perplexity_change <= config.perplexity_budget]
+    if not within:
+        return None
+    strict = lambda p: p.recitation[primary]["strict"]  # noqa: E731
+    if config.pick_by == "recitation":
+        return min(within, key=lambda p: (strict(p), p.perplexity))
+    best = min(strict(p) for p in within)
+    near = [p for p in within if strict(p) <= best + config.recitation_tolerance]
+    return min(near, key=lambda p: (p.predicted_cost, strict(p), p.perplexity))
+
+
 def _extra(config: SweepConfig) -> dict[str, Any]:
     """What an edit must share with the pick besides ρ and modules (checked by `SweepResult.pick_mismatch`)."""
     extra: dict[str, Any] = {"protect": config.protect} if config.protect else {}
@@ -242,14 +280,20 @@ class _Measure:
         return build_curvature_edit(self.model, self.eigen, CurvatureEditConfig(
             keep_mass=rho, target_modules=regex, protect=self.config.protect, selection=self.config.selection))
 
-    def grid(self, layer_choices: Mapping[str, str]) -> list[SweepPoint]:
-        """Every ρ × layer choice."""
+    def grid(self, layer_choices: Mapping[str, str], exposure_texts: Mapping[str, TextSet] | None,
+             ) -> list[SweepPoint]:
+        """Every ρ × layer choice, with each task's exposure when ``exposure_texts`` are given."""
+        from ..exposure import adapter_exposure
+
         points = []
         grid = [(label, regex, rho) for label, regex in layer_choices.items() for rho in self.config.keep_masses]
         for label, regex, rho in tqdm(grid, desc="sweep", unit="edit"):
             edited = self.build(rho, regex)
             try:
                 points.append(self.point("curvedit", label, regex, edited, keep_mass=rho))
+                if exposure_texts:
+                    points[-1].exposure = adapter_exposure(edited, exposure_texts, batch_size=self.config.batch_size,
+                                                           show_progress=False).exposures(edited.active_adapter)
             finally:  # the caller's model comes back without adapter layers, also after an error
                 self.model = edited.unload()
         return points

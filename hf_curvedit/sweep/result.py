@@ -4,6 +4,7 @@ matched perplexity), with its JSON and Markdown forms."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,12 @@ class SweepPoint:
     ratio: float | None = None  # BalancedSubnet: fraction of the masked weights zeroed
     ndcg: float | None = None  # nDCG@10 of the next-token top-10 against the base's
     capabilities: dict[str, float] | None = None  # lm-eval task -> score (the chosen edit, the base, the matches)
+    exposure: dict[str, float] | None = None  # task -> predicted exposure (curvature edits, with exposure texts)
+
+    @property
+    def predicted_cost(self) -> float:
+        """The predicted capability cost: the mean exposure over the tasks (NaN when none was measured)."""
+        return sum(self.exposure.values()) / len(self.exposure) if self.exposure else math.nan
 
     @property
     def knob(self) -> str:
@@ -100,15 +107,17 @@ class SweepResult:
         protect = self.extra.get("protect") or {}
         kept = f" protecting {', '.join(f'{n} (ρ={r:g})' for n, r in protect.items())}" if protect else ""
         return (f"chosen: {c.layers} ρ={c.keep_mass:g}{kept}: {s} Strict {100 * self.base.recitation[s]['strict']:.1f}%"
-                f" → {100 * c.recitation[s]['strict']:.1f}%, perplexity {c.perplexity_change * 100:+.1f}%")
+                f" → {100 * c.recitation[s]['strict']:.1f}%, perplexity {c.perplexity_change * 100:+.1f}%"
+                + (f", predicted capability cost {c.predicted_cost:.3f}" if c.exposure else ""))
 
     def to_markdown(self, points: Sequence[SweepPoint] | None = None) -> str:
         """A Markdown table: one row per point (default: the base and every point), Strict/Loose/AvgLev per set,
         perplexity and its change, nDCG@10 and the capability scores where measured."""
         sets = list(self.base.recitation)
         tasks = list(self.base.capabilities or {})
+        exposed = any(p.exposure for p in self.points)
         head = ["method", "layers", "setting"] + [f"{s} {m}" for s in sets for m in ("Strict %", "Loose %", "AvgLev")]
-        head += ["PPL", "ΔPPL", "nDCG@10"] + tasks
+        head += ["PPL", "ΔPPL", "nDCG@10"] + (["predicted cost"] if exposed else []) + tasks
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         matched = {id(p): name for name, p in self.matches.items()}
         for p in [self.base, *self.points] if points is None else points:
@@ -119,10 +128,15 @@ class SweepResult:
                 cells += [f"{100 * r['strict']:.1f}", f"{100 * r['loose']:.1f}", f"{r['avg_lev']:.3f}"]
             cells += [f"{p.perplexity:.3f}", f"{100 * p.perplexity_change:+.1f}%",
                       "–" if p.ndcg is None else f"{p.ndcg:.3f}"]
+            cells += ([f"{p.predicted_cost:.3f}" if p.exposure else "–"] if exposed else [])
             cells += ["–" if not p.capabilities or t not in p.capabilities else f"{p.capabilities[t]:.3f}"
                       for t in tasks]
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join(rows)
+
+    def ranked_by_cost(self) -> list[SweepPoint]:
+        """The curvature edits with a predicted cost, cheapest first (see `SweepPoint.predicted_cost`)."""
+        return sorted((p for p in self.points if p.exposure), key=lambda p: p.predicted_cost)
 
     def pick_mismatch(self, adapter_config: Mapping[str, Any]) -> str | None:
         """How an adapter's config (``adapter_config.json`` content) differs from the sweep's pick, or ``None`` when

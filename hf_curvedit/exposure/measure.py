@@ -1,0 +1,256 @@
+"""Measuring exposure: one forward pass of the base model over each task's texts, with a hook on every edited linear
+layer that compares the layer's output ``W a`` with the edited layer's ``W′ a`` for each candidate edit at once.
+
+``W′ a`` comes from the edit's exact factorization (``B (Qᵀ a)`` or ``Q (Bᵀ a)``), so a candidate costs two thin
+matrix products per layer and token; no candidate is built as an adapter and nothing is generated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..edit import CurvatureEdit
+from ..evaluation._common import batched, model_device, progress, resolve_pad_id, right_pad
+from ..evaluation.perplexity import resolve_block_size
+from ..evaluation.sets import RecitationSet, TextSet
+from .report import ExposureReport
+from .texts import recitation_texts
+
+__all__ = ["TaskTexts", "adapter_exposure", "measure_exposure", "predict_exposure"]
+
+# A task's texts: a TextSet, a RecitationSet (prefix + suffix), raw strings (with a tokenizer) or token-id lists.
+TaskTexts = TextSet | RecitationSet | Sequence[str] | Sequence[Sequence[int]]
+
+
+def _as_text_set(name: str, texts: TaskTexts, tokenizer: Any) -> TextSet:
+    if isinstance(texts, TextSet):
+        return texts
+    if isinstance(texts, RecitationSet):
+        return recitation_texts({name: texts})[name]
+    items = list(texts)
+    if not items:
+        raise ValueError(f"task {name!r} has no texts")
+    if isinstance(items[0], str):
+        if tokenizer is None:
+            raise ValueError(f"task {name!r} is given as raw text: pass tokenizer=, or token ids (a TextSet)")
+        return TextSet.from_texts(items, tokenizer)
+    return TextSet(items)
+
+
+class _LayerProbe:
+    """The hook of one linear layer: Σ‖W a‖² and, per candidate, Σ‖(W − W′) a‖² over the unmasked tokens (float64)."""
+
+    def __init__(self, weight: torch.Tensor, edits: Mapping[str, CurvatureEdit]):
+        self.dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.weight = weight.detach().to(self.dtype)
+        self.edits = {c: (e.Q.to(weight.device, self.dtype), e.B.to(weight.device, self.dtype), e.q_side)
+                      for c, e in edits.items()}
+        self.mask: torch.Tensor | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=self.weight.device)  # noqa: E731
+        self.total = zero()
+        self.removed = {c: zero() for c in self.edits}
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        a = args[0]
+        assert self.mask is not None
+        if a.shape[:-1] != self.mask.shape:
+            raise RuntimeError(f"a layer's input has shape {tuple(a.shape)}, not (batch, tokens, features) for the "
+                               f"batch's {tuple(self.mask.shape)} tokens: exposure measures token sequences")
+        a = a[self.mask].to(self.dtype)
+        y = a @ self.weight.T
+        self.total += y.double().square().sum()
+        for c, (Q, B, side) in self.edits.items():
+            kept = (a @ Q) @ B.T if side == "input" else (a @ B) @ Q.T
+            self.removed[c] += (y - kept).double().square().sum()
+
+
+@contextlib.contextmanager
+def _probes(model: nn.Module, candidates: Mapping[str, Mapping[str, CurvatureEdit]],
+            ) -> Iterator[dict[str, _LayerProbe]]:
+    from ..tuner.locate import edit_candidates, logical_weight
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = {name: module for name, module, param in edit_candidates(inner) if param is None}
+    names = list(dict.fromkeys(n for edits in candidates.values() for n in edits))
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"the edits name modules this model lacks (or that are not linear layers): {missing[:4]}")
+    probes, handles = {}, []
+    try:
+        for name in names:
+            module = modules[name]
+            probe = _LayerProbe(logical_weight(module), {c: e[name] for c, e in candidates.items() if name in e})
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            handles.append(base.register_forward_hook(probe))
+            probes[name] = probe
+        yield probes
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def measure_exposure(
+    model: nn.Module,
+    candidates: Mapping[str, Mapping[str, CurvatureEdit]],
+    tasks: Mapping[str, TaskTexts],
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    pad_token_id: int | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    show_progress: bool = True,
+) -> ExposureReport:
+    """The exposure of each task to each candidate edit, from one forward pass of the base model per task.
+
+    Args:
+        model: the unedited model (a `PeftModel` runs with its adapters disabled).
+        candidates: candidate label → module name → its `CurvatureEdit` (what `compute_module_edits` returns, or
+            the edits an adapter holds).
+        tasks: task name → its texts (see `TaskTexts`); sequences longer than the model's context are cut.
+        tokenizer: for tasks given as raw text; also gives the pad id.
+    """
+    if not candidates:
+        raise ValueError("no candidate edits to measure")
+    if not tasks:
+        raise ValueError("no tasks to measure: give at least one task's texts")
+    text_sets = {name: _as_text_set(name, t, tokenizer) for name, t in tasks.items()}
+    pad_id = resolve_pad_id(pad_token_id, tokenizer=tokenizer, model=model)
+    max_len, _ = resolve_block_size(model, None, None)
+    device = model_device(model)
+    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    shares: dict[str, dict[str, dict[str, float]]] = {c: {} for c in candidates}
+    tokens: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with disable, _probes(model, candidates) as probes:
+            for task, text_set in text_sets.items():
+                for p in probes.values():
+                    p.reset()
+                n = 0
+                seqs = [s[:max_len] for s in text_set.sequences if s]
+                for chunk in progress(list(batched(seqs, batch_size)), show_progress, desc=f"exposure {task}",
+                                      unit="batch"):
+                    ids, mask = right_pad(chunk, pad_id, device)
+                    for p in probes.values():
+                        p.mask = mask.bool()
+                    model(input_ids=ids, attention_mask=mask)
+                    n += int(mask.sum())
+                tokens[task] = n
+                for c in candidates:
+                    shares[c][task] = {name: float(p.removed[c] / p.total) if p.total > 0 else 0.0
+                                       for name, p in probes.items() if c in p.removed}
+    finally:
+        model.train(was_training)
+    return ExposureReport(shares, tokens, {c: dict(v) for c, v in (settings or {}).items()})
+
+
+def _dense_only(edits: Mapping[str, Any], skipped: list[str]) -> dict[str, CurvatureEdit]:
+    out = {}
+    for name, e in edits.items():
+        if isinstance(e, CurvatureEdit):
+            out[name] = e
+        elif name not in skipped:
+            skipped.append(name)
+    return out
+
+
+def _warn_skipped(skipped: list[str]) -> None:
+    if skipped:
+        warnings.warn(f"exposure covers linear layers; {len(skipped)} mixture-of-experts projections of the edit are "
+                      f"not measured (e.g. {skipped[0]})", stacklevel=3)
+
+
+def predict_exposure(
+    model: nn.Module,
+    eigen: Any,
+    tasks: Mapping[str, TaskTexts],
+    keep_masses: Sequence[float],
+    config: Any = None,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> ExposureReport:
+    """Predict, before any edit exists, how much of each task's signal the edit at each ρ would remove.
+
+    Args:
+        model: the model the factors were fitted on.
+        eigen: its eigenbases, as for `build_curvature_edit` (with ``config.protect``, a dict of factor sets).
+        tasks: task name → texts (`TaskTexts`), e.g. `lm_eval_task_texts(CapabilityConfig(...), tokenizer)`.
+        keep_masses: the ρ values to compare (one candidate each, labelled ``ρ=0.9``).
+        config: a `CurvatureEditConfig` for everything but ρ (target modules, protected domains, selection, rank
+            cap); default ``CurvatureEditConfig()``.
+
+    Example:
+        ```py
+        >>> tasks = lm_eval_task_texts(CapabilityConfig(tasks=["curvedit_skills"], include_path=[...]), tok)
+        >>> report = predict_exposure(model, eigen, tasks, [0.95, 0.9, 0.8], CurvatureEditConfig(target_modules=...))
+        >>> print(report.to_markdown())
+        ```
+    """
+    from ..tuner import CurvatureEditConfig
+    from ..tuner.build import compute_module_edits, open_eigen, split_factor_sets
+
+    if not keep_masses:
+        raise ValueError("give at least one ρ (keep_masses)")
+    config = config if config is not None else CurvatureEditConfig()
+    general, domains = split_factor_sets(eigen, config)
+    general, _ = open_eigen(general, {})
+    protect_eigen = {d: open_eigen(src, {})[0] for d, src in domains.items()}
+    candidates, settings, skipped = {}, {}, []
+    for rho in keep_masses:
+        cfg = dataclasses.replace(config, keep_mass=float(rho), edited_modules={})
+        label = f"ρ={float(rho):g}"
+        candidates[label] = _dense_only(compute_module_edits(model, general, cfg, protect_eigen), skipped)
+        settings[label] = {"keep_mass": float(rho), "target_modules": cfg.target_modules, "protect": dict(cfg.protect),
+                           "selection": cfg.selection}
+    _warn_skipped(skipped)
+    report = measure_exposure(model, candidates, tasks, tokenizer=tokenizer, batch_size=batch_size,
+                              settings=settings, show_progress=show_progress)
+    report.skipped = skipped
+    return report
+
+
+def adapter_exposure(
+    model: nn.Module,
+    tasks: Mapping[str, TaskTexts],
+    adapter_name: str | None = None,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> ExposureReport:
+    """The exposure of each task to an edit that exists: the curvature-edit adapter ``adapter_name`` (default: the
+    active one) of a `PeftModel`, measured on the base model's activations (adapters disabled during the pass)."""
+    from ..tuner.experts import CurvatureEditExperts
+    from ..tuner.locate import iter_layers
+
+    name = adapter_name or model.active_adapter
+    edits, skipped = {}, []
+    for module_name, layer in iter_layers(model):
+        if isinstance(layer, CurvatureEditExperts):
+            skipped.extend(f"{module_name}.{p}" for p in layer.params_of(name))
+        elif layer.has_edit(name):
+            edits[module_name] = layer.edit(name)
+    if not edits:
+        raise ValueError(f"adapter {name!r} holds no curvature edit of a linear layer to measure")
+    _warn_skipped(skipped)
+    cfg = model.peft_config[name]
+    settings = {name: {"keep_mass": cfg.keep_mass, "target_modules": cfg.target_modules, "protect": dict(cfg.protect),
+                       "selection": cfg.selection}}
+    report = measure_exposure(model, {name: edits}, tasks, tokenizer=tokenizer, batch_size=batch_size,
+                              settings=settings, show_progress=show_progress)
+    report.skipped = skipped
+    return report
