@@ -5,7 +5,8 @@ Importing this package registers the ``CURVEDIT`` PEFT method, so that ``PeftMod
 
 The flow: `fit_factors` (K-FAC factors over ordinary text) → `eigendecompose` → `build_curvature_edit`
 (a PEFT adapter per `CurvatureEditConfig`) → `evaluate_edit` (an `EditReport`) → `hf_curvedit.publish.publish`
-(model card and Hub upload). See docs/method.md for the method.
+(model card and Hub upload). `predict_exposure` predicts which tasks an edit will hurt before it is built. See
+docs/method.md for the method.
 """
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ from .evaluation import (
     recitation_scores,
     stress_test,
 )
+from .exposure import ExposureReport, adapter_exposure, lm_eval_task_texts, predict_exposure
 from .integrity import DamagedFileError, FolderInUseError
 from .publish import CardOptions, HubOptions, PublishError, PublishResult, push_folder, render_card
 from .selection import (
@@ -90,4 +92,5 @@ __all__ = [
     "fit_factors", "load_factors", "metric_path", "perplexity", "publish", "push_folder", "recitation_scores",
     "render_card", "resolve_target_modules", "select_cutoffs", "stress_test",
     "CorrectedSelection", "EigenCorrection", "corrected_mass_selection", "fit_eigen_correction",
+    "ExposureReport", "adapter_exposure", "lm_eval_task_texts", "predict_exposure",
 ]

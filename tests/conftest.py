@@ -16,6 +16,18 @@ pytest_plugins = ["hub_fixtures"]
 
 
 @pytest.fixture
+def model_dir(tmp_path):
+    """A folder holding a tiny Llama with the byte tokenizer, as `from_pretrained` and the CLI's --model read it."""
+    from hf_curvedit.default import byte_tokenizer
+
+    tok = byte_tokenizer()
+    d = tmp_path / "model"
+    tiny_llama(vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
 def llama():
     return tiny_llama()
 

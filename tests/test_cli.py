@@ -7,22 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import tiny_llama, write_choice_task
+from testing_utils import write_choice_task
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import load_factors
 from hf_curvedit.cli import main
-from hf_curvedit.default import LM_EVAL_TASKS_DIR, byte_tokenizer
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    tok = byte_tokenizer()
-    model = tiny_llama(vocab_size=len(tok))
-    d = tmp_path / "model"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+from hf_curvedit.default import LM_EVAL_TASKS_DIR
 
 
 @pytest.fixture

@@ -155,28 +155,24 @@ def test_bad_input_is_refused(model):
                          CurvatureEditConfig(target_modules=TARGETS, protect={"x": 0.9}))
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    from testing_utils import tiny_llama
+def _fit_prose(tmp_path, model_dir):
+    """``hf-curvedit fit`` on a short prose file: ``(prose file, factors folder)``."""
+    from hf_curvedit.cli import main
 
-    from hf_curvedit.default import byte_tokenizer
-
-    tok = byte_tokenizer()
-    d = tmp_path / "model"
-    tiny_llama(vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    prose = tmp_path / "prose.txt"
+    prose.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    factors = tmp_path / "factors"
+    assert main(["fit", "--model", str(model_dir), "--data", str(prose), "--output-dir", str(factors), "--seq-len",
+                 "32", "--batch-size", "4", "--max-tokens", "512"]) == 0
+    return prose, factors
 
 
 def test_cli_exposure_prints_and_writes_the_report(tmp_path, model_dir, capsys):
     from hf_curvedit.cli import main
 
-    prose, sums = tmp_path / "prose.txt", tmp_path / "sums.jsonl"
-    prose.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    prose, factors = _fit_prose(tmp_path, model_dir)
+    sums = tmp_path / "sums.jsonl"
     sums.write_text("".join(json.dumps({"text": f"{a}+{b}={a + b}"}) + "\n" for a in range(10, 30) for b in (3, 7)))
-    factors = tmp_path / "factors"
-    assert main(["fit", "--model", str(model_dir), "--data", str(prose), "--output-dir", str(factors), "--seq-len",
-                 "32", "--batch-size", "4", "--max-tokens", "512"]) == 0
     capsys.readouterr()
     out = tmp_path / "exposure.json"
     args = ["exposure", "--model", str(model_dir), "--factors", str(factors), "--keep-mass", "0.9", "0.5",
@@ -217,11 +213,7 @@ def test_lm_eval_tasks_as_texts_and_exposure_on_the_card(tmp_path, model_dir, ca
     assert texts["tiny_yes"].sequences == [tok("Is it? A: yes", add_special_tokens=False)["input_ids"],
                                            tok("Or not? A: no", add_special_tokens=False)["input_ids"]]
 
-    prose = tmp_path / "prose.txt"
-    prose.write_text("The quick brown fox jumps over the lazy dog. " * 60)
-    factors = tmp_path / "factors"
-    assert main(["fit", "--model", str(model_dir), "--data", str(prose), "--output-dir", str(factors), "--seq-len",
-                 "32", "--batch-size", "4", "--max-tokens", "512"]) == 0
+    prose, factors = _fit_prose(tmp_path, model_dir)
     assert main(["edit", "--model", str(model_dir), "--factors", str(factors), "--keep-mass", "0.5",
                  "--output-dir", str(tmp_path / "edit")]) == 0
     adapter = tmp_path / "edit" / "rho0.5"

@@ -9,13 +9,12 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from testing_utils import brute_force_mask, edit_llama, random_eigen, tiny_llama
+from testing_utils import brute_force_mask, edit_llama, random_eigen
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import CurvatureEditConfig, build_curvature_edit
 from hf_curvedit.cli import main
 from hf_curvedit.curvature.eigen import ModuleEigen
-from hf_curvedit.default import byte_tokenizer
 from hf_curvedit.edit import compute_edit
 
 TARGETS = r"model\.layers\.1\.mlp\.(gate|up|down)_proj"
@@ -127,15 +126,6 @@ def test_protect_input_errors():
     with pytest.raises(ValueError, match="protected domain 'math' have no module 'model.layers.1.mlp.gate_proj'"):
         build_curvature_edit(base, {"general": eig, "math": partial},
                              CurvatureEditConfig(target_modules=names, protect={"math": 0.9}))
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    tok = byte_tokenizer()
-    d = tmp_path / "model"
-    tiny_llama(vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def test_cli_fit_name_then_edit_and_sweep_with_protect(tmp_path, model_dir, capsys):

@@ -23,7 +23,7 @@ from ..evaluation.sets import RecitationSet, TextSet
 from .report import ExposureReport
 from .texts import recitation_texts
 
-__all__ = ["TaskTexts", "adapter_exposure", "measure_exposure", "predict_exposure"]
+__all__ = ["TaskTexts", "adapter_edits", "adapter_exposure", "measure_exposure", "predict_exposure"]
 
 # A task's texts: a TextSet, a RecitationSet (prefix + suffix), raw strings (with a tokenizer) or token-id lists.
 TaskTexts = TextSet | RecitationSet | Sequence[str] | Sequence[Sequence[int]]
@@ -139,7 +139,8 @@ def measure_exposure(
                 for p in probes.values():
                     p.reset()
                 n = 0
-                seqs = [s[:max_len] for s in text_set.sequences if s]
+                # sums do not depend on the order: batching texts of similar length wastes less on padding
+                seqs = sorted((s[:max_len] for s in text_set.sequences if s), key=len)
                 for chunk in progress(list(batched(seqs, batch_size)), show_progress, desc=f"exposure {task}",
                                       unit="batch"):
                     ids, mask = right_pad(chunk, pad_id, device)
@@ -223,6 +224,22 @@ def predict_exposure(
     return report
 
 
+def adapter_edits(model: nn.Module, adapter_name: str, skipped: list[str] | None = None) -> dict[str, CurvatureEdit]:
+    """The edits of linear layers the curvature-edit adapter ``adapter_name`` holds in ``model`` (module name →
+    `CurvatureEdit`); the names of its expert projections, which exposure does not measure, go to ``skipped``."""
+    from ..tuner.experts import CurvatureEditExperts
+    from ..tuner.locate import iter_layers
+
+    edits = {}
+    for module_name, layer in iter_layers(model):
+        if isinstance(layer, CurvatureEditExperts):
+            if skipped is not None:
+                skipped.extend(f"{module_name}.{p}" for p in layer.params_of(adapter_name))
+        elif layer.has_edit(adapter_name):
+            edits[module_name] = layer.edit(adapter_name)
+    return edits
+
+
 def adapter_exposure(
     model: nn.Module,
     tasks: Mapping[str, TaskTexts],
@@ -234,16 +251,9 @@ def adapter_exposure(
 ) -> ExposureReport:
     """The exposure of each task to an edit that exists: the curvature-edit adapter ``adapter_name`` (default: the
     active one) of a `PeftModel`, measured on the base model's activations (adapters disabled during the pass)."""
-    from ..tuner.experts import CurvatureEditExperts
-    from ..tuner.locate import iter_layers
-
     name = adapter_name or model.active_adapter
-    edits, skipped = {}, []
-    for module_name, layer in iter_layers(model):
-        if isinstance(layer, CurvatureEditExperts):
-            skipped.extend(f"{module_name}.{p}" for p in layer.params_of(name))
-        elif layer.has_edit(name):
-            edits[module_name] = layer.edit(name)
+    skipped: list[str] = []
+    edits = adapter_edits(model, name, skipped)
     if not edits:
         raise ValueError(f"adapter {name!r} holds no curvature edit of a linear layer to measure")
     _warn_skipped(skipped)

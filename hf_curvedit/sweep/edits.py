@@ -282,20 +282,25 @@ class _Measure:
 
     def grid(self, layer_choices: Mapping[str, str], exposure_texts: Mapping[str, TextSet] | None,
              ) -> list[SweepPoint]:
-        """Every ρ × layer choice, with each task's exposure when ``exposure_texts`` are given."""
-        from ..exposure import adapter_exposure
+        """Every ρ × layer choice, with each task's exposure when ``exposure_texts`` are given: every candidate's
+        edits are kept until one forward pass per task has measured them all."""
+        from ..exposure.measure import adapter_edits, measure_exposure
 
-        points = []
+        points, edits = [], {}
         grid = [(label, regex, rho) for label, regex in layer_choices.items() for rho in self.config.keep_masses]
         for label, regex, rho in tqdm(grid, desc="sweep", unit="edit"):
             edited = self.build(rho, regex)
             try:
                 points.append(self.point("curvedit", label, regex, edited, keep_mass=rho))
                 if exposure_texts:
-                    points[-1].exposure = adapter_exposure(edited, exposure_texts, batch_size=self.config.batch_size,
-                                                           show_progress=False).exposures(edited.active_adapter)
+                    edits[len(points) - 1] = adapter_edits(edited, edited.active_adapter)
             finally:  # the caller's model comes back without adapter layers, also after an error
                 self.model = edited.unload()
+        if exposure_texts:
+            report = measure_exposure(self.model, {str(i): e for i, e in edits.items()}, exposure_texts,
+                                      batch_size=self.config.batch_size, show_progress=False)
+            for i in edits:
+                points[i].exposure = report.exposures(str(i))
         return points
 
     def baselines(self, result: SweepResult, clean: TextSet | None) -> dict[int, Any]:
