@@ -241,3 +241,18 @@ def test_lm_eval_tasks_as_texts_and_exposure_on_the_card(tmp_path, model_dir, ca
     assert main(["exposure", "--model", str(model_dir), "--factors", str(factors), "--tasks", "tiny_maybe",
                  "--include-path", str(tasks)]) == 2
     assert "unknown lm-eval task" in capsys.readouterr().err
+
+
+def test_evaluate_edit_records_exposure(tmp_path):
+    from hf_curvedit import EditReport, evaluate_edit
+
+    base = edit_llama(seed=4)
+    eigen = random_eigen(base, seed=3)
+    edited = build_curvature_edit(base, eigen, CurvatureEditConfig(keep_mass=0.6, target_modules=TARGETS))
+    tasks = {"a": TextSet(_rows(4, 5)), "b": TextSet(_rows(3, 6))}
+    report = evaluate_edit(edited, {"heldout": TextSet(_rows(3, 7))}, exposure=tasks, show_progress=False)
+    want = adapter_exposure(edited, tasks, show_progress=False).exposures("default")
+    assert report.exposure == want and all(0 < v < 1 for v in want.values())
+    assert EditReport.load(report.save(tmp_path / "report.json")).exposure == want
+    with pytest.raises(ValueError, match="curvature-edit PeftModel"):
+        evaluate_edit(edit_llama(seed=4), {"heldout": TextSet(_rows(3, 7))}, base_model=base, exposure=tasks)

@@ -140,6 +140,7 @@ def evaluate_edit(
     config: EvalConfig | None = None,
     metadata: Mapping[str, Any] | None = None,
     capabilities: CapabilityConfig | None = None,
+    exposure: Mapping[str, Any] | None = None,
     **config_kwargs: Any,
 ) -> EditReport:
     """Measure an edit: recitation (+ stress test) on every recitation set, perplexity and nDCG@k on every
@@ -160,6 +161,9 @@ def evaluate_edit(
         metadata: extra JSON-serializable entries for ``report.metadata.extra``.
         capabilities: lm-evaluation-harness tasks to run on the base and the edited model (see
             [`evaluate_capabilities`]); their settings go to ``report.metadata.extra["capabilities"]``.
+        exposure: task name → texts (e.g. `lm_eval_task_texts` of the capability tasks and of tasks not run): each
+            task's exposure to the edit goes to ``report.exposure`` (`hf_curvedit.exposure.adapter_exposure`; needs
+            ``model`` to be the curvature-edit `PeftModel`).
 
     Example:
         ```py
@@ -170,7 +174,7 @@ def evaluate_edit(
         ```
     """
     cfg = dataclasses.replace(config, **config_kwargs) if config is not None else EvalConfig(**config_kwargs)
-    if not sets and capabilities is None:
+    if not sets and capabilities is None and not exposure:
         raise ValueError("no evaluation sets given (and no capability tasks)")
     eval_sets = {name: as_eval_set(s, tokenizer) for name, s in sets.items()}
     if capabilities is not None:
@@ -179,6 +183,8 @@ def evaluate_edit(
         check_tasks(capabilities)  # an unknown task or unreachable data fails before any measurement
     from peft import PeftModel
 
+    if exposure and not isinstance(model, PeftModel):
+        raise ValueError("exposure is measured from the edit's adapter: pass the curvature-edit PeftModel as `model`")
     if isinstance(model, PeftModel):
         if base_model is not None:
             raise ValueError("`model` is a PeftModel, whose base is the model with the adapter disabled; "
@@ -206,6 +212,11 @@ def evaluate_edit(
     report = EditReport(metadata=_metadata(model, base_model, cfg, extra))
     if capabilities is not None:
         report.capabilities = report_caps
+    if exposure:
+        from ..exposure import adapter_exposure
+
+        report.exposure = adapter_exposure(model, exposure, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                                           show_progress=cfg.show_progress).exposures(model.active_adapter)
     for name in base_m.recitation:
         report.recitation[name] = RecitationComparison(base_m.recitation[name], edited_m.recitation[name])
     for name in base_m.stress:
