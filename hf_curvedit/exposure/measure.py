@@ -23,13 +23,14 @@ from ..evaluation.sets import RecitationSet, TextSet
 from .report import ExposureReport
 from .texts import recitation_texts
 
-__all__ = ["TaskTexts", "adapter_edits", "adapter_exposure", "measure_exposure", "predict_exposure"]
+__all__ = ["TaskTexts", "adapter_edits", "adapter_exposure", "measure_exposure", "predict_exposure", "task_text_set"]
 
 # A task's texts: a TextSet, a RecitationSet (prefix + suffix), raw strings (with a tokenizer) or token-id lists.
 TaskTexts = TextSet | RecitationSet | Sequence[str] | Sequence[Sequence[int]]
 
 
-def _as_text_set(name: str, texts: TaskTexts, tokenizer: Any) -> TextSet:
+def task_text_set(name: str, texts: TaskTexts, tokenizer: Any = None) -> TextSet:
+    """One task's texts (any form of `TaskTexts`) as a `TextSet`; raw text needs the tokenizer."""
     if isinstance(texts, TextSet):
         return texts
     if isinstance(texts, RecitationSet):
@@ -66,7 +67,7 @@ class _LayerProbe:
         if a.shape[:-1] != self.mask.shape:
             raise RuntimeError(f"a layer's input has shape {tuple(a.shape)}, not (batch, tokens, features) for the "
                                f"batch's {tuple(self.mask.shape)} tokens: exposure measures token sequences")
-        a = a[self.mask].to(self.dtype)
+        a = a[self.mask.to(a.device)].to(self.dtype)  # a model split over devices (device_map) has layers on each
         y = a @ self.weight.T
         self.total += y.double().square().sum()
         for c, (Q, B, side) in self.edits.items():
@@ -124,7 +125,7 @@ def measure_exposure(
         raise ValueError("no candidate edits to measure")
     if not tasks:
         raise ValueError("no tasks to measure: give at least one task's texts")
-    text_sets = {name: _as_text_set(name, t, tokenizer) for name, t in tasks.items()}
+    text_sets = {name: task_text_set(name, t, tokenizer) for name, t in tasks.items()}
     pad_id = resolve_pad_id(pad_token_id, tokenizer=tokenizer, model=model)
     max_len, _ = resolve_block_size(model, None, None)
     device = model_device(model)

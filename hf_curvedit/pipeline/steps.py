@@ -232,11 +232,11 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
         raise UsageError("`evaluate` measures language models; for an image classifier use the Python API: "
                          "evaluate_edit(peft_model, {name: ImageClassificationSet.from_dataset(...)})")
     peft_model = PeftModel.from_pretrained(net, str(adapter_dir))
-    texts = None
+    task_texts = None
     if exposure_tasks is not None:
         from ..exposure import lm_eval_task_texts
 
-        texts = lm_eval_task_texts(exposure_tasks, tok)
+        task_texts = lm_eval_task_texts(exposure_tasks, tok)
     sets: dict[str, Any] = recitation_sets(step.recitation, tok, step.suffix_tokens)
     if not sets and model is None:
         sets = default_recitation_sets(tok)
@@ -244,7 +244,7 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
     sets["heldout"] = TextSet.from_texts(texts, tok)
     report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(adapter_dir)}, batch_size=step.batch_size,
                            stress=not step.no_stress, stress_extend=step.stress_steps, stress_shorten=step.stress_steps,
-                           capabilities=capabilities, exposure=texts)
+                           capabilities=capabilities, exposure=task_texts)
     if output:
         report.save(output)
     return report

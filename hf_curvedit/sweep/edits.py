@@ -231,9 +231,10 @@ def _check(model: nn.Module, eigen: Any, recitation_sets: Mapping[str, Recitatio
 
 
 def _exposure_sets(texts: Mapping[str, Any] | None, tokenizer: Any) -> dict[str, TextSet] | None:
-    from ..exposure.measure import _as_text_set
+    # converted before the grid runs, so that texts that cannot be read fail before the first measurement
+    from ..exposure.measure import task_text_set
 
-    return {name: _as_text_set(name, t, tokenizer) for name, t in texts.items()} if texts else None
+    return {name: task_text_set(name, t, tokenizer) for name, t in texts.items()} if texts else None
 
 
 def _pick(points: list[SweepPoint], primary: str, config: SweepConfig) -> SweepPoint | None:
