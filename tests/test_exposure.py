@@ -87,6 +87,7 @@ def test_adapter_exposure_equals_prediction_and_survives_reload(model, tmp_path)
     for t in tasks:
         assert measured.exposure("default", t) == pytest.approx(predicted.exposure("ρ=0.7", t), rel=1e-5)
     assert measured.settings["default"]["keep_mass"] == 0.7
+    assert measured.memorized == ["mem"] and measured.cost("default") == measured.exposure("default", "a")
     # the pass ran with the adapter off, and left it on
     with torch.no_grad():
         assert torch.equal(edited(torch.tensor([[1, 2, 3]])).logits, logits)
@@ -125,14 +126,14 @@ def test_protected_domain_exposure_falls_when_protected(tmp_path):
 def test_report_round_trip_and_combination(tmp_path):
     assert combine_shares({"a": 0.5, "b": 0.5}) == pytest.approx(0.75)
     assert combine_shares({}) == 0.0
-    report = ExposureReport({"x": {"t": {"m": 0.2}}, "y": {"t": {"m": 0.1, "n": 0.1}}}, {"t": 10},
-                            {"x": {"keep_mass": 0.8}})
+    report = ExposureReport({"x": {"t": {"m": 0.2}, "mem": {"m": 0.9}}, "y": {"t": {"m": 0.1, "n": 0.1}, "mem": {}}},
+                            {"t": 10, "mem": 4}, {"x": {"keep_mass": 0.8}}, memorized=["mem"])
     assert report.ranked() == ["y", "x"]
     path = report.save(tmp_path / "exposure.json")
     data = json.loads(path.read_text())
     assert data["exposure"]["y"]["t"] == pytest.approx(0.19) and data["cost"]["x"] == pytest.approx(0.2)
     assert ExposureReport.load(path) == report
-    assert "| y | 0.190 | 0.190 |" in report.to_markdown()
+    assert "| y | 0.190 | 0.000 | 0.190 |" in report.to_markdown() and "mem (memorized)" in report.to_markdown()
     with pytest.raises(KeyError, match="candidates: \\['x', 'y'\\]"):
         report.exposure("z", "t")
     (tmp_path / "bad.json").write_text('{"shares": 1')
@@ -179,9 +180,11 @@ def test_cli_exposure_prints_and_writes_the_report(tmp_path, model_dir, capsys):
             "--texts", f"sums={sums}", "--recitation", f"fox={prose}"]
     assert main([*args, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| edit | sums | fox | mean (predicted cost) |" in printed and "2 tasks" in printed
+    assert "| edit | sums | fox (memorized) | predicted cost (mean over tasks) |" in printed and "2 tasks" in printed
     report = ExposureReport.load(out)
-    assert report.ranked() == ["ρ=0.9", "ρ=0.5"]
+    assert report.ranked() == ["ρ=0.9", "ρ=0.5"] and report.memorized == ["fox"]
+    # the memorized set is measured, but it is no capability: the cost is the one task's exposure
+    assert report.cost("ρ=0.5") == report.exposure("ρ=0.5", "sums") != report.exposure("ρ=0.5", "fox")
     assert 0 < report.exposure("ρ=0.9", "sums") < report.exposure("ρ=0.5", "sums") < 1
     # bad input: exit 2 with the fix named, before any model work
     for bad, message in ((["--keep-mass", "1.5"], "--keep-mass 1.5 is not in (0, 1]"),

@@ -203,11 +203,13 @@ def test_sweep_ranks_candidates_by_predicted_cost(setup, tmp_path):
 
     model, eigen, rec, heldout = setup
     tasks = {"skill": TextSet(random_token_rows(5, lo=10, hi=20, seed=11)), "other": TextSet([[3, 4, 5, 6, 7]])}
+    measured = {**tasks, "mem": rec}  # a memorized set is measured by the sweep itself: no part of the cost
     choices = {"L1": r".*layers\.1\.mlp\.(gate|up)_proj", "all": r".*mlp\.\w+_proj"}
     config = SweepConfig(keep_masses=(0.3, 0.6, 0.9), perplexity_budget=10.0, layer_choices=choices,
                          pick_by="predicted_cost", recitation_tolerance=1.0)
-    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, exposure_texts=tasks)
+    result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, exposure_texts=measured)
     edits = [p for p in result.points if p.method == "curvedit"]
+    assert all(set(p.exposure) == set(tasks) for p in edits)
     # each candidate's exposure is the prediction from the eigenbases for the same edit
     from hf_curvedit import CurvatureEditConfig
 

@@ -118,7 +118,8 @@ def measure_exposure(
         model: the unedited model (a `PeftModel` runs with its adapters disabled).
         candidates: candidate label → module name → its `CurvatureEdit` (what `compute_module_edits` returns, or
             the edits an adapter holds).
-        tasks: task name → its texts (see `TaskTexts`); sequences longer than the model's context are cut.
+        tasks: task name → its texts (see `TaskTexts`); sequences longer than the model's context are cut. A
+            `RecitationSet` (prefix + suffix) is measured as a memorized set, outside the predicted cost.
         tokenizer: for tasks given as raw text; also gives the pad id.
     """
     if not candidates:
@@ -155,7 +156,8 @@ def measure_exposure(
                                        for name, p in probes.items() if c in p.removed}
     finally:
         model.train(was_training)
-    return ExposureReport(shares, tokens, {c: dict(v) for c, v in (settings or {}).items()})
+    memorized = [name for name, t in tasks.items() if isinstance(t, RecitationSet)]
+    return ExposureReport(shares, tokens, {c: dict(v) for c, v in (settings or {}).items()}, memorized=memorized)
 
 
 def _dense_only(edits: Mapping[str, Any], skipped: list[str]) -> dict[str, CurvatureEdit]:

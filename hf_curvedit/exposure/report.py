@@ -37,12 +37,15 @@ class ExposureReport:
         tokens: task → number of tokens measured.
         settings: candidate → what the edit was (``keep_mass``, ``target_modules``, ``protect``, ``selection``).
         skipped: modules of the edits that were not measured (mixture-of-experts projections).
+        memorized: the tasks that are memorized sets (given as `RecitationSet`): measured, but not a capability, so
+            not part of the predicted cost.
     """
 
     shares: dict[str, dict[str, dict[str, float]]]
     tokens: dict[str, int]
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    memorized: list[str] = field(default_factory=list)
 
     @property
     def candidates(self) -> list[str]:
@@ -65,8 +68,8 @@ class ExposureReport:
         return {t: self.exposure(candidate, t) for t in self.tasks}
 
     def cost(self, candidate: str) -> float:
-        """The predicted capability cost of a candidate: its mean exposure over the tasks."""
-        values = list(self.exposures(candidate).values())
+        """The predicted capability cost of a candidate: its mean exposure over the tasks (memorized sets aside)."""
+        values = [v for t, v in self.exposures(candidate).items() if t not in self.memorized]
         return sum(values) / len(values) if values else math.nan
 
     def ranked(self) -> list[str]:
@@ -75,7 +78,8 @@ class ExposureReport:
 
     def to_markdown(self) -> str:
         """One row per candidate (cheapest first): the exposure of each task and the mean (the predicted cost)."""
-        head = ["edit", *self.tasks, "mean (predicted cost)"]
+        head = ["edit", *(f"{t} (memorized)" if t in self.memorized else t for t in self.tasks),
+                "predicted cost (mean over tasks)"]
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in self.ranked():
             cells = [c, *(f"{self.exposure(c, t):.3f}" for t in self.tasks), f"{self.cost(c):.3f}"]
@@ -92,7 +96,8 @@ class ExposureReport:
         """Inverse of `to_dict` (the derived ``exposure`` and ``cost`` are recomputed)."""
         try:
             return cls(shares=dict(data["shares"]), tokens=dict(data["tokens"]),
-                       settings=dict(data.get("settings") or {}), skipped=list(data.get("skipped") or []))
+                       settings=dict(data.get("settings") or {}), skipped=list(data.get("skipped") or []),
+                       memorized=list(data.get("memorized") or []))
         except (KeyError, TypeError) as err:
             raise ValueError(f"not an exposure report: {err}") from err
 

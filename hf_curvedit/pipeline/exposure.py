@@ -16,7 +16,7 @@ def run_exposure(model: str | None, factors_dir: str | Path, step: ExposureStep,
     from ..curvature import load_factors
     from ..data import load_text_dataset
     from ..evaluation import TextSet
-    from ..exposure import lm_eval_task_texts, predict_exposure, recitation_texts
+    from ..exposure import lm_eval_task_texts, predict_exposure
     from ..tuner import CurvatureEditConfig
     from .steps import load_protected_eigen
 
@@ -38,7 +38,7 @@ def run_exposure(model: str | None, factors_dir: str | Path, step: ExposureStep,
     sets = recitation_sets(step.recitation, tok, step.suffix_tokens)
     if step.memorized:
         sets.update(default_recitation_sets(tok))
-    texts.update(recitation_texts(sets))
+    texts.update(sets)  # measured as memorized sets, outside the predicted cost
     config = CurvatureEditConfig(target_modules=step.target_modules, selection=step.selection, protect=step.protect)
     report = predict_exposure(net, {"general": eigen, **protected} if protected else eigen, texts, step.keep_mass,
                               config, tokenizer=tok, batch_size=step.batch_size)

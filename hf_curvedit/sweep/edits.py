@@ -230,11 +230,14 @@ def _check(model: nn.Module, eigen: Any, recitation_sets: Mapping[str, Recitatio
 
 
 
-def _exposure_sets(texts: Mapping[str, Any] | None, tokenizer: Any) -> dict[str, TextSet] | None:
-    # converted before the grid runs, so that texts that cannot be read fail before the first measurement
+def _exposure_sets(texts: Mapping[str, Any] | None, tokenizer: Any) -> dict[str, Any] | None:
+    # converted before the grid runs, so that texts that cannot be read fail before the first measurement; a
+    # RecitationSet stays one (a memorized set, which the sweep measures directly and leaves out of the cost)
     from ..exposure.measure import task_text_set
 
-    return {name: task_text_set(name, t, tokenizer) for name, t in texts.items()} if texts else None
+    if not texts:
+        return None
+    return {name: t if isinstance(t, RecitationSet) else task_text_set(name, t, tokenizer) for name, t in texts.items()}
 
 
 def _pick(points: list[SweepPoint], primary: str, config: SweepConfig) -> SweepPoint | None:
@@ -281,7 +284,7 @@ class _Measure:
         return build_curvature_edit(self.model, self.eigen, CurvatureEditConfig(
             keep_mass=rho, target_modules=regex, protect=self.config.protect, selection=self.config.selection))
 
-    def grid(self, layer_choices: Mapping[str, str], exposure_texts: Mapping[str, TextSet] | None,
+    def grid(self, layer_choices: Mapping[str, str], exposure_texts: Mapping[str, Any] | None,
              ) -> list[SweepPoint]:
         """Every ρ × layer choice, with each task's exposure when ``exposure_texts`` are given: every candidate's
         edits are kept until one forward pass per task has measured them all."""
@@ -301,7 +304,7 @@ class _Measure:
             report = measure_exposure(self.model, {str(i): e for i, e in edits.items()}, exposure_texts,
                                       batch_size=self.config.batch_size, show_progress=False)
             for i in edits:
-                points[i].exposure = report.exposures(str(i))
+                points[i].exposure = {t: v for t, v in report.exposures(str(i)).items() if t not in report.memorized}
         return points
 
     def baselines(self, result: SweepResult, clean: TextSet | None) -> dict[int, Any]:
