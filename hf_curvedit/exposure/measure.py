@@ -110,6 +110,7 @@ def measure_exposure(
     batch_size: int = 16,
     pad_token_id: int | None = None,
     settings: Mapping[str, Mapping[str, Any]] | None = None,
+    skipped: Sequence[str] = (),
     show_progress: bool = True,
 ) -> ExposureReport:
     """The exposure of each task to each candidate edit, from one forward pass of the base model per task.
@@ -121,12 +122,17 @@ def measure_exposure(
         tasks: task name → its texts (see `TaskTexts`); sequences longer than the model's context are cut. A
             `RecitationSet` (prefix + suffix) is measured as a memorized set, outside the predicted cost.
         tokenizer: for tasks given as raw text; also gives the pad id.
+        settings: candidate label → what the edit was, kept in the report.
+        skipped: the edits' modules that are not measured (expert projections): warned about, kept in the report.
     """
     if not candidates:
         raise ValueError("no candidate edits to measure")
     if not tasks:
         raise ValueError("no tasks to measure: give at least one task's texts")
     text_sets = {name: task_text_set(name, t, tokenizer) for name, t in tasks.items()}
+    if skipped:
+        warnings.warn(f"exposure covers linear layers; {len(skipped)} mixture-of-experts projections of the edit are "
+                      f"not measured (e.g. {skipped[0]})", stacklevel=3)
     pad_id = resolve_pad_id(pad_token_id, tokenizer=tokenizer, model=model)
     max_len, _ = resolve_block_size(model, None, None)
     device = model_device(model)
@@ -157,7 +163,8 @@ def measure_exposure(
     finally:
         model.train(was_training)
     memorized = [name for name, t in tasks.items() if isinstance(t, RecitationSet)]
-    return ExposureReport(shares, tokens, {c: dict(v) for c, v in (settings or {}).items()}, memorized=memorized)
+    return ExposureReport(shares, tokens, {c: dict(v) for c, v in (settings or {}).items()}, list(skipped),
+                          memorized)
 
 
 def _dense_only(edits: Mapping[str, Any], skipped: list[str]) -> dict[str, CurvatureEdit]:
@@ -170,10 +177,10 @@ def _dense_only(edits: Mapping[str, Any], skipped: list[str]) -> dict[str, Curva
     return out
 
 
-def _warn_skipped(skipped: list[str]) -> None:
-    if skipped:
-        warnings.warn(f"exposure covers linear layers; {len(skipped)} mixture-of-experts projections of the edit are "
-                      f"not measured (e.g. {skipped[0]})", stacklevel=3)
+def _edit_settings(config: Any) -> dict[str, Any]:
+    """What a report records of a candidate's `CurvatureEditConfig`."""
+    return {"keep_mass": config.keep_mass, "target_modules": config.target_modules, "protect": dict(config.protect),
+            "selection": config.selection}
 
 
 def predict_exposure(
@@ -218,13 +225,9 @@ def predict_exposure(
         cfg = dataclasses.replace(config, keep_mass=float(rho), edited_modules={})
         label = f"ρ={float(rho):g}"
         candidates[label] = _dense_only(compute_module_edits(model, general, cfg, protect_eigen), skipped)
-        settings[label] = {"keep_mass": float(rho), "target_modules": cfg.target_modules, "protect": dict(cfg.protect),
-                           "selection": cfg.selection}
-    _warn_skipped(skipped)
-    report = measure_exposure(model, candidates, tasks, tokenizer=tokenizer, batch_size=batch_size,
-                              settings=settings, show_progress=show_progress)
-    report.skipped = skipped
-    return report
+        settings[label] = _edit_settings(cfg)
+    return measure_exposure(model, candidates, tasks, tokenizer=tokenizer, batch_size=batch_size, settings=settings,
+                            skipped=skipped, show_progress=show_progress)
 
 
 def adapter_edits(model: nn.Module, adapter_name: str, skipped: list[str] | None = None) -> dict[str, CurvatureEdit]:
@@ -259,11 +262,6 @@ def adapter_exposure(
     edits = adapter_edits(model, name, skipped)
     if not edits:
         raise ValueError(f"adapter {name!r} holds no curvature edit of a linear layer to measure")
-    _warn_skipped(skipped)
-    cfg = model.peft_config[name]
-    settings = {name: {"keep_mass": cfg.keep_mass, "target_modules": cfg.target_modules, "protect": dict(cfg.protect),
-                       "selection": cfg.selection}}
-    report = measure_exposure(model, {name: edits}, tasks, tokenizer=tokenizer, batch_size=batch_size,
-                              settings=settings, show_progress=show_progress)
-    report.skipped = skipped
-    return report
+    return measure_exposure(model, {name: edits}, tasks, tokenizer=tokenizer, batch_size=batch_size,
+                            settings={name: _edit_settings(model.peft_config[name])}, skipped=skipped,
+                            show_progress=show_progress)

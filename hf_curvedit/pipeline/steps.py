@@ -147,13 +147,8 @@ def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out:
                          baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
                          capabilities=capabilities, selection=step.selection, pick_by=step.pick_by,
                          recitation_tolerance=step.recitation_tolerance)
-    texts = None
-    if exposure_tasks is not None:
-        from ..exposure import lm_eval_task_texts
-
-        texts = lm_eval_task_texts(exposure_tasks, tok)
     result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout, config,
-                         clean=clean, tokenizer=tok, exposure_texts=texts)
+                         clean=clean, tokenizer=tok, exposure_texts=exposure_texts(exposure_tasks, tok))
     result.save(out / "sweep.json")
     atomic_write_text(out / "sweep.md", result.report_markdown() + "\n")
     plot_sweep(result, out / "sweep.png")
@@ -232,11 +227,6 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
         raise UsageError("`evaluate` measures language models; for an image classifier use the Python API: "
                          "evaluate_edit(peft_model, {name: ImageClassificationSet.from_dataset(...)})")
     peft_model = PeftModel.from_pretrained(net, str(adapter_dir))
-    task_texts = None
-    if exposure_tasks is not None:
-        from ..exposure import lm_eval_task_texts
-
-        task_texts = lm_eval_task_texts(exposure_tasks, tok)
     sets: dict[str, Any] = recitation_sets(step.recitation, tok, step.suffix_tokens)
     if not sets and model is None:
         sets = default_recitation_sets(tok)
@@ -244,7 +234,7 @@ def run_evaluate(model: str | None, adapter_dir: str | Path, step: EvaluateStep,
     sets["heldout"] = TextSet.from_texts(texts, tok)
     report = evaluate_edit(peft_model, sets, tok, metadata={"adapter": str(adapter_dir)}, batch_size=step.batch_size,
                            stress=not step.no_stress, stress_extend=step.stress_steps, stress_shorten=step.stress_steps,
-                           capabilities=capabilities, exposure=task_texts)
+                           capabilities=capabilities, exposure=exposure_texts(exposure_tasks, tok))
     if output:
         report.save(output)
     return report
@@ -258,6 +248,15 @@ def exposure_config(capabilities: Any, extra: tuple[str, ...]) -> Any:
     if capabilities is None and not extra:
         return None
     return (capabilities or CapabilitySettings(tasks=())).exposure_config(extra)
+
+
+def exposure_texts(config: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """The texts of the tasks of `exposure_config` (None when there are none)."""
+    if config is None:
+        return None
+    from ..exposure import lm_eval_task_texts
+
+    return lm_eval_task_texts(config, tokenizer)
 
 
 def run_publish(adapter_dir: str | Path, step: PublishStep, out_dir: str | Path, *,
