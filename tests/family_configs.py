@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import torch
 import transformers
@@ -352,14 +351,13 @@ def available_families() -> list[str]:
     return [name for name in TINY if name in CONFIG_MAPPING_NAMES]
 
 
-def check_family(model_type: str, max_seconds: float | None = None) -> None:
+def check_family(model_type: str) -> None:
     """Build a family's tiny model, run a padded forward and a backward, and raise if anything is wrong.
 
     The batch is (2, 12) random ids in [1, vocab) with the last two positions of the second row masked out. The logits
     must be (2, 12, vocab) and finite, the summed cross-entropy must backpropagate, and every floating-point parameter
-    must be finite. With ``max_seconds``, building, forward and backward together must take no longer.
+    must be finite.
     """
-    start = time.perf_counter()
     model = tiny_causal_lm(model_type)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(1, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -372,9 +370,6 @@ def check_family(model_type: str, max_seconds: float | None = None) -> None:
         raise AssertionError(f"{model_type}: non-finite logits")
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids.reshape(-1), reduction="sum")
     loss.backward()
-    seconds = time.perf_counter() - start
     bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise AssertionError(f"{model_type}: non-finite parameters {bad[:5]}")
-    if max_seconds is not None and seconds > max_seconds:
-        raise AssertionError(f"{model_type}: build, forward and backward took {seconds:.2f} s > {max_seconds} s")

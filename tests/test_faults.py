@@ -7,11 +7,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -380,12 +382,32 @@ def _umask() -> int:
 
 
 # ---------------------------------------------------------------------------- kill -9, then the same result
-def _kill_when(args: list[str], ready, timeout: float = 120) -> None:
-    """Run the CLI with ``args`` in a subprocess and kill -9 it as soon as ``ready()``; fails unless the kill came
-    while the command was still running."""
-    proc = subprocess.Popen([*CLI, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while not ready() and proc.poll() is None and time.time() < deadline:
+def _kill_when(args: list[str], ready=None, *, stderr_shows: str | None = None, timeout: float = 120) -> None:
+    """Run the CLI with ``args`` in a subprocess and kill -9 it at an observed state: as soon as ``ready()`` holds
+    (a checkpoint or staging folder exists), or as soon as its stderr shows a match of the regex ``stderr_shows`` (a
+    line of progress; the kill is sent by the thread that reads it, before the command can take another step). Fails
+    unless the kill came while the command was still running. ``timeout`` only bounds a command that hangs."""
+    env = {**ENV, "TQDM_MININTERVAL": "0"}  # every step of a progress bar is printed, none skipped by the clock
+    proc = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE if stderr_shows else subprocess.DEVNULL)
+    seen = threading.Event()
+    if stderr_shows:
+        pattern = re.compile(stderr_shows)
+
+        def watch() -> None:
+            text = ""
+            while chunk := proc.stderr.read1(4096):
+                text = (text + chunk.decode(errors="replace"))[-4096:]
+                if pattern.search(text):
+                    proc.send_signal(signal.SIGKILL)
+                    seen.set()
+                    return
+            proc.stderr.close()
+
+        threading.Thread(target=watch, daemon=True).start()
+        ready = seen.is_set
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the command ended before it could be killed mid-way"
@@ -416,8 +438,8 @@ def test_kill_during_sweep_then_rerun_gives_the_uninterrupted_sweep(work, tmp_pa
                 f"q={work / 'quotes.txt'}", "--heldout", str(work / "corpus.txt"), "--keep-mass", "0.5", "0.9",
                 "--layers", "1", "--svd-ranks", "4", "--ppl-budget", "100", "--output-dir", str(out)]
 
-    start = time.time()
-    _kill_when(sweep(tmp_path / "s"), lambda: time.time() - start > 6)
+    # killed once the first of the grid's two candidates is measured
+    _kill_when(sweep(tmp_path / "s"), stderr_shows=r"sweep:.*\b1/2\b")
     assert not (tmp_path / "s" / "sweep.json").exists(), "killed before it finished"
     assert main(sweep(tmp_path / "s")) == 0
     assert main(sweep(tmp_path / "clean")) == 0
