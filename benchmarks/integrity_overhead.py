@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_curvedit import CurvatureEditConfig
 from hf_curvedit.edit import FINGERPRINT_SIZE, META_FIELDS, CurvatureEdit, weight_fingerprint
-from hf_curvedit.tuner import CurvatureEditLayer
+from hf_curvedit.tuner import layer as layer_module
 from hf_curvedit.tuner.build import fill_edits, record_digests
 from hf_curvedit.tuner.summary import verify_adapter_folder
 
@@ -65,13 +65,13 @@ def build(folder: Path, layers: int, rank: int, hidden: int, mlp: int) -> None:
 @contextlib.contextmanager
 def digests(checked: bool):
     """Switch the digest check off (``checked=False``) for a comparison run."""
-    original = CurvatureEditLayer._check_digest
+    original = layer_module.digest_problem
     if not checked:
-        CurvatureEditLayer._check_digest = lambda *a, **k: None
+        layer_module.digest_problem = lambda *a, **k: None
     try:
         yield
     finally:
-        CurvatureEditLayer._check_digest = original
+        layer_module.digest_problem = original
 
 
 def main() -> None:

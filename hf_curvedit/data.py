@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
+from .errors import InputError, InputKeyError
+
 DatasetLike = Dataset | IterableDataset
 DataSource = Dataset | IterableDataset | DatasetDict | IterableDatasetDict | str | Path | Sequence[str | Path]
 
@@ -37,7 +39,7 @@ def load_text_dataset(
         return source
     if isinstance(source, (DatasetDict, IterableDatasetDict)):
         if split not in source:
-            raise KeyError(f"split {split!r} not in the dataset; available splits: {list(source)}")
+            raise InputKeyError(f"split {split!r} not in the dataset; available splits: {list(source)}")
         return source[split]
     if isinstance(source, (list, tuple)):
         files = [Path(p) for p in source]
@@ -59,11 +61,11 @@ def load_text_dataset(
         raise FileNotFoundError(f"data files not found: {missing}")
     kinds = {_BUILDERS.get(f.suffix, "text") for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"mixed data file types {sorted(kinds)}; pass files of one kind (text, json, csv or parquet)")
+        raise InputError(f"mixed data file types {sorted(kinds)}; pass files of one kind (text, json, csv or parquet)")
     builder = kinds.pop()
     for f in files:
         if f.stat().st_size == 0 or (builder in ("text", "json") and not f.read_bytes()[:1 << 16].strip()):
-            raise ValueError(f"{f} is empty: give a file with at least one document ({_EXPECTED[builder]})")
+            raise InputError(f"{f} is empty: give a file with at least one document ({_EXPECTED[builder]})")
     kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
     try:
         return load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming,
@@ -72,7 +74,7 @@ def load_text_dataset(
         problem = _diagnose(files, builder)
         if problem is None:
             raise
-        raise ValueError(problem) from err
+        raise InputError(problem) from err
 
 
 # What each kind of local data file must hold (for error messages).
@@ -136,12 +138,12 @@ def pack_into_blocks(
     has_ids = columns is not None and "input_ids" in columns
     if not has_ids:
         if columns is not None and text_column not in columns:
-            raise KeyError(
+            raise InputKeyError(
                 f"the dataset has no {text_column!r} column (columns: {columns}). Set text_column to the "
                 "column holding raw text, or provide an 'input_ids' column."
             )
         if tokenizer is None:
-            raise ValueError("a tokenizer is needed to turn text into tokens; pass tokenizer=...")
+            raise InputError("a tokenizer is needed to turn text into tokens; pass tokenizer=...")
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -307,7 +309,7 @@ def image_batch_converter(
             if image_column not in rows:
                 raise _no_image_column(image_column, sorted(rows))
             if image_processor is None:
-                raise ValueError("the data holds images, not pixel_values: pass image_processor= (for example "
+                raise InputError("the data holds images, not pixel_values: pass image_processor= (for example "
                                  "AutoImageProcessor.from_pretrained(<model folder or id>)) to turn them into "
                                  "model inputs")
             images = rows[image_column]

@@ -23,6 +23,8 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from .errors import InputError
+
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_model"
 # Local lm-evaluation-harness tasks: the default model's held-out skills (items written by
@@ -82,7 +84,7 @@ def stdlib_docs(modules: tuple[str, ...] = STDLIB_MODULES, min_chars: int = 200)
 def default_text_dataset(split: str = "train", heldout_every: int = 10) -> Dataset:
     """Standard-library docs as a ``Dataset`` with a ``text`` column; every 10th document is ``"test"``."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
     docs = stdlib_docs()
     keep = [d for i, d in enumerate(docs) if (i % heldout_every == 0) == (split == "test")]
     return Dataset.from_dict({"text": keep})

@@ -7,8 +7,9 @@ files, and the output-folder lock.
   downloads. Every safetensors file hf-curvedit writes records the digest of each tensor in its metadata
   (`DIGESTS_KEY`); adapters, which PEFT writes, record one digest per edited module in ``adapter_config.json``.
 - **Checked reads.** `open_safetensors` turns safetensors' own errors (truncated file, bad header, not a safetensors
-  file) into a `DamagedFileError` that names the file and the fix; `read_tensor` checks each tensor against its
-  recorded digest.
+  file) into a `DamagedFileError` that names the file and the fix; `read_safetensors` also checks that the file holds
+  exactly the tensors it recorded when it was written (none missing, none added or renamed) and each tensor against
+  its digest as it is read.
 - **One writer per folder.** `output_lock` takes a lock file next to the output folder (``.NAME.hf-curvedit.lock``
   beside ``NAME``: inside it, the lock would be uploaded with a published folder and block its atomic rename). It is
   the ``filelock`` package's OS lock, released by the kernel when its process dies, so a killed run never blocks the
@@ -30,14 +31,16 @@ import numpy as np
 import torch
 import xxhash
 
-__all__ = ["DIGESTS_KEY", "DamagedFileError", "FolderInUseError", "digest_of", "open_safetensors", "output_lock",
-           "read_json_file", "read_tensor", "tensor_digest"]
+from .errors import InputError
+
+__all__ = ["DIGESTS_KEY", "CheckedSafetensors", "DamagedFileError", "FolderInUseError", "digest_of",
+           "open_safetensors", "output_lock", "read_json_file", "read_safetensors", "read_tensor", "tensor_digest"]
 
 DIGESTS_KEY = "hf_curvedit.digests"
 LOCK_SUFFIX = ".hf-curvedit.lock"
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(InputError):
     """A file hf-curvedit reads is damaged: truncated, not what it should be, or its content does not match the
     digest recorded when it was written. The message names the file and the fix.
 
@@ -71,7 +74,8 @@ class FolderInUseError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------------- digests
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """A 128-bit digest (XXH3, hex) of a tensor's dtype, shape and bytes."""
+    """A 128-bit digest (XXH3, hex) of a tensor's dtype, shape and bytes, in the dtype it has (a float64 tensor's low
+    bits count)."""
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -79,8 +83,10 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     h = xxhash.xxh3_128()
     h.update(f"{t.dtype}:{tuple(t.shape)}|".encode())
     if t.numel():
-        # bytes through a uint8 view: works for every dtype numpy lacks (bfloat16) and copies nothing
-        h.update(memoryview(t.view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy().view(np.uint8)))
+        # bytes through a uint8 view of the flat tensor (a scalar has no last dimension to view): works for every
+        # dtype numpy lacks (bfloat16) and copies nothing
+        flat = t.reshape(-1)
+        h.update(memoryview(flat.view(torch.uint8).numpy() if t.dtype != torch.bool else flat.numpy().view(np.uint8)))
     return h.hexdigest()
 
 
@@ -136,6 +142,66 @@ def read_tensor(f: Any, key: str, digests: Mapping[str, str] | None, path: str |
             raise DamagedFileError(path, f"tensor {key!r} does not match the digest recorded when the file was "
                                    "written: its bytes are damaged", fix)
     return t
+
+
+def tensor_set_problem(recorded: Iterable[str], present: Iterable[str], by: str = "when it was written") -> str | None:
+    """What differs between the tensors a file recorded (``by`` says where or when) and the ones it holds (``None``:
+    the same), naming them."""
+    recorded, present = set(recorded), set(present)
+    missing, extra = sorted(recorded - present), sorted(present - recorded)
+    parts = []
+    if missing:
+        parts.append(f"has no tensor {_few(missing)} (recorded {by})")
+    if extra:
+        parts.append(f"holds tensor {_few(extra)}, not recorded {by} (added or renamed)")
+    return " and ".join(parts) or None
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class CheckedSafetensors:
+    """An open safetensors file (from `read_safetensors`) whose reads are checked against what it recorded when it was
+    written.
+
+    Attributes:
+        path: the file.
+        metadata: its string metadata.
+        digests: tensor name → digest, or ``None`` for a file written before files recorded digests (read unchecked).
+    """
+
+    def __init__(self, handle: Any, path: Path, fix: str):
+        self._f, self.path, self.fix = handle, path, fix
+        self.metadata: dict[str, str] = handle.metadata() or {}
+        self.digests = recorded_digests(self.metadata)
+
+    def keys(self) -> list[str]:
+        """The names of the tensors in the file."""
+        return list(self._f.keys())
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key``, checked against its digest (`read_tensor`)."""
+        return read_tensor(self._f, key, self.digests, self.path, self.fix)
+
+    def damaged(self, problem: str) -> DamagedFileError:
+        """The error for this file: ``problem``, and the fix."""
+        return DamagedFileError(self.path, problem, self.fix)
+
+
+@contextlib.contextmanager
+def read_safetensors(path: str | Path, what: str, fix: str) -> Iterator[CheckedSafetensors]:
+    """`open_safetensors` for a file hf-curvedit wrote: the tensors it holds must be exactly those it recorded when it
+    was written (a missing, added or renamed tensor raises `DamagedFileError` naming them), and each tensor read is
+    checked against its digest."""
+    with open_safetensors(path, what, fix) as f:
+        reader = CheckedSafetensors(f, Path(path), fix)
+        if reader.digests is not None:
+            problem = tensor_set_problem(reader.digests, reader.keys())
+            if problem:
+                raise reader.damaged(problem)
+        yield reader
 
 
 def read_json_file(path: str | Path, what: str, fix: str) -> Any:

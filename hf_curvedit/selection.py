@@ -25,6 +25,8 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from .errors import InputError
+
 __all__ = ["SELECTIONS", "CorrectedSelection", "Selection", "Staircase", "corrected_mass_selection",
            "curvature_mass_cutoffs", "factor_truncation_cutoffs", "select_cutoffs", "staircase_from_cutoffs"]
 
@@ -85,14 +87,14 @@ class Staircase:
 def _check_spectrum(values: torch.Tensor, name: str) -> np.ndarray:
     v = torch.as_tensor(values).detach().to("cpu", torch.float64).reshape(-1).numpy()
     if v.size == 0:
-        raise ValueError(f"{name} is empty; a layer needs at least one eigenvalue per side")
+        raise InputError(f"{name} is empty; a layer needs at least one eigenvalue per side")
     if not np.isfinite(v).all():
-        raise ValueError(f"{name} contains NaN or inf; recompute the eigendecomposition of the factor")
+        raise InputError(f"{name} contains NaN or inf; recompute the eigendecomposition of the factor")
     if (v < 0).any():
         # eigen.symmetric_eigh clamps at 0; a negative value here means the caller skipped it
-        raise ValueError(f"{name} has negative eigenvalues (min {v.min():.3g}); clamp them at 0 first")
+        raise InputError(f"{name} has negative eigenvalues (min {v.min():.3g}); clamp them at 0 first")
     if v.size > 1 and (v[1:] > v[:-1]).any():
-        raise ValueError(f"{name} must be sorted in descending order (as returned by symmetric_eigh)")
+        raise InputError(f"{name} must be sorted in descending order (as returned by symmetric_eigh)")
     return v
 
 
@@ -168,12 +170,12 @@ def curvature_mass_cutoffs(eigvals_G: torch.Tensor, eigvals_A: torch.Tensor, kee
         [`Staircase`]: the cutoffs and summary numbers.
     """
     if not (0.0 < float(keep_mass) <= 1.0):
-        raise ValueError(f"keep_mass must be in (0, 1], got {keep_mass}")
+        raise InputError(f"keep_mass must be in (0, 1], got {keep_mass}")
     lam = _check_spectrum(eigvals_G, "eigvals_G")
     mu = _check_spectrum(eigvals_A, "eigvals_A")
     lam_pos, mu_pos = lam[lam > 0], mu[mu > 0]
     if lam_pos.size == 0 or mu_pos.size == 0:
-        raise ValueError(
+        raise InputError(
             "the total curvature mass is zero (all eigenvalues of A or of G are 0), so no component can be "
             "ranked; the factors were probably collected on no tokens or on a dead layer"
         )
@@ -229,7 +231,7 @@ def curvature_mass_cutoffs(eigvals_G: torch.Tensor, eigvals_A: torch.Tensor, kee
 def _mass_prefix_count(values: np.ndarray, fraction: float) -> int:
     total = float(values.sum())
     if total <= 0:
-        raise ValueError("the eigenvalue mass of a factor is zero; it cannot be truncated by mass")
+        raise InputError("the eigenvalue mass of a factor is zero; it cannot be truncated by mass")
     n_pos = int((values > 0).sum())
     if fraction >= 1.0:
         return n_pos
@@ -254,7 +256,7 @@ def factor_truncation_cutoffs(
     keep_mass_A = keep_mass_G if keep_mass_A is None else keep_mass_A
     for name, v in (("keep_mass_G", keep_mass_G), ("keep_mass_A", keep_mass_A)):
         if not (0.0 < float(v) <= 1.0):
-            raise ValueError(f"{name} must be in (0, 1], got {v}")
+            raise InputError(f"{name} must be in (0, 1], got {v}")
     lam = _check_spectrum(eigvals_G, "eigvals_G")
     mu = _check_spectrum(eigvals_A, "eigvals_A")
     r = _mass_prefix_count(lam, float(keep_mass_G))
@@ -273,9 +275,9 @@ def select_cutoffs(
     if selection == "factor_truncation":
         return factor_truncation_cutoffs(eigvals_G, eigvals_A, keep_mass)
     if selection == "ekfac_mass":
-        raise ValueError("selection='ekfac_mass' ranks the measured curvature, not the eigenvalue products: use "
+        raise InputError("selection='ekfac_mass' ranks the measured curvature, not the eigenvalue products: use "
                          "corrected_mass_selection(eigen.eigvals_corrected, keep_mass)")
-    raise ValueError(f"unknown selection {selection!r}; use one of {SELECTIONS}")
+    raise InputError(f"unknown selection {selection!r}; use one of {SELECTIONS}")
 
 
 def staircase_from_cutoffs(cutoffs: torch.Tensor, eigvals_G: torch.Tensor, eigvals_A: torch.Tensor) -> Staircase:
@@ -287,7 +289,7 @@ def staircase_from_cutoffs(cutoffs: torch.Tensor, eigvals_G: torch.Tensor, eigva
     mu = _check_spectrum(eigvals_A, "eigvals_A")
     cut = np.asarray(torch.as_tensor(cutoffs).detach().cpu(), dtype=np.int64)
     if cut.shape != lam.shape or (cut < 0).any() or (cut > mu.size).any() or (np.diff(cut) > 0).any():
-        raise ValueError(f"cutoffs must be a non-increasing vector of {lam.size} counts in [0, {mu.size}] (one per "
+        raise InputError(f"cutoffs must be a non-increasing vector of {lam.size} counts in [0, {mu.size}] (one per "
                          f"eigenvalue of G); got shape {tuple(cut.shape)}")
     rows = np.nonzero(cut)[0]
     threshold = float(min(lam[i] * mu[cut[i] - 1] for i in rows)) if rows.size else 0.0
@@ -358,18 +360,18 @@ def corrected_mass_selection(corrected: torch.Tensor, keep_mass: float) -> Corre
         keep_mass (`float`): ρ in ``(0, 1]``.
     """
     if not (0.0 < float(keep_mass) <= 1.0):
-        raise ValueError(f"keep_mass must be in (0, 1], got {keep_mass}")
+        raise InputError(f"keep_mass must be in (0, 1], got {keep_mass}")
     if corrected.dim() != 2:
-        raise ValueError(f"corrected eigenvalues must be a (d_out, d_in) matrix, got shape {tuple(corrected.shape)}")
+        raise InputError(f"corrected eigenvalues must be a (d_out, d_in) matrix, got shape {tuple(corrected.shape)}")
     v = corrected.detach().to("cpu", torch.float64).reshape(-1).numpy()
     if not np.isfinite(v).all() or (v < 0).any():
-        raise ValueError("the corrected eigenvalues contain NaN, inf or negative values; measure them again "
+        raise InputError("the corrected eigenvalues contain NaN, inf or negative values; measure them again "
                          "(fit_eigen_correction)")
     order = np.argsort(-v, kind="stable")  # stable on the row-major flat index: ties break row-major
     mass = np.cumsum(v[order])
     total = float(mass[-1]) if mass.size else 0.0
     if total <= 0:
-        raise ValueError("the total corrected curvature mass is zero, so no component can be ranked; the correction "
+        raise InputError("the total corrected curvature mass is zero, so no component can be ranked; the correction "
                          "was measured on no samples or on a dead layer")
     n = min(int(np.searchsorted(mass, keep_mass * total, side="left")) + 1, int((v > 0).sum()))
     flat = np.zeros(v.size, dtype=bool)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import InputError
+
 TargetSpec = str | Sequence[str] | None
 
 # The paper edits the MLP projections only (docs/method.md §2): the defaults below pick, per `config.model_type`, the
@@ -288,7 +290,7 @@ def layer_choices(module_names: Iterable[str], layers: Sequence[str] = (), modul
         try:
             blocks = {int(x) for x in spec.split(",")}
         except ValueError:
-            raise ValueError(f"--layers takes comma-separated block indices like 2,3; got {spec!r}") from None
+            raise InputError(f"--layers takes comma-separated block indices like 2,3; got {spec!r}") from None
         names = []
         for n in names_all:
             idx = re.search(r"\.(\d+)\.", n)
@@ -297,14 +299,14 @@ def layer_choices(module_names: Iterable[str], layers: Sequence[str] = (), modul
                     and (leaves is None or any(leaf.startswith(prefix) for prefix in leaves))):
                 names.append(n)
         if not names:
-            raise ValueError(f"layers {spec} (modules {label_modules}) select no module with factors; fitted: "
+            raise InputError(f"layers {spec} (modules {label_modules}) select no module with factors; fitted: "
                              f"{names_all[:6]}")
         out[f"layers {spec}" + (f" ({label_modules})" if label_modules else "")] = "|".join(re.escape(n) for n in names)
     for label, regex in (regexes or {}).items():
         try:
             re.compile(regex)
         except re.error as e:
-            raise ValueError(f"layer choice {label!r}: {regex!r} is not a valid regular expression: {e}") from e
+            raise InputError(f"layer choice {label!r}: {regex!r} is not a valid regular expression: {e}") from e
         out[label] = regex
     return out
 
@@ -344,17 +346,17 @@ def resolve_target_modules(
     if spec is None:
         spec = default_target_modules(model_type)
         if spec is None:
-            raise ValueError(
+            raise InputError(
                 f"{no_default_message(model_type)}. Pass target_modules explicitly (names, globs or a regex). "
                 f"Linear layers and expert projections in this model:\n{_describe_linears(targets)}"
             )
     if isinstance(spec, (list, tuple, set)) and len(spec) == 0:
-        raise ValueError("target_modules is empty; pass at least one name, glob or regex.")
+        raise InputError("target_modules is empty; pass at least one name, glob or regex.")
     if isinstance(spec, str):
         try:
             re.compile(spec)
         except re.error as e:
-            raise ValueError(f"target_modules={spec!r} is not a valid regular expression: {e}") from e
+            raise InputError(f"target_modules={spec!r} is not a valid regular expression: {e}") from e
 
     def matches(name: str, target: TargetWeight, key: str | Sequence[str]) -> bool:
         owner = name.rsplit(".", 1)[0] if target.is_experts else None
@@ -382,7 +384,7 @@ def resolve_target_modules(
                   f"{', '.join(others[:5])})" if others else "")
         where = (f"the built-in default for model_type={model_type!r}" if target_modules is None
                  else f"target_modules={spec!r}")
-        raise ValueError(
+        raise InputError(
             f"No linear layer matches {where}, and no expert projection does{detail}. Use names, name suffixes, "
             f"globs or a regex that match some of the weights of this model:\n"
             f"{_describe_linears(targets)}"
@@ -390,7 +392,7 @@ def resolve_target_modules(
     if not isinstance(spec, str):
         unmatched = [k for k in spec if k not in matched_any_key]
         if unmatched:
-            raise ValueError(
+            raise InputError(
                 f"target_modules entries {unmatched} match no linear layer or expert projection (the others do). "
                 f"Linear layers and expert projections in this model:\n{_describe_linears(targets)}"
             )

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -96,14 +98,21 @@ def _malloc_trim() -> Any:
 
 def release_free_memory() -> None:
     """Give the memory the allocator holds free back to the operating system (glibc's ``malloc_trim``; a no-op
-    elsewhere).
+    elsewhere: macOS, Windows, musl).
 
-    Between the batches of a long pass, glibc keeps freed activations of a few MB in its heap, where later batches
-    cannot always reuse them: without this the resident memory of a factor pass grows batch after batch (about 30 MB
-    per batch on the kronfluence comparison in ``benchmarks/``)."""
+    Between the batches of a long pass on the CPU, glibc keeps freed activations of a few MB in its heap, where later
+    batches cannot always reuse them: without this the resident memory of a factor pass grows batch after batch (about
+    30 MB per batch on the kronfluence comparison in ``benchmarks/``). The passes call it between batches only when
+    the model runs on the CPU: on a GPU the activations live in the device's caching allocator, and a process-wide
+    trim would only cost time."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def heap_trim_helps(device: torch.device) -> bool:
+    """Whether `release_free_memory` helps a pass whose model runs on ``device``: on the CPU with glibc only."""
+    return device.type == "cpu" and _malloc_trim() is not None
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -119,7 +128,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+        raise InputError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
 # What wrappers put in front of a module's name: PEFT's PeftModel (``base_model.model.``) and torch.compile

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,7 +29,26 @@ from hf_curvedit.integrity import FolderInUseError, output_lock
 from hf_curvedit.tuner import DamagedAdapterError
 
 CLI = [sys.executable, "-m", "hf_curvedit.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# Tokens planted in every test: one shaped like a Hub token (in HF_TOKEN), one of another shape (given where a test
+# passes one). No output of the suite may show either (`no_token_is_ever_printed`, `error_of`).
+PLANTED = "hf_PLANTEDtokenNeverPrinted0123456789ab"
+PLANTED_PLAIN = "planted-secret-of-another-shape-42"
+SECRETS = (PLANTED, PLANTED_PLAIN, "hf_test_token")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_TOKEN": PLANTED}
+
+
+@pytest.fixture(autouse=True)
+def no_token_is_ever_printed(monkeypatch, capsys, caplog):
+    """Every test of the suite runs with a token in HF_TOKEN; nothing it prints or logs may show a token."""
+    monkeypatch.setenv("HF_TOKEN", PLANTED)
+    yield
+    out = capsys.readouterr()
+    _assert_no_secret(out.out + out.err + caplog.text)
+
+
+def _assert_no_secret(text: str) -> None:
+    leaked = [s for s in SECRETS if s in text]
+    assert not leaked, f"a token was printed: {leaked}"
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -101,7 +121,10 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 
 def error_of(capsys) -> str:
-    return capsys.readouterr().err
+    """What the command printed to stderr (checked, with stdout, for tokens)."""
+    out = capsys.readouterr()
+    _assert_no_secret(out.out + out.err)
+    return out.err
 
 
 # ------------------------------------------------------------------------------------------------ damaged adapters
@@ -240,6 +263,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_blocks_nobody(work, tmp_pat
     assert main(fit_args(work, out)) == 0, "a lock left by a killed process does not block the next run"
     with output_lock(out, "this test"):  # a lock of this process is seen by another one too
         other = subprocess.run([*CLI, *fit_args(work, out)], env=ENV, capture_output=True, text=True)
+    _assert_no_secret(other.stdout + other.stderr)
     assert other.returncode == 2 and f"process {os.getpid()} (this test)" in other.stderr
 
 
@@ -459,3 +483,343 @@ def test_kill_during_publish_then_rerun_gives_the_uninterrupted_folder(work, tmp
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert not any(p.name.startswith(".pub.") and not p.name.endswith((".lock", ".owner")) for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------ the set of tensors, not only bytes
+def rewrite(path: Path, change) -> None:
+    """Write ``path`` again with its tensors changed by ``change(dict) -> dict`` and its metadata kept (digests
+    included): what a tool that edits a file's tensors, but not its records, leaves behind."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(change(ts), str(path), metadata=meta)
+
+
+def _drop(key):
+    return lambda ts: {k: v for k, v in ts.items() if k != key}
+
+
+def _add(key):
+    return lambda ts: {**ts, key: torch.zeros(3)}
+
+
+def _rename(key):
+    return lambda ts: {(k + "_renamed" if k == key else k): v for k, v in ts.items()}
+
+
+SET_CHANGES = {"missing": _drop, "extra": lambda key: _add(key.rsplit(".", 1)[0] + ".curvedit_extra"),
+               "renamed": _rename}
+
+
+def _adapter_for(work: Path, tmp_path: Path) -> Path:
+    adapter = copy(work / "edits" / "rho0.6", tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(work / "model")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    return adapter
+
+
+@pytest.mark.parametrize("change", sorted(SET_CHANGES))
+def test_an_adapter_missing_an_added_or_a_renamed_tensor_is_refused(work, tmp_path, capsys, change):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter_for(work, tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    key = "base_model.model.model.layers.0.mlp.down_proj.curvedit_B"
+    rewrite(weights, SET_CHANGES[change](key))
+    named = "curvedit_extra" if change == "extra" else "curvedit_B"
+    assert main(evaluate_args(work, adapter)) == 2
+    err = error_of(capsys)
+    assert str(weights) in err and named in err and "Download the adapter again" in err, err
+    x = torch.randint(0, 200, (1, 8))
+    for load in (lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model"), adapter),
+                 lambda: AutoPeftModelForCausalLM.from_pretrained(adapter)):
+        with pytest.raises(DamagedAdapterError, match=named) as caught:
+            load()(x)
+        assert str(adapter) in str(caught.value), "PEFT's loaders name the adapter's folder"
+    if change != "extra":  # transformers' loader assigns tensor by tensor: what it never assigned is missing
+        for load in (lambda: AutoModelForCausalLM.from_pretrained(adapter),):
+            with pytest.raises(DamagedAdapterError, match="has no tensor 'curvedit_B'"):
+                load()(x)
+        base = AutoModelForCausalLM.from_pretrained(work / "model")
+        base.load_adapter(str(adapter))
+        with pytest.raises(DamagedAdapterError, match="curvedit_B"):
+            base(x)
+
+
+def test_a_last_bit_of_a_float64_tensor_counts(work, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter_for(work, tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    key = "base_model.model.model.layers.0.mlp.up_proj.curvedit_meta"  # float64 statistics, always
+
+    def nudge(ts):
+        t = ts[key].clone()
+        assert t.dtype == torch.float64
+        t.view(torch.int64)[1] ^= 1  # the lowest bit of one entry: equal as float32
+        assert torch.equal(t.float(), ts[key].float())
+        return {**ts, key: t}
+
+    rewrite(weights, nudge)
+    assert main(evaluate_args(work, adapter)) == 2
+    assert "curvedit_meta" in error_of(capsys)
+    with pytest.raises(DamagedAdapterError, match="curvedit_meta"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model"), adapter)
+
+
+def test_a_float64_edit_is_checked_in_float64_by_every_loader(tmp_path):
+    """An edit of a float64 base keeps float64 factors; loading it onto a float32 base casts nothing before the check
+    (the buffers take the saved dtype), so a last-bit change is found by transformers' loader too."""
+    from testing_utils import random_eigen
+    from transformers import AutoModelForCausalLM
+
+    from hf_curvedit import CurvatureEditConfig, build_curvature_edit
+    from hf_curvedit.integrity import tensor_digest
+
+    base64 = tiny_llama().double()
+    base64.save_pretrained(tmp_path / "base")
+    edited = build_curvature_edit(base64, random_eigen(base64), CurvatureEditConfig(
+        target_modules=["model.layers.0.mlp.up_proj"]))
+    edited.save_pretrained(tmp_path / "adapter")
+    entry = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["edited_modules"][
+        "model.layers.0.mlp.up_proj"]
+    assert entry["dtype"] == "float64"
+    assert entry["tensors"]["curvedit_Q"] == tensor_digest(edited.base_model.model.model.layers[0].mlp.up_proj
+                                                           .curvedit_Q["default"])
+    key = "base_model.model.model.layers.0.mlp.up_proj.curvedit_Q"
+
+    def nudge(ts):
+        t = ts[key].clone()
+        t.view(torch.int64)[0, 0] ^= 1
+        return {**ts, key: t}
+
+    rewrite(tmp_path / "adapter" / "adapter_model.safetensors", nudge)
+    base32 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    base32.load_adapter(str(tmp_path / "adapter"))
+    with pytest.raises(DamagedAdapterError, match="curvedit_Q"):
+        base32(torch.randint(0, 50, (1, 5)))
+
+
+def test_a_scalar_has_a_digest():
+    from hf_curvedit.integrity import tensor_digest
+
+    assert tensor_digest(torch.tensor(1.0)) != tensor_digest(torch.tensor(2.0))
+    assert tensor_digest(torch.tensor(1.0)) != tensor_digest(torch.tensor([1.0]))
+
+
+def test_an_adapter_saved_before_digests_loads_with_one_warning_naming_its_version(work, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter_for(work, tmp_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    for info in cfg["edited_modules"].values():  # as saved before adapters recorded digests
+        info.pop("tensors", None), info.pop("dtype", None), info.pop("digest", None)
+    cfg.pop("curvedit_version", None)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"peft \d+\.\d+") as caught:
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model"), adapter)
+    assert len([w for w in caught if "digests" in str(w.message)]) == 1
+    # one entry without its digest among entries with theirs: the config was changed
+    full = json.loads((work / "edits" / "rho0.6" / "adapter_config.json").read_text())
+    full["base_model_name_or_path"] = str(work / "model")
+    first = sorted(full["edited_modules"])[0]
+    full["edited_modules"][first] = {k: v for k, v in full["edited_modules"][first].items() if k != "tensors"}
+    (adapter / "adapter_config.json").write_text(json.dumps(full))
+    with pytest.raises(DamagedAdapterError, match="records no digest"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model"), adapter)
+
+
+@pytest.mark.parametrize("change", sorted(SET_CHANGES))
+def test_every_file_with_digests_refuses_a_missing_added_or_renamed_tensor(work, tmp_path, change):
+    from hf_curvedit import load_factors
+    from hf_curvedit.baselines import BalancedSubnetConfig, BalancedSubnetMasks
+    from hf_curvedit.curvature.correction import EigenCorrection
+    from hf_curvedit.curvature.eigen import KFACEigen
+    from hf_curvedit.integrity import DamagedFileError
+
+    factors = copy(work / "factors", tmp_path / "factors")
+    masks = BalancedSubnetMasks({"model.layers.0.mlp.up_proj": torch.ones(64, 32, dtype=torch.bool),
+                                 "model.layers.1.mlp.up_proj": torch.ones(64, 32, dtype=torch.bool)},
+                                BalancedSubnetConfig())
+    masks.save(tmp_path / "masks.safetensors")
+    EigenCorrection({"model.layers.0.mlp.up_proj": torch.ones(64, 32)}, 5, "id").save(tmp_path / "ek")
+    cases = {factors / "factors.safetensors": lambda: load_factors(factors),
+             factors / "eigen.safetensors": lambda: KFACEigen.load(factors / "eigen.safetensors"),
+             tmp_path / "ek" / "ekfac.safetensors": lambda: EigenCorrection.load(tmp_path / "ek"),
+             tmp_path / "masks.safetensors": lambda: BalancedSubnetMasks.load(tmp_path / "masks.safetensors")}
+    for path, read in cases.items():
+        with safe_open(str(path), framework="pt") as f:
+            key = sorted(f.keys())[0]
+        rewrite(path, SET_CHANGES[change](key))
+        with pytest.raises(DamagedFileError, match=re.escape(str(path))) as caught:
+            read()
+        assert ("not recorded" if change == "extra" else "has no tensor") in str(caught.value), caught.value
+
+
+def test_a_checkpoint_missing_a_tensor_starts_its_part_over(work, tmp_path, caplog):
+    from hf_curvedit.curvature import fit as fit_mod
+
+    real_save = fit_mod.save_checkpoint
+
+    def save_then_stop(path, *args):
+        real_save(path, *args)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "fresh"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit_mod, "save_checkpoint", save_then_stop)
+        assert main(fit_args(work, out, "--checkpoint-every", "1")) == 130
+    (ckpt,) = (out / "checkpoint").glob("*.safetensors")
+    with safe_open(str(ckpt), framework="pt") as f:
+        key = sorted(f.keys())[0]
+    rewrite(ckpt, _drop(key))
+    assert main(fit_args(work, out, "--checkpoint-every", "1")) == 0
+    assert any("starts over" in r.getMessage() and "has no tensor" in r.getMessage() for r in caplog.records)
+    assert same_tensors(out / "factors.safetensors", work / "factors" / "factors.safetensors")
+
+
+# ---------------------------------------------------------------------------------------- no token in any output
+def test_no_token_in_yaml_errors_tracebacks_or_logs(work, tmp_path, capsys, caplog, monkeypatch):
+    from hf_curvedit.pipeline import PipelineConfig, UsageError
+
+    # a step given as a list, the token inside it
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\npublish: [{{token: {PLANTED}}}]\n")
+    assert main(["run", str(config)]) == 2
+    assert "takes a mapping of options" in error_of(capsys)
+    with pytest.raises(UsageError) as caught:
+        PipelineConfig.from_dict({"output_dir": "x", "publish": [{"token": PLANTED_PLAIN}]})
+    assert PLANTED_PLAIN not in str(caught.value)
+    # a YAML syntax error on the token's line
+    config.write_text(f"output_dir: {tmp_path / 'run'}\npublish:\n  token: {PLANTED_PLAIN}: [\n")
+    assert main(["run", str(config)]) == 2
+    assert "is not valid YAML at line 3" in error_of(capsys)
+    # a failure nobody foresaw, whose message holds the token: its traceback is printed, the token is not
+    import hf_curvedit.pipeline.steps as steps
+
+    def broken(*args, **kwargs):
+        logging.getLogger("hf_curvedit.test").warning("about to fail with %s", os.environ["HF_TOKEN"])
+        raise RuntimeError(f"internal failure near {os.environ['HF_TOKEN']}")
+
+    monkeypatch.setattr(steps, "run_fit", broken)
+    monkeypatch.setattr("hf_curvedit.cli.commands.run_fit", broken)
+    assert main(["--verbose", *fit_args(work, tmp_path / "f")]) == 1
+    err = error_of(capsys)
+    assert "Traceback (most recent call last)" in err and "internal failure near" in err
+    assert "about to fail with" in caplog.text
+
+
+def test_secrets_given_as_flags_are_never_echoed(work, tmp_path, capsys, hub):
+    from hub_server import DROP
+
+    hub.fail("POST", r"/commit/", DROP)
+    args = ["publish", "--adapter", str(work / "edits" / "rho0.6"), "--repo-id", "user/dies3", "--out-dir",
+            str(tmp_path / "pub"), "--token", PLANTED_PLAIN]
+    assert main(args) == 1
+    assert "cannot publish user/dies3" in error_of(capsys)
+
+
+# ------------------------------------------------------------------------ every writer holds its folder's lock first
+def test_the_eigen_cache_and_the_ekfac_pass_write_only_under_the_folders_lock(work, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hf_curvedit import fit_eigen_correction
+
+    factors = copy(work / "factors", tmp_path / "factors")
+    (factors / "eigen.safetensors").unlink()
+    holder = _holder(factors)  # e.g. a fit still writing into the factors' folder
+    try:
+        # an edit decomposes the factors and caches the bases in their folder
+        assert main(["edit", "--model", str(work / "model"), "--factors", str(factors), "--keep-mass", "0.6",
+                     "--output-dir", str(tmp_path / "edits")]) == 2
+        assert f"{factors} is in use: process {holder.pid}" in error_of(capsys)
+        assert not (factors / "eigen.safetensors").exists(), "nothing written into a folder another process holds"
+        with pytest.raises(FolderInUseError):
+            fit_eigen_correction(AutoModelForCausalLM.from_pretrained(work / "model"), str(work / "corpus.txt"),
+                                 factors, tokenizer=byte_tokenizer(), progress=False)
+        assert sorted(p.name for p in factors.iterdir()) == ["factors.safetensors"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main(["edit", "--model", str(work / "model"), "--factors", str(factors), "--keep-mass", "0.6",
+                 "--output-dir", str(tmp_path / "edits")]) == 0
+    assert (factors / "eigen.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------- messages for the reader, exit codes
+def test_fixes_read_as_commands_on_the_command_line_and_as_calls_in_python(work, tmp_path, capsys):
+    from hf_curvedit import load_factors
+    from hf_curvedit.integrity import DamagedFileError
+
+    factors = copy(work / "factors", tmp_path / "factors")
+    truncate(factors / "factors.safetensors")
+    assert main(["edit", "--model", str(work / "model"), "--factors", str(factors), "--keep-mass", "0.6",
+                 "--output-dir", str(tmp_path / "e")]) == 2
+    err = error_of(capsys)
+    assert "hf-curvedit fit --restart with the same --output-dir" in err and "fit_factors" not in err, err
+    assert err.count("(") == err.count(")"), "every parenthesis closed"
+    with pytest.raises(DamagedFileError) as caught:
+        load_factors(factors)
+    assert "fit_factors(..., resume=False)" in str(caught.value) and "--restart" not in str(caught.value)
+    assert str(caught.value).count("(") == str(caught.value).count(")")
+    # EK-FAC selection without corrected eigenvalues
+    assert main(["edit", "--model", str(work / "model"), "--factors", str(work / "factors"), "--keep-mass", "0.6",
+                 "--selection", "ekfac_mass", "--output-dir", str(tmp_path / "e2")]) == 2
+    err = error_of(capsys)
+    assert "hf-curvedit fit --ekfac" in err and "fit_eigen_correction(" not in err, err
+
+
+def test_a_failed_push_prints_a_retry_command_with_its_revision_and_pr_flag(work, tmp_path, capsys, hub):
+    import shlex
+
+    from hub_server import DROP
+
+    hub.fail("POST", r"/commit/", DROP)
+    out = tmp_path / "pub dir"  # a space in the path: the command must still paste
+    assert main(["publish", "--adapter", str(work / "edits" / "rho0.6"), "--repo-id", "user/retry", "--out-dir",
+                 str(out), "--revision", "dev", "--create-pr"]) == 1
+    err = error_of(capsys)
+    command = next(line for line in err.split("`") if line.startswith("hf upload"))
+    assert shlex.split(command) == ["hf", "upload", "user/retry", str(out), "--repo-type", "model", "--revision",
+                                    "dev", "--create-pr"]
+    assert "push_folder" not in err
+
+
+def test_exit_2_is_for_bad_input_and_a_bug_keeps_its_traceback(work, tmp_path, capsys, monkeypatch):
+    assert main(edit_args(work, tmp_path / "edits", "1.5")) == 2
+    err = error_of(capsys)
+    assert "Traceback" not in err and "--keep-mass 1.5" in err
+    import hf_curvedit.selection as selection
+
+    def bug(*args, **kwargs):  # a ValueError nobody raised on purpose: an internal bug, not bad input
+        return int("not a number")
+
+    monkeypatch.setattr(selection, "curvature_mass_cutoffs", bug)
+    assert main(edit_args(work, tmp_path / "edits2")) == 1
+    err = error_of(capsys)
+    assert "Traceback (most recent call last)" in err and "invalid literal for int()" in err
+    assert "hf-curvedit edit: failed: ValueError" in err.splitlines()[-1]
+
+
+def test_the_heap_is_trimmed_only_for_a_pass_on_the_cpu(work, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hf_curvedit import FactorConfig, utils
+    from hf_curvedit.curvature import collector
+    from hf_curvedit.utils import heap_trim_helps
+
+    assert heap_trim_helps(torch.device("cpu")) == (utils._malloc_trim() is not None)  # glibc only
+    assert not heap_trim_helps(torch.device("cuda", 0)) and not heap_trim_helps(torch.device("mps"))
+    calls = []
+    monkeypatch.setattr(collector, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(collector, "heap_trim_helps", lambda device: device.type == "cuda")  # as if on a GPU
+    model = AutoModelForCausalLM.from_pretrained(work / "model")
+    batches = [(0, {"input_ids": torch.randint(1, 200, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)})]
+    collector.collect_factor_sums(model, batches, ["model.layers.0.mlp.up_proj"], FactorConfig())
+    assert calls == [], "no process-wide trim where it cannot help"

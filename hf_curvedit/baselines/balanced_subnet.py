@@ -24,13 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
+from ..integrity import read_safetensors
 from ..targets import TargetSpec, resolve_target_modules, weight_targets
+from ..utils import save_safetensors
 
 __all__ = ["BalancedSubnetConfig", "BalancedSubnetMasks", "train_balanced_subnet"]
+
+MASKS_FORMAT = "hf_curvedit.balanced_subnet"
+_RETRAIN = "Train the masks again (train_balanced_subnet), or restore the file from a good copy"
 
 
 @dataclass
@@ -63,15 +68,15 @@ class BalancedSubnetConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"ratio must be in (0, 1) (the fraction of weights to zero, e.g. 0.0015), got "
+            raise InputError(f"ratio must be in (0, 1) (the fraction of weights to zero, e.g. 0.0015), got "
                              f"{self.ratio}")
         if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1] (the weight of the clean loss), got {self.lam}")
+            raise InputError(f"lam must be in [0, 1] (the weight of the clean loss), got {self.lam}")
         for name in ("epochs", "batch_size", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InputError(f"lr must be positive, got {self.lr}")
 
 
 class _DropLowest(torch.autograd.Function):
@@ -129,25 +134,24 @@ class BalancedSubnetMasks:
         return model
 
     def save(self, path: str | Path) -> Path:
-        """Write the masks (uint8) and settings to a safetensors file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({n: m.to(torch.uint8).contiguous() for n, m in self.masks.items()}, str(tmp),
-                  metadata={"config": json.dumps(asdict(self.config), default=list),
-                            "history": json.dumps(self.history)})
-        tmp.replace(path)
-        return path
+        """Write the masks (uint8) and settings to a safetensors file (atomically, with the digest of every mask)."""
+        return save_safetensors(path, {n: m.to(torch.uint8) for n, m in self.masks.items()},
+                                {"format": MASKS_FORMAT, "config": json.dumps(asdict(self.config), default=list),
+                                 "history": json.dumps(self.history)})
 
     @classmethod
     def load(cls, path: str | Path) -> BalancedSubnetMasks:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        masks = {n: t.bool() for n, t in load_file(str(path)).items()}
-        return cls(masks, BalancedSubnetConfig(**json.loads(meta.get("config", "{}"))),
-                   json.loads(meta.get("history", "[]")))
+        """Read masks written by `save`; a damaged file (or a missing, added or renamed mask) raises
+        `hf_curvedit.integrity.DamagedFileError`."""
+        with read_safetensors(path, "BalancedSubnet masks", _RETRAIN) as f:
+            meta = f.metadata
+            masks = {n: f.get(n).bool() for n in f.keys()}
+            try:
+                config = BalancedSubnetConfig(**json.loads(meta.get("config", "{}")))
+                history = json.loads(meta.get("history", "[]"))
+            except (TypeError, ValueError) as err:
+                raise f.damaged(f"its settings are unreadable ({err})") from None
+        return cls(masks, config, history)
 
 
 def _batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, gen: torch.Generator
@@ -174,7 +178,7 @@ def _sequences(data: Any, what: str, max_length: int) -> list[list[int]]:
     seqs = [piece for s in seqs for piece in (s[i:i + max_length] for i in range(0, len(s), max_length))
             if len(piece) >= 2]
     if not seqs:
-        raise ValueError(f"the {what} data has no sequence of 2 or more tokens; give token-id sequences, a "
+        raise InputError(f"the {what} data has no sequence of 2 or more tokens; give token-id sequences, a "
                          "RecitationSet or a TextSet")
     return seqs
 
@@ -197,7 +201,7 @@ def train_balanced_subnet(model: nn.Module, memorized: Any, clean: Any,
     cln = _sequences(clean, "clean", config.max_length)
     names = resolve_target_modules(model, config.target_modules)
     if not names:
-        raise ValueError(f"target_modules={config.target_modules!r} selects no linear layer of this model")
+        raise InputError(f"target_modules={config.target_modules!r} selects no linear layer of this model")
     pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
     gen = torch.Generator().manual_seed(config.seed)
     targets = weight_targets(model)

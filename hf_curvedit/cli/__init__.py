@@ -13,16 +13,22 @@ the factors come from the documentation of Python's standard library.
 Exit codes: 0 success, 1 a run-time failure, 2 bad arguments or input.
 
 The package: `parser` (one function per subcommand), `commands` (each builds its step settings from the flags and
-calls the step function that `hf-curvedit run` calls too), and `main` here (exit codes, messages that name flags).
+calls the step function that `hf-curvedit run` calls too), and `main` here: exit codes (2 for bad input, 1 for a
+failure, with its traceback when it was not foreseen), fixes worded as commands and flags (`hf_curvedit.errors.Fix`),
+and no token in any message, traceback or log line.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
-import re
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from ..errors import InputError, RedactingFilter, on_command_line, redact, register_secret
 from ..integrity import FolderInUseError
 from ..pipeline import UsageError
 from .commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _step  # noqa: F401  (_step: tests build steps from flags)
@@ -30,44 +36,49 @@ from .parser import build_parser
 
 logger = logging.getLogger("hf_curvedit")
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "as_flags", "build_parser", "main"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 
-# What library messages call Python arguments, as the flags and commands of the command line. A message raised deep in
-# the library names the argument of its own function; the user of the command typed a flag.
-_AS_FLAGS = [
-    (re.compile(r"\(?\bfit_factors\(\.\.\., resume=False\)\)?"), "--restart"),
-    (re.compile(r"\bpass resume=False\b"), "pass --restart"),
-    (re.compile(r"\bresume=False\b"), "--restart"),
-    (re.compile(r"\boverwrite=True \(--overwrite\)"), "--overwrite"),
-    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
-    (re.compile(r"\bHubOptions\(token=([^)]*)\)"), r"--token \1"),
-    (re.compile(r"\bpush_folder\('([^']*)', '([^']*)'\)"), r"`hf upload \2 \1 --repo-type model`"),
-    (re.compile(r"\bpush_space\('([^']*)', '([^']*)'\)"), r"`hf upload \2 \1 --repo-type space`"),
-]
+# Run-time failures that explain themselves: their message is the whole story, no traceback.
+def _explained_failures() -> tuple[type[BaseException], ...]:
+    from ..pipeline import StepFailed
+    from ..publish import PublishError
+
+    return PublishError, StepFailed
 
 
-def as_flags(message: str) -> str:
-    """A library message with the Python arguments it names replaced by the command line's flags."""
-    for pattern, flag in _AS_FLAGS:
-        message = pattern.sub(flag, message)
-    return message
+def _note_secrets(args: argparse.Namespace) -> None:
+    # every token this run can know of: the flag, the environment, the stored login
+    register_secret(getattr(args, "token", None))
+    register_secret(os.environ.get("HF_TOKEN"))
+    with contextlib.suppress(Exception):  # no login, or an unreadable token file: nothing to note
+        from huggingface_hub import get_token
+
+        register_secret(get_token())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _note_secrets(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (UsageError, ValueError, KeyError, FileNotFoundError, FileExistsError, FolderInUseError) as e:
-        print(f"hf-curvedit {args.command}: error: {as_flags(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the command reports every failure with its exit code
-        logger.debug("failure", exc_info=True)
-        print(f"hf-curvedit {args.command}: failed: {type(e).__name__}: {as_flags(str(e))}", file=sys.stderr)
-        return EXIT_FAILURE
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    with on_command_line():
+        try:
+            return args.func(args)
+        except (InputError, FileNotFoundError, FileExistsError, FolderInUseError) as e:
+            print(redact(f"hf-curvedit {args.command}: error: {e}"), file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+        except _explained_failures() as e:
+            print(redact(f"hf-curvedit {args.command}: failed: {e}"), file=sys.stderr)
+            return EXIT_FAILURE
+        except Exception as e:  # noqa: BLE001 - a failure nobody foresaw: its traceback is what a bug report needs
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+            print(redact(f"hf-curvedit {args.command}: failed: {type(e).__name__}: {e}"), file=sys.stderr)
+            return EXIT_FAILURE

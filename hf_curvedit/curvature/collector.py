@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..targets import TargetWeight, weight_targets
-from ..utils import release_free_memory
+from ..utils import heap_trim_helps, release_free_memory
 from .config import FactorConfig, accumulator_dtype
 from .experts import ExpertRecorder, recording_experts
 from .partitions import split_expert_slice
@@ -104,7 +105,7 @@ class FactorCollector:
         targets = weight_targets(model)
         missing = [n for n in names if split_expert_slice(n)[0] not in targets]
         if missing:
-            raise ValueError(f"{missing[:3]} are neither linear layers nor expert projections of this model")
+            raise InputError(f"{missing[:3]} are neither linear layers nor expert projections of this model")
         self.model = model
         self.names = names
         self.targets: dict[str, TargetWeight] = {n: targets[split_expert_slice(n)[0]] for n in names}
@@ -167,7 +168,7 @@ class FactorCollector:
             self._valid_rows = positions.reshape(-1)
             self._idx = self._valid_rows.nonzero().squeeze(1)
         elif positions not in ("cls", "all"):
-            raise ValueError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
+            raise InputError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
         self._positions = positions
         self._sharing.reset()
         self._roots.reset()
@@ -180,7 +181,7 @@ class FactorCollector:
     def _select(self, t: torch.Tensor, name: str) -> torch.Tensor:
         if self._positions == "cls":
             if t.dim() not in (2, 3):
-                raise ValueError(f"token_positions='cls' needs (batch, tokens, features) activations, but {name} sees "
+                raise InputError(f"token_positions='cls' needs (batch, tokens, features) activations, but {name} sees "
                                  f"shape {tuple(t.shape)}; use token_positions='all'.")
             x = t[:, 0, :] if t.dim() == 3 else t  # (batch, features): one row per image already (e.g. the head)
         elif self._positions == "all":
@@ -264,7 +265,7 @@ class FactorCollector:
         if self._positions == "all":
             return None
         if self._positions == "cls":
-            raise ValueError(f"token_positions='cls' cannot pick the class token out of the routed tokens of {name}; "
+            raise InputError(f"token_positions='cls' cannot pick the class token out of the routed tokens of {name}; "
                              "use token_positions='all' for a mixture-of-experts model.")
         assert self._valid_rows is not None
         if num_rows != self._valid_rows.numel():
@@ -337,6 +338,7 @@ def collect_factor_sums(
     task.validate(model, config)
     col = collector or FactorCollector(model, module_names, accumulator_dtype(config))
     device = input_device(model)
+    trim_heap = heap_trim_helps(device)
     was_training = model.training
     model.eval()
     try:
@@ -355,7 +357,8 @@ def collect_factor_sums(
                     if col.roots:
                         torch.autograd.grad(loss, col.roots, allow_unused=True)
                 col.end_batch()
-                release_free_memory()
+                if trim_heap:
+                    release_free_memory()
                 if progress is not None:
                     progress.update(_samples_in(positions, batch))
                 if on_batch_end is not None:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import InputError
+
 LabelMode = Literal["sampled", "empirical"]
 TokenPositions = Literal["cls", "all"]
 
@@ -78,27 +80,27 @@ class FactorConfig:
 
     def __post_init__(self) -> None:
         if self.label_mode not in ("sampled", "empirical"):
-            raise ValueError(f"label_mode={self.label_mode!r}: use 'sampled' (true Fisher) or 'empirical'.")
+            raise InputError(f"label_mode={self.label_mode!r}: use 'sampled' (true Fisher) or 'empirical'.")
         if self.accumulate_dtype not in ("float32", "float64"):
-            raise ValueError(f"accumulate_dtype={self.accumulate_dtype!r}: use 'float32' or 'float64'.")
+            raise InputError(f"accumulate_dtype={self.accumulate_dtype!r}: use 'float32' or 'float64'.")
         if self.storage_dtype not in (None, "float32", "float64", "bfloat16"):
-            raise ValueError(f"storage_dtype={self.storage_dtype!r}: use 'float32', 'float64', 'bfloat16' or None "
+            raise InputError(f"storage_dtype={self.storage_dtype!r}: use 'float32', 'float64', 'bfloat16' or None "
                              "(the accumulation dtype).")
         for name in ("seq_len", "batch_size", "sample_chunk_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.seq_len < 2:
-            raise ValueError("seq_len must be at least 2: the last position of a block has no target.")
+            raise InputError("seq_len must be at least 2: the last position of a block has no target.")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
-            raise ValueError(f"max_tokens={self.max_tokens} is smaller than one block (seq_len={self.seq_len}).")
+            raise InputError(f"max_tokens={self.max_tokens} is smaller than one block (seq_len={self.seq_len}).")
         if self.token_positions not in (None, "cls", "all"):
-            raise ValueError(f"token_positions={self.token_positions!r}: use 'cls' (class token only) or 'all'.")
+            raise InputError(f"token_positions={self.token_positions!r}: use 'cls' (class token only) or 'all'.")
         if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"max_examples must be a positive integer or None, got {self.max_examples!r}.")
+            raise InputError(f"max_examples must be a positive integer or None, got {self.max_examples!r}.")
         if self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be >= 0 (0 disables checkpoints).")
+            raise InputError("checkpoint_every must be >= 0 (0 disables checkpoints).")
         if self.max_factor_memory_gb is not None and self.max_factor_memory_gb <= 0:
-            raise ValueError("max_factor_memory_gb must be positive, or None for no budget.")
+            raise InputError("max_factor_memory_gb must be positive, or None for no budget.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict of all fields."""
@@ -115,7 +117,7 @@ class FactorConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown FactorConfig fields {unknown}; valid fields are {sorted(known)}")
+            raise InputError(f"unknown FactorConfig fields {unknown}; valid fields are {sorted(known)}")
         return cls(**data)
 
     def collection_key(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
+from ..errors import Fix, InputError
+from ..integrity import DamagedFileError, read_safetensors
 from ..utils import save_safetensors
 from .eigen import KFACEigen, ModuleEigen
 
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 EKFAC_FILENAME = "ekfac.safetensors"
 EKFAC_FORMAT = "hf_curvedit.ekfac"
-REFIT_EKFAC = ("Delete it and measure the corrected eigenvalues again (hf-curvedit fit --ekfac with the same "
-               "--output-dir, or fit_eigen_correction(model, data, factors))")
+REFIT_EKFAC = Fix(python="Delete it and measure the corrected eigenvalues again (fit_eigen_correction(model, data, "
+                         "factors_folder))",
+                  cli="Delete it and measure the corrected eigenvalues again (hf-curvedit fit --ekfac with the same "
+                      "--output-dir)")
 
 
 class EigenCorrection(Mapping[str, torch.Tensor]):
@@ -81,19 +84,18 @@ class EigenCorrection(Mapping[str, torch.Tensor]):
         path = Path(path)
         if path.is_dir():
             path = path / EKFAC_FILENAME
-        with open_safetensors(path, "an hf-curvedit EK-FAC file", REFIT_EKFAC) as f:
-            meta = f.metadata() or {}
+        with read_safetensors(path, "an hf-curvedit EK-FAC file", REFIT_EKFAC) as f:
+            meta = f.metadata
             if meta.get("format") != EKFAC_FORMAT:
-                raise DamagedFileError(path, "is not an hf-curvedit EK-FAC file", REFIT_EKFAC)
+                raise f.damaged("is not an hf-curvedit EK-FAC file")
             try:
                 names = json.loads(meta["modules"])
                 num_samples, factors_id = int(meta["num_samples"]), meta["factors_id"]
                 config = json.loads(meta.get("config", "{}"))
             except (KeyError, ValueError) as err:
-                raise DamagedFileError(path, f"its metadata is incomplete or unreadable ({err})", REFIT_EKFAC) from None
-            digests = recorded_digests(meta)
+                raise f.damaged(f"its metadata is incomplete or unreadable ({err})") from None
             wanted = names if modules is None else [n for n in names if n in set(modules)]
-            values = {n: read_tensor(f, f"{n}.lambda", digests, path, REFIT_EKFAC) for n in wanted}
+            values = {n: f.get(f"{n}.lambda") for n in wanted}
         return cls(values, num_samples, factors_id, config, path)
 
 
@@ -106,7 +108,7 @@ def attach_correction(eigen: Mapping[str, ModuleEigen], correction: EigenCorrect
             continue
         e = modules[name]
         if tuple(values.shape) != e.shape:
-            raise ValueError(f"the corrected eigenvalues of {name} are {tuple(values.shape)} but its eigenbasis is "
+            raise InputError(f"the corrected eigenvalues of {name} are {tuple(values.shape)} but its eigenbasis is "
                              f"for a {e.shape} weight; they were measured for other factors")
         modules[name] = replace(e, eigvals_corrected=values)
     metadata = dict(getattr(eigen, "metadata", {}) or {})

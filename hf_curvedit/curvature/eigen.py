@@ -14,13 +14,16 @@ from typing import Any
 
 import torch
 
-from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
+from ..errors import Fix, InputError, InputKeyError
+from ..integrity import read_safetensors
 from ..utils import all_finite, save_safetensors
 
 EIGEN_FILENAME = "eigen.safetensors"
 EIGEN_FORMAT = "hf_curvedit.eigen"
-REBUILD_EIGEN = ("Delete it and eigendecompose the factors again (factors.eigendecompose(), or any hf-curvedit command "
-                 "that reads the factors: a damaged cache next to its factors is recomputed)")
+REBUILD_EIGEN = Fix(python="Delete it and eigendecompose the factors again (load_factors(folder).eigendecompose(); a "
+                           "damaged cache next to its factors is recomputed by any call that reads them)",
+                    cli="Delete it and run any hf-curvedit command that reads the factors (a damaged cache next to its "
+                        "factors is recomputed)")
 
 
 @dataclass
@@ -55,7 +58,7 @@ class ModuleEigen:
     def expert(self, index: int) -> ModuleEigen:
         """The basis of one expert of a stacked (expert projection) basis."""
         if self.num_experts is None:
-            raise ValueError("this eigenbasis belongs to a linear layer, not to an expert projection")
+            raise InputError("this eigenbasis belongs to a linear layer, not to an expert projection")
         return ModuleEigen(self.eigvals_A[index], self.eigvecs_A[index], self.eigvals_G[index],
                            self.eigvecs_G[index])
 
@@ -71,7 +74,7 @@ def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> 
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     m = matrix.detach().to(device, torch.float64)
     if not all_finite(m):
-        raise ValueError("cannot eigendecompose a factor with non-finite entries (NaN or inf)")
+        raise InputError("cannot eigendecompose a factor with non-finite entries (NaN or inf)")
     m = 0.5 * (m + m.T)
     vals, vecs = torch.linalg.eigh(m)  # ascending
     vals = vals.flip(0).clamp_min(0.0)
@@ -111,21 +114,19 @@ class KFACEigen(Mapping[str, ModuleEigen]):
     def load(cls, path: str | Path, modules: list[str] | None = None) -> KFACEigen:
         """Read bases from ``path``; ``modules`` restricts which ones are loaded."""
         path = Path(path)
-        with open_safetensors(path, "an hf-curvedit eigenbasis file", REBUILD_EIGEN) as f:
-            meta = f.metadata() or {}
+        with read_safetensors(path, "an hf-curvedit eigenbasis file", REBUILD_EIGEN) as f:
+            meta = f.metadata
             if meta.get("format") != EIGEN_FORMAT:
-                raise DamagedFileError(path, "is not an hf-curvedit eigenbasis file", REBUILD_EIGEN)
-            digests = recorded_digests(meta)
+                raise f.damaged("is not an hf-curvedit eigenbasis file")
             names = json.loads(meta["modules"])
             if modules is not None:
                 missing = [m for m in modules if m not in names]
                 if missing:
-                    raise KeyError(f"{path} has no eigenbasis for modules {missing}; it holds {names}")
+                    raise InputKeyError(f"{path} has no eigenbasis for modules {missing}; it holds {names}")
                 names = [n for n in names if n in set(modules)]
             keys = set(f.keys())
 
-            def get(key: str) -> torch.Tensor:
-                return read_tensor(f, key, digests, path, REBUILD_EIGEN)
+            get = f.get
 
             out = {
                 n: ModuleEigen(get(f"{n}.eigvals_A"), get(f"{n}.eigvecs_A"), get(f"{n}.eigvals_G"),

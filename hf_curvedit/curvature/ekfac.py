@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
-from ..integrity import DamagedFileError, open_safetensors, output_lock, read_tensor, recorded_digests
+from ..errors import Fix, InputError
+from ..integrity import DamagedFileError, open_safetensors, output_lock, read_safetensors
 from ..targets import weight_targets
 from ..utils import all_finite, save_safetensors
 from .collector import _require_grad, collect_factor_sums
@@ -31,7 +32,7 @@ from .correction import EKFAC_FILENAME, EigenCorrection
 from .eigen import EIGEN_FILENAME, KFACEigen, ModuleEigen
 from .fit import dist_state, one_processor, pass_bar
 from .roots import GradientRoots
-from .storage import FACTORS_FILENAME, REFIT, KFACFactors, load_factors
+from .storage import FACTORS_FILENAME, REFIT, RESTART, KFACFactors, load_factors
 from .tasks import FactorTask, SamplePositions, default_task
 
 __all__ = ["LambdaCollector", "fit_eigen_correction"]
@@ -54,16 +55,16 @@ class LambdaCollector:
         targets = weight_targets(model)
         experts = [n for n in eigen if n in targets and targets[n].is_experts]
         if experts:
-            raise ValueError(f"EK-FAC correction of expert projections is not supported ({experts[:2]}); leave them "
+            raise InputError(f"EK-FAC correction of expert projections is not supported ({experts[:2]}); leave them "
                              "out of the factors given to fit_eigen_correction, and edit them with "
                              "selection='curvature_mass'")
         missing = [n for n in eigen if n not in targets]
         if missing:
-            raise ValueError(f"{missing[:3]} are not linear layers of this model; the factors belong to another model")
+            raise InputError(f"{missing[:3]} are not linear layers of this model; the factors belong to another model")
         wrong = [f"{n}: bases for {eigen[n].shape}, the model has {targets[n].shape}" for n in eigen
                  if tuple(targets[n].shape) != eigen[n].shape]
         if wrong:
-            raise ValueError(f"the factors do not match this model ({'; '.join(wrong[:3])}); fit factors for this "
+            raise InputError(f"the factors do not match this model ({'; '.join(wrong[:3])}); fit factors for this "
                              "model, or load the model they were fitted on")
         self.model = model
         self.modules = {n: targets[n].module for n in eigen}
@@ -104,7 +105,7 @@ class LambdaCollector:
     def begin_batch(self, positions: SamplePositions) -> None:
         """Start a batch whose sample positions are ``positions``: a (B, T) bool mask, ``"cls"`` or ``"all"``."""
         if not torch.is_tensor(positions) and positions not in ("cls", "all"):
-            raise ValueError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
+            raise InputError(f"sample positions must be a (batch, tokens) mask, 'cls' or 'all'; got {positions!r}")
         self._positions = positions
         self._rotated.clear()
         self._roots.reset()
@@ -218,18 +219,20 @@ def fit_eigen_correction(
         out = Path(output_dir) if output_dir is not None else Path(factors)
         folder = Path(factors)
         bases = lambda: _bases_in(folder)  # noqa: E731
-    # the main process decomposes (and caches) first; the others then read its cache
-    eigen = bases() if state.is_main_process else None
-    state.wait_for_everyone()
-    eigen = eigen if eigen is not None else bases()
-    if isinstance(factors, KFACFactors):
-        factors_id, fitted_with = factors.factors_id, factors.config
-    else:
-        factors_id, fitted_with = eigen.metadata["factors_id"], FactorConfig.from_dict(eigen.metadata["factor_config"])
-    cfg = config or fitted_with
+    # one writer per folder from the first write on: the eigen cache is written into it too
     lock = (output_lock(out, "fit_eigen_correction") if out is not None and state.is_main_process
             else contextlib.nullcontext())
     with lock:
+        # the main process decomposes (and caches) first; the others then read its cache
+        eigen = bases() if state.is_main_process else None
+        state.wait_for_everyone()
+        eigen = eigen if eigen is not None else bases()
+        if isinstance(factors, KFACFactors):
+            factors_id, fitted_with = factors.factors_id, factors.config
+        else:
+            factors_id = eigen.metadata["factors_id"]
+            fitted_with = FactorConfig.from_dict(eigen.metadata["factor_config"])
+        cfg = config or fitted_with
         return _fit_eigen_correction(model, dataset, eigen, factors_id, cfg, out, processor, task, resume, progress)
 
 
@@ -237,8 +240,8 @@ def _bases_in(folder: Path) -> Any:
     """The eigenbases of the factors in ``folder``: its eigen cache when it belongs to them, else decomposed now
     (the factor tensors are not kept)."""
     if not (folder / FACTORS_FILENAME).exists():
-        raise FileNotFoundError(f"{folder} holds no {FACTORS_FILENAME}; fit the factors first (hf-curvedit fit "
-                                f"--output-dir {folder}, or fit_factors(model, data, config, '{folder}'))")
+        fix = Fix(python=f"fit_factors(model, data, config, '{folder}')", cli=f"hf-curvedit fit --output-dir {folder}")
+        raise FileNotFoundError(f"{folder} holds no {FACTORS_FILENAME}; fit the factors first ({fix})")
     with open_safetensors(folder / FACTORS_FILENAME, "an hf-curvedit factor file", REFIT) as f:
         factors_id = (f.metadata() or {}).get("factors_id")
     if (folder / EIGEN_FILENAME).exists():
@@ -273,7 +276,7 @@ def _fit_eigen_correction(model: nn.Module, dataset: DataSource, eigen: Any, fac
                 logger.info("corrected eigenvalues already complete in %s; loading them", out)
                 return done
             raise FileExistsError(f"{out / EKFAC_FILENAME} exists and was measured for other factors or with other "
-                                  "settings. Choose another output folder, or pass resume=False to overwrite it.")
+                                  f"settings. Choose another output folder, or {RESTART} to overwrite it.")
     ckpt = out / CHECKPOINT_DIR / f"rank{rank:03d}-of-{world:03d}.safetensors" if out is not None else None
     if ckpt is not None and not resume and state.is_main_process:
         shutil.rmtree(ckpt.parent, ignore_errors=True)
@@ -307,7 +310,7 @@ def _fit_eigen_correction(model: nn.Module, dataset: DataSource, eigen: Any, fac
                             on_batch_end=on_batch_end, progress=bar)
     sums, count = _reduce(col, names, eigen, world)
     if count == 0:
-        raise ValueError("the EK-FAC pass saw no sample with a usable position; the data has no usable tokens")
+        raise InputError("the EK-FAC pass saw no sample with a usable position; the data has no usable tokens")
     values = {}
     for n in names:
         values[n] = sums[n] / count
@@ -353,19 +356,18 @@ def _load_checkpoint(path: Path, key: dict, col: LambdaCollector) -> int:
     """Put a checkpoint's sums into ``col``; returns the batch to continue from. A checkpoint written with other
     settings is refused; a damaged one raises `DamagedFileError`."""
     fix = "The partial pass cannot resume from it; it is discarded and the pass starts over"
-    with open_safetensors(path, "an hf-curvedit EK-FAC checkpoint", fix) as f:
-        meta = f.metadata() or {}
+    with read_safetensors(path, "an hf-curvedit EK-FAC checkpoint", fix) as f:
+        meta = f.metadata
         try:
             written_with = json.loads(meta["key"])
             next_batch, num_samples = int(meta["next_batch"]), int(meta["num_samples"])
         except (KeyError, ValueError) as err:
             raise DamagedFileError(path, f"its metadata is unreadable ({err})", fix) from None
         if written_with != json.loads(json.dumps(key, sort_keys=True)):
-            raise ValueError(f"{path} was written for other factors or settings; resume with the same ones, or pass "
-                             "resume=False to start over")
-        digests = recorded_digests(meta)
+            raise InputError(f"{path} was written for other factors or settings; resume with the same ones, or "
+                             f"{RESTART} to start over")
         for k in f.keys():
-            col.sums[k.removesuffix(".lambda")] = read_tensor(f, k, digests, path, fix)
+            col.sums[k.removesuffix(".lambda")] = f.get(k)
     col.num_samples = num_samples
     return next_batch
 

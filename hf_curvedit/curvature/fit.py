@@ -18,15 +18,18 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import DataSource, count_batches, iter_batches, load_text_dataset
+from ..errors import InputError
 from ..integrity import DamagedFileError, output_lock
 from ..targets import resolve_target_modules, weight_targets
 from ..utils import all_finite
 from .collector import FactorCollector, accumulator_dtype, collect_factor_sums
 from .config import FactorConfig
+from .distributed import dist_state
 from .partitions import plan_partitions, split_expert_slice
 from .storage import (
     CHECKPOINT_DIR,
     FACTORS_FILENAME,
+    RESTART,
     KFACFactors,
     checkpoint_file,
     load_checkpoint,
@@ -38,17 +41,6 @@ from .tasks import FactorTask, default_task
 __all__ = ["fit_factors"]
 
 logger = logging.getLogger(__name__)
-
-
-def dist_state():
-    """accelerate's process state (one process, or the processes of a torchrun / accelerate launch)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # PartialState only detects a multi-process CPU run (torchrun, debug_launcher) when told it is
-    # on CPU; an existing Accelerator/PartialState singleton is reused as is.
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
 
 
 def pass_bar(desc: str, task: FactorTask, data: Any, cfg: FactorConfig, n_batches: int | None, start: int,
@@ -68,7 +60,7 @@ def one_processor(processor: Any, tokenizer: Any, image_processor: Any) -> Any:
     """The one of ``processor=``, ``tokenizer=`` and ``image_processor=`` that was given (``None`` if none was)."""
     given = [p for p in (processor, tokenizer, image_processor) if p is not None]
     if len(given) > 1:
-        raise ValueError("pass one of processor=, tokenizer= or image_processor=, not several")
+        raise InputError("pass one of processor=, tokenizer= or image_processor=, not several")
     return given[0] if given else None
 
 
@@ -148,7 +140,7 @@ def _fit_factors(model: nn.Module, dataset: DataSource, config: FactorConfig | N
             return done
         raise FileExistsError(
             f"{out / FACTORS_FILENAME} exists and was fitted with other settings or for another model. "
-            "Choose another output folder, or pass resume=False to overwrite it."
+            f"Choose another output folder, or {RESTART} to overwrite it."
         )
     if out is not None and not resume and state.is_main_process:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
@@ -271,7 +263,7 @@ def _normalize(n: str, A: dict, G: dict, count: int | list[int], owns_A: bool, t
     hint = getattr(task, "zero_gradient_hint", "")
     if isinstance(count, list):  # an expert projection: one count per expert
         if not any(count):
-            raise ValueError(f"no valid token position was routed to any expert of {n}; the data has no usable "
+            raise InputError(f"no valid token position was routed to any expert of {n}; the data has no usable "
                              "tokens")
         # An expert that no token reached keeps all-zero factors; the edit never uses it (min_expert_tokens).
         scale = torch.tensor([1.0 / c if c else 0.0 for c in count], dtype=G[n].dtype).view(-1, 1, 1)
@@ -279,16 +271,16 @@ def _normalize(n: str, A: dict, G: dict, count: int | list[int], owns_A: bool, t
         seen = [e for e, c in enumerate(count) if c]
         dead = [e for e in seen if not bool(G[n][e].diagonal().any())]
         if dead:
-            raise ValueError(f"no gradient reached experts {dead[:5]} of {n} at the sampled positions, so their G "
+            raise InputError(f"no gradient reached experts {dead[:5]} of {n} at the sampled positions, so their G "
                              f"factors are zero.{hint}")
         if owns_A:
             A[n] = A[n] * scale.to(A[n].dtype)
     else:
         if count == 0:
-            raise ValueError(f"no valid token positions reached {n}; the data has no usable tokens")
+            raise InputError(f"no valid token positions reached {n}; the data has no usable tokens")
         G[n] = G[n] / count
         if not bool(G[n].diagonal().any()):
-            raise ValueError(f"no gradient reached {n} at the sampled positions, so its G factor is zero: the module "
+            raise InputError(f"no gradient reached {n} at the sampled positions, so its G factor is zero: the module "
                              f"does not take part in computing the logits there.{hint}")
         if owns_A:
             A[n] = A[n] / count

@@ -8,6 +8,7 @@ import re
 
 import torch.nn as nn
 
+from ..errors import InputError
 from ..targets import weight_targets
 from .config import FactorConfig, accumulator_dtype
 
@@ -49,7 +50,7 @@ def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig) ->
         one = factor_bytes(t.d_out, t.d_in, config)
         if one > budget:
             what = "one expert's factors" if t.is_experts else "its factors alone"
-            raise ValueError(
+            raise InputError(
                 f"max_factor_memory_gb={config.max_factor_memory_gb} is too small for {n}: {what} need "
                 f"{one / 1024**3:.3f} GiB. Raise the budget to at least that."
             )

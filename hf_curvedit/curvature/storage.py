@@ -19,11 +19,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..integrity import DamagedFileError, open_safetensors, read_tensor, recorded_digests
+from ..errors import Fix, InputError
+from ..integrity import DamagedFileError, open_safetensors, output_lock, read_safetensors
 from ..targets import weight_targets
 from ..utils import all_finite, save_safetensors
 from .config import FactorConfig, accumulator_dtype
 from .correction import with_correction_beside
+from .distributed import dist_state
 from .eigen import EIGEN_FILENAME, EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen, symmetric_eigh
 
 __all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "eigendecompose", "load_factors",
@@ -35,8 +37,12 @@ FACTORS_FILENAME = "factors.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = "hf_curvedit.factors"
 FORMAT_VERSION = "1"
-REFIT = ("Fit the factors again (hf-curvedit fit with the same --output-dir, or fit_factors(..., resume=False)), "
-         "or restore the file from a good copy")
+# how a fit starts over instead of resuming
+RESTART = Fix(python="pass resume=False", cli="pass --restart")
+REFIT = Fix(python="Fit the factors again (fit_factors(..., resume=False) with the same output_dir), or restore the "
+                   "file from a good copy",
+            cli="Fit the factors again (hf-curvedit fit --restart with the same --output-dir), or restore the file "
+                "from a good copy")
 
 
 def model_fingerprint(model: nn.Module, module_names: Iterable[str]) -> dict[str, Any]:
@@ -112,12 +118,11 @@ class KFACFactors:
             hint = (f" A partial run exists in {partial}: run fit_factors again with the same output_dir to resume it."
                     if partial.exists() else "")
             raise FileNotFoundError(f"no factors at {path}.{hint}")
-        with open_safetensors(path, "an hf-curvedit factor file", REFIT) as f:
-            meta = f.metadata() or {}
+        with read_safetensors(path, "an hf-curvedit factor file", REFIT) as f:
+            meta = f.metadata
             if meta.get("format") != FORMAT:
-                raise DamagedFileError(path, f"is not an hf-curvedit factor file (format={meta.get('format')!r})",
-                                       REFIT)
-            digests = recorded_digests(meta)
+                raise f.damaged(f"is not an hf-curvedit factor file (format={meta.get('format')!r})")
+            digests = f.digests
             try:
                 names = json.loads(meta["modules"])
                 alias = json.loads(meta["a_alias"])
@@ -127,9 +132,9 @@ class KFACFactors:
             A: dict[str, torch.Tensor] = {}
             G: dict[str, torch.Tensor] = {}
             for n in names:
-                G[n] = read_tensor(f, f"{n}.G", digests, path, REFIT)
+                G[n] = f.get(f"{n}.G")
                 if n not in alias:
-                    A[n] = read_tensor(f, f"{n}.A", digests, path, REFIT)
+                    A[n] = f.get(f"{n}.A")
             for n, owner in alias.items():
                 A[n] = A[owner]
         factors = cls(A=A, G=G, num_tokens=json.loads(meta["num_tokens"]),
@@ -170,7 +175,7 @@ class KFACFactors:
                 problems.append(f"{n}: is a {type(mods[n]).__name__} in the model, not a linear layer")
         if problems:
             src = self.path or "these factors"
-            raise ValueError(
+            raise InputError(
                 f"{src} do not match this model ({self.model_info.get('name_or_path') or 'unknown source'}):\n  - "
                 + "\n  - ".join(problems)
                 + "\nFit factors for this model with fit_factors(model, ...), or load the model they were fitted on."
@@ -198,6 +203,16 @@ def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) ->
         else:
             if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
                 return with_correction_beside(cached, cache.parent, factors.factors_id)
+    if cache is None or not dist_state().is_main_process:
+        # only the main process of a multi-process run writes; the others decompose for themselves
+        return _decompose(factors, None)
+    # the cache is written under the lock of its folder (the factors' folder, where a fit may be writing); a valid cache
+    # is read without it
+    with output_lock(cache.parent, "eigendecompose"):
+        return _decompose(factors, cache)
+
+
+def _decompose(factors: KFACFactors, cache: Path | None) -> KFACEigen:
     # Decomposed in float64; the eigenvectors are kept in the factors' own dtype (float32 unless they were
     # accumulated in float64, as kronfluence does), which halves the bases' memory and cache: every use casts them to
     # float64 for its own arithmetic, and an adapter stores float32 anyway.
@@ -256,8 +271,8 @@ def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.devi
 
     Raises `DamagedFileError` for a checkpoint that does not verify (the caller starts that part over)."""
     fix = "The partial run cannot resume from it; it is discarded and that part is collected again"
-    with open_safetensors(path, "an hf-curvedit factor checkpoint", fix) as f:
-        meta = f.metadata() or {}
+    with read_safetensors(path, "an hf-curvedit factor checkpoint", fix) as f:
+        meta = f.metadata
         try:
             written_with = json.loads(meta["key"])
             count, alias = json.loads(meta["count"]), json.loads(meta["a_alias"])
@@ -265,15 +280,14 @@ def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.devi
         except (KeyError, ValueError) as err:
             raise DamagedFileError(path, f"its metadata is incomplete or unreadable ({err})", fix) from None
         if written_with != json.loads(json.dumps(key, sort_keys=True)):
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint in {path.parent} was written with different settings or for a different model. "
-                "Use another output folder, or pass resume=False to start over (this deletes the partial results)."
+                f"Use another output folder, or {RESTART} to start over (this deletes the partial results)."
             )
-        digests = recorded_digests(meta)
         A, G = {}, {}
         for k in f.keys():
             n, kind = k.rsplit(".", 1)
-            (A if kind == "A" else G)[n] = read_tensor(f, k, digests, path, fix).to(device_of(n))
+            (A if kind == "A" else G)[n] = f.get(k).to(device_of(n))
     return A, G, count, alias, next_batch, done
 
 

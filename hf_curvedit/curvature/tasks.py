@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import DatasetLike, count_batches, image_batch_converter, pack_into_blocks, select_image_columns
+from ..errors import InputError
 from .config import FactorConfig, accumulator_dtype
 
 __all__ = ["CausalLMTask", "FactorTask", "ImageClassificationTask", "PreparedData", "SamplePositions", "default_task",
@@ -216,7 +217,7 @@ def check_causal_lm(model: nn.Module) -> None:
         head = "a token classifier"
     else:
         head = "not a causal language model"
-    raise ValueError(
+    raise InputError(
         f"{cls} is {head}, and no built-in factor task covers its head (CausalLMTask needs next-token logits, "
         "ImageClassificationTask pixel_values). Pass task= to fit_factors with a FactorTask of your own "
         "(hf_curvedit.curvature.FactorTask: its summed loss and which positions are samples), or load the model "
@@ -233,23 +234,23 @@ class CausalLMTask:
     def validate(self, model: nn.Module, config: FactorConfig) -> None:
         check_causal_lm(model)
         if config.token_positions is not None:
-            raise ValueError(f"token_positions={config.token_positions!r} is for image classifiers; a language model "
+            raise InputError(f"token_positions={config.token_positions!r} is for image classifiers; a language model "
                              "uses every position that has a next-token target. Leave token_positions unset.")
         if config.max_examples is not None:
-            raise ValueError("max_examples counts images; for a language model limit the data with max_tokens=")
+            raise InputError("max_examples counts images; for a language model limit the data with max_tokens=")
 
     def prepare_data(self, model: nn.Module, data: DatasetLike, config: FactorConfig, processor: Any) -> PreparedData:
         rows = pack_into_blocks(data, processor, config.seq_len, text_column=config.text_column,
                                 packing=config.packing)
         max_rows = config.max_tokens // config.seq_len if config.max_tokens is not None else None
         if count_batches(rows, config.batch_size, max_rows) == 0:
-            raise ValueError(f"the data yields no block of seq_len={config.seq_len} tokens; provide more text or "
+            raise InputError(f"the data yields no block of seq_len={config.seq_len} tokens; provide more text or "
                              "lower seq_len")
         return PreparedData(rows, None, max_rows, config.seq_len - 1)
 
     def sample_positions(self, batch: dict[str, torch.Tensor], config: FactorConfig) -> SamplePositions:
         if "input_ids" not in batch:
-            raise ValueError(f"a causal language model takes input_ids, but the batch has {sorted(batch)}")
+            raise InputError(f"a causal language model takes input_ids, but the batch has {sorted(batch)}")
         return valid_position_mask(batch["attention_mask"])
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], config: FactorConfig,
@@ -295,20 +296,20 @@ class ImageClassificationTask:
 
     def validate(self, model: nn.Module, config: FactorConfig) -> None:
         if config.max_tokens is not None:
-            raise ValueError("max_tokens counts text tokens; for an image classifier limit the data with max_examples=")
+            raise InputError("max_tokens counts text tokens; for an image classifier limit the data with max_examples=")
         cfg = getattr(model, "config", None)
         problem = getattr(cfg, "problem_type", None)
         if problem not in (None, "single_label_classification") or getattr(cfg, "num_labels", 2) < 2:
-            raise ValueError(f"K-FAC factors for image models need a single-label classifier (softmax over >= 2 "
+            raise InputError(f"K-FAC factors for image models need a single-label classifier (softmax over >= 2 "
                              f"classes); this one has problem_type={problem!r}, "
                              f"num_labels={getattr(cfg, 'num_labels', None)}.")
         positions = self.positions(config)
         if positions == "cls" and not has_class_token(model):
-            raise ValueError(f"{type(model).__name__} has no class token, so token_positions='cls' has nothing to "
+            raise InputError(f"{type(model).__name__} has no class token, so token_positions='cls' has nothing to "
                              "take; use token_positions='all'.")
         if positions == "cls" and getattr(cfg, "use_mean_pooling", False):
             # The head reads the mean of the patch tokens, so the last blocks get no gradient at the class token.
-            raise ValueError(f"{type(model).__name__} classifies from the mean of its patch tokens "
+            raise InputError(f"{type(model).__name__} classifies from the mean of its patch tokens "
                              "(use_mean_pooling=True), not from the class token; use token_positions='all'.")
 
     def prepare_data(self, model: nn.Module, data: DatasetLike, config: FactorConfig, processor: Any) -> PreparedData:
@@ -319,25 +320,25 @@ class ImageClassificationTask:
                                            label_column=config.label_column, with_labels=with_labels,
                                            num_channels=getattr(model.config, "num_channels", 3))
         if count_batches(rows, config.batch_size, config.max_examples) == 0:
-            raise ValueError("the image data is empty")
+            raise InputError("the image data is empty")
         return PreparedData(rows, to_tensors, config.max_examples, 1)
 
     def sample_positions(self, batch: dict[str, torch.Tensor], config: FactorConfig) -> SamplePositions:
         if "pixel_values" not in batch:
-            raise ValueError(f"an image classifier takes pixel_values, but the batch has {sorted(batch)}")
+            raise InputError(f"an image classifier takes pixel_values, but the batch has {sorted(batch)}")
         return self.positions(config)
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], config: FactorConfig,
                      batch_index: int) -> torch.Tensor:
         logits = model(pixel_values=batch["pixel_values"].to(_input_dtype(model))).logits
         if logits.dim() != 2:
-            raise ValueError(f"expected (batch, classes) logits from an image classifier, got shape "
+            raise InputError(f"expected (batch, classes) logits from an image classifier, got shape "
                              f"{tuple(logits.shape)}")
         gold = None
         if config.label_mode == "empirical":
             gold = batch["labels"].to(logits.device)
             if gold.numel() and (gold.min() < 0 or gold.max() >= logits.shape[-1]):
-                raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the model's num_labels); batch "
+                raise InputError(f"labels must lie in [0, {logits.shape[-1]}) (the model's num_labels); batch "
                                  f"{batch_index} has labels in [{int(gold.min())}, {int(gold.max())}]")
         return F.cross_entropy(logits.to(_loss_dtype(logits, config)), _targets(logits, gold, config, batch_index),
                                reduction="sum")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..evaluation.recitation import evaluate_recitation, recitation_scores
 from ..evaluation.sets import RecitationSet
 
@@ -53,9 +54,9 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
+            raise InputError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
                              f"{self.top_p}")
 
 
@@ -107,7 +108,7 @@ class EditDemo:
         if add and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
         if not ids:
-            raise ValueError("the prompt is empty: type some text")
+            raise InputError("the prompt is empty: type some text")
         return ids
 
     def encode_reference(self, text: str) -> list[int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..curvature.eigen import ModuleEigen
+from ..errors import InputError
 from ..selection import Selection
 from .fingerprint import weight_fingerprint
 from .weight import META_FIELDS, META_INDEX, CurvatureEdit, _check_shape, compute_edit
@@ -120,13 +121,13 @@ def compute_experts_edit(
     """
     num = eigen.num_experts
     if num is None or weight.dim() != 3 or weight.shape[0] != num:
-        raise ValueError(f"an expert projection needs a stacked eigenbasis with one basis per expert; got "
+        raise InputError(f"an expert projection needs a stacked eigenbasis with one basis per expert; got "
                          f"{num} bases for a weight of shape {tuple(weight.shape)}")
     _, d_out, d_in = weight.shape
     _check_shape(eigen, d_out, d_in)
     tokens = eigen.num_tokens
     if tokens is None:
-        raise ValueError("the eigenbasis of an expert projection does not record how many tokens each expert saw; "
+        raise InputError("the eigenbasis of an expert projection does not record how many tokens each expert saw; "
                          "eigendecompose the factors with this version of hf-curvedit")
     tokens = tokens.to(torch.int64).cpu()
     need = expert_token_threshold(min_expert_tokens, d_out, d_in)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..curvature.eigen import ModuleEigen
+from ..errors import Fix, InputError
 from ..selection import (
     SELECTIONS,
     CorrectedSelection,
@@ -49,6 +50,9 @@ META_FIELDS = (
 )
 META_INDEX = {name: i for i, name in enumerate(META_FIELDS)}
 _SELECTION_CODES = {name: code for code, name in enumerate(SELECTIONS)}
+# how the corrected eigenvalues that selection="ekfac_mass" needs are measured
+MEASURE_EKFAC = Fix(python="fit_eigen_correction(model, data, factors_folder)",
+                    cli="hf-curvedit fit --ekfac with the same --output-dir")
 
 
 @dataclass
@@ -89,7 +93,7 @@ class CurvatureEdit:
     def empty(cls, d_out: int, d_in: int, rank: int, q_side: str, dtype: torch.dtype = torch.float32) -> CurvatureEdit:
         """An all-zero edit of the given shape, to be filled by loading a saved one (its fingerprint reads unfilled)."""
         if q_side not in ("input", "output"):
-            raise ValueError(f"q_side must be 'input' or 'output', got {q_side!r}")
+            raise InputError(f"q_side must be 'input' or 'output', got {q_side!r}")
         q_dim, b_dim = (d_in, d_out) if q_side == "input" else (d_out, d_in)
         return cls(Q=torch.zeros(q_dim, rank, dtype=dtype), B=torch.zeros(b_dim, rank, dtype=dtype), q_side=q_side,
                    cutoffs=torch.zeros(d_out, dtype=torch.int64),
@@ -99,7 +103,7 @@ class CurvatureEdit:
 
 def _check_shape(eigen: ModuleEigen, d_out: int, d_in: int, what: str = "the eigenbasis") -> None:
     if eigen.shape != (d_out, d_in):
-        raise ValueError(
+        raise InputError(
             f"{what} is for a ({eigen.shape[0]}, {eigen.shape[1]}) weight but the module's weight is "
             f"({d_out}, {d_in}) (d_out, d_in); the factors were collected on a different model"
         )
@@ -111,10 +115,10 @@ class _KeptSpace:
     def __init__(self, eigen: ModuleEigen, keep_mass: float, selection: Selection, device: torch.device):
         if selection == "ekfac_mass":
             if eigen.eigvals_corrected is None:
-                raise ValueError(
+                raise InputError(
                     "selection='ekfac_mass' needs EK-FAC corrected eigenvalues, and these factors have none. Measure "
-                    "them first: hf-curvedit fit --ekfac (same --output-dir), or fit_eigen_correction(model, data, "
-                    "factors); an expert projection has none (use selection='curvature_mass' for experts)")
+                    f"them first: {MEASURE_EKFAC}; an expert projection has none (use selection='curvature_mass' for "
+                    "experts)")
             self.st: Staircase | CorrectedSelection = corrected_mass_selection(eigen.eigvals_corrected, keep_mass)
             rows, cols = self.st.rows, self.st.columns
             self.mask = self.st.mask[rows][:, cols].to(device)

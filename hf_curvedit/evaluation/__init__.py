@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from .capabilities import (
     CapabilityConfig,
     CapabilityError,
@@ -68,7 +69,7 @@ def metric_path(name: str) -> str:
     """
     path = _METRICS_DIR / name
     if not (path / f"{name}.py").is_file():
-        raise ValueError(f"no packaged metric {name!r}; available: {available_metrics()}")
+        raise InputError(f"no packaged metric {name!r}; available: {available_metrics()}")
     return str(path)
 
 

@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError
+
 T = TypeVar("T")
 
 
@@ -25,7 +27,7 @@ def as_id_list(ids: Any, what: str = "sequence") -> list[int]:
         raise TypeError(f"{what} is a string; pass token ids, or text together with a tokenizer")
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1:
-            raise ValueError(f"{what} must be 1-D token ids, got a tensor of shape {tuple(ids.shape)}")
+            raise InputError(f"{what} must be 1-D token ids, got a tensor of shape {tuple(ids.shape)}")
         return [int(x) for x in ids.tolist()]
     try:
         return [int(x) for x in ids]
@@ -36,7 +38,7 @@ def as_id_list(ids: Any, what: str = "sequence") -> list[int]:
 def tokenize_texts(texts: Sequence[str], tokenizer: Any, add_special_tokens: bool = True) -> list[list[int]]:
     """Tokenize raw texts into token-id lists, with a clear error when no tokenizer was given."""
     if tokenizer is None:
-        raise ValueError("got raw text but no tokenizer; pass `tokenizer=` or give token ids instead")
+        raise InputError("got raw text but no tokenizer; pass `tokenizer=` or give token ids instead")
     enc = tokenizer(list(texts), add_special_tokens=add_special_tokens)
     return [list(map(int, ids)) for ids in enc["input_ids"]]
 
@@ -51,7 +53,7 @@ def resolve_pad_id(pad_token_id: int | None = None, tokenizer: Any = None, model
     vocab = vocab_size(model)
     if pad_token_id is not None:
         if pad_token_id < 0 or (vocab is not None and pad_token_id >= vocab):
-            raise ValueError(f"pad_token_id {pad_token_id} is outside the model's vocabulary of size {vocab}")
+            raise InputError(f"pad_token_id {pad_token_id} is outside the model's vocabulary of size {vocab}")
         return int(pad_token_id)
     for source in (tokenizer, getattr(model, "config", None)):
         if source is None:
@@ -107,7 +109,7 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
 def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
     """Consecutive slices of ``items`` of at most ``batch_size`` elements."""
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
+
 INSTALL_HINT = "pip install 'hf-curvedit[lm-eval]'"
 # Keys of an lm-eval result entry that are not metrics.
 _NOT_METRICS = {"name", "alias", "sample_len", "samples"}
@@ -27,7 +29,7 @@ _NOT_METRICS = {"name", "alias", "sample_len", "samples"}
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder"}
 
 
-class CapabilityError(ValueError):
+class CapabilityError(InputError):
     """A capability evaluation that cannot run as asked (unknown task, data out of reach, bad settings)."""
 
 
@@ -316,12 +318,12 @@ def evaluate_capabilities(model: torch.nn.Module, tokenizer: Any, config: Capabi
     manager = check_tasks(config)
     if isinstance(model, PeftModel):
         if base_model is not None:
-            raise ValueError("`model` is a PeftModel, whose base is the model with the adapter disabled; "
+            raise InputError("`model` is a PeftModel, whose base is the model with the adapter disabled; "
                              "do not pass `base_model` as well")
         base_ctx: Any = model.disable_adapter
         base_model = model
     elif base_model is None:
-        raise ValueError("`model` is not a PeftModel, so pass the unedited model as `base_model=`")
+        raise InputError("`model` is not a PeftModel, so pass the unedited model as `base_model=`")
     else:
         base_ctx = contextlib.nullcontext
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import image_batch_converter, iter_batches, select_image_columns
+from ..errors import InputError
 
 
 @dataclass
@@ -37,19 +38,19 @@ class ImageClassificationSet:
         self.pixel_values = torch.as_tensor(self.pixel_values)
         self.labels = torch.as_tensor(self.labels, dtype=torch.long).reshape(-1)
         if self.pixel_values.dim() != 4:
-            raise ValueError("pixel_values must be (N, channels, height, width), "
+            raise InputError("pixel_values must be (N, channels, height, width), "
                              f"got shape {tuple(self.pixel_values.shape)}")
         n = self.pixel_values.shape[0]
         if n == 0:
-            raise ValueError("an ImageClassificationSet needs at least one image")
+            raise InputError("an ImageClassificationSet needs at least one image")
         if self.labels.numel() != n:
-            raise ValueError(f"got {n} images but {self.labels.numel()} labels")
+            raise InputError(f"got {n} images but {self.labels.numel()} labels")
         if self.true_labels is not None:
             self.true_labels = torch.as_tensor(self.true_labels, dtype=torch.long).reshape(-1)
             if self.true_labels.numel() != n:
-                raise ValueError(f"got {n} images but {self.true_labels.numel()} true labels")
+                raise InputError(f"got {n} images but {self.true_labels.numel()} true labels")
             if not bool((self.true_labels != self.labels).any()):
-                raise ValueError("no image's label differs from its true label, so there is no noisy label to score; "
+                raise InputError("no image's label differs from its true label, so there is no noisy label to score; "
                                  "drop true_labels to score plain accuracy")
 
     def __len__(self) -> int:
@@ -68,14 +69,14 @@ class ImageClassificationSet:
         split, evaluate a ``dataset.select(...)`` sample. ``num_channels`` should be the model's
         (``model.config.num_channels``): grayscale images are converted to RGB for 3-channel models."""
         if true_label_column is not None and true_label_column not in dataset.column_names:
-            raise ValueError(f"no true-label column {true_label_column!r}; the columns are {dataset.column_names}")
+            raise InputError(f"no true-label column {true_label_column!r}; the columns are {dataset.column_names}")
         data = select_image_columns(dataset, image_column=image_column, label_column=label_column, with_labels=True)
         convert = image_batch_converter(image_processor, image_column=image_column, label_column=label_column,
                                         with_labels=True, num_channels=num_channels)
         # One processor call per chunk bounds the processor's temporary copies.
         chunks = [batch for _, batch in iter_batches(data, 256, to_tensors=convert)]
         if not chunks:
-            raise ValueError("an ImageClassificationSet needs at least one image")
+            raise InputError("an ImageClassificationSet needs at least one image")
         true = torch.as_tensor(dataset[true_label_column], dtype=torch.long) if true_label_column else None
         return cls(torch.cat([c["pixel_values"] for c in chunks]), torch.cat([c["labels"] for c in chunks]), true)
 
@@ -112,17 +113,17 @@ def classification_scores(predictions: Sequence[int] | torch.Tensor, labels: Seq
     pred = torch.as_tensor(predictions, dtype=torch.long).reshape(-1)
     lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if pred.numel() != lab.numel():
-        raise ValueError(f"got {pred.numel()} predictions for {lab.numel()} labels")
+        raise InputError(f"got {pred.numel()} predictions for {lab.numel()} labels")
     if pred.numel() == 0:
-        raise ValueError("nothing to score")
+        raise InputError("nothing to score")
     if true_labels is None:
         return ClassificationMetrics(float((pred == lab).double().mean()), None, int(pred.numel()), pred.tolist())
     true = torch.as_tensor(true_labels, dtype=torch.long).reshape(-1)
     if true.numel() != lab.numel():
-        raise ValueError(f"got {true.numel()} true labels for {lab.numel()} labels")
+        raise InputError(f"got {true.numel()} true labels for {lab.numel()} labels")
     noisy = lab != true
     if not bool(noisy.any()):
-        raise ValueError("no label differs from its true label: there is no noisy label to score")
+        raise InputError("no label differs from its true label: there is no noisy label to score")
     p, lab, true = pred[noisy], lab[noisy], true[noisy]
     return ClassificationMetrics(float((p == lab).double().mean()), float((p == true).double().mean()),
                                  int(p.numel()), p.tolist())

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .perplexity import coerce_sequences, score_text
 
 DEFAULT_NDCG_K = 10
@@ -48,7 +49,7 @@ def _as_rank_tensor(rankings: Any, name: str) -> torch.Tensor:
     t = (rankings if isinstance(rankings, torch.Tensor)
          else torch.as_tensor([list(map(int, r)) for r in rankings], dtype=torch.long))
     if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D array of ranked token ids (positions x k), got shape {tuple(t.shape)}")
+        raise InputError(f"{name} must be a 2-D array of ranked token ids (positions x k), got shape {tuple(t.shape)}")
     return t.long()
 
 
@@ -69,12 +70,12 @@ def ndcg_per_position(
         A float64 tensor of ``N`` scores in ``[0, 1]``.
     """
     if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise InputError(f"k must be positive, got {k}")
     pred, ref = _as_rank_tensor(predicted, "predicted"), _as_rank_tensor(reference, "reference")
     if pred.shape[0] != ref.shape[0]:
-        raise ValueError(f"got {pred.shape[0]} predicted rankings but {ref.shape[0]} reference rankings")
+        raise InputError(f"got {pred.shape[0]} predicted rankings but {ref.shape[0]} reference rankings")
     if pred.shape[1] < k or ref.shape[1] < k:
-        raise ValueError(f"rankings need at least k={k} entries, got {pred.shape[1]} and {ref.shape[1]}")
+        raise InputError(f"rankings need at least k={k} entries, got {pred.shape[1]} and {ref.shape[1]}")
     pred, ref = pred[:, :k], ref[:, :k]
     grades = torch.arange(k, 0, -1, dtype=torch.float64)  # k for base rank 1 ... 1 for base rank k
     discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
@@ -93,7 +94,7 @@ def ndcg_at_k(
     """Mean of [`ndcg_per_position`] over positions."""
     scores = ndcg_per_position(predicted, reference, k)
     if scores.numel() == 0:
-        raise ValueError("no positions to score")
+        raise InputError("no positions to score")
     return float(scores.mean())
 
 
@@ -112,7 +113,7 @@ def next_token_topk(
     """``(N, k)`` top-k next-token ids of ``model`` at every scored position of ``data`` (same positions and
     order as [`perplexity`] with the same block size and stride)."""
     if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise InputError(f"k must be positive, got {k}")
     sequences = coerce_sequences(data, tokenizer)
     _, _, topk = score_text(model, sequences, block_size=block_size, stride=stride, batch_size=batch_size,
                             top_k=k, pad_token_id=pad_token_id, show_progress=show_progress, desc="top-k")

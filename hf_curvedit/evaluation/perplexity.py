@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ._common import as_id_list, batched, logits_of, model_device, progress, resolve_pad_id, right_pad, tokenize_texts
 
 DEFAULT_BLOCK_SIZE = 1024
@@ -53,7 +54,7 @@ class _Window:
 def perplexity_from_nll(nll_sum: float, n_tokens: int) -> float:
     """``exp(nll_sum / n_tokens)``, with a clear error when nothing was scored."""
     if n_tokens <= 0:
-        raise ValueError("no token was scored: every sequence needs at least 2 tokens")
+        raise InputError("no token was scored: every sequence needs at least 2 tokens")
     return math.exp(nll_sum / n_tokens)
 
 
@@ -65,10 +66,10 @@ def resolve_block_size(model: Any, block_size: int | None, stride: int | None) -
         max_pos = max_pos or getattr(getattr(model, "config", None), "n_positions", None)
         block_size = min(int(max_pos), DEFAULT_BLOCK_SIZE) if max_pos else DEFAULT_BLOCK_SIZE
     if block_size < 2:
-        raise ValueError(f"block_size must be at least 2 (one context token plus one scored token), got {block_size}")
+        raise InputError(f"block_size must be at least 2 (one context token plus one scored token), got {block_size}")
     stride = block_size - 1 if stride is None else stride
     if not 1 <= stride <= block_size:
-        raise ValueError(f"stride must lie in [1, block_size={block_size}], got {stride}")
+        raise InputError(f"stride must lie in [1, block_size={block_size}], got {stride}")
     return block_size, stride
 
 
@@ -100,7 +101,7 @@ def coerce_sequences(data: Any, tokenizer: Any = None, *, text_column: str = "te
             return [as_id_list(x, "input_ids row") for x in data[input_ids_column]]
         if text_column in column_names:
             return tokenize_texts(data[text_column], tokenizer, add_special_tokens)
-        raise ValueError(f"dataset has neither a {input_ids_column!r} nor a {text_column!r} column: {column_names}")
+        raise InputError(f"dataset has neither a {input_ids_column!r} nor a {text_column!r} column: {column_names}")
     if isinstance(data, str):
         data = [data]
     data = list(data)
@@ -138,7 +139,7 @@ def score_text(
             ids, mask = right_pad([w.ids for w in chunk], pad_id, device)
             logits = logits_of(model(input_ids=ids, attention_mask=mask))[:, :-1]
             if top_k > logits.shape[-1]:
-                raise ValueError(f"top_k={top_k} exceeds the vocabulary size {logits.shape[-1]}")
+                raise InputError(f"top_k={top_k} exceeds the vocabulary size {logits.shape[-1]}")
             targets = ids[:, 1:]
             # score[b, t] says whether the token at t + 1 is scored: real (not a pad) and new in this window.
             score = mask[:, 1:].bool().clone()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rapidfuzz.distance import Levenshtein
 
+from ..errors import InputError
 from ._common import (
     as_id_list,
     batched,
@@ -87,7 +88,7 @@ class RecitationResult:
 
 def _check_threshold(threshold: float) -> None:
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"loose_threshold must lie in [0, 1], got {threshold}")
+        raise InputError(f"loose_threshold must lie in [0, 1], got {threshold}")
 
 
 def recitation_scores(
@@ -106,14 +107,14 @@ def recitation_scores(
     """
     _check_threshold(loose_threshold)
     if len(predictions) != len(references):
-        raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
+        raise InputError(f"got {len(predictions)} predictions but {len(references)} references")
     if len(references) == 0:
-        raise ValueError("no examples to score")
+        raise InputError("no examples to score")
     examples = []
     for i, (pred, ref) in enumerate(zip(predictions, references)):
         pred_l, ref_l = as_id_list(pred, "prediction"), as_id_list(ref, "reference")
         if not ref_l:
-            raise ValueError(f"reference {i} is empty; the suffix length L must be positive")
+            raise InputError(f"reference {i} is empty; the suffix length L must be positive")
         examples.append(RecitationExample(Levenshtein.distance(pred_l, ref_l), len(ref_l), pred_l))
     return _aggregate(examples, loose_threshold)
 
@@ -158,13 +159,13 @@ def greedy_generate(
     n = len(prompts)
     lengths = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(x) for x in max_new_tokens]
     if len(lengths) != n:
-        raise ValueError(f"got {len(lengths)} continuation lengths for {n} prompts")
+        raise InputError(f"got {len(lengths)} continuation lengths for {n} prompts")
     if any(length <= 0 for length in lengths):
-        raise ValueError(f"continuation length L must be positive, got {min(lengths)}")
+        raise InputError(f"continuation length L must be positive, got {min(lengths)}")
     prompt_ids = [as_id_list(p, f"prompt {i}") for i, p in enumerate(prompts)]
     for i, p in enumerate(prompt_ids):
         if not p:
-            raise ValueError(f"prompt {i} is empty; greedy continuation needs at least one token")
+            raise InputError(f"prompt {i} is empty; greedy continuation needs at least one token")
     pad_id = resolve_pad_id(pad_token_id, model=model)
     device = model_device(model)
     was_training = model.training
@@ -226,7 +227,7 @@ def split_suffix(
         ValueError: if ``suffix_tokens <= 0`` or a sequence has no token left for the prefix.
     """
     if suffix_tokens <= 0:
-        raise ValueError(f"suffix_tokens must be positive, got {suffix_tokens}")
+        raise InputError(f"suffix_tokens must be positive, got {suffix_tokens}")
     if len(sequences) and isinstance(sequences[0], str):
         ids = tokenize_texts(sequences, tokenizer, add_special_tokens=add_special_tokens)  # type: ignore[arg-type]
     else:
@@ -234,7 +235,7 @@ def split_suffix(
     prefixes, suffixes = [], []
     for i, seq in enumerate(ids):
         if len(seq) <= suffix_tokens:
-            raise ValueError(
+            raise InputError(
                 f"sequence {i} has {len(seq)} tokens, too short for a {suffix_tokens}-token suffix plus a "
                 "non-empty prefix"
             )
@@ -263,11 +264,11 @@ def evaluate_recitation(
     """
     _check_threshold(loose_threshold)
     if len(prefixes) != len(suffixes):
-        raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
+        raise InputError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
     refs = [as_id_list(s, f"suffix {i}") for i, s in enumerate(suffixes)]
     for i, r in enumerate(refs):
         if not r:
-            raise ValueError(f"suffix {i} is empty; the continuation length L must be positive")
+            raise InputError(f"suffix {i} is empty; the continuation length L must be positive")
     preds = greedy_generate(
         model, prefixes, [len(r) for r in refs], batch_size=batch_size, pad_token_id=pad_token_id,
         show_progress=show_progress, desc="recitation",

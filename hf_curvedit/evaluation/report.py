@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..errors import InputError
 from ..utils import atomic_write_text
 from .capabilities import CapabilityResult
 from .classification import ClassificationComparison, ClassificationMetrics
@@ -154,7 +155,7 @@ class EditReport:
         """Inverse of [`to_dict`]."""
         version = data.get("format_version", REPORT_FORMAT_VERSION)
         if version != REPORT_FORMAT_VERSION:
-            raise ValueError(f"EditReport format_version {version} is not supported (this library reads "
+            raise InputError(f"EditReport format_version {version} is not supported (this library reads "
                              f"{REPORT_FORMAT_VERSION}); upgrade hf-curvedit")
         try:
             return cls(
@@ -173,7 +174,7 @@ class EditReport:
                 metadata=ReportMetadata(**data.get("metadata", {})),
             )
         except (KeyError, TypeError) as err:
-            raise ValueError(f"not a valid EditReport dict: {err}") from err
+            raise InputError(f"not a valid EditReport dict: {err}") from err
 
     def to_json(self, indent: int | None = 2) -> str:
         """Serialize to a JSON string (floats are written with full precision, so the round trip is exact)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ._common import resolve_pad_id
 from .capabilities import CapabilityConfig, evaluate_capabilities
 from .classification import (
@@ -61,11 +62,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+            raise InputError(f"batch_size must be positive, got {self.batch_size}")
         if not 0.0 <= self.loose_threshold <= 1.0:
-            raise ValueError(f"loose_threshold must lie in [0, 1], got {self.loose_threshold}")
+            raise InputError(f"loose_threshold must lie in [0, 1], got {self.loose_threshold}")
         if self.ndcg_k <= 0:
-            raise ValueError(f"ndcg_k must be positive, got {self.ndcg_k}")
+            raise InputError(f"ndcg_k must be positive, got {self.ndcg_k}")
         self.stress_extend = tuple(int(x) for x in self.stress_extend)
         self.stress_shorten = tuple(int(x) for x in self.stress_shorten)
 
@@ -175,7 +176,7 @@ def evaluate_edit(
     """
     cfg = dataclasses.replace(config, **config_kwargs) if config is not None else EvalConfig(**config_kwargs)
     if not sets and capabilities is None and not exposure:
-        raise ValueError("no evaluation sets given (and no capability tasks)")
+        raise InputError("no evaluation sets given (and no capability tasks)")
     eval_sets = {name: as_eval_set(s, tokenizer) for name, s in sets.items()}
     if capabilities is not None:
         from .capabilities import check_tasks
@@ -184,18 +185,18 @@ def evaluate_edit(
     from peft import PeftModel
 
     if exposure and not isinstance(model, PeftModel):
-        raise ValueError("exposure is measured from the edit's adapter: pass the curvature-edit PeftModel as `model`")
+        raise InputError("exposure is measured from the edit's adapter: pass the curvature-edit PeftModel as `model`")
     if isinstance(model, PeftModel):
         if base_model is not None:
-            raise ValueError("`model` is a PeftModel, whose base is the model with the adapter disabled; "
+            raise InputError("`model` is a PeftModel, whose base is the model with the adapter disabled; "
                              "do not pass `base_model` as well")
         base, edited = model, model
         base_ctx: Callable[[], contextlib.AbstractContextManager[Any]] = model.disable_adapter
     else:
         if base_model is None:
-            raise ValueError("`model` is not a PeftModel, so pass the unedited model as `base_model=`")
+            raise InputError("`model` is not a PeftModel, so pass the unedited model as `base_model=`")
         if base_model is model:
-            raise ValueError("`base_model` is the same object as `model`; nothing would be compared")
+            raise InputError("`base_model` is the same object as `model`; nothing would be compared")
         base, edited = base_model, model
         base_ctx = contextlib.nullcontext
     pad_id = resolve_pad_id(None, tokenizer=tokenizer, model=edited)

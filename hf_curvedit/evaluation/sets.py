@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InputError
 from ._common import as_id_list
 from .classification import ImageClassificationSet
 from .perplexity import coerce_sequences
@@ -27,16 +28,16 @@ class RecitationSet:
         self.prefixes = [as_id_list(p, f"prefix {i}") for i, p in enumerate(self.prefixes)]
         self.suffixes = [as_id_list(s, f"suffix {i}") for i, s in enumerate(self.suffixes)]
         if len(self.prefixes) != len(self.suffixes):
-            raise ValueError(f"got {len(self.prefixes)} prefixes but {len(self.suffixes)} suffixes")
+            raise InputError(f"got {len(self.prefixes)} prefixes but {len(self.suffixes)} suffixes")
         if not self.prefixes:
-            raise ValueError("a RecitationSet needs at least one example")
+            raise InputError("a RecitationSet needs at least one example")
         for i, (p, s) in enumerate(zip(self.prefixes, self.suffixes)):
             if not p or not s:
-                raise ValueError(f"example {i} has an empty prefix or suffix")
+                raise InputError(f"example {i} has an empty prefix or suffix")
         if self.contexts is not None:
             self.contexts = [as_id_list(c, f"context {i}") for i, c in enumerate(self.contexts)]
             if len(self.contexts) != len(self.prefixes):
-                raise ValueError(f"got {len(self.contexts)} contexts for {len(self.prefixes)} examples")
+                raise InputError(f"got {len(self.contexts)} contexts for {len(self.prefixes)} examples")
 
     def __len__(self) -> int:
         return len(self.prefixes)
@@ -47,7 +48,7 @@ class RecitationSet:
         the output of [`find_memorized_windows`]."""
         cols = dataset.column_names
         if "prefix_ids" not in cols or "suffix_ids" not in cols:
-            raise ValueError(f"dataset needs 'prefix_ids' and 'suffix_ids' columns, has {cols}")
+            raise InputError(f"dataset needs 'prefix_ids' and 'suffix_ids' columns, has {cols}")
         return cls(dataset["prefix_ids"], dataset["suffix_ids"],
                    dataset["context_ids"] if "context_ids" in cols else None)
 
@@ -75,7 +76,7 @@ class TextSet:
     def __post_init__(self) -> None:
         self.sequences = [as_id_list(s, f"sequence {i}") for i, s in enumerate(self.sequences)]
         if not any(len(s) >= 2 for s in self.sequences):
-            raise ValueError("a TextSet needs at least one document with 2 or more tokens")
+            raise InputError("a TextSet needs at least one document with 2 or more tokens")
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer: Any, add_special_tokens: bool = True) -> TextSet:
@@ -108,7 +109,7 @@ def as_eval_set(data: EvalSetLike, tokenizer: Any = None) -> RecitationSet | Tex
         return TextSet.from_dataset(data, tokenizer)
     items = list(data)
     if not items:
-        raise ValueError("empty evaluation set")
+        raise InputError("empty evaluation set")
     first = items[0]
     if isinstance(first, str):
         raise TypeError("a list of raw texts is ambiguous: wrap it in RecitationSet.from_texts(texts, tokenizer) "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InputError
 from ._common import as_id_list
 from .recitation import greedy_generate
 
@@ -66,7 +67,7 @@ def stress_variants(
 ) -> list[tuple[int, int]]:
     """The ``(extend, shorten)`` variants: each axis on its own (``grid=False``) or every combination."""
     if any(e < 0 for e in extend) or any(s < 0 for s in shorten):
-        raise ValueError("extend and shorten steps must be non-negative")
+        raise InputError("extend and shorten steps must be non-negative")
     if grid:
         variants = [(e, s) for e in extend for s in shorten]
     else:
@@ -98,11 +99,11 @@ def stress_test(
         grid: also combine extending and shortening (``len(extend) * len(shorten)`` variants).
     """
     if len(prefixes) != len(suffixes):
-        raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
+        raise InputError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
     if contexts is not None and len(contexts) != len(prefixes):
-        raise ValueError(f"got {len(contexts)} contexts for {len(prefixes)} examples")
+        raise InputError(f"got {len(contexts)} contexts for {len(prefixes)} examples")
     if not prefixes:
-        raise ValueError("no examples to stress-test")
+        raise InputError("no examples to stress-test")
     variants = stress_variants(extend, shorten, grid)
     prompts: list[list[int]] = []
     targets: list[list[int]] = []
@@ -111,7 +112,7 @@ def stress_test(
         pre_l, suf_l = as_id_list(pre, f"prefix {i}"), as_id_list(suf, f"suffix {i}")
         ctx = as_id_list(contexts[i], f"context {i}") if contexts is not None else []
         if not pre_l or not suf_l:
-            raise ValueError(f"example {i} has an empty prefix or suffix")
+            raise InputError(f"example {i} has an empty prefix or suffix")
         for e, s in variants:
             if e > len(ctx) or s >= len(pre_l):
                 continue

@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 import torch
 
+from ..errors import InputError
 from ._common import logits_of, model_device, progress, supported_kwargs
 from .perplexity import coerce_sequences
 
@@ -37,7 +38,7 @@ WINDOW_FEATURES = datasets.Features(
 
 def _lazy_batches(items: Iterator[tuple[int, int]], batch_size: int) -> Iterator[list[tuple[int, int]]]:
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}")
     chunk: list[tuple[int, int]] = []
     for item in items:
         chunk.append(item)
@@ -95,13 +96,13 @@ def find_memorized_windows(
         ```
     """
     if prefix_len <= 0 or suffix_len <= 0:
-        raise ValueError(f"prefix_len and suffix_len must be positive, got {prefix_len} and {suffix_len}")
+        raise InputError(f"prefix_len and suffix_len must be positive, got {prefix_len} and {suffix_len}")
     if context_len < 0:
-        raise ValueError(f"context_len must be non-negative, got {context_len}")
+        raise InputError(f"context_len must be non-negative, got {context_len}")
     window = prefix_len + suffix_len
     stride = window if stride is None else stride
     if stride <= 0:
-        raise ValueError(f"stride must be positive, got {stride}")
+        raise InputError(f"stride must be positive, got {stride}")
     sequences = coerce_sequences(data, tokenizer, text_column=text_column, input_ids_column=input_ids_column)
     total = sum(len(_window_offsets(len(s), window, stride)) for s in sequences)
     if max_windows is not None:

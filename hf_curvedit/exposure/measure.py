@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..edit import CurvatureEdit
+from ..errors import InputError
 from ..evaluation._common import batched, model_device, progress, resolve_pad_id, right_pad
 from ..evaluation.perplexity import resolve_block_size
 from ..evaluation.sets import RecitationSet, TextSet
@@ -37,10 +38,10 @@ def task_text_set(name: str, texts: TaskTexts, tokenizer: Any = None) -> TextSet
         return recitation_texts({name: texts})[name]
     items = list(texts)
     if not items:
-        raise ValueError(f"task {name!r} has no texts")
+        raise InputError(f"task {name!r} has no texts")
     if isinstance(items[0], str):
         if tokenizer is None:
-            raise ValueError(f"task {name!r} is given as raw text: pass tokenizer=, or token ids (a TextSet)")
+            raise InputError(f"task {name!r} is given as raw text: pass tokenizer=, or token ids (a TextSet)")
         return TextSet.from_texts(items, tokenizer)
     return TextSet(items)
 
@@ -85,7 +86,7 @@ def _probes(model: nn.Module, candidates: Mapping[str, Mapping[str, CurvatureEdi
     names = list(dict.fromkeys(n for edits in candidates.values() for n in edits))
     missing = [n for n in names if n not in modules]
     if missing:
-        raise ValueError(f"the edits name modules this model lacks (or that are not linear layers): {missing[:4]}")
+        raise InputError(f"the edits name modules this model lacks (or that are not linear layers): {missing[:4]}")
     probes, handles = {}, []
     try:
         for name in names:
@@ -126,9 +127,9 @@ def measure_exposure(
         skipped: the edits' modules that are not measured (expert projections): warned about, kept in the report.
     """
     if not candidates:
-        raise ValueError("no candidate edits to measure")
+        raise InputError("no candidate edits to measure")
     if not tasks:
-        raise ValueError("no tasks to measure: give at least one task's texts")
+        raise InputError("no tasks to measure: give at least one task's texts")
     text_sets = {name: task_text_set(name, t, tokenizer) for name, t in tasks.items()}
     if skipped:
         warnings.warn(f"exposure covers linear layers; {len(skipped)} mixture-of-experts projections of the edit are "
@@ -215,7 +216,7 @@ def predict_exposure(
     from ..tuner.build import compute_module_edits, open_eigen, split_factor_sets
 
     if not keep_masses:
-        raise ValueError("give at least one ρ (keep_masses)")
+        raise InputError("give at least one ρ (keep_masses)")
     config = config if config is not None else CurvatureEditConfig()
     general, domains = split_factor_sets(eigen, config)
     general, _ = open_eigen(general, {})
@@ -240,7 +241,7 @@ def adapter_edits(model: nn.Module, adapter_name: str, skipped: list[str] | None
     for module_name, layer in iter_layers(model):
         if isinstance(layer, CurvatureEditExperts):
             if skipped is not None:
-                skipped.extend(f"{module_name}.{p}" for p in layer.params_of(adapter_name))
+                skipped.extend(layer.unit_name(p, module_name) for p in layer.units_of(adapter_name))
         elif layer.has_edit(adapter_name):
             edits[module_name] = layer.edit(adapter_name)
     return edits
@@ -261,7 +262,7 @@ def adapter_exposure(
     skipped: list[str] = []
     edits = adapter_edits(model, name, skipped)
     if not edits:
-        raise ValueError(f"adapter {name!r} holds no curvature edit of a linear layer to measure")
+        raise InputError(f"adapter {name!r} holds no curvature edit of a linear layer to measure")
     return measure_exposure(model, {name: edits}, tasks, tokenizer=tokenizer, batch_size=batch_size,
                             settings={name: _edit_settings(model.peft_config[name])}, skipped=skipped,
                             show_progress=show_progress)

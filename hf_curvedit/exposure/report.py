@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError, InputKeyError
 from ..utils import atomic_write_text
 
 __all__ = ["ExposureReport", "combine_shares"]
@@ -60,8 +61,8 @@ class ExposureReport:
         try:
             return combine_shares(self.shares[candidate][task])
         except KeyError:
-            raise KeyError(f"no exposure of task {task!r} to candidate {candidate!r}; candidates: {self.candidates}, "
-                           f"tasks: {self.tasks}") from None
+            raise InputKeyError(f"no exposure of task {task!r} to candidate {candidate!r}; candidates: "
+                                f"{self.candidates}, tasks: {self.tasks}") from None
 
     def exposures(self, candidate: str) -> dict[str, float]:
         """Task → exposure to one candidate edit."""
@@ -99,7 +100,7 @@ class ExposureReport:
                        settings=dict(data.get("settings") or {}), skipped=list(data.get("skipped") or []),
                        memorized=list(data.get("memorized") or []))
         except (KeyError, TypeError) as err:
-            raise ValueError(f"not an exposure report: {err}") from err
+            raise InputError(f"not an exposure report: {err}") from err
 
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON (atomically)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import InputError
 from ..evaluation.sets import RecitationSet, TextSet
 
 __all__ = ["lm_eval_task_texts", "recitation_texts"]
@@ -51,7 +52,7 @@ def lm_eval_task_texts(config: Any, tokenizer: Any, limit: int | None = None) ->
         if limit is not None:
             docs = docs[: int(limit * len(docs)) if limit < 1 else int(limit)]
         if not docs:
-            raise ValueError(f"lm-eval task {name!r} has no evaluation documents (limit={limit})")
+            raise InputError(f"lm-eval task {name!r} has no evaluation documents (limit={limit})")
         texts = [_gold_text(task, doc) for doc in docs]
         out[name] = TextSet.from_texts(texts, tokenizer, add_special_tokens=False)
     return out

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from dataclasses import field
 from typing import Any, ClassVar, Literal, Union
 
+from ..errors import InputError, register_secret
 from ..targets import parse_target_modules
 
 __all__ = ["StepFailed", "StepSettings", "UsageError", "check_domain_name", "check_protect", "convert_value",
            "pair_values", "pairs_field", "parse_pairs"]
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad settings or input (the command line's exit code 2)."""
 
 
@@ -47,7 +48,7 @@ def convert_value(value: Any, tp: Any) -> Any:
         raise TypeError
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"use one of {list(args)}")
+            raise InputError(f"use one of {list(args)}")
         return value
     if origin is tuple:  # tuple[X, ...]: a scalar is a one-element tuple
         return tuple(convert_value(v, args[0]) for v in (value if isinstance(value, (list, tuple)) else [value]))
@@ -90,6 +91,8 @@ class StepSettings:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if "token" in f.name.lower():
+                register_secret(value)  # the command line never shows it
             if "pair" in f.metadata:
                 pairs = parse_pairs(value, *f.metadata["pair"])
                 if "pair_value" in f.metadata:
@@ -111,7 +114,9 @@ class StepSettings:
     def from_dict(cls, options: Mapping[str, Any] | None):
         """The step from its YAML mapping (keys = the subcommand's flags with underscores); unknown keys raise."""
         if options is not None and not isinstance(options, Mapping):
-            raise UsageError(f"step {cls.name!r} takes a mapping of options, got {options!r}")
+            # the value itself is not shown: it may hold a token
+            raise UsageError(f"step {cls.name!r} takes a mapping of options (key: value lines), got a "
+                             f"{type(options).__name__}")
         options = dict(options or {})
         known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         unknown = sorted(set(options) - set(known))

@@ -312,5 +312,9 @@ class PipelineConfig:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise UsageError(f"{path} is not valid YAML: {e}") from e
+            # where and what, never the line itself (it may hold a token)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or type(e).__name__
+            raise UsageError(f"{path} is not valid YAML{where}: {what}") from None
         return cls.from_dict(data or {}, str(path))

@@ -19,6 +19,7 @@ from typing import Any
 from huggingface_hub import ModelCard, constants
 from peft import PeftModel
 
+from ..errors import InputError
 from ..evaluation.report import EditReport
 from ..integrity import output_lock
 from ..utils import atomic_folder
@@ -107,7 +108,7 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
     check_repo_id(repo_id)
     out_dir = Path(out_dir)
     if isinstance(model_or_dir, (str, Path)) and Path(model_or_dir).resolve() == out_dir.resolve():
-        raise ValueError("out_dir must differ from the source folder: publish writes a fresh folder")
+        raise InputError("out_dir must differ from the source folder: publish writes a fresh folder")
     check_out_dir(out_dir, overwrite)
     if space:  # refuse a merged edit or an occupied Space folder before anything is written
         space_dir = check_space(out_dir, merged=merged, overwrite=overwrite)
@@ -142,7 +143,7 @@ def check_repo_id(repo_id: str) -> None:
         if "/" not in repo_id:
             raise HFValidationError("it has no namespace")
     except HFValidationError as err:
-        raise ValueError(f"repo id {repo_id!r} is not a valid Hub repo id: {err}. Use the form user/name (letters, "
+        raise InputError(f"repo id {repo_id!r} is not a valid Hub repo id: {err}. Use the form user/name (letters, "
                          "digits, '-', '_' and '.')") from None
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..curvature.eigen import ModuleEigen
+from ..errors import InputError
 from ..evaluation.report import EditReport
 from ..selection import (
     CorrectedSelection,
@@ -147,11 +148,11 @@ def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
         ValueError: with fewer than two reports, or when the reports lack perplexity or recitation.
     """
     if len(reports) < 2:
-        raise ValueError(f"a recitation/perplexity trade-off needs reports for at least two ρ, got {len(reports)}")
+        raise InputError(f"a recitation/perplexity trade-off needs reports for at least two ρ, got {len(reports)}")
     items = sorted(reports.items())
     first = items[0][1]
     if not first.perplexity or not first.recitation:
-        raise ValueError("the reports need a perplexity set and a recitation set to plot the trade-off")
+        raise InputError("the reports need a perplexity set and a recitation set to plot the trade-off")
     ppl_set = perplexity_set or next(iter(first.perplexity))
     fig = _figure(figsize=(5.5, 4))
     ax = fig.subplots()
@@ -159,7 +160,7 @@ def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
         xs, ys, rhos = [], [], []
         for rho, rep in items:
             if set_name not in rep.recitation or ppl_set not in rep.perplexity:
-                raise ValueError(f"the report for ρ = {rho} has no recitation set {set_name!r} or perplexity set "
+                raise InputError(f"the report for ρ = {rho} has no recitation set {set_name!r} or perplexity set "
                                  f"{ppl_set!r}; evaluate every ρ on the same sets")
             xs.append(rep.perplexity[ppl_set].edited.perplexity)
             ys.append(100 * rep.recitation[set_name].edited.strict)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+from ..errors import Fix, register_secret
 from .stage import list_files
 
 __all__ = ["HubOptions", "PublishError", "PublishResult", "PushTarget", "push_folder", "start_push"]
@@ -96,6 +98,9 @@ class HubOptions:
     commit_description: str | None = None
     endpoint: str | None = None
 
+    def __post_init__(self) -> None:
+        register_secret(self.token)  # no message, traceback or log line of the command line may show it
+
 
 def push_folder(folder: str | Path, repo_id: str, hub: HubOptions | None = None) -> PublishResult:
     """Upload a folder written by [`publish`] (e.g. again, after a failed upload) in one commit.
@@ -132,7 +137,7 @@ def start_push(folder: str | Path, repo_id: str, hub: HubOptions | None,
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
-    target = target_type(folder, repo_id, api.endpoint)
+    target = target_type(folder, repo_id, api.endpoint, hub.revision, hub.create_pr)
     if constants.HF_HUB_OFFLINE:
         # huggingface_hub only blocks requests in sessions made while offline; say so before any request is tried
         cause = OfflineModeIsEnabled("offline mode is enabled (HF_HUB_OFFLINE=1)")
@@ -165,6 +170,8 @@ class PushTarget:
     folder: Path
     repo_id: str
     endpoint: str
+    revision: str | None = None
+    create_pr: bool = False
 
     @contextlib.contextmanager
     def step(self, stage: str) -> Iterator[None]:
@@ -185,12 +192,27 @@ class PushTarget:
     @property
     def keep(self) -> str:
         return (f"The local folder {self.folder} is complete and unchanged; fix the cause and retry with "
-                f"push_folder({str(self.folder)!r}, {self.repo_id!r}).")
+                f"{self.retry}.")
+
+    @property
+    def retry(self) -> Fix:
+        """The call (or command) that pushes the same folder to the same repo, revision and PR flag again."""
+        options = ", ".join([f"revision={self.revision!r}"] * (self.revision is not None)
+                            + ["create_pr=True"] * self.create_pr)
+        python = f"push_folder({str(self.folder)!r}, {self.repo_id!r}{f', HubOptions({options})' if options else ''})"
+        return Fix(python=python, cli=f"`{self.upload_command('model')}`")
+
+    def upload_command(self, repo_type: str) -> str:
+        """The ``hf upload`` command line of this push (quoted for a POSIX shell)."""
+        words = ["hf", "upload", self.repo_id, str(self.folder), "--repo-type", repo_type]
+        words += ["--revision", self.revision] if self.revision is not None else []
+        words += ["--create-pr"] if self.create_pr else []
+        return " ".join(shlex.quote(w) for w in words)
 
     def fix(self, status: int | None) -> str:
         if status == 401:
-            return ("The token is missing or invalid: pass HubOptions(token=<a write token>), set HF_TOKEN, or run "
-                    "`hf auth login`.")
+            token = Fix(python="pass HubOptions(token=<a write token>)", cli="pass --token <a write token>")
+            return f"The token is missing or invalid: {token}, set HF_TOKEN, or run `hf auth login`."
         if status == 403:
             return (f"The token cannot write to the namespace {self.repo_id.split('/')[0]!r}: use a token with write "
                     f"access to it.")

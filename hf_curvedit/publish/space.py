@@ -8,6 +8,7 @@ step, with huggingface_hub's exception as ``__cause__``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from pathlib import Path
 from huggingface_hub import ModelCard, SpaceCard, SpaceCardData, constants
 
 from .. import __version__
+from ..errors import Fix, InputError
 from ..integrity import output_lock
 from ..utils import atomic_folder
 from .card import is_hub_id
 from .push import HubOptions, PublishResult, PushTarget, start_push
-from .stage import list_files
+from .stage import OVERWRITE, list_files
 
 __all__ = ["SPACE_FILES", "check_space", "default_space_dir", "default_space_id", "model_revision", "publish_space",
            "push_space", "space_base_model", "write_space"]
@@ -89,13 +91,13 @@ def space_base_model(model_folder: str | Path) -> str | None:
     """
     cfg_path = Path(model_folder) / "adapter_config.json"
     if not cfg_path.exists():
-        raise ValueError(f"{model_folder} holds no adapter_config.json: a Space shows base and edited from one "
+        raise InputError(f"{model_folder} holds no adapter_config.json: a Space shows base and edited from one "
                          "adapter model, so publish the adapter (not --merged)")
     base = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if base in _EMBEDDED_DEFAULT_NAMES or (base and Path(base).parts[-3:] == _EMBEDDED_DEFAULT_PARTS):
         return None
     if not is_hub_id(base):
-        raise ValueError(f"the adapter's base model {base!r} is not a Hub repo id, so a Space cannot load it: publish "
+        raise InputError(f"the adapter's base model {base!r} is not a Hub repo id, so a Space cannot load it: publish "
                          "with CardOptions(base_model='org/name') (the Hub id of the base)")
     return base
 
@@ -105,8 +107,8 @@ def _check_space_dir(space_dir: Path, overwrite: bool) -> None:
         return
     ours = {p.name for p in space_dir.iterdir()} <= set(SPACE_FILES)
     if not overwrite or not ours:
-        raise FileExistsError(f"{space_dir} is not empty" + ("; pass overwrite=True (--overwrite) to replace the "
-                              "Space folder an earlier publish wrote" if ours else " and was not written by publish"))
+        raise FileExistsError(f"{space_dir} is not empty" + (f"; {OVERWRITE} to replace the Space folder an "
+                              "earlier publish wrote" if ours else " and was not written by publish"))
 
 
 def write_space(model_folder: str | Path, repo_id: str, out_dir: str | Path | None = None, *,
@@ -174,7 +176,14 @@ class _SpaceTarget(PushTarget):
     @property
     def keep(self) -> str:
         return (f"The local Space folder {self.folder} is complete and unchanged; fix the cause and retry with "
-                f"push_space({str(self.folder)!r}, {self.repo_id!r}).")
+                f"{self.retry}.")
+
+    @property
+    def retry(self) -> Fix:
+        # a Space is always pushed to its main branch
+        space = dataclasses.replace(self, revision=None, create_pr=False)
+        return Fix(python=f"push_space({str(self.folder)!r}, {self.repo_id!r})",
+                   cli=f"`{space.upload_command('space')}`")
 
 
 def push_space(folder: str | Path, space_id: str, hub: HubOptions | None = None) -> PublishResult:
@@ -229,7 +238,7 @@ def check_space(model_out_dir: str | Path, *, merged: bool, overwrite: bool,
     """Fail before the model is staged when its Space could not be written: a merged publish, or an occupied
     Space folder. Returns the Space folder."""
     if merged:
-        raise ValueError("a Space shows base and edited from one adapter model: publish the adapter (not merged) "
+        raise InputError("a Space shows base and edited from one adapter model: publish the adapter (not merged) "
                          "with space=True / --space")
     folder = Path(out_dir) if out_dir is not None else default_space_dir(model_out_dir)
     _check_space_dir(folder, overwrite)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from ..curvature.correction import with_correction_beside
 from ..curvature.eigen import KFACEigen, ModuleEigen
+from ..errors import Fix, InputError
 from ..evaluation.report import EditReport
 from ..tuner.summary import edit_summary, is_curvature_edit_config, module_rows_from_config, save_adapter, save_merged
 from ..utils import strip_wrapper_prefix
@@ -38,6 +39,9 @@ COMPARISON_FILENAME = "method_comparison.json"  # a SweepResult: the edit agains
 PLOTS_DIR = "plots"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EigenLike = KFACEigen | Mapping[str, ModuleEigen] | str | Path
+
+# how publishing replaces a folder it wrote before
+OVERWRITE = Fix(python="pass overwrite=True", cli="pass --overwrite")
 
 
 @dataclass
@@ -77,7 +81,7 @@ def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,
     if comparison is not None:  # checked before anything is written
         mismatch = comparison.pick_mismatch(_edit_config(model, source, adapter_name))
         if mismatch:
-            raise ValueError(f"the comparison's sweep picked another edit than this one ({mismatch}); publish the "
+            raise InputError(f"the comparison's sweep picked another edit than this one ({mismatch}); publish the "
                              "sweep's pick, or leave the comparison out")
     if model is not None:
         edit, local_base = _write_model(model, adapter_name, out_dir, merged, overwrite, max_shard_size)
@@ -117,7 +121,7 @@ def _open(model_or_dir: PeftModel | str | Path, out_dir: Path,
         raise FileNotFoundError(f"{source} is not a folder; pass a PeftModel or a folder written by "
                                 f"save_pretrained/publish")
     if source.resolve() == out_dir.resolve():
-        raise ValueError("out_dir must differ from the source folder: publish writes a fresh folder")
+        raise InputError("out_dir must differ from the source folder: publish writes a fresh folder")
     if merged and (source / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
@@ -145,7 +149,7 @@ def _copy_folder(source: Path, out_dir: Path, merged: bool, overwrite: bool) -> 
         verify_adapter_folder(source)  # a damaged adapter is never published
     edit, local_base = _edit_from_folder(source)
     if merged and edit["kind"] != "merged":
-        raise ValueError(f"{source} is not an adapter or merged curvature edit folder")
+        raise InputError(f"{source} is not an adapter or merged curvature edit folder")
     _prepare_out_dir(out_dir, overwrite)
     shutil.copytree(source, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md", ".git", ".cache"))
     return edit, local_base
@@ -159,11 +163,11 @@ def _edit_from_folder(source: Path) -> tuple[dict[str, Any], str | None]:
     if (source / "adapter_config.json").is_file():
         cfg = _read_json(source / "adapter_config.json")
         if not is_curvature_edit_config(cfg):
-            raise ValueError(f"{source} holds a {cfg.get('peft_type')} adapter, not a curvature edit (CURVEDIT)")
+            raise InputError(f"{source} holds a {cfg.get('peft_type')} adapter, not a curvature edit (CURVEDIT)")
         base = cfg.get("base_model_name_or_path")
         return {"adapter_name": "default", "config": cfg, "modules": module_rows_from_config(cfg),
                 "base_model": base, "kind": "adapter"}, base
-    raise ValueError(f"{source} has neither adapter_config.json nor {EDIT_FILENAME}: it is not a curvature edit "
+    raise InputError(f"{source} has neither adapter_config.json nor {EDIT_FILENAME}: it is not a curvature edit "
                      f"folder. Publish the PeftModel itself, or a folder written by save_pretrained/publish")
 
 
@@ -177,7 +181,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
         # that an earlier publish() wrote (it holds EDIT_FILENAME) is cleared, never an arbitrary one.
         if not overwrite:
             raise FileExistsError(f"the publish folder {out_dir} is not empty; everything in it would be uploaded. "
-                                  "Pass an empty or new folder, or overwrite=True to replace an earlier publish() "
+                                  f"Pass an empty or new folder, or {OVERWRITE} to replace an earlier publish "
                                   "folder")
         if not (out_dir / EDIT_FILENAME).is_file():
             raise FileExistsError(f"the publish folder {out_dir} is not empty and was not written by publish() (no "
@@ -284,7 +288,7 @@ def _load_comparison(comparison: Any) -> Any:
         raise TypeError("comparison must be a SweepResult or the path of a sweep.json, got "
                         f"{type(comparison).__name__}")
     if comparison.chosen is None:
-        raise ValueError("the comparison's sweep chose no edit (nothing fit its perplexity budget): nothing to compare")
+        raise InputError("the comparison's sweep chose no edit (nothing fit its perplexity budget): nothing to compare")
     return comparison
 
 

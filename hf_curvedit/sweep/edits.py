@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..baselines import BASELINES, BalancedSubnetConfig, svd_truncation, train_balanced_subnet
 from ..curvature.eigen import KFACEigen
+from ..errors import InputError, InputKeyError
 from ..evaluation import RecitationSet, TextSet, evaluate_recitation
 from ..evaluation.coherence import DEFAULT_NDCG_K, ndcg_at_k
 from ..evaluation.perplexity import perplexity_from_nll, score_text
@@ -94,12 +95,12 @@ class SweepConfig:
         from ..selection import SELECTIONS
 
         if self.pick_by not in ("recitation", "predicted_cost"):
-            raise ValueError(f"pick_by must be 'recitation' or 'predicted_cost', got {self.pick_by!r}")
+            raise InputError(f"pick_by must be 'recitation' or 'predicted_cost', got {self.pick_by!r}")
         if not 0 <= self.recitation_tolerance <= 1:
-            raise ValueError(f"recitation_tolerance is a fraction in [0, 1] (0.02 = 2 points), got "
+            raise InputError(f"recitation_tolerance is a fraction in [0, 1] (0.02 = 2 points), got "
                              f"{self.recitation_tolerance}")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise InputError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         self.keep_masses = tuple(self.keep_masses)
         self.svd_ranks = tuple(self.svd_ranks) if self.svd_ranks else None
         self.protect = dict(self.protect or {})
@@ -107,11 +108,11 @@ class SweepConfig:
         self.balanced_subnet_ratios = tuple(self.balanced_subnet_ratios)
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
-            raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+            raise InputError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
         if "svd" in self.baselines and not self.svd_ranks:
-            raise ValueError("the svd baseline needs svd_ranks (e.g. [16, 32, 64])")
+            raise InputError("the svd baseline needs svd_ranks (e.g. [16, 32, 64])")
         if not 0 < self.perplexity_budget:
-            raise ValueError("perplexity_budget must be positive (e.g. 0.15 for +15%)")
+            raise InputError("perplexity_budget must be positive (e.g. 0.15 for +15%)")
 
     def subnet_configs(self) -> list[BalancedSubnetConfig]:
         """One BalancedSubnet setting per ratio (each checked when made), or none without that baseline."""
@@ -183,7 +184,7 @@ def sweep_edits(
     config = config or SweepConfig()
     general, primary = _check(model, eigen, recitation_sets, config, clean, tokenizer)
     if config.pick_by == "predicted_cost" and not exposure_texts:
-        raise ValueError("pick_by='predicted_cost' ranks candidates by their exposure: pass exposure_texts (task name "
+        raise InputError("pick_by='predicted_cost' ranks candidates by their exposure: pass exposure_texts (task name "
                          "-> texts, e.g. lm_eval_task_texts(CapabilityConfig(...), tokenizer))")
     layer_choices = config.layer_choices or {"all": "|".join(re.escape(n) for n in general)}
     measure = _Measure(model, recitation_sets, heldout, config, eigen)
@@ -206,21 +207,21 @@ def _check(model: nn.Module, eigen: Any, recitation_sets: Mapping[str, Recitatio
 
     general, _ = split_factor_sets(eigen, CurvatureEditConfig(protect=config.protect))
     if "balanced_subnet" in config.baselines and clean is None:
-        raise ValueError("the balanced_subnet baseline needs `clean`: a TextSet of text to keep (e.g. the factor "
+        raise InputError("the balanced_subnet baseline needs `clean`: a TextSet of text to keep (e.g. the factor "
                          "data), which its loss balances against the memorized sets")
     config.subnet_configs()  # every ratio is checked before the first measurement
     if config.capabilities is not None and tokenizer is None:
-        raise ValueError("capabilities need the tokenizer")
+        raise InputError("capabilities need the tokenizer")
     if not recitation_sets:
-        raise ValueError("a sweep needs at least one recitation set")
+        raise InputError("a sweep needs at least one recitation set")
     primary = config.primary_set or next(iter(recitation_sets))
     if primary not in recitation_sets:
-        raise KeyError(f"primary_set {primary!r} is not one of {list(recitation_sets)}")
+        raise InputKeyError(f"primary_set {primary!r} is not one of {list(recitation_sets)}")
     for label, regex in (config.layer_choices or {}).items():
         names = resolve_target_modules(model, regex)
         missing = [n for n in names if n not in general]
         if missing:
-            raise ValueError(f"layer choice {label!r} selects modules without factors: {missing[:4]}; fit factors "
+            raise InputError(f"layer choice {label!r} selects modules without factors: {missing[:4]}; fit factors "
                              "for them or narrow the regex")
     if config.capabilities is not None:
         from ..evaluation.capabilities import check_tasks

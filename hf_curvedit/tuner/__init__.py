@@ -13,7 +13,8 @@ from ..edit import CurvatureEdit, ModuleEditReport, compute_edit, weight_fingerp
 from .build import build_curvature_edit, compute_module_edits
 from .config import CURVEDIT, CurvatureEditConfig
 from .experts import CurvatureEditExperts
-from .layer import CurvatureEditLayer, CurvatureEditLinear, DamagedAdapterError, WrongBaseModelError
+from .layer import CurvatureEditLayer, DamagedAdapterError, WrongBaseModelError
+from .linear import CurvatureEditLinear
 from .locate import check_base_model, curvature_edit_report
 from .model import CurvatureEditModel
 

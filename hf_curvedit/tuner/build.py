@@ -20,8 +20,8 @@ from torch import nn
 from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..curvature.storage import EigenFile, KFACFactors
 from ..edit import CurvatureEdit, ExpertsEdit, compute_edit, compute_experts_edit
+from ..errors import InputError
 from .config import CurvatureEditConfig
-from .experts import CurvatureEditExperts
 from .locate import default_targets_for, edit_candidates, is_target, iter_layers, logical_weight, refuse_tied
 
 __all__ = ["EigenSource", "build_curvature_edit", "compute_module_edits", "factor_provenance", "fill_edits",
@@ -43,14 +43,14 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], con
     """
     protect_eigen = dict(protect_eigen or {})
     if set(config.protect) != set(protect_eigen):
-        raise ValueError(f"config.protect lists the domains {sorted(config.protect)} but factors were given for "
+        raise InputError(f"config.protect lists the domains {sorted(config.protect)} but factors were given for "
                          f"{sorted(protect_eigen)}; give one factor set per protected domain")
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if config.target_modules is None:
         config.target_modules = default_targets_for(getattr(getattr(inner, "config", None), "model_type", None))
     targets = {name: (m, p) for name, m, p in edit_candidates(inner) if is_target(config, name) is True}
     if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer or expert projection of "
+        raise InputError(f"target_modules={config.target_modules!r} matches no linear layer or expert projection of "
                          "this model; use names, name suffixes, globs or a regex that match some of its weights")
     edits: dict[str, CurvatureEdit | ExpertsEdit] = {}
     with torch.no_grad():
@@ -60,7 +60,7 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], con
             module_eigen = eigen.get(name)
             if module_eigen is None:
                 known = list(eigen)
-                raise ValueError(
+                raise InputError(
                     f"no K-FAC factors for module '{name}' (targeted by target_modules={config.target_modules!r}); "
                     f"the factors hold {len(known)} modules, e.g. {known[:4]}. Collect factors for it or narrow "
                     "target_modules / exclude_modules."
@@ -68,7 +68,7 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], con
             protect = {}
             for domain, domain_eigen in protect_eigen.items():
                 if name not in domain_eigen:
-                    raise ValueError(f"the factors of protected domain {domain!r} have no module '{name}'; fit them "
+                    raise InputError(f"the factors of protected domain {domain!r} have no module '{name}'; fit them "
                                      "on the same target modules as the general factors")
                 protect[domain] = (domain_eigen[name], config.protect[domain])
             weight = logical_weight(module, param)
@@ -81,6 +81,8 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], con
                 edits[name] = compute_edit(weight, module_eigen, config.keep_mass_for(name), config.selection,
                                            config.rank_cap, dtype, protect=protect or None)
     config.edited_modules = {name: edited_entry(e) for name, e in edits.items()}
+    # built here, not loaded: its digests are recorded once the layers hold it (`record_digests`)
+    object.__setattr__(config, "_curvedit_building", True)
     return edits
 
 
@@ -96,30 +98,25 @@ def edited_entry(edit: CurvatureEdit | ExpertsEdit) -> dict[str, Any]:
 
 
 def fill_edits(model: nn.Module, adapter_name: str, edits: Mapping[str, CurvatureEdit | ExpertsEdit]) -> None:
+    """Hand each layer the edits of its units (by ``edited_modules`` name)."""
     for name, layer in iter_layers(model):
-        if not layer.has_edit(adapter_name):
-            continue
-        if isinstance(layer, CurvatureEditExperts):
-            mine = {p: edits[f"{name}.{p}"] for p in layer.params_of(adapter_name) if f"{name}.{p}" in edits}
-            if mine:
-                layer.set_edit(adapter_name, mine)
-        elif name in edits:
-            layer.set_edit(adapter_name, edits[name])
+        for unit in layer.units_of(adapter_name):
+            key = layer.unit_name(unit, name)
+            if key in edits:
+                layer.set_edit(adapter_name, edits[key], unit)
 
 
 def record_digests(model: nn.Module, adapter_name: str, config: CurvatureEditConfig) -> None:
-    """Record in ``config.edited_modules`` the digest of each edited module's tensors, as the layers hold them after
-    the build: saved with the adapter, checked by every load before the edit is used."""
-    for name, layer in iter_layers(model):
-        if isinstance(layer, CurvatureEditExperts):
-            for p in layer.params_of(adapter_name):
-                digest = layer.content_digest(adapter_name, p)
-                config.edited_modules[f"{name}.{p}"]["digest"] = digest
-                layer._curvedit_digests[(adapter_name, p)] = digest
-        elif layer.has_edit(adapter_name) and name in config.edited_modules:
-            digest = layer.content_digest(adapter_name)
-            config.edited_modules[name]["digest"] = digest
-            layer._curvedit_digests[adapter_name] = digest
+    """Record in ``config.edited_modules`` the digest of each edited tensor and the dtype it is stored in, as the
+    layers hold them after the build: saved with the adapter, checked by every load before the edit is used."""
+    from .. import __version__
+
+    for _, layer in iter_layers(model):
+        for key, record in layer.record_digests(adapter_name).items():
+            if key in config.edited_modules:
+                config.edited_modules[key].update(record)
+    config.curvedit_version = __version__
+    object.__setattr__(config, "_curvedit_building", False)
 
 
 def factor_provenance(eigen: Any, path: str | Path | None = None) -> dict[str, Any]:
@@ -143,7 +140,7 @@ def split_factor_sets(eigen: Any, config: CurvatureEditConfig) -> tuple[Any, dic
     sets = eigen if isinstance(eigen, Mapping) and not _is_factor_set(eigen) else None
     if sets is None:
         if config.protect:
-            raise ValueError(f"config.protect lists {sorted(config.protect)}, so pass one factor set per domain: "
+            raise InputError(f"config.protect lists {sorted(config.protect)}, so pass one factor set per domain: "
                              f"build_curvature_edit(model, {{'general': eigen, {next(iter(config.protect))!r}: "
                              "eigen_domain}, config)")
         return eigen, {}
@@ -154,7 +151,7 @@ def split_factor_sets(eigen: Any, config: CurvatureEditConfig) -> tuple[Any, dic
     general = [k for k in sets if k not in config.protect]
     missing = [k for k in config.protect if k not in sets]
     if len(general) != 1 or missing:
-        raise ValueError(f"the factor sets are {sorted(sets)} and config.protect lists {sorted(config.protect)}: give "
+        raise InputError(f"the factor sets are {sorted(sets)} and config.protect lists {sorted(config.protect)}: give "
                          "exactly one general set (e.g. 'general') plus one set per protected domain"
                          + (f"; missing {missing}" if missing else ""))
     return sets[general[0]], {k: sets[k] for k in config.protect}
@@ -205,7 +202,7 @@ def build_curvature_edit(
     """
     config = CurvatureEditConfig() if config is None else config
     if config.edited_modules:
-        raise ValueError("this config was already used to build an edit (edited_modules is filled); pass a fresh one")
+        raise InputError("this config was already used to build an edit (edited_modules is filled); pass a fresh one")
     general, domains = split_factor_sets(eigen, config)
     eigen, config.factor_source = open_eigen(general, config.factor_source)
     protect_eigen = {}

@@ -9,6 +9,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 from peft.utils.other import get_pattern_key
 
+from ..errors import InputError
 from ..selection import SELECTIONS, Selection
 from ..utils import parse_dtype
 
@@ -101,8 +102,11 @@ class CurvatureEditConfig(PeftConfig):
         edited_modules (`dict[str, dict]`):
             Filled when the adapter is built: per edited module the rank ``k`` of its stored factorization and the side
             of ``Q`` (``"input"`` or ``"output"``), the shape of the buffers that loading allocates before the saved
-            tensors are read. Do not set it by hand. (The module's ρ is `keep_mass_for`; every other statistic is in
-            the adapter's weights, see `CurvatureEditModel.edit_report`.)
+            tensors are read, their dtype, and the digest of each saved tensor, which every load checks. Do not set it
+            by hand. (The module's ρ is `keep_mass_for`; every other statistic is in the adapter's weights, see
+            `CurvatureEditModel.edit_report`.)
+        curvedit_version (`Optional[str]`):
+            The hf-curvedit release that built the edit (filled when it is built).
     """
 
     target_modules: list[str] | str | None = field(
@@ -146,8 +150,22 @@ class CurvatureEditConfig(PeftConfig):
         default_factory=dict, metadata={"help": "Provenance of the factors (dataset, tokens, label mode, path)."}
     )
     edited_modules: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata={"help": "Filled at build time: per module k and q_side (buffer shapes)."}
+        default_factory=dict,
+        metadata={"help": "Filled at build time: per module k, q_side, dtype (buffer shapes) and tensor digests."},
     )
+    curvedit_version: str | None = field(
+        default=None, metadata={"help": "The hf-curvedit release that built the edit (filled at build time)."}
+    )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
+                        **kwargs: Any) -> CurvatureEditConfig:
+        """PEFT's `from_pretrained`; the config also remembers where it was read from, for the messages of a damaged
+        adapter (not saved)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        source = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
+        object.__setattr__(config, "_curvedit_source", source)
+        return config
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,25 +180,25 @@ class CurvatureEditConfig(PeftConfig):
         for pattern, rho in self.keep_mass_pattern.items():
             _check_rho(rho, f"keep_mass_pattern[{pattern!r}]")
         if not isinstance(self.protect, dict):
-            raise ValueError(f"protect must be a dict of domain name -> rho, e.g. {{'arithmetic': 0.9}}; got "
+            raise InputError(f"protect must be a dict of domain name -> rho, e.g. {{'arithmetic': 0.9}}; got "
                              f"{self.protect!r}")
         for name, rho in self.protect.items():
             if not isinstance(name, str) or not name.isidentifier():
-                raise ValueError(f"protected domain names must be identifiers (letters, digits, _), got {name!r}")
+                raise InputError(f"protected domain names must be identifiers (letters, digits, _), got {name!r}")
             _check_rho(rho, f"protect[{name!r}]")
         unknown = set(self.protect_factor_sources) - set(self.protect)
         if unknown:
-            raise ValueError(f"protect_factor_sources names {sorted(unknown)}, which protect does not list")
+            raise InputError(f"protect_factor_sources names {sorted(unknown)}, which protect does not list")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise InputError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.rank_cap is not None and (not isinstance(self.rank_cap, int) or self.rank_cap < 1):
-            raise ValueError(f"rank_cap must be a positive integer or None, got {self.rank_cap!r}")
+            raise InputError(f"rank_cap must be a positive integer or None, got {self.rank_cap!r}")
         if self.compute_dtype is not None:
             parse_dtype(self.compute_dtype)  # a clear error for an unknown name
         if self.min_expert_tokens is not None and (isinstance(self.min_expert_tokens, bool)
                                                    or not isinstance(self.min_expert_tokens, int)
                                                    or self.min_expert_tokens < 0):
-            raise ValueError(f"min_expert_tokens must be a non-negative integer or None (max(d_out, d_in) of each "
+            raise InputError(f"min_expert_tokens must be a non-negative integer or None (max(d_out, d_in) of each "
                              f"expert), got {self.min_expert_tokens!r}")
 
     def keep_mass_for(self, module_name: str) -> float:
@@ -194,4 +212,4 @@ class CurvatureEditConfig(PeftConfig):
 
 def _check_rho(value: Any, name: str) -> None:
     if not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
-        raise ValueError(f"{name} must be a number in (0, 1] (the fraction of curvature mass to keep), got {value!r}")
+        raise InputError(f"{name} must be a number in (0, 1] (the fraction of curvature mass to keep), got {value!r}")

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..edit import ModuleEditReport
+from ..errors import InputError
 from ..targets import (
     default_target_modules,
     expert_parameter_names,
@@ -33,7 +34,7 @@ __all__ = ["check_base_model", "curvature_edit_report", "edit_candidates", "edit
 def default_targets_for(model_type: str | None) -> str:
     default = default_target_modules(model_type)
     if default is None:
-        raise ValueError(
+        raise InputError(
             f"{no_default_message(model_type)}; set "
             "CurvatureEditConfig(target_modules=...) to the linear layers or expert projections to edit (names, "
             "suffixes, globs or a regex)."
@@ -87,13 +88,11 @@ def edit_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | No
 
 
 def logical_weight(module: nn.Module, param: str | None = None) -> torch.Tensor:
+    if isinstance(module, CurvatureEditLayer):
+        return module.base_weight(param or "")
     if param is not None:
-        if isinstance(module, CurvatureEditExperts):
-            return module.base_weight(param)
         w = getattr(module, param)
         return w.transpose(-1, -2) if module.is_transposed else w
-    if isinstance(module, CurvatureEditLayer):
-        return module.base_weight()
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     return base.weight.T if isinstance(base, Conv1D) else base.weight
 
@@ -108,7 +107,7 @@ def refuse_tied(model: nn.Module, module: nn.Module, module_name: str) -> None:
         emb = None
     weight = getattr(base, "weight", None)
     if emb is not None and weight is not None and getattr(emb, "weight", None) is weight:
-        raise ValueError(
+        raise InputError(
             f"module '{module_name}' shares its weight with the input embeddings (tied lm_head); a curvature edit "
             "of it would also change the embeddings. Remove it from target_modules or add it to exclude_modules."
         )
@@ -122,13 +121,7 @@ def iter_layers(model: nn.Module) -> Iterator[tuple[str, CurvatureEditLayer]]:
 
 def edited_names(model: nn.Module, adapter_name: str) -> set[str]:
     """The weights (linear modules, expert parameters) that carry the edit `adapter_name` in `model`."""
-    out = set()
-    for name, layer in iter_layers(model):
-        if isinstance(layer, CurvatureEditExperts):
-            out.update(f"{name}.{p}" for p in layer.params_of(adapter_name))
-        elif layer.has_edit(adapter_name):
-            out.add(name)
-    return out
+    return {layer.unit_name(u, name) for name, layer in iter_layers(model) for u in layer.units_of(adapter_name)}
 
 
 def curvature_edit_report(model: nn.Module, adapter_name: str = "default") -> list[ModuleEditReport]:
@@ -136,7 +129,7 @@ def curvature_edit_report(model: nn.Module, adapter_name: str = "default") -> li
     reports = [r for name, layer in iter_layers(model) if layer.has_edit(adapter_name)
                for r in layer.reports(adapter_name, name)]
     if not reports:
-        raise ValueError(f"the model has no curvature edit named '{adapter_name}'")
+        raise InputError(f"the model has no curvature edit named '{adapter_name}'")
     return reports
 
 

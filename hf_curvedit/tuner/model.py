@@ -11,12 +11,15 @@ from torch import nn
 
 from ..curvature.storage import EigenFile
 from ..edit import ModuleEditReport
+from ..errors import InputError
+from ..integrity import tensor_set_problem
 from ..targets import DEFAULT_TARGET_MODULES, expert_parameter_names, is_experts_module, is_linear_like
 from ..utils import strip_wrapper_prefix
 from .build import compute_module_edits, factor_provenance, fill_edits, open_eigen, record_digests
 from .config import CurvatureEditConfig
 from .experts import CurvatureEditExperts
-from .layer import CurvatureEditLayer, CurvatureEditLinear, WrongBaseModelError
+from .layer import CurvatureEditLayer, WrongBaseModelError
+from .linear import CurvatureEditLinear
 from .locate import (
     check_base_model,
     curvature_edit_report,
@@ -26,6 +29,7 @@ from .locate import (
     is_target,
     refuse_tied,
 )
+from .stores import DamagedAdapterError, adapter_file_keys, damaged_message, warn_if_unchecked
 
 __all__ = ["CurvatureEditModel"]
 
@@ -77,7 +81,7 @@ class CurvatureEditModel(BaseTuner):
         parent: nn.Module, current_key: str | None = None, **optional_kwargs: Any,
     ) -> None:
         if current_key is None:
-            raise ValueError("Current key shouldn't be `None`")
+            raise InputError("Current key shouldn't be `None`")
         module_name = strip_wrapper_prefix(current_key)
         refuse_tied(self.model, target, module_name)
         if isinstance(target, CurvatureEditLayer):
@@ -107,7 +111,7 @@ class CurvatureEditModel(BaseTuner):
         """Activate one edit (edits replace weights, so they do not stack)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) > 1:
-            raise ValueError(f"curvature edits replace weights and cannot be active together; pick one of {names}")
+            raise InputError(f"curvature edits replace weights and cannot be active together; pick one of {names}")
         # a merged edit of another adapter is undone by the layer's next forward
         super().set_adapter(adapter_name, inference_mode=True)
 
@@ -118,7 +122,7 @@ class CurvatureEditModel(BaseTuner):
         if not config.edited_modules:
             # a new edit, not a saved one being loaded: compute it from the factors file before the layers exist
             if not config.factors_path:
-                raise ValueError(
+                raise InputError(
                     f"cannot build curvature edit '{adapter_name}': no K-FAC factors were given and the config records "
                     "no edit. Build it with hf_curvedit.build_curvature_edit(model, eigen, config) or set "
                     "config.factors_path to an eigen.safetensors file; to load a saved edit use "
@@ -131,12 +135,14 @@ class CurvatureEditModel(BaseTuner):
             for domain in config.protect:
                 path = config.protect_factor_sources.get(domain, {}).get("path")
                 if not path:
-                    raise ValueError(f"cannot build curvature edit '{adapter_name}': protected domain {domain!r} "
+                    raise InputError(f"cannot build curvature edit '{adapter_name}': protected domain {domain!r} "
                                      f"has no factors; set config.protect_factor_sources[{domain!r}] = {{'path': "
                                      "'.../eigen.safetensors'} or use build_curvature_edit")
                 protect_eigen[domain], config.protect_factor_sources[domain] = open_eigen(
                     path, config.protect_factor_sources[domain])
             edits = compute_module_edits(model, factors, config, protect_eigen)
+        elif not getattr(config, "_curvedit_building", False):
+            warn_if_unchecked(adapter_name, config)  # a saved edit being loaded
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         if edits is not None:
@@ -151,6 +157,18 @@ class CurvatureEditModel(BaseTuner):
                 f"(or that target_modules no longer selects), e.g. {missing[:3]}. Load the adapter onto the base model "
                 "it was made from (see base_model_name_or_path in its adapter_config.json)."
             )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: Any, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # PEFT's loading path, with the whole file at hand: it must hold exactly the tensors of the edits its config
+        # records (the layers then check each tensor's digest as it is loaded)
+        problem = tensor_set_problem(adapter_file_keys(config.edited_modules),
+                                     [k for k in state_dict if ".curvedit_" in k], by="in adapter_config.json")
+        if problem:
+            raise DamagedAdapterError(damaged_message(adapter_name, "", f"the adapter {problem}",
+                                                      getattr(config, "_curvedit_source", None)))
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def unload(self) -> nn.Module:
         """Remove every edit and return the base model with its original weights (a merged edit is undone first,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from ..errors import InputError
 from .config import CURVEDIT, CurvatureEditConfig
 
 __all__ = ["edit_summary", "is_curvature_edit_config", "jsonable", "merged_state_dict", "module_rows",
@@ -78,7 +79,7 @@ def edit_summary(model: PeftModel, adapter_name: str = "default") -> dict[str, A
     """
     config = model.peft_config.get(adapter_name)
     if config is None or not is_curvature_edit_config(config):
-        raise ValueError(f"adapter {adapter_name!r} of this PeftModel is not a curvature edit "
+        raise InputError(f"adapter {adapter_name!r} of this PeftModel is not a curvature edit "
                          f"(adapters: {list(model.peft_config)})")
     # from the package, not .model: robust to the tuner's internal layout and to its __init__ importing this module
     from . import curvature_edit_report
@@ -123,7 +124,7 @@ def save_merged(model: PeftModel, adapter_name: str, folder: str | Path, max_sha
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules()):
-        raise ValueError("the model already has merged adapters; call model.unmerge_adapter() before publishing "
+        raise InputError("the model already has merged adapters; call model.unmerge_adapter() before publishing "
                          "with merged=True (publish merges the chosen adapter itself and unmerges it afterwards)")
     model.merge_adapter([adapter_name])
     try:
@@ -158,55 +159,32 @@ def verify_adapter_folder(folder: str | Path) -> dict[str, Any]:
         `DamagedFileError`: a file is not what it should be (invalid JSON, truncated or damaged weights), naming it
             and the fix.
     """
-    from ..integrity import DamagedFileError, open_safetensors
-    from .stores import canonical_digest
+    from ..integrity import DamagedFileError, read_json_file, read_safetensors, tensor_set_problem
+    from .stores import adapter_file_keys, digest_problem
 
     folder = Path(folder)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} holds no {ADAPTER_CONFIG}: give the folder that `hf-curvedit edit` "
                                 "(save_pretrained) wrote")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise DamagedFileError(config_path, f"is not valid JSON ({err}); it is empty, truncated or damaged",
-                               _REDOWNLOAD) from None
+    config = read_json_file(config_path, "an adapter config (a JSON object)", _REDOWNLOAD)
+    if not isinstance(config, dict):
+        raise DamagedFileError(config_path, "should hold an adapter config (a JSON object) but does not",
+                               _REDOWNLOAD)
     if not is_curvature_edit_config(config):
-        raise ValueError(f"{config_path} describes a {config.get('peft_type')} adapter, not a curvature edit "
+        raise InputError(f"{config_path} describes a {config.get('peft_type')} adapter, not a curvature edit "
                          "(peft_type CURVEDIT)")
-    with open_safetensors(weights_path, "the adapter's weights", _REDOWNLOAD) as f:
-        keys = set(f.keys())
-        tensors: dict[str, Any] = {}
-
-        def get(key: str) -> Any:
-            if key not in tensors:
-                if key not in keys:
-                    raise DamagedFileError(weights_path, f"has no tensor {key!r}, which the edit of its "
-                                           f"{ADAPTER_CONFIG} needs", _REDOWNLOAD)
-                try:
-                    tensors[key] = f.get_tensor(key)
-                except Exception as err:  # noqa: BLE001 - safetensors' errors on a bad data section
-                    raise DamagedFileError(weights_path, f"tensor {key!r} cannot be read ({err})",
-                                           _REDOWNLOAD) from None
-            return tensors[key]
-
-        prefix = "base_model.model."
-        for name, info in (config.get("edited_modules") or {}).items():
-            want = info.get("digest")
-            if want is None:
-                continue  # saved before adapters recorded digests
-            owner, _, leaf = name.rpartition(".")
-            if info.get("experts"):
-                stores = [f"curvedit_{kind}_{leaf}" for kind in ("out", "in", "meta", "fingerprint", "cutoffs",
-                                                                  "tokens")]
-                named = [(store, get(f"{prefix}{owner}.{store}")) for store in stores]
-            else:
-                stores = ["curvedit_Q", "curvedit_B", "curvedit_cutoffs", "curvedit_meta", "curvedit_fingerprint"]
-                named = [(store, get(f"{prefix}{name}.{store}")) for store in stores]
-            if canonical_digest(named) != want:
-                raise DamagedFileError(weights_path, f"the edit of module {name!r} does not match the digest its "
-                                       f"{ADAPTER_CONFIG} recorded when the edit was built: its bytes are damaged or "
-                                       "were changed", _REDOWNLOAD)
+    entries = config.get("edited_modules") or {}
+    with read_safetensors(weights_path, "the adapter's weights", _REDOWNLOAD) as f:
+        expected = adapter_file_keys(entries)
+        problem = tensor_set_problem(expected, f.keys(), by=f"in {ADAPTER_CONFIG}")
+        if problem:
+            raise f.damaged(problem)
+        units: dict[str, dict[str, Any]] = {}
+        for key, (entry, store) in expected.items():
+            units.setdefault(entry, {})[store] = f.get(key)
+        for name, info in entries.items():
+            problem = digest_problem(info, units[name])
+            if problem:
+                raise f.damaged(f"the edit of module {name!r}: {problem}")
     return config

@@ -3,6 +3,7 @@
 import datasets
 import evaluate
 
+from hf_curvedit.errors import InputError
 from hf_curvedit.evaluation.coherence import DEFAULT_NDCG_K, ndcg_per_position
 
 _DESCRIPTION = """\
@@ -44,5 +45,5 @@ class Ndcg(evaluate.Metric):
     def _compute(self, predictions, references, k: int = DEFAULT_NDCG_K):
         scores = ndcg_per_position(predictions, references, k)
         if scores.numel() == 0:
-            raise ValueError("no positions to score")
+            raise InputError("no positions to score")
         return {"ndcg": float(scores.mean()), "per_position": scores.tolist()}
