@@ -147,7 +147,7 @@ def fixed_costs(args: argparse.Namespace) -> tuple[float, float, float, float]:
     (mirroring the upper-triangle sums: before, now; the finiteness check: before, now). Medians of 3."""
     import torch
 
-    from hf_curvedit.curvature.collector import mirror_upper
+    from hf_curvedit.curvature.sums import mirror_upper
     from hf_curvedit.utils import all_finite
 
     torch.set_num_threads(args.threads)

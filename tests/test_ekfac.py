@@ -108,6 +108,7 @@ def _transposed(e: ModuleEigen) -> ModuleEigen:
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
     from hf_curvedit.curvature import ekfac
+    from hf_curvedit.curvature import passes as passes_mod
 
     model = tiny_llama().double()
     rows = padded_rows(9, seed=2)
@@ -118,7 +119,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
     whole = fit_eigen_correction(model, data, factors, progress=False)
 
     factors_b = fit_factors(model, data, cfg, tmp_path / "b", progress=False)
-    real = ekfac.collect_factor_sums
+    real = passes_mod.collect_factor_sums
 
     def crashing(model, batches, *a, **kw):
         def two():
@@ -128,12 +129,12 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
                 yield item
         return real(model, two(), *a, **kw)
 
-    monkeypatch.setattr(ekfac, "collect_factor_sums", crashing)
+    monkeypatch.setattr(passes_mod, "collect_factor_sums", crashing)
     with pytest.raises(KeyboardInterrupt):
         fit_eigen_correction(model, data, factors_b, progress=False)
     assert list((tmp_path / "b" / ekfac.CHECKPOINT_DIR).glob("*.safetensors"))
     assert not (tmp_path / "b" / EKFAC_FILENAME).exists()
-    monkeypatch.setattr(ekfac, "collect_factor_sums", real)
+    monkeypatch.setattr(passes_mod, "collect_factor_sums", real)
     resumed = fit_eigen_correction(model, data, factors_b, progress=False)
     assert resumed.num_samples == whole.num_samples == 9
     for n in whole:
@@ -150,10 +151,10 @@ def test_damaged_or_foreign_file_is_never_used(tmp_path, caplog):
     data[-200:-100] = bytes(100)
     path.write_bytes(bytes(data))
     with pytest.raises(DamagedFileError, match="ekfac.safetensors"):
-        EigenCorrection.load(path)
-    eigen = load_factors(tmp_path).eigendecompose()
-    assert all(e.eigvals_corrected is None for e in eigen.values())
-    assert "measure the corrected eigenvalues again" in caplog.text
+        EigenCorrection.load(path).verify()
+    eigen = load_factors(tmp_path).eigendecompose()  # read one module at a time: the damaged one has none
+    damaged = [n for n, e in eigen.items() if e.eigvals_corrected is None]
+    assert len(damaged) == 1 and "measure the corrected eigenvalues again" in caplog.text
     with pytest.raises(ValueError, match=r"needs EK-FAC corrected eigenvalues.*fit_eigen_correction\("):
         build_curvature_edit(tiny_llama().double(), eigen, CurvatureEditConfig(keep_mass=0.8, selection="ekfac_mass"))
     # measured again on the next pass, not trusted

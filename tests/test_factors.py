@@ -12,9 +12,9 @@ from safetensors import safe_open
 from testing_utils import random_token_rows, record_module_io, tiny_gpt2, tiny_llama
 
 from hf_curvedit import FactorConfig, fit_factors, load_factors
-from hf_curvedit.curvature import fit as fit_mod
-from hf_curvedit.curvature.collector import accumulate_upper, mirror_upper
+from hf_curvedit.curvature import passes as passes_mod
 from hf_curvedit.curvature.partitions import plan_partitions
+from hf_curvedit.curvature.sums import accumulate_upper, mirror_upper
 from hf_curvedit.curvature.tasks import batch_generator, sample_labels, valid_position_mask
 from hf_curvedit.data import pack_into_blocks
 from hf_curvedit.targets import resolve_target_modules
@@ -206,7 +206,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, llama, monkeypatch, s
     assert n_batches >= 8
 
     seen: list[int] = []
-    real = fit_mod.collect_factor_sums
+    real = passes_mod.collect_factor_sums
 
     def crashing(model, batches, *a, **kw):
         def gen():
@@ -217,14 +217,14 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, llama, monkeypatch, s
                 yield b, batch
         return real(model, gen(), *a, **kw)
 
-    monkeypatch.setattr(fit_mod, "collect_factor_sums", crashing)
+    monkeypatch.setattr(passes_mod, "collect_factor_sums", crashing)
     with pytest.raises(_Crash):
         fit_factors(llama, data, cfg, tmp_path, progress=False)
     assert not (tmp_path / "factors.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="resume"):
         load_factors(tmp_path)
 
-    monkeypatch.setattr(fit_mod, "collect_factor_sums", lambda m, batches, *a, **kw: real(
+    monkeypatch.setattr(passes_mod, "collect_factor_sums", lambda m, batches, *a, **kw: real(
         m, ((seen.append(b), (b, x))[1] for b, x in batches), *a, **kw))
     seen.clear()
     resumed = fit_factors(llama, data, cfg, tmp_path, progress=False)

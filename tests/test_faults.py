@@ -212,9 +212,9 @@ def test_damaged_factors_and_checkpoints_are_collected_again(work, tmp_path, cap
     assert any("collecting the factors again" in r.getMessage() for r in caplog.records)
     assert same_tensors(out / "factors.safetensors", work / "factors" / "factors.safetensors")
 
-    from hf_curvedit.curvature import fit as fit_mod
+    from hf_curvedit.curvature import passes as passes_mod
 
-    real_save = fit_mod.save_checkpoint
+    real_save = passes_mod.save_checkpoint
 
     def save_then_stop(path, *args):  # a run interrupted right after its first checkpoint
         real_save(path, *args)
@@ -222,7 +222,7 @@ def test_damaged_factors_and_checkpoints_are_collected_again(work, tmp_path, cap
 
     fresh = tmp_path / "fresh"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit_mod, "save_checkpoint", save_then_stop)
+        mp.setattr(passes_mod, "save_checkpoint", save_then_stop)
         assert main(fit_args(work, fresh, "--checkpoint-every", "1")) == 130
     (ckpt,) = (fresh / "checkpoint").glob("*.safetensors")
     flip(ckpt, *data_span(ckpt))
@@ -663,9 +663,9 @@ def test_every_file_with_digests_refuses_a_missing_added_or_renamed_tensor(work,
 
 
 def test_a_checkpoint_missing_a_tensor_starts_its_part_over(work, tmp_path, caplog):
-    from hf_curvedit.curvature import fit as fit_mod
+    from hf_curvedit.curvature import passes as passes_mod
 
-    real_save = fit_mod.save_checkpoint
+    real_save = passes_mod.save_checkpoint
 
     def save_then_stop(path, *args):
         real_save(path, *args)
@@ -673,7 +673,7 @@ def test_a_checkpoint_missing_a_tensor_starts_its_part_over(work, tmp_path, capl
 
     out = tmp_path / "fresh"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit_mod, "save_checkpoint", save_then_stop)
+        mp.setattr(passes_mod, "save_checkpoint", save_then_stop)
         assert main(fit_args(work, out, "--checkpoint-every", "1")) == 130
     (ckpt,) = (out / "checkpoint").glob("*.safetensors")
     with safe_open(str(ckpt), framework="pt") as f:

@@ -142,3 +142,20 @@ def test_moe_factors_split_across_passes_equal_one_pass():
     for n in one.module_names:
         assert split.A[n].shape == one.A[n].shape
         assert torch.equal(split.A[n], one.A[n]) and torch.equal(split.G[n], one.G[n])
+
+
+@pytest.mark.parametrize("processes,wall", [(1, 3), (2, 2), (3, 1), (8, 1)])
+def test_the_plan_gives_the_passes_one_after_the_other_on_several_processes(processes, wall, capsys):
+    from hf_curvedit.cli import main
+
+    cfg = FactorConfig(max_factor_memory_gb=42_000 / 1024**3)  # two of the six MLP projections per pass
+    plan = plan_factors(tiny_llama(), cfg, num_processes=processes)
+    assert plan.data_passes == 3 and plan.wall_passes == wall
+    # one partition at a time per process, the largest; the eigen cache is filled one shard at a time
+    assert plan.process_bytes == max(plan.partition_bytes())
+    assert plan.eigen_process_bytes >= plan.eigen_peak_bytes
+    assert main(["plan", "--max-factor-memory-gb", "0.004", "--num-processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "one after the other on 2 processes" in out and "processes: 2" in out
+    assert main(["plan", "--num-processes", "0"]) == 2
+    assert "--num-processes must be at least 1" in capsys.readouterr().err

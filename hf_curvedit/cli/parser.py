@@ -307,5 +307,7 @@ def _add_plan(sub: Any) -> None:
     n.add_argument("--target-modules", help="regex, or comma-separated names/globs (default: the MLP projections)")
     n.add_argument("--accumulate-dtype", choices=["float32", "float64"], default="float32")
     n.add_argument("--max-factor-memory-gb", type=float, default=None)
+    n.add_argument("--num-processes", type=int, default=1,
+                   help="processes of a torchrun / accelerate launch that share the data passes (default: 1)")
     n.add_argument("--json", help="also write the plan as JSON to this file")
     n.set_defaults(func=cmd_plan)

@@ -1,15 +1,17 @@
 """K-FAC curvature factors: tasks (`tasks`), collection (`collector`, `fit`), planning (`plan`), storage
 (`storage`), eigenbases (`eigen`), EK-FAC corrected eigenvalues (`ekfac`, `correction`)."""
 
-from .collector import FactorCollector, InputSharing, collect_factor_sums
+from .collector import FactorCollector, collect_factor_sums
 from .config import FactorConfig
 from .correction import EigenCorrection
+from .decompose import EigenFile, eigendecompose
 from .eigen import KFACEigen, ModuleEigen, symmetric_eigh
 from .ekfac import LambdaCollector, fit_eigen_correction
 from .fit import fit_factors
 from .partitions import plan_partitions
 from .plan import FactorPlan, ModulePlan, plan_factors
-from .storage import EigenFile, KFACFactors, eigendecompose, load_factors
+from .storage import KFACFactors, load_factors
+from .sums import InputSharing
 from .tasks import (
     CausalLMTask,
     FactorTask,

@@ -24,70 +24,10 @@ from .config import FactorConfig, accumulator_dtype
 from .experts import ExpertRecorder, recording_experts
 from .partitions import split_expert_slice
 from .roots import GradientRoots, frozen_parameters
+from .sums import InputSharing, accumulate_upper, mirror_upper
 from .tasks import FactorTask, SamplePositions, default_task
 
 __all__ = ["FactorCollector", "InputSharing", "accumulator_dtype", "collect_factor_sums"]
-
-# Covariances are symmetric, so only the upper triangle is computed: as a few row strips
-# acc[i0:i1, i0:] += x[:, i0:i1]ᵀ x[:, i0:], which covers every entry on or above the diagonal
-# with ~(1 + 1/n)/2 of the GEMM work and few, large GEMM calls. The lower triangle is mirrored
-# at the end.
-_MIN_STRIP = 128
-_MAX_STRIPS = 4
-
-
-def _strips(d: int) -> list[tuple[int, int]]:
-    n = max(1, min(_MAX_STRIPS, d // _MIN_STRIP))
-    edges = [round(i * d / n) for i in range(n + 1)]
-    return [(edges[i], edges[i + 1]) for i in range(n)]
-
-
-def accumulate_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc[upper triangle] += (xᵀx)[upper triangle] for x of shape (N, d); acc may be float64."""
-    for i0, i1 in _strips(x.shape[1]):
-        if acc.dtype == x.dtype:
-            acc[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
-        else:
-            acc[i0:i1, i0:] += (x[:, i0:i1].T @ x[:, i0:]).to(acc.dtype)
-
-
-def mirror_upper(acc: torch.Tensor) -> torch.Tensor:
-    """Make ``acc`` (a sum filled by `accumulate_upper`, or a stack of them) the full symmetric matrix of its upper
-    triangle, in place, and return it.
-
-    `accumulate_upper` fills whole diagonal blocks of its strips and the blocks right of them, so only the blocks
-    below the diagonal blocks are copied (no full-size temporary) and each diagonal block is made exactly symmetric.
-    Idempotent: accumulating more and mirroring again gives the same result as mirroring once at the end.
-    """
-    for i0, i1 in _strips(acc.shape[-1]):
-        block = acc[..., i0:i1, i0:i1]
-        block.copy_(torch.triu(block) + torch.triu(block, 1).mT)
-        acc[..., i1:, i0:i1] = acc[..., i0:i1, i1:].mT
-    return acc
-
-
-class InputSharing:
-    """Which modules read the very same input tensor object (gate and up projections do): they share one A factor.
-
-    `observe` each module's input during a forward pass; ``alias`` maps a module to the first one seen with the same
-    tensor. Seen tensors are held until `reset`, so an id cannot be reused by another activation in between.
-    """
-
-    def __init__(self) -> None:
-        self.alias: dict[str, str] = {}
-        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
-
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        seen = self._seen.get(id(x))
-        if seen is not None and seen[1] is x:
-            self.alias[name] = seen[0]
-        else:
-            self._seen[id(x)] = (name, x)
-
-    def reset(self) -> None:
-        """Forget the tensors of the last pass (the aliases found are kept)."""
-        self._seen.clear()
-
 
 class FactorCollector:
     """Forward and gradient hooks that accumulate upper-triangle covariance sums of inputs and output-gradients.
@@ -129,6 +69,10 @@ class FactorCollector:
                 self.count[n] = 0
         self._sharing = InputSharing()
         self._alias_known = False
+        self._muted = False
+        # per factor ("<name>.A" / "<name>.G"), whether every sample that reached it was finite, as a tensor on its
+        # device (no host sync per batch): a non-finite factor then says where it came from
+        self._finite: dict[str, torch.Tensor] = {}
         self._positions: SamplePositions | None = None
         self._idx: torch.Tensor | None = None
         self._valid_rows: torch.Tensor | None = None
@@ -141,11 +85,43 @@ class FactorCollector:
         """Module → the module whose A it shares (found in the first batch)."""
         return self._sharing.alias
 
-    def load_state(self, A: dict, G: dict, count: dict, alias: dict) -> None:
-        """Continue from sums saved by a checkpoint."""
-        self.A, self.G, self.count = dict(A), dict(G), dict(count)
-        self._sharing.alias = dict(alias)
+    # ---- the engine's protocol (`hf_curvedit.curvature.passes`) -----------------------------------------------
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The running sums by name (``<entry>.A``, ``<entry>.G``), to checkpoint and reduce."""
+        return {**{f"{n}.A": t for n, t in self.A.items()}, **{f"{n}.G": t for n, t in self.G.items()}}
+
+    def state(self) -> dict[str, Any]:
+        """The counts, shared inputs and which factors saw non-finite samples (JSON)."""
+        return {"count": dict(self.count), "a_alias": dict(self.a_alias),
+                "nonfinite": sorted(k for k, ok in self._finite.items() if not bool(ok))}
+
+    def load(self, sums: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's sums and state."""
+        for key, t in sums.items():
+            name, kind = key.rsplit(".", 1)
+            (self.A if kind == "A" else self.G)[name] = t
+        self.count = dict(state["count"])
+        self._sharing.alias = dict(state["a_alias"])
         self._alias_known = True
+        self._finite = {k: torch.tensor(False) for k in state.get("nonfinite", [])}
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The state of one partition collected by several processes: counts added, shared inputs and non-finite
+        factors of any of them."""
+        count: dict[str, Any] = {}
+        for st in states:
+            for n, c in st["count"].items():
+                mine = count.get(n)
+                count[n] = c if mine is None else ([a + b for a, b in zip(mine, c)] if isinstance(c, list)
+                                                   else mine + c)
+        alias = {k: v for st in states for k, v in st["a_alias"].items()}
+        return {"count": count, "a_alias": alias, "nonfinite": sorted({k for st in states for k in st["nonfinite"]})}
+
+    def _note_finite(self, key: str, x: torch.Tensor) -> None:
+        ok = torch.isfinite(x).all()
+        seen = self._finite.get(key)
+        self._finite[key] = ok if seen is None else (seen.to(ok.device) & ok)
 
     def __enter__(self) -> FactorCollector:
         for n, m in self.modules.items():
@@ -162,8 +138,10 @@ class FactorCollector:
         self._handles.clear()
         self._stack.close()
 
-    def begin_batch(self, positions: SamplePositions) -> None:
-        """Start a batch whose samples are ``positions``: a (B, T) bool mask, ``"cls"`` or ``"all"``."""
+    def begin_batch(self, positions: SamplePositions, muted: bool = False) -> None:
+        """Start a batch whose samples are ``positions``: a (B, T) bool mask, ``"cls"`` or ``"all"``. A ``muted``
+        batch runs (its backward reaches the same modules) but adds nothing."""
+        self._muted = muted
         if torch.is_tensor(positions):
             self._valid_rows = positions.reshape(-1)
             self._idx = self._valid_rows.nonzero().squeeze(1)
@@ -203,7 +181,7 @@ class FactorCollector:
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self._positions is None or not torch.is_grad_enabled():
+            if self._positions is None or self._muted or not torch.is_grad_enabled():
                 # a pass the model itself runs without gradients (HRM's recurrent steps) is no K-FAC sample
                 return
             x = inputs[0]
@@ -211,6 +189,7 @@ class FactorCollector:
                 self._sharing.observe(name, x)
             if name not in self.a_alias:
                 a = self._select(x.detach(), name)
+                self._note_finite(f"{name}.A", a)
                 acc = self.A.get(name)
                 if acc is None:
                     acc = self.A[name] = torch.zeros(a.shape[1], a.shape[1], dtype=self.dtype, device=a.device)
@@ -224,6 +203,7 @@ class FactorCollector:
     def _make_grad_hook(self, name: str) -> Callable:
         def grad_hook(grad: torch.Tensor) -> None:
             g = self._select(grad, name)
+            self._note_finite(f"{name}.G", g)
             acc = self.G.get(name)
             if acc is None:
                 acc = self.G[name] = torch.zeros(g.shape[1], g.shape[1], dtype=self.dtype, device=g.device)
@@ -234,7 +214,7 @@ class FactorCollector:
     def _make_expert_recorder(self, params: dict[str, tuple[str, int, int]]) -> ExpertRecorder:
         def record(param: str, expert: int, tokens: torch.Tensor, num_rows: int, a: torch.Tensor,
                    y: torch.Tensor) -> None:
-            if param not in params or self._positions is None:
+            if param not in params or self._positions is None or self._muted:
                 return
             name, first, end = params[param]
             if not first <= expert < end or not torch.is_grad_enabled():
@@ -248,13 +228,16 @@ class FactorCollector:
             x = _as_float(a.detach() if rows is None else a.detach()[rows])
             if x.shape[0] == 0:
                 return
+            self._note_finite(f"{name}.A", x)
             accumulate_upper(self.A[name][expert], x)
             self.count[name][expert] += int(x.shape[0])
             _require_grad(y, name)
             acc_g = self.G[name][expert]
 
             def grad_hook(grad: torch.Tensor) -> None:
-                accumulate_upper(acc_g, _as_float(grad if rows is None else grad[rows]))
+                g = _as_float(grad if rows is None else grad[rows])
+                self._note_finite(f"{name}.G", g)
+                accumulate_upper(acc_g, g)
 
             y.register_hook(grad_hook)
 
@@ -275,7 +258,7 @@ class FactorCollector:
         return valid[tokens].nonzero().squeeze(1)
 
     def end_batch(self) -> None:
-        self._alias_known = True
+        self._alias_known = self._alias_known or not self._muted
         self._positions = None
         self._idx = None
         self._valid_rows = None
@@ -346,7 +329,7 @@ def collect_factor_sums(
             for b, batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 positions = task.sample_positions(batch, config)
-                col.begin_batch(positions)
+                col.begin_batch(positions, muted=b < 0)  # b < 0: a step taken only to keep processes in step
                 with torch.enable_grad():
                     loss = task.compute_loss(model, batch, config, b)
                     if not torch.isfinite(loss):
@@ -359,6 +342,8 @@ def collect_factor_sums(
                 col.end_batch()
                 if trim_heap:
                     release_free_memory()
+                if b < 0:
+                    continue
                 if progress is not None:
                     progress.update(_samples_in(positions, batch))
                 if on_batch_end is not None:

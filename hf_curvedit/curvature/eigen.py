@@ -1,7 +1,13 @@
 """Eigendecomposition of K-FAC factors (fp64, symmetrized, clamped, sorted descending) and its file format.
 
-The bottom layer of the curvature package: it needs nothing from collection or storage. `eigendecompose` (factors →
-bases, with the cache next to the factor file) lives with the factors in `storage.py`.
+The bottom layer of the curvature package: it needs nothing from collection or storage. Decomposing whole factor
+sets (streamed module by module into a sharded cache, spread over processes) is `decompose.py`.
+
+The eigen store (`hf_curvedit.shards`: ``eigen.safetensors``, or shards and ``eigen.safetensors.index.json``) names
+its tensors ``<module>.eigvals_A``, ``.eigvecs_A``, ``.eigvals_G``, ``.eigvecs_G`` and, for an expert projection, one
+of each per expert (``<module>.eigvecs_G.<e>``) plus ``<module>.num_tokens``. A module that shares another's input
+(``a_alias``) stores no A basis of its own. Stores written before that (one file, experts stacked, every A stored)
+read the same way.
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ from typing import Any
 import torch
 
 from ..errors import Fix, InputError, InputKeyError
-from ..integrity import read_safetensors
+from ..integrity import DamagedFileError
+from ..shards import TensorFiles, plan_shards, remove_tensor_files, write_index, write_shard
 from ..utils import all_finite, save_safetensors
 
-EIGEN_FILENAME = "eigen.safetensors"
+EIGEN_STEM = "eigen"
+EIGEN_FILENAME = f"{EIGEN_STEM}.safetensors"
 EIGEN_FORMAT = "hf_curvedit.eigen"
 REBUILD_EIGEN = Fix(python="Delete it and eigendecompose the factors again (load_factors(folder).eigendecompose(); a "
                            "damaged cache next to its factors is recomputed by any call that reads them)",
                     cli="Delete it and run any hf-curvedit command that reads the factors (a damaged cache next to its "
                         "factors is recomputed)")
+_KINDS = ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")
 
 
 @dataclass
@@ -59,8 +68,10 @@ class ModuleEigen:
         """The basis of one expert of a stacked (expert projection) basis."""
         if self.num_experts is None:
             raise InputError("this eigenbasis belongs to a linear layer, not to an expert projection")
+        corrected = self.eigvals_corrected[index] if self.eigvals_corrected is not None and \
+            self.eigvals_corrected.dim() == 3 else None
         return ModuleEigen(self.eigvals_A[index], self.eigvecs_A[index], self.eigvals_G[index],
-                           self.eigvecs_G[index])
+                           self.eigvecs_G[index], eigvals_corrected=corrected)
 
 
 def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +93,37 @@ def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> 
     return vals.cpu(), vecs.cpu()
 
 
+def module_tensors(name: str, e: ModuleEigen, owns_A: bool = True) -> dict[str, torch.Tensor]:
+    """The stored tensors of one module's basis (one set per expert for an expert projection; no A basis for a
+    module that shares another's)."""
+    kinds = _KINDS if owns_A else _KINDS[2:]
+    if e.num_experts is None:
+        return {f"{name}.{k}": getattr(e, k) for k in kinds}
+    out = {f"{name}.{k}.{x}": getattr(e, k)[x] for x in range(e.num_experts) for k in kinds}
+    if e.num_tokens is not None:
+        out[f"{name}.num_tokens"] = e.num_tokens
+    return out
+
+
+def read_module(store: Mapping[str, torch.Tensor], name: str, alias: Mapping[str, str]) -> ModuleEigen:
+    """One module's basis from an eigen store (every layout the store may have)."""
+    owner = alias.get(name, name)
+    tokens = store.get(f"{name}.num_tokens")
+
+    def get(kind: str) -> torch.Tensor:
+        who = owner if kind.endswith("_A") else name
+        if f"{who}.{kind}" in store:  # a linear layer, or a stacked store written before sharding
+            return store[f"{who}.{kind}"]
+        experts = int(tokens.shape[0]) if tokens is not None else None
+        if experts is None:
+            raise KeyError(f"{who}.{kind}")
+        return torch.stack([store[f"{who}.{kind}.{x}"] for x in range(experts)])
+
+    return ModuleEigen(*(get(k) for k in _KINDS), tokens)
+
+
 class KFACEigen(Mapping[str, ModuleEigen]):
-    """Per-module eigenbases, keyed by the module's qualified name, plus the factors' metadata."""
+    """Per-module eigenbases held in memory, keyed by the module's qualified name, plus the factors' metadata."""
 
     def __init__(self, modules: dict[str, ModuleEigen], metadata: dict[str, Any] | None = None):
         self.modules = dict(modules)
@@ -101,36 +141,69 @@ class KFACEigen(Mapping[str, ModuleEigen]):
     def __repr__(self) -> str:
         return f"KFACEigen({len(self)} modules)"
 
-    def save(self, path: str | Path) -> Path:
-        """Write all bases to one safetensors file (atomically)."""
-        tensors = {f"{name}.{kind}": getattr(e, kind) for name, e in self.modules.items()
-                   for kind in ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G", "num_tokens")
-                   if getattr(e, kind) is not None}
-        meta = {"format": EIGEN_FORMAT, "modules": json.dumps(list(self.modules)),
-                "metadata": json.dumps(self.metadata)}
-        return save_safetensors(path, tensors, meta)
+    def save(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+        """Write all bases as an eigen store (``eigen.safetensors``, or shards and an index beside it) in the folder
+        of ``path`` (atomically: shards first, the index last)."""
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        tensors: dict[str, torch.Tensor] = {}
+        for name, e in self.modules.items():
+            tensors.update(module_tensors(name, e))
+        remove_tensor_files(folder, EIGEN_STEM)
+        files = plan_shards({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, EIGEN_STEM, max_shard_bytes)
+        return write_eigen_store(folder, {f: {k: tensors[k] for k in ks} for f, ks in files.items()},
+                                 list(self.modules), {}, self.metadata)
 
     @classmethod
     def load(cls, path: str | Path, modules: list[str] | None = None) -> KFACEigen:
-        """Read bases from ``path``; ``modules`` restricts which ones are loaded."""
-        path = Path(path)
-        with read_safetensors(path, "an hf-curvedit eigenbasis file", REBUILD_EIGEN) as f:
-            meta = f.metadata
-            if meta.get("format") != EIGEN_FORMAT:
-                raise f.damaged("is not an hf-curvedit eigenbasis file")
-            names = json.loads(meta["modules"])
-            if modules is not None:
-                missing = [m for m in modules if m not in names]
-                if missing:
-                    raise InputKeyError(f"{path} has no eigenbasis for modules {missing}; it holds {names}")
-                names = [n for n in names if n in set(modules)]
-            keys = set(f.keys())
+        """Read bases from an eigen store (its folder, ``eigen.safetensors`` or its index); ``modules`` restricts
+        which ones are loaded."""
+        store, names, alias, metadata = open_eigen_store(path)
+        if modules is not None:
+            missing = [m for m in modules if m not in names]
+            if missing:
+                raise InputKeyError(f"{store.path} has no eigenbasis for modules {missing}; it holds {names}")
+            names = [n for n in names if n in set(modules)]
+        return cls({n: read_module(store, n, alias) for n in names}, metadata)
 
-            get = f.get
 
-            out = {
-                n: ModuleEigen(get(f"{n}.eigvals_A"), get(f"{n}.eigvecs_A"), get(f"{n}.eigvals_G"),
-                               get(f"{n}.eigvecs_G"), get(f"{n}.num_tokens") if f"{n}.num_tokens" in keys else None)
-                for n in names
-            }
-        return cls(out, json.loads(meta.get("metadata", "{}")))
+def write_eigen_store(folder: Path, shards: Mapping[str, Mapping[str, torch.Tensor]], names: list[str],
+                      alias: Mapping[str, str], metadata: Mapping[str, Any]) -> Path:
+    """Write an eigen store: one shard as the single ``eigen.safetensors``, several as shards and their index (last).
+    Returns the single file or the index."""
+    meta = eigen_store_metadata(names, alias, metadata)
+    if len(shards) == 1:
+        (tensors,) = shards.values()
+        return save_safetensors(folder / EIGEN_FILENAME, dict(tensors),
+                                {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    for name, tensors in shards.items():
+        write_shard(folder, name, tensors, {"format": EIGEN_FORMAT + ".shard"})
+    return write_index(folder, EIGEN_STEM, meta, shards)
+
+
+def eigen_store_metadata(names: list[str], alias: Mapping[str, str], metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What an eigen store records besides its tensors: its modules, their shared A bases, the factors' metadata."""
+    return {"format": EIGEN_FORMAT, "modules": list(names), "a_alias": dict(alias), "metadata": dict(metadata)}
+
+
+def eigen_folder(path: str | Path) -> Path:
+    """The folder of an eigen store, given the folder, ``eigen.safetensors`` or its index."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def open_eigen_store(path: str | Path) -> tuple[TensorFiles, list[str], dict[str, str], dict[str, Any]]:
+    """``(store, module names, shared A bases, the factors' metadata)`` of an eigen store."""
+    folder = eigen_folder(path)
+    if not TensorFiles.exists(folder, EIGEN_STEM):
+        raise FileNotFoundError(f"{folder} holds no eigenbases ({EIGEN_FILENAME}); point at the folder of fitted "
+                                "factors, or eigendecompose them first")
+    store = TensorFiles(folder, EIGEN_STEM, "an hf-curvedit eigenbasis file", REBUILD_EIGEN)
+    meta = store.metadata
+    if meta.get("format") != EIGEN_FORMAT:
+        raise DamagedFileError(store.path, "is not an hf-curvedit eigenbasis file", REBUILD_EIGEN)
+    try:
+        values = {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items() if k != "format"}
+        return store, list(values["modules"]), dict(values.get("a_alias") or {}), dict(values.get("metadata") or {})
+    except (KeyError, TypeError, ValueError) as err:
+        raise DamagedFileError(store.path, f"its metadata is incomplete or unreadable ({err})", REBUILD_EIGEN) from None

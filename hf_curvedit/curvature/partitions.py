@@ -5,11 +5,12 @@ does not fit on its own."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch.nn as nn
 
 from ..errors import InputError
-from ..targets import weight_targets
+from ..targets import TargetWeight, weight_targets
 from .config import FactorConfig, accumulator_dtype
 
 __all__ = ["factor_bytes", "plan_partitions", "split_expert_slice"]
@@ -34,11 +35,14 @@ def factor_bytes(d_out: int, d_in: int, config: FactorConfig, num_experts: int |
     return (d_in * d_in + d_out * d_out) * (num_experts or 1) * accumulator_dtype(config).itemsize
 
 
-def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig) -> list[list[str]]:
+def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig,
+                    unit_bytes: Callable[[TargetWeight], int] | None = None) -> list[list[str]]:
     """Split ``names`` into groups whose accumulators fit ``config.max_factor_memory_gb`` (one data pass each).
 
-    An expert projection whose stack of factors does not fit the budget on its own is split across its experts: the
-    partitions then name slices of it (``"...experts.gate_up_proj[0:64]"``, see `split_expert_slice`).
+    ``unit_bytes`` is what one target (one expert of an expert projection) holds during the pass; by default its two
+    factor accumulators (`factor_bytes`). An expert projection whose stack does not fit the budget on its own is split
+    across its experts: the partitions then name slices of it (``"...experts.gate_up_proj[0:64]"``, see
+    `split_expert_slice`).
     """
     if config.max_factor_memory_gb is None:
         return [names]
@@ -47,12 +51,12 @@ def plan_partitions(model: nn.Module, names: list[str], config: FactorConfig) ->
     units: list[tuple[str, int]] = []
     for n in names:
         t = targets[n]
-        one = factor_bytes(t.d_out, t.d_in, config)
+        one = unit_bytes(t) if unit_bytes is not None else factor_bytes(t.d_out, t.d_in, config)
         if one > budget:
             what = "one expert's factors" if t.is_experts else "its factors alone"
             raise InputError(
                 f"max_factor_memory_gb={config.max_factor_memory_gb} is too small for {n}: {what} need "
-                f"{one / 1024**3:.3f} GiB. Raise the budget to at least that."
+                f"{one / 1024**3:.3g} GiB. Raise the budget to at least that."
             )
         if t.is_experts and one * t.num_experts > budget:
             per = max(1, int(budget // one))

@@ -18,10 +18,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..targets import is_experts_module, resolve_target_modules, weight_targets
-from .collector import InputSharing, accumulator_dtype, input_device
+from .collector import accumulator_dtype, input_device
 from .config import FactorConfig
+from .decompose import EIGEN_SHARD_BYTES
+from .distributed import wall_passes
+from .ekfac import lambda_bytes
 from .partitions import plan_partitions, split_expert_slice
+from .sums import InputSharing
 from .tasks import FactorTask, default_task
 
 __all__ = ["FactorPlan", "ModulePlan", "eigh_peak_bytes", "plan_factors"]
@@ -83,11 +88,30 @@ class FactorPlan:
     max_factor_memory_gb: float | None
     modules: list[ModulePlan] = field(default_factory=list)
     partitions: list[list[str]] = field(default_factory=list)
+    num_processes: int = 1
+    ekfac_partitions: list[list[str]] = field(default_factory=list)
 
     @property
     def data_passes(self) -> int:
         """Passes over the data: one per partition."""
         return len(self.partitions)
+
+    @property
+    def wall_passes(self) -> int:
+        """Passes one after the other when ``num_processes`` share the partitions (each process collects its own
+        partitions over all the data: ⌈P/N⌉)."""
+        return wall_passes(self.data_passes, self.num_processes)
+
+    @property
+    def ekfac_wall_passes(self) -> int:
+        """The same for the EK-FAC pass, whose partitions hold each module's two bases and its Λ sum."""
+        return wall_passes(len(self.ekfac_partitions), self.num_processes)
+
+    @property
+    def process_bytes(self) -> int:
+        """What one process holds at most during the fit: one partition at a time, the largest one (the model and
+        the activations not counted)."""
+        return self.accumulator_bytes
 
     def partition_bytes(self) -> list[int]:
         """Accumulator bytes of each partition (what is held during its pass); a module shares A only with a module
@@ -116,10 +140,36 @@ class FactorPlan:
         """Peak memory of the eigendecomposition (one factor at a time, the largest one)."""
         return max((eigh_peak_bytes(max(m.d_out, m.d_in)) for m in self.modules), default=0)
 
+    def eigen_units(self) -> list[int]:
+        """Bytes of each basis the eigen cache stores (a factor's eigenvectors and eigenvalues; per expert)."""
+        elt = 8 if self.accumulate_dtype == "float64" else 4
+        out = []
+        for m in self.modules:
+            sides = ([] if m.shares_a_with else [m.d_in]) + [m.d_out]
+            out += [d * d * elt + d * 8 for d in sides for _ in range(m.num_experts or 1)]
+        return out
+
+    @property
+    def eigen_cache_bytes(self) -> int:
+        """The eigen cache on disk."""
+        return sum(self.eigen_units())
+
+    @property
+    def eigen_process_bytes(self) -> int:
+        """What one process holds at most while the factors are eigendecomposed into their cache: one factor's
+        decomposition, the factor itself, and the cache shard being filled."""
+        largest = max((max(m.d_out, m.d_in) for m in self.modules), default=0)
+        factor = largest * largest * (8 if self.accumulate_dtype == "float64" else 4)
+        shard = min(self.eigen_cache_bytes, max([EIGEN_SHARD_BYTES, *self.eigen_units()]))
+        return self.eigen_peak_bytes + factor + shard
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(data_passes=self.data_passes, partition_bytes=self.partition_bytes(),
-                   accumulator_bytes=self.accumulator_bytes, eigen_peak_bytes=self.eigen_peak_bytes)
+        out.update(data_passes=self.data_passes, wall_passes=self.wall_passes, partition_bytes=self.partition_bytes(),
+                   accumulator_bytes=self.accumulator_bytes, eigen_peak_bytes=self.eigen_peak_bytes,
+                   process_bytes=self.process_bytes, eigen_process_bytes=self.eigen_process_bytes,
+                   eigen_cache_bytes=self.eigen_cache_bytes,
+                   ekfac_wall_passes=self.ekfac_wall_passes)
         return out
 
     def to_table(self) -> str:
@@ -138,12 +188,20 @@ class FactorPlan:
                         f"{where:>6}{_gib(m.adapter_max_bytes):>11}{_gib(m.weight_bf16_bytes):>10}"
                         f"{m.dense_break_even_rank:>14}")
         budget = f"{self.max_factor_memory_gb:g} GiB" if self.max_factor_memory_gb is not None else "none"
+        procs = self.num_processes
         rows += [
             "",
-            f"modules: {len(self.modules)}   accumulators in {self.accumulate_dtype}   budget: {budget}",
-            f"data passes (partitions): {self.data_passes}   accumulator memory, largest pass: "
-            f"{_gib(self.accumulator_bytes)}   all passes: {_gib(sum(self.partition_bytes()))}",
-            f"eigendecomposition (fp64, one factor at a time): peak ≈ {_gib(self.eigen_peak_bytes)}",
+            f"modules: {len(self.modules)}   accumulators in {self.accumulate_dtype}   budget: {budget}   "
+            f"processes: {procs}",
+            f"data passes (partitions): {self.data_passes}"
+            + (f", {self.wall_passes} one after the other on {procs} processes" if procs > 1 else "")
+            + f"   accumulator memory per process, largest pass: {_gib(self.accumulator_bytes)}   all passes: "
+            f"{_gib(sum(self.partition_bytes()))}",
+            (f"EK-FAC pass (fit --ekfac): {len(self.ekfac_partitions)} data passes"
+             + (f", {self.ekfac_wall_passes} one after the other" if procs > 1 else "")) if self.ekfac_partitions else
+            "EK-FAC pass (fit --ekfac): one module's two bases and its Λ do not fit the budget; give it a larger one",
+            f"eigendecomposition (fp64, one factor at a time): peak ≈ {_gib(self.eigen_peak_bytes)} above the factor; "
+            f"per process with the factor and one cache shard ≈ {_gib(self.eigen_process_bytes)}",
             f"adapters (float32 B, Q; rank k ≤ min(r, s) ≤ min(d_out, d_in)): at most "
             f"{_gib(sum(m.adapter_max_bytes for m in self.modules))} in all, against "
             f"{_gib(sum(m.weight_bf16_bytes for m in self.modules))} of bf16 weights",
@@ -184,7 +242,7 @@ def _shapes_only(model_or_config: Any) -> Iterator[nn.Module]:
 
 
 def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
-                 task: FactorTask | None = None) -> FactorPlan:
+                 task: FactorTask | None = None, num_processes: int = 1) -> FactorPlan:
     """Plan `fit_factors(model, data, config)` without data and, for a config, without weights.
 
     Args:
@@ -194,6 +252,8 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
         config: the `FactorConfig` of the fit (targets, ``accumulate_dtype``, ``max_factor_memory_gb``).
         task: the `FactorTask` (default: `default_task` of the model); it provides the example batch of the meta
             forward that finds shared inputs.
+        num_processes: the processes of a ``torchrun``/``accelerate launch`` that share the partitions (each
+            collects its own, over all the data): the plan then gives the passes one after the other.
 
     Returns:
         A `FactorPlan`; ``print(plan.to_table())`` shows it.
@@ -204,6 +264,12 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
         names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
         shares = _shared_inputs(model, names, task, cfg)
         partitions = plan_partitions(model, names, cfg)
+        dtype = accumulator_dtype(cfg)
+        try:
+            ekfac_partitions = plan_partitions(model, names, cfg,
+                                               unit_bytes=lambda t: lambda_bytes(t.d_out, t.d_in, dtype))
+        except InputError:  # a module's bases and Λ alone exceed the budget: the EK-FAC pass needs a larger one
+            ekfac_partitions = []
         targets = weight_targets(model)
         shapes = {n: (targets[n].d_out, targets[n].d_in, targets[n].num_experts) for n in names}
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -224,8 +290,11 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
             dense_break_even_rank=math.ceil(d_in * d_out / (d_in + d_out)),
             weight_bf16_bytes=d_in * d_out * _DENSE_BF16_ELEMENT * copies, num_experts=experts,
         ))
+    if num_processes < 1:
+        raise InputError(f"num_processes must be at least 1, got {num_processes}")
     return FactorPlan(model_type=model_type, accumulate_dtype=cfg.accumulate_dtype,
-                      max_factor_memory_gb=cfg.max_factor_memory_gb, modules=modules, partitions=partitions)
+                      max_factor_memory_gb=cfg.max_factor_memory_gb, modules=modules, partitions=partitions,
+                      num_processes=num_processes, ekfac_partitions=ekfac_partitions)
 
 
 def _no_experts(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -1,7 +1,11 @@
-"""Factors on disk: `KFACFactors` (``factors.safetensors``), resumable checkpoints, and a lazy eigenbasis reader.
+"""Factors on disk: `KFACFactors`, read one module at a time from the ``factors`` store of a folder, and the
+resumable checkpoints of a data pass.
 
-Every file is safetensors with JSON metadata, written atomically by `hf_curvedit.utils.save_safetensors`: a crash
-leaves the previous file or nothing, never half a file, and a checkpoint carries a key of the settings it was written
+The store (`hf_curvedit.shards`) is ``factors.safetensors`` when a fit took one data pass, or one shard per pass
+(``factors-00001-of-000NN.safetensors``) plus ``factors.safetensors.index.json`` when a memory budget split it. Tensors
+are named ``<module>.A`` and ``<module>.G``, and one pair per expert for an expert projection (``<module>.A.<e>``).
+Stores written before the sharded format (one file, an expert projection's factors stacked) read the same way.
+Every file is written atomically with each tensor's digest; a checkpoint carries a key of the settings it was written
 with, so a resume with other settings is refused instead of mixing two runs.
 """
 
@@ -17,32 +21,33 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..errors import Fix, InputError
-from ..integrity import DamagedFileError, open_safetensors, output_lock, read_safetensors
+from ..integrity import DamagedFileError, read_safetensors
+from ..shards import TensorFiles, plan_shards, remove_tensor_files, shard_name, write_index, write_shard
 from ..targets import weight_targets
 from ..utils import all_finite, save_safetensors
-from .config import FactorConfig, accumulator_dtype
-from .correction import with_correction_beside
-from .distributed import dist_state
-from .eigen import EIGEN_FILENAME, EIGEN_FORMAT, REBUILD_EIGEN, KFACEigen, ModuleEigen, symmetric_eigh
+from .config import FactorConfig
 
-__all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "EigenFile", "KFACFactors", "eigendecompose", "load_factors",
+__all__ = ["CHECKPOINT_DIR", "FACTORS_FILENAME", "FACTORS_STEM", "KFACFactors", "factor_tensors", "load_factors",
            "model_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-FACTORS_FILENAME = "factors.safetensors"
+FACTORS_STEM = "factors"
+FACTORS_FILENAME = f"{FACTORS_STEM}.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = "hf_curvedit.factors"
-FORMAT_VERSION = "1"
+# 1: one file, an expert projection's factors stacked; 2: sharded by data pass, one pair per expert
+FORMAT_VERSION = "2"
 # how a fit starts over instead of resuming
 RESTART = Fix(python="pass resume=False", cli="pass --restart")
 REFIT = Fix(python="Fit the factors again (fit_factors(..., resume=False) with the same output_dir), or restore the "
                    "file from a good copy",
             cli="Fit the factors again (hf-curvedit fit --restart with the same --output-dir), or restore the file "
                 "from a good copy")
+# the largest shard `KFACFactors.save` writes for factors held in memory
+SAVE_SHARD_BYTES = 4 * 1024**3
 
 
 def model_fingerprint(model: nn.Module, module_names: Iterable[str]) -> dict[str, Any]:
@@ -57,6 +62,39 @@ def model_fingerprint(model: nn.Module, module_names: Iterable[str]) -> dict[str
     }
 
 
+def factor_tensors(name: str, A: torch.Tensor | None, G: torch.Tensor, experts: bool) -> dict[str, torch.Tensor]:
+    """The stored tensors of one module's factors: ``<name>.A``/``.G``, or one per expert (``<name>.A.<e>``) for an
+    expert projection (``A`` is ``None`` when the module shares another module's A)."""
+    out: dict[str, torch.Tensor] = {}
+    for kind, t in (("A", A), ("G", G)):
+        if t is None:
+            continue
+        if experts:
+            out.update({f"{name}.{kind}.{e}": t[e] for e in range(t.shape[0])})
+        else:
+            out[f"{name}.{kind}"] = t
+    return out
+
+
+class _LazyFactors(Mapping[str, torch.Tensor]):
+    """One kind of factor (``"A"`` or ``"G"``) of a store, read one module at a time."""
+
+    def __init__(self, factors: KFACFactors, kind: str):
+        self._factors, self._kind = factors, kind
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._factors.factor(name, self._kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._factors.module_names)
+
+    def __len__(self) -> int:
+        return len(self._factors.module_names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factors.num_tokens
+
+
 @dataclass
 class KFACFactors:
     """K-FAC factors of a set of linear layers and expert projections.
@@ -67,85 +105,115 @@ class KFACFactors:
     ``a_alias`` maps such a module to the one that owns A. An expert projection (``...experts.gate_up_proj``) has one
     pair per expert, stacked as ``(experts, d, d)``, each averaged over the tokens routed to that expert, and
     ``num_tokens[name]`` is the list of those counts (an expert no token reached has zero factors).
+
+    Factors loaded from a folder (`load_factors`, or `fit_factors` with an ``output_dir``) are read when asked for, one
+    module at a time (`factor` reads one expert's matrix): ``A`` and ``G`` hold no tensor until then.
     """
 
-    A: dict[str, torch.Tensor]
-    G: dict[str, torch.Tensor]
-    num_tokens: dict[str, int]
+    A: Mapping[str, torch.Tensor]
+    G: Mapping[str, torch.Tensor]
+    num_tokens: dict[str, int | list[int]]
     config: FactorConfig
     model_info: dict[str, Any]
     a_alias: dict[str, str] = field(default_factory=dict)
     factors_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     path: Path | None = None
+    _store: TensorFiles | None = field(default=None, repr=False, compare=False)
 
     @property
     def module_names(self) -> list[str]:
         """Names of the modules with factors, in model order."""
-        return list(self.G)
+        return list(self.num_tokens)
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder the factors were read from or written to."""
+        return self.path.parent if self.path is not None else None
 
     def __repr__(self) -> str:
         toks = max((max(v) if isinstance(v, list) else v for v in self.num_tokens.values()), default=0)
-        return f"KFACFactors({len(self.G)} modules, {toks} tokens, label_mode={self.config.label_mode!r})"
+        return f"KFACFactors({len(self.num_tokens)} modules, {toks} tokens, label_mode={self.config.label_mode!r})"
+
+    def num_experts(self, name: str) -> int | None:
+        """The number of experts of an expert projection, ``None`` for a linear layer."""
+        count = self.num_tokens[name]
+        return len(count) if isinstance(count, list) else None
+
+    def factor(self, name: str, kind: str, expert: int | None = None) -> torch.Tensor:
+        """Factor ``kind`` (``"A"`` or ``"G"``) of module ``name``: the whole (stacked) factor, or one expert's
+        matrix. From a store, only what is asked for is read."""
+        if kind == "A":
+            name = self.a_alias.get(name, name)
+        if self._store is None:
+            t = (self.A if kind == "A" else self.G)[name]
+            return t if expert is None else t[expert]
+        store, experts = self._store, self.num_experts(name)
+        whole = f"{name}.{kind}"
+        if experts is None or whole in store:  # a linear layer, or a stacked store written before sharding
+            t = store[whole]
+            return t if expert is None else t[expert]
+        if expert is not None:
+            return store[f"{whole}.{expert}"]
+        return torch.stack(list(store.read(f"{whole}.{e}" for e in range(experts)).values()))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor by its name in the store (each A once)."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.module_names:
+            experts = self.num_experts(name) is not None
+            out.update(factor_tensors(name, None if name in self.a_alias else self.factor(name, "A"),
+                                      self.factor(name, "G"), experts))
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        """What the store records besides the tensors."""
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "factors_id": self.factors_id,
+                "modules": self.module_names, "a_alias": self.a_alias, "num_tokens": self.num_tokens,
+                "config": self.config.to_dict(), "model_info": self.model_info}
 
     def save(self, output_dir: str | Path) -> Path:
-        """Write ``factors.safetensors`` (atomically) with config, token counts and model info as metadata."""
-        tensors: dict[str, torch.Tensor] = {}
-        for name in self.G:
-            if name not in self.a_alias:
-                tensors[f"{name}.A"] = self.A[name]
-            tensors[f"{name}.G"] = self.G[name]
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "factors_id": self.factors_id,
-            "modules": json.dumps(self.module_names),
-            "a_alias": json.dumps(self.a_alias),
-            "num_tokens": json.dumps(self.num_tokens),
-            "config": json.dumps(self.config.to_dict()),
-            "model_info": json.dumps(self.model_info),
-        }
-        self.path = save_safetensors(Path(output_dir) / FACTORS_FILENAME, tensors, meta)
+        """Write the factors into ``output_dir`` (atomically: shards first, the index last), replacing any there."""
+        folder = Path(output_dir)
+        tensors = self.tensors()
+        remove_tensor_files(folder, FACTORS_STEM)
+        files = plan_shards({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, FACTORS_STEM,
+                            SAVE_SHARD_BYTES)
+        self.path = write_store(folder, {f: {k: tensors[k] for k in keys} for f, keys in files.items()},
+                                self.metadata())
+        self._store = None
         return self.path
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> KFACFactors:
-        """Read factors from a folder or a ``factors.safetensors`` file; check them against ``model`` if given."""
+        """Open the factors of a folder (or of its ``factors.safetensors``); check them against ``model`` if given.
+        Tensors are read when asked for."""
         path = Path(path)
-        if path.is_dir():
-            path = path / FACTORS_FILENAME
-        if not path.exists():
-            partial = path.parent / CHECKPOINT_DIR
+        folder = path if path.is_dir() else path.parent
+        if not TensorFiles.exists(folder, FACTORS_STEM):
+            partial = folder / CHECKPOINT_DIR
             hint = (f" A partial run exists in {partial}: run fit_factors again with the same output_dir to resume it."
                     if partial.exists() else "")
-            raise FileNotFoundError(f"no factors at {path}.{hint}")
-        with read_safetensors(path, "an hf-curvedit factor file", REFIT) as f:
-            meta = f.metadata
-            if meta.get("format") != FORMAT:
-                raise f.damaged(f"is not an hf-curvedit factor file (format={meta.get('format')!r})")
-            digests = f.digests
-            try:
-                names = json.loads(meta["modules"])
-                alias = json.loads(meta["a_alias"])
-                json.loads(meta["num_tokens"])
-            except (KeyError, ValueError) as err:
-                raise DamagedFileError(path, f"its metadata is incomplete or unreadable ({err})", REFIT) from None
-            A: dict[str, torch.Tensor] = {}
-            G: dict[str, torch.Tensor] = {}
+            raise FileNotFoundError(f"no factors at {folder / FACTORS_FILENAME}.{hint}")
+        store = TensorFiles(folder, FACTORS_STEM, "an hf-curvedit factor file", REFIT)
+        meta = store.metadata
+        if meta.get("format") != FORMAT:
+            raise DamagedFileError(store.path, f"is not an hf-curvedit factor file (format={meta.get('format')!r})",
+                                   REFIT)
+        try:
+            names = _meta(meta, "modules")
+            alias, counts = _meta(meta, "a_alias"), _meta(meta, "num_tokens")
+            config, info = FactorConfig.from_dict(_meta(meta, "config")), _meta(meta, "model_info")
+            factors_id = meta["factors_id"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise DamagedFileError(store.path, f"its metadata is incomplete or unreadable ({err})", REFIT) from None
+        factors = cls(A={}, G={}, num_tokens={n: counts[n] for n in names}, config=config, model_info=info,
+                      a_alias=alias, factors_id=factors_id, path=store.path, _store=store)
+        factors.A, factors.G = _LazyFactors(factors, "A"), _LazyFactors(factors, "G")
+        if store.digests_missing():  # written before files recorded digests: at least refuse NaN and inf
             for n in names:
-                G[n] = f.get(f"{n}.G")
-                if n not in alias:
-                    A[n] = f.get(f"{n}.A")
-            for n, owner in alias.items():
-                A[n] = A[owner]
-        factors = cls(A=A, G=G, num_tokens=json.loads(meta["num_tokens"]),
-                      config=FactorConfig.from_dict(json.loads(meta["config"])),
-                      model_info=json.loads(meta["model_info"]), a_alias=alias,
-                      factors_id=meta["factors_id"], path=path)
-        if digests is None:  # written before files recorded digests: at least refuse NaN and inf
-            for n in names:
-                for kind, t in (("A", A[n]), ("G", G[n])):
-                    if not all_finite(t):
-                        raise DamagedFileError(path, f"factor {kind} of {n} has non-finite entries", REFIT)
+                for kind in ("A", "G"):
+                    if not all_finite(factors.factor(n, kind)):
+                        raise DamagedFileError(store.path, f"factor {kind} of {n} has non-finite entries", REFIT)
         if model is not None:
             factors.check_model(model)
         return factors
@@ -167,7 +235,10 @@ class KFACFactors:
         for n in self.module_names:
             if n in targets:
                 have = list(targets[n].shape)
-                want = shapes.get(n, [*self.G[n].shape[:-1], int(self.A[n].shape[-1])])
+                want = shapes.get(n)
+                if want is None:
+                    G, A = self.factor(n, "G"), self.factor(n, "A")
+                    want = [*G.shape[:-1], int(A.shape[-1])]
                 if have != list(want):
                     what = "(experts, d_out, d_in)" if len(want) == 3 else "(d_out, d_in)"
                     problems.append(f"{n}: factors are for {what}={tuple(want)}, the model has {tuple(have)}")
@@ -181,67 +252,29 @@ class KFACFactors:
                 + "\nFit factors for this model with fit_factors(model, ...), or load the model they were fitted on."
             )
 
-    def eigendecompose(self, cache_dir: str | Path | None = None) -> KFACEigen:
+    def eigendecompose(self, cache_dir: str | Path | None = None) -> Any:
         """See :func:`hf_curvedit.eigendecompose`."""
+        from .decompose import eigendecompose
+
         return eigendecompose(self, cache_dir)
 
 
-def eigendecompose(factors: KFACFactors, cache_dir: str | Path | None = None) -> KFACEigen:
-    """Eigendecompose every factor in float64 (symmetrized, eigenvalues clamped at 0, descending).
-
-    With ``cache_dir`` (default: the folder the factors were loaded from or saved to) the result
-    is written to ``eigen.safetensors`` there and reused on the next call for the same factors.
-    """
-    if cache_dir is None and factors.path is not None:
-        cache_dir = factors.path.parent
-    cache = Path(cache_dir) / EIGEN_FILENAME if cache_dir is not None else None
-    if cache is not None and cache.exists():
-        try:
-            cached = KFACEigen.load(cache)
-        except Exception as e:  # a foreign or damaged cache is recomputed, never trusted
-            logger.warning("the eigen cache %s does not verify and is recomputed: %s", cache, e)
-        else:
-            if cached.metadata.get("factors_id") == factors.factors_id and set(cached) == set(factors.G):
-                return with_correction_beside(cached, cache.parent, factors.factors_id)
-    if cache is None or not dist_state().is_main_process:
-        # only the main process of a multi-process run writes; the others decompose for themselves
-        return _decompose(factors, None)
-    # the cache is written under the lock of its folder (the factors' folder, where a fit may be writing); a valid cache
-    # is read without it
-    with output_lock(cache.parent, "eigendecompose"):
-        return _decompose(factors, cache)
+def _meta(meta: Mapping[str, Any], key: str) -> Any:
+    # a single file's metadata are strings (JSON inside); an index's are JSON values
+    value = meta[key]
+    return json.loads(value) if isinstance(value, str) else value
 
 
-def _decompose(factors: KFACFactors, cache: Path | None) -> KFACEigen:
-    # Decomposed in float64; the eigenvectors are kept in the factors' own dtype (float32 unless they were
-    # accumulated in float64, as kronfluence does), which halves the bases' memory and cache: every use casts them to
-    # float64 for its own arithmetic, and an adapter stores float32 anyway.
-    store = accumulator_dtype(factors.config)
-    done_A: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    modules: dict[str, ModuleEigen] = {}
-    for name in tqdm(factors.module_names, desc="eigendecompose", unit="module", leave=False):
-        owner = factors.a_alias.get(name, name)
-        if owner not in done_A:
-            va, ua = symmetric_eigh(factors.A[owner])
-            done_A[owner] = va, ua.to(store)
-        va, ua = done_A[owner]
-        vg, ug = symmetric_eigh(factors.G[name])
-        ug = ug.to(store)
-        count = factors.num_tokens.get(name)
-        modules[name] = ModuleEigen(va, ua, vg, ug,
-                                    torch.tensor(count, dtype=torch.int64) if isinstance(count, list) else None)
-    meta = {
-        "factors_id": factors.factors_id,
-        "factor_config": factors.config.to_dict(),
-        "num_tokens": factors.num_tokens,
-        "model_info": factors.model_info,
-        "factors_path": str(factors.path) if factors.path else None,
-    }
-    eig = KFACEigen(modules, meta)
-    if cache is not None:
-        eig.save(cache)
-        eig = with_correction_beside(eig, cache.parent, factors.factors_id)
-    return eig
+def write_store(folder: Path, shards: Mapping[str, Mapping[str, torch.Tensor]], metadata: Mapping[str, Any]) -> Path:
+    """Write a factor store: one shard as the single ``factors.safetensors`` (its metadata in the file), several as
+    shards and their index (written last). Returns the single file or the index."""
+    if len(shards) == 1:
+        (tensors,) = shards.values()
+        return save_safetensors(folder / FACTORS_FILENAME, dict(tensors),
+                                {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    for name, tensors in shards.items():
+        write_shard(folder, name, tensors, {"format": FORMAT + ".shard"})
+    return write_index(folder, FACTORS_STEM, metadata, shards)
 
 
 def load_factors(path: str | Path, model: nn.Module | None = None) -> KFACFactors:
@@ -249,33 +282,37 @@ def load_factors(path: str | Path, model: nn.Module | None = None) -> KFACFactor
     return KFACFactors.load(path, model)
 
 
+def partition_shard(folder: Path, part: int, parts: int) -> Path:
+    """Where the finished factors of data pass ``part`` (0-based) of ``parts`` go."""
+    return folder / shard_name(FACTORS_STEM, part + 1, parts)
+
+
 # ------------------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_file(output_dir: Path, part: int, rank: int, world: int) -> Path:
+def checkpoint_file(output_dir: Path, part: int, rank: int, world: int, directory: str = CHECKPOINT_DIR) -> Path:
     """Where process ``rank`` of ``world`` keeps the partial sums of partition ``part``."""
-    return output_dir / CHECKPOINT_DIR / f"part{part:03d}-rank{rank:03d}-of-{world:03d}.safetensors"
+    return output_dir / directory / f"part{part:03d}-rank{rank:03d}-of-{world:03d}.safetensors"
 
 
-def save_checkpoint(path: Path, A: Mapping[str, torch.Tensor], G: Mapping[str, torch.Tensor], count: Mapping[str, int],
-                    a_alias: Mapping[str, str], next_batch: int, done: bool, key: dict) -> None:
-    """Write resumable partial sums; ``key`` (settings and model) must match on resume."""
-    tensors = {f"{n}.A": t for n, t in A.items()}
-    tensors.update({f"{n}.G": t for n, t in G.items()})
+def save_checkpoint(path: Path, sums: Mapping[str, torch.Tensor], state: Mapping[str, Any], next_batch: int,
+                    done: bool, key: dict) -> None:
+    """Write resumable partial sums (any named tensors) and the collector's ``state`` (JSON); ``key`` (settings and
+    model) must match on resume."""
     meta = {"format": FORMAT + ".checkpoint", "next_batch": str(next_batch), "done": json.dumps(done),
-            "count": json.dumps(dict(count)), "a_alias": json.dumps(dict(a_alias)),
-            "key": json.dumps(key, sort_keys=True)}
-    save_safetensors(path, tensors, meta)
+            "state": json.dumps(dict(state)), "key": json.dumps(key, sort_keys=True)}
+    save_safetensors(path, dict(sums), meta)
 
 
-def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.device]):
-    """Read a checkpoint written with the same ``key``: (A, G, count, a_alias, next_batch, done).
+def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.device],
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int, bool]:
+    """Read a checkpoint written with the same ``key``: (sums, state, next_batch, done).
 
     Raises `DamagedFileError` for a checkpoint that does not verify (the caller starts that part over)."""
     fix = "The partial run cannot resume from it; it is discarded and that part is collected again"
-    with read_safetensors(path, "an hf-curvedit factor checkpoint", fix) as f:
+    with read_safetensors(path, "an hf-curvedit checkpoint", fix) as f:
         meta = f.metadata
         try:
             written_with = json.loads(meta["key"])
-            count, alias = json.loads(meta["count"]), json.loads(meta["a_alias"])
+            state = json.loads(meta["state"])
             next_batch, done = int(meta["next_batch"]), json.loads(meta["done"])
         except (KeyError, ValueError) as err:
             raise DamagedFileError(path, f"its metadata is incomplete or unreadable ({err})", fix) from None
@@ -284,43 +321,5 @@ def load_checkpoint(path: Path, key: dict, device_of: Callable[[str], torch.devi
                 f"the checkpoint in {path.parent} was written with different settings or for a different model. "
                 f"Use another output folder, or {RESTART} to start over (this deletes the partial results)."
             )
-        A, G = {}, {}
-        for k in f.keys():
-            n, kind = k.rsplit(".", 1)
-            (A if kind == "A" else G)[n] = f.get(k).to(device_of(n))
-    return A, G, count, alias, next_batch, done
-
-
-# ------------------------------------------------------------------------------------------------------ eigen reader
-class EigenFile(Mapping[str, ModuleEigen]):
-    """An ``eigen.safetensors`` file read one module at a time: only the bases that are asked for are loaded.
-
-    Building an edit of a few modules of a 7B model from a file of all its MLP bases reads a few hundred MB instead of
-    tens of GB.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{self.path} does not exist; point it at an eigen.safetensors file")
-        with open_safetensors(self.path, "an hf-curvedit eigenbasis file", REBUILD_EIGEN) as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != EIGEN_FORMAT:
-            raise DamagedFileError(self.path, "is not an hf-curvedit eigenbasis file", REBUILD_EIGEN)
-        self._names = json.loads(meta["modules"])
-        self.metadata = json.loads(meta.get("metadata", "{}"))
-
-    def __getitem__(self, name: str) -> ModuleEigen:
-        if name not in self._names:
-            raise KeyError(name)
-        basis = KFACEigen.load(self.path, modules=[name])
-        return with_correction_beside(basis, self.path.parent, self.metadata.get("factors_id"), modules=[name])[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __repr__(self) -> str:
-        return f"EigenFile({self.path}, {len(self)} modules)"
+        sums = {k: f.get(k).to(device_of(k)) for k in f.keys()}
+    return sums, state, next_batch, done

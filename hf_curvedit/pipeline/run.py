@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..integrity import output_lock
+from ..shards import TensorFiles
 from ..utils import atomic_write_text
 from .fields import StepFailed, UsageError
 from .settings import STEPS, EditStep, PipelineConfig
@@ -25,7 +26,6 @@ class RunLayout:
     root: Path
 
     factors = property(lambda self: self.root / "factors")
-    eigen = property(lambda self: self.root / "factors" / "eigen.safetensors")
     sweep = property(lambda self: self.root / "sweep")
     edit = property(lambda self: self.root / "edit")
     report = property(lambda self: self.root / "report.json")
@@ -125,7 +125,7 @@ def _run_pipeline(config: PipelineConfig, *, force: bool, echo: Callable[[str], 
                     comparison = sweep_json
             echo(str(run_publish(layout.adapter(), step, layout.publish,
                                  report=layout.report if layout.report.exists() else None,
-                                 eigen=layout.eigen if layout.eigen.exists() else None,
+                                 eigen=layout.factors if TensorFiles.exists(layout.factors, "eigen") else None,
                                  comparison=comparison)))
         atomic_write_text(marker, json.dumps(record, indent=2))
     echo(f"[run] done: {layout.root}")

@@ -53,12 +53,13 @@ def domain_factors_dir(factors_dir: str | Path, name: str) -> Path:
 def load_protected_eigen(factors_dir: str | Path, protect: dict[str, float], net: Any) -> dict[str, Any]:
     """The eigenbases of each protected domain fitted beside the general factors in ``factors_dir``."""
     from ..curvature import load_factors
-    from ..curvature.storage import FACTORS_FILENAME
+    from ..curvature.storage import FACTORS_STEM
+    from ..shards import TensorFiles
 
     out = {}
     for name in protect:
         folder = domain_factors_dir(factors_dir, name)
-        if not (folder / FACTORS_FILENAME).exists():
+        if not TensorFiles.exists(folder, FACTORS_STEM):
             have = sorted(p.name for p in (Path(factors_dir) / DOMAINS_DIR).glob("*") if p.is_dir())
             raise UsageError(f"no factors for protected domain {name!r} in {folder} (fitted domains: "
                              f"{have or 'none'}). Fit them first: hf-curvedit fit --name {name} --data FILE "
@@ -84,7 +85,6 @@ def run_fit(model: str | None, step: FitStep, output_dir: str | Path) -> FitOutc
 
 def _fit_one(net: Any, processor: Any, step: FitStep, data_spec: str | None, out: Path) -> FitOutcome:
     from ..curvature import FactorConfig, default_task, fit_factors
-    from ..curvature.eigen import EIGEN_FILENAME
     from ..default import default_text_dataset
 
     images = default_task(net).name == "image-classification"
@@ -106,7 +106,8 @@ def _fit_one(net: Any, processor: Any, step: FitStep, data_spec: str | None, out
         from ..curvature import fit_eigen_correction
 
         fit_eigen_correction(net, data, factors, cfg, out, processor=processor, resume=not step.restart)
-    return FitOutcome(factors, factors.eigendecompose(out), out / EIGEN_FILENAME)
+    eigen = factors.eigendecompose(out)
+    return FitOutcome(factors, eigen, getattr(eigen, "store_path", out))
 
 
 def run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep,

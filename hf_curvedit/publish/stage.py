@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from ..curvature.correction import with_correction_beside
+from ..curvature.decompose import EigenFile
 from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..errors import Fix, InputError
 from ..evaluation.report import EditReport
@@ -213,10 +213,7 @@ def _spectrum_plots(eigen: EigenLike | None, edit: Mapping[str, Any], out_dir: P
     from .plots import eigen_for_module, plot_spectrum  # matplotlib only when a plot is drawn
 
     if isinstance(eigen, (str, Path)):
-        path = Path(eigen)
-        eigen = KFACEigen.load(path)
-        # an EK-FAC edit's plot shows the set it kept
-        eigen = with_correction_beside(eigen, path.parent, eigen.metadata.get("factors_id"))
+        eigen = EigenFile(eigen)  # read one module at a time, an EK-FAC edit's kept set with it
     selection = edit["config"].get("selection", "curvature_mass")
     saved = _saved_cutoffs(out_dir)
     plots = []

@@ -17,8 +17,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from ..curvature.decompose import EigenFile
 from ..curvature.eigen import KFACEigen, ModuleEigen
-from ..curvature.storage import EigenFile, KFACFactors
+from ..curvature.storage import KFACFactors
 from ..edit import CurvatureEdit, ExpertsEdit, compute_edit, compute_experts_edit
 from ..errors import InputError
 from .config import CurvatureEditConfig

@@ -9,7 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 
-from ..curvature.storage import EigenFile
+from ..curvature.decompose import EigenFile
 from ..edit import ModuleEditReport
 from ..errors import InputError
 from ..integrity import tensor_set_problem
