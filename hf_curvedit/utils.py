@@ -110,6 +110,16 @@ def release_free_memory() -> None:
         trim(0)
 
 
+def execution_device(module: torch.nn.Module, tensor: torch.Tensor) -> torch.device:
+    """Where ``module`` computes with ``tensor`` (one of its weights): the tensor's device, or, for a module accelerate
+    offloads (its weight waits on the meta device until its forward), the execution device of its hook."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if tensor.device.type == "meta" and device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return tensor.device
+
+
 def heap_trim_helps(device: torch.device) -> bool:
     """Whether `release_free_memory` helps a pass whose model runs on ``device``: on the CPU with glibc only."""
     return device.type == "cpu" and _malloc_trim() is not None

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..targets import TargetWeight, weight_targets
-from ..utils import heap_trim_helps, release_free_memory
+from ..utils import execution_device, heap_trim_helps, release_free_memory
 from .config import FactorConfig, accumulator_dtype
 from .experts import ExpertRecorder, recording_experts
 from .partitions import split_expert_slice
@@ -288,7 +288,7 @@ def input_device(model: nn.Module) -> torch.device:
     """Where the model's inputs go: the device of its input embeddings (of its first parameter otherwise)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
+        return execution_device(emb, emb.weight)
     return next(model.parameters()).device
 
 

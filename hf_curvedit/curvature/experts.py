@@ -79,14 +79,27 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
 @contextlib.contextmanager
 def recording_experts(modules: Mapping[nn.Module, ExpertRecorder]) -> Iterator[None]:
     """Run each experts module with `recording_forward` (and its recorder) inside the block; the class's forward (and
-    with it ``config._experts_implementation``) is back afterwards, also after an error."""
-    patched = []
+    with it ``config._experts_implementation``) is back afterwards, also after an error.
+
+    A module placed by accelerate (``device_map``, CPU or disk offload) keeps its hook: accelerate's forward brings
+    the weights in and calls ``module._old_forward``, and that is what is replaced; the recording runs inside the
+    hooked call, never around it."""
+    patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, what it held; _ABSENT: nothing)
     try:
         for module, record in modules.items():
-            # an instance attribute shadows the class's forward; nn.Module.__call__ (and its hooks) still run
-            module.forward = recording_forward(module, record)
-            patched.append(module)
+            # accelerate's add_hook_to_module keeps the class's forward in `_old_forward` and puts its own wrapper in
+            # the instance's `forward`; otherwise an instance attribute shadows the class's forward, and
+            # nn.Module.__call__ (and its hooks) still run
+            attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+            patched.append((module, attr, module.__dict__.get(attr, _ABSENT)))
+            setattr(module, attr, recording_forward(module, record))
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, attr, held in patched:
+            if held is _ABSENT:
+                delattr(module, attr)
+            else:
+                setattr(module, attr, held)
+
+
+_ABSENT = object()

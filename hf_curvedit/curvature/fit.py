@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..integrity import DamagedFileError, output_lock
 from ..shards import TensorFiles, remove_tensor_files
 from ..targets import resolve_target_modules, weight_targets
-from ..utils import all_finite
+from ..utils import all_finite, execution_device
 from .collector import FactorCollector, accumulator_dtype
 from .config import FactorConfig
 from .distributed import dist_state
@@ -55,13 +55,8 @@ def one_processor(processor: Any, tokenizer: Any, image_processor: Any) -> Any:
 
 
 def parameter_device(target: Any) -> torch.device:
-    """Where a target's computation runs: its weight's device, or the execution device of the accelerate hook of an
-    offloaded module (whose weight waits on the meta device until its forward)."""
-    hook = getattr(target.module, "_hf_hook", None)
-    device = target.parameter().device
-    if device.type == "meta" and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    return device
+    """Where a target's computation runs (see `hf_curvedit.utils.execution_device`)."""
+    return execution_device(target.module, target.parameter())
 
 
 def fit_factors(
