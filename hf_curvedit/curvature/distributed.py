@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["ProcessGroups", "dist_state", "full_weight", "is_sharded_model", "wall_passes"]
+__all__ = ["ProcessGroups", "assign_weight", "dist_state", "full_weight", "is_sharded_model", "restore_weight",
+           "wall_passes"]
 
 
 def dist_state():
@@ -66,6 +67,35 @@ def is_sharded_model(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def assign_weight(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Give the weight ``param`` the values of ``values`` (a whole tensor in the weight's layout) and return what
+    `restore_weight` puts back, bit for bit: the very tensor that was replaced, or, for a sharded (DTensor) weight,
+    a copy of its shards (its own shard is overwritten in place, where FSDP gathers it from)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        original = param.detach().clone()
+        # every process holds the whole new weight: each keeps its own shard, no communication
+        mine = distribute_tensor(values.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        with torch.no_grad():
+            param.to_local().copy_(mine.to_local())
+        return original
+    original = param.data
+    param.data = values.to(param.dtype).contiguous()
+    return original
+
+
+def restore_weight(param: torch.Tensor, original: torch.Tensor) -> None:
+    """Undo `assign_weight` with what it returned."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        with torch.no_grad():
+            param.to_local().copy_(original.to_local())
+    else:
+        param.data = original
 
 
 def full_weight(t: torch.Tensor) -> torch.Tensor:

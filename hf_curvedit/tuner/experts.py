@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..curvature.distributed import assign_weight, full_weight, restore_weight
 from ..edit import FINGERPRINT_SIZE, META_FIELDS, ExpertsEdit, ModuleEditReport, expert_is_edited
 from ..errors import InputError
 from ..targets import expert_parameter_names, is_experts_module
@@ -96,7 +97,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
         out, inp = self._store_of("out", unit)[adapter_name], self._store_of("in", unit)[adapter_name]
         edited = expert_is_edited(self._store_of("meta", unit)[adapter_name]).to(out.device)
         dense = torch.bmm(out, inp.mT)
-        base = self.base_weight(unit).to(dense.dtype)
+        base = full_weight(self.base_weight(unit)).to(dense.dtype)
         return torch.where(edited[:, None, None], dense, base)
 
     def _edited_parameter(self, adapter_name: str, param: str) -> torch.Tensor:
@@ -131,9 +132,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
         if safe_merge and not all(torch.isfinite(w).all() for w in new.values()):
             raise InputError(f"the edited weights of adapter '{name}' contain NaN or inf; not merging them")
         for p, w in new.items():
-            param = getattr(self.base_layer, p)
-            self.curvedit_original[p] = param.data
-            param.data = w.clone()
+            self.curvedit_original[p] = assign_weight(getattr(self.base_layer, p), w.clone())
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -142,6 +141,6 @@ class CurvatureEditExperts(CurvatureEditLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         for p in list(self.curvedit_original.keys()):
-            getattr(self.base_layer, p).data = self.curvedit_original[p]
+            restore_weight(getattr(self.base_layer, p), self.curvedit_original[p])
             del self.curvedit_original[p]
         self.merged_adapters.clear()

@@ -17,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..curvature.distributed import full_weight
 from ..edit import fingerprint_mismatch, weight_fingerprint
 from ..errors import InputError
 from ..utils import parse_dtype
@@ -264,7 +265,7 @@ class CurvatureEditLayer(nn.Module, BaseTunerLayer):
         self._check_unit_base(adapter_name, unit, tensors[store_name("fingerprint", unit)])  # type: ignore[arg-type]
 
     def _check_unit_base(self, adapter_name: str, unit: str, fingerprints: torch.Tensor) -> None:
-        weight = self.base_weight(unit)
+        weight = full_weight(self.base_weight(unit))
         experts = weight.dim() == 3
         weights, rows = (weight, fingerprints) if experts else (weight[None], fingerprints[None])
         where = self.unit_name(unit)

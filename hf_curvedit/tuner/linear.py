@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..curvature.distributed import assign_weight, full_weight, restore_weight
 from ..edit import CurvatureEdit, ModuleEditReport, q_side_of
 from ..errors import InputError
 from ..targets import linear_shape
@@ -166,8 +167,7 @@ class CurvatureEditLinear(CurvatureEditLayer):
         new = (new.T if self.is_conv1d else new).to(base.weight.dtype).contiguous()
         if safe_merge and not torch.isfinite(new).all():
             raise InputError(f"the edited weight of adapter '{name}' contains NaN or inf; not merging it")
-        self.curvedit_original_weight = base.weight.data
-        base.weight.data = new
+        self.curvedit_original_weight = assign_weight(base.weight, new)
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -175,7 +175,7 @@ class CurvatureEditLinear(CurvatureEditLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        self.get_base_layer().weight.data = self.curvedit_original_weight
+        restore_weight(self.get_base_layer().weight, self.curvedit_original_weight)
         self.curvedit_original_weight = None
         self.merged_adapters.clear()
 
@@ -183,5 +183,5 @@ class CurvatureEditLinear(CurvatureEditLayer):
         """``W' - W`` in the base layer's storage layout (full rank: the edit is a replacement, not a low-rank
         delta)."""
         base = self.get_base_layer()
-        delta = self.edited_weight(adapter_name).to(torch.float32) - self.base_weight().to(torch.float32)
+        delta = self.edited_weight(adapter_name).to(torch.float32) - full_weight(self.base_weight()).to(torch.float32)
         return (delta.T if self.is_conv1d else delta).to(base.weight.dtype)

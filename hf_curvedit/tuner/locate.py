@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..curvature.distributed import full_weight
 from ..edit import ModuleEditReport
 from ..errors import InputError
 from ..targets import (
@@ -88,13 +89,16 @@ def edit_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | No
 
 
 def logical_weight(module: nn.Module, param: str | None = None) -> torch.Tensor:
+    """The unedited weight of a target as one whole ``(d_out, d_in)`` (or ``(experts, d_out, d_in)``) tensor; a
+    sharded weight is gathered (collective: every process asks for the same weights in the same order)."""
     if isinstance(module, CurvatureEditLayer):
-        return module.base_weight(param or "")
+        return full_weight(module.base_weight(param or ""))
     if param is not None:
-        w = getattr(module, param)
+        w = full_weight(getattr(module, param))
         return w.transpose(-1, -2) if module.is_transposed else w
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    return base.weight.T if isinstance(base, Conv1D) else base.weight
+    w = full_weight(base.weight)
+    return w.T if isinstance(base, Conv1D) else w
 
 
 def refuse_tied(model: nn.Module, module: nn.Module, module_name: str) -> None:
