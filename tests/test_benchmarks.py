@@ -47,3 +47,10 @@ def test_kronfluence_parity_benchmark_runs_at_small_shapes():
     for stage in ("factors", "eigen", "ekfac"):
         assert out.count(f"| {stage} |") == 1
     assert "relative difference (Frobenius)" in out and "fixed costs per fit" in out
+
+
+def test_scale_fit_benchmark_runs_at_small_shapes():
+    out = _run(str(BENCH / "scale_fit.py"), "--small", "--budget-gb", "0.0001", "--tokens", "2048")
+    for stage in ("fit, no budget, 1 process", "fit, budget, 2 processes", "eigendecomposition, 2 processes"):
+        assert out.count(f"| {stage} |") == 1
+    assert "one after the other on 2 processes" in out and "2 processes / 1 process, fit:" in out

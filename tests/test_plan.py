@@ -151,11 +151,46 @@ def test_the_plan_gives_the_passes_one_after_the_other_on_several_processes(proc
     cfg = FactorConfig(max_factor_memory_gb=42_000 / 1024**3)  # two of the six MLP projections per pass
     plan = plan_factors(tiny_llama(), cfg, num_processes=processes)
     assert plan.data_passes == 3 and plan.wall_passes == wall
-    # one partition at a time per process, the largest; the eigen cache is filled one shard at a time
-    assert plan.process_bytes == max(plan.partition_bytes())
+    # one partition at a time per process, the largest, and one batch's forward and backward; the eigen cache is
+    # filled one shard at a time
+    assert plan.process_bytes == max(plan.partition_bytes()) + plan.transient_bytes > plan.transient_bytes > 0
     assert plan.eigen_process_bytes >= plan.eigen_peak_bytes
     assert main(["plan", "--max-factor-memory-gb", "0.004", "--num-processes", "2"]) == 0
     out = capsys.readouterr().out
     assert "one after the other on 2 processes" in out and "processes: 2" in out
     assert main(["plan", "--num-processes", "0"]) == 2
     assert "--num-processes must be at least 1" in capsys.readouterr().err
+
+
+def test_the_transient_is_what_autograd_keeps_for_a_real_batch():
+    """Brute force: the bytes a real batch's forward saves for the backward (down to the first target, weights
+    frozen), counted as they are saved, give the planner's figure. The fake pass may save a little more: attention
+    takes its plain path there (the key/value heads repeated), never less."""
+    from hf_curvedit.curvature.roots import GradientRoots, frozen_parameters
+    from hf_curvedit.targets import resolve_target_modules, weight_targets
+
+    model = tiny_llama()
+    cfg = FactorConfig(seq_len=16, batch_size=4)
+    names = resolve_target_modules(model)
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    roots = GradientRoots()
+    mods = dict(model.named_modules())
+    handles = [roots.register(mods[n]) for n in names]
+    ids = torch.randint(1, 50, (4, 16))
+    with frozen_parameters(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    for h in handles:
+        h.remove()
+    targets = weight_targets(model)
+    copies = max(4 * 16 * (targets[n].d_in + targets[n].d_out) * 4 for n in names)
+    want = sum(saved.values()) + 2 * max(saved.values()) + 2 * logits.numel() * logits.element_size() + copies
+    got = plan_factors(model, cfg).transient_bytes
+    assert want <= got <= 1.1 * want
+    assert plan_factors(model.config, cfg).transient_bytes == got

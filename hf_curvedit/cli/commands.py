@@ -144,10 +144,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..curvature import FactorConfig, plan_factors
 
     config = FactorConfig(target_modules=parse_target_modules(args.target_modules),
-                          accumulate_dtype=args.accumulate_dtype, max_factor_memory_gb=args.max_factor_memory_gb)
+                          accumulate_dtype=args.accumulate_dtype, max_factor_memory_gb=args.max_factor_memory_gb,
+                          seq_len=args.seq_len, batch_size=args.batch_size)
     if args.num_processes < 1:
         raise UsageError(f"--num-processes must be at least 1, got {args.num_processes}")
-    plan = plan_factors(load_config(args.model), config, num_processes=args.num_processes)
+    plan = plan_factors(load_config(args.model), config, num_processes=args.num_processes, dtype=args.dtype)
     print(plan.to_table())
     if args.json:
         from ..utils import atomic_write_text

@@ -309,5 +309,8 @@ def _add_plan(sub: Any) -> None:
     n.add_argument("--max-factor-memory-gb", type=float, default=None)
     n.add_argument("--num-processes", type=int, default=1,
                    help="processes of a torchrun / accelerate launch that share the data passes (default: 1)")
+    n.add_argument("--seq-len", type=int, default=512, help="tokens per block of the fit (the batch's activations)")
+    n.add_argument("--batch-size", type=int, default=8, help="blocks per batch of the fit")
+    n.add_argument("--dtype", default=None, help="the dtype the model runs in (float32, bfloat16, ...)")
     n.add_argument("--json", help="also write the plan as JSON to this file")
     n.set_defaults(func=cmd_plan)

@@ -205,12 +205,16 @@ def _write_cache(factors: Any, folder: Path) -> None:
     # a shard holds whole units (a factor's values and vectors stay together): each unit is one meta tensor of its
     # size for huggingface_hub's splitter
     unit_bytes = {u: (sum(torch.Size(s).numel() * d.itemsize for s, d in ts.values()),) for u, ts in units.items()}
-    plan = plan_shards({u: (n, torch.uint8) for u, n in unit_bytes.items()}, EIGEN_STEM, EIGEN_SHARD_BYTES)
+    total = sum(n for (n,) in unit_bytes.values())
+    # several processes: about two shards each, so that every one has work
+    shard_bytes = EIGEN_SHARD_BYTES if state.num_processes == 1 else \
+        max(1, min(EIGEN_SHARD_BYTES, total // (2 * state.num_processes)))
+    plan = plan_shards({u: (n, torch.uint8) for u, n in unit_bytes.items()}, EIGEN_STEM, shard_bytes)
     files = list(plan)
     if state.is_main_process:
         remove_tensor_files(folder, EIGEN_STEM)
     state.wait_for_everyone()
-    mine = [f for i, f in enumerate(files) if i % state.num_processes == state.process_index]
+    mine = _share(plan, units, state.num_processes)[state.process_index]
     single = len(files) == 1
     written: dict[str, dict[str, torch.Tensor]] = {}
     for f in tqdm(mine, desc="eigendecompose", unit="shard", leave=False, disable=len(mine) < 2):
@@ -230,6 +234,19 @@ def _write_cache(factors: Any, folder: Path) -> None:
             write_index(folder, EIGEN_STEM, eigen_store_metadata(factors.module_names, factors.a_alias,
                                                                  _metadata(factors)), files)
     state.wait_for_everyone()
+
+
+def _share(plan: dict[str, list[str]], units: dict[str, dict], processes: int) -> list[list[str]]:
+    """The shards each process decomposes: the costliest first, each to the process with the least work so far (an
+    eigendecomposition of a d × d factor costs ~d³)."""
+    cost = {f: sum(max(s[0] for s, _ in units[u].values()) ** 3 for u in us) for f, us in plan.items()}
+    load = [0] * processes
+    share: list[list[str]] = [[] for _ in range(processes)]
+    for f in sorted(plan, key=lambda f: (-cost[f], f)):
+        least = min(range(processes), key=lambda r: (load[r], r))
+        share[least].append(f)
+        load[least] += cost[f]
+    return [sorted(s) for s in share]
 
 
 def _decompose_unit(factors: Any, unit: str, vec_dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -9,9 +9,7 @@ A factor), as `fit_factors` does on real data. The partitions come from `plan_pa
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..targets import is_experts_module, resolve_target_modules, weight_targets
+from ..utils import parse_dtype
 from .collector import accumulator_dtype, input_device
 from .config import FactorConfig
 from .decompose import EIGEN_SHARD_BYTES
@@ -28,6 +27,7 @@ from .ekfac import lambda_bytes
 from .partitions import plan_partitions, split_expert_slice
 from .sums import InputSharing
 from .tasks import FactorTask, default_task
+from .transient import shapes_only, transient_bytes
 
 __all__ = ["FactorPlan", "ModulePlan", "eigh_peak_bytes", "plan_factors"]
 
@@ -90,6 +90,8 @@ class FactorPlan:
     partitions: list[list[str]] = field(default_factory=list)
     num_processes: int = 1
     ekfac_partitions: list[list[str]] = field(default_factory=list)
+    # what one batch's forward and backward hold besides the accumulators (see `_backward_transient`)
+    transient_bytes: int = 0
 
     @property
     def data_passes(self) -> int:
@@ -109,9 +111,9 @@ class FactorPlan:
 
     @property
     def process_bytes(self) -> int:
-        """What one process holds at most during the fit: one partition at a time, the largest one (the model and
-        the activations not counted)."""
-        return self.accumulator_bytes
+        """What one process holds at most during the fit, above the model: one partition at a time (the largest one)
+        and one batch's backward transient."""
+        return self.accumulator_bytes + self.transient_bytes
 
     def partition_bytes(self) -> list[int]:
         """Accumulator bytes of each partition (what is held during its pass); a module shares A only with a module
@@ -197,6 +199,8 @@ class FactorPlan:
             + (f", {self.wall_passes} one after the other on {procs} processes" if procs > 1 else "")
             + f"   accumulator memory per process, largest pass: {_gib(self.accumulator_bytes)}   all passes: "
             f"{_gib(sum(self.partition_bytes()))}",
+            f"one batch's forward and backward (activations kept for the backward, logits and their gradient): "
+            f"≈ {_gib(self.transient_bytes)}; per process above the model ≈ {_gib(self.process_bytes)}",
             (f"EK-FAC pass (fit --ekfac): {len(self.ekfac_partitions)} data passes"
              + (f", {self.ekfac_wall_passes} one after the other" if procs > 1 else "")) if self.ekfac_partitions else
             "EK-FAC pass (fit --ekfac): one module's two bases and its Λ do not fit the budget; give it a larger one",
@@ -213,36 +217,9 @@ def _gib(n: int) -> str:
     return f"{n / 1024**3:.3f}G" if n >= 1024**3 // 100 else f"{n / 1024**2:.2f}M"
 
 
-def _model_class(config: Any) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
-
-    archs = getattr(config, "architectures", None) or []
-    return (AutoModelForImageClassification if any(a.endswith("ForImageClassification") for a in archs)
-            else AutoModelForCausalLM)
-
-
-@contextlib.contextmanager
-def _shapes_only(model_or_config: Any) -> Iterator[nn.Module]:
-    """The model to plan with. A config (or a model on the meta device) is built under torch's fake-tensor mode:
-    parameters and activations carry shapes and a device but no memory, and, unlike meta tensors, they run the
-    autocast regions of rotary embeddings in every transformers 5 release. A real model is used as it is."""
-    from transformers import PretrainedConfig
-
-    if isinstance(model_or_config, nn.Module):
-        if not any(p.device.type == "meta" for p in model_or_config.parameters()):
-            yield model_or_config
-            return
-        model_or_config = model_or_config.config
-    if not isinstance(model_or_config, PretrainedConfig):
-        raise TypeError(f"plan_factors takes a model or a transformers config, got {type(model_or_config).__name__}")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        yield _model_class(model_or_config).from_config(model_or_config)
-
-
 def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
-                 task: FactorTask | None = None, num_processes: int = 1) -> FactorPlan:
+                 task: FactorTask | None = None, num_processes: int = 1,
+                 dtype: str | torch.dtype | None = None) -> FactorPlan:
     """Plan `fit_factors(model, data, config)` without data and, for a config, without weights.
 
     Args:
@@ -254,15 +231,18 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
             forward that finds shared inputs.
         num_processes: the processes of a ``torchrun``/``accelerate launch`` that share the partitions (each
             collects its own, over all the data): the plan then gives the passes one after the other.
+        dtype: the dtype the model runs in (``"bfloat16"``...), for the activations of one batch; a config is
+            built in float32 by default, a model planned as it is.
 
     Returns:
         A `FactorPlan`; ``print(plan.to_table())`` shows it.
     """
     cfg = config or FactorConfig()
-    with _shapes_only(model_or_config) as model:
+    with shapes_only(model_or_config, parse_dtype(dtype) if dtype is not None else None) as model:
         task = task or default_task(model)
         names = resolve_target_modules(model, cfg.target_modules, exclude_modules=cfg.exclude_modules)
         shares = _shared_inputs(model, names, task, cfg)
+        transient = transient_bytes(model, names, task, cfg, dtype)
         partitions = plan_partitions(model, names, cfg)
         dtype = accumulator_dtype(cfg)
         try:
@@ -294,7 +274,7 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
         raise InputError(f"num_processes must be at least 1, got {num_processes}")
     return FactorPlan(model_type=model_type, accumulate_dtype=cfg.accumulate_dtype,
                       max_factor_memory_gb=cfg.max_factor_memory_gb, modules=modules, partitions=partitions,
-                      num_processes=num_processes, ekfac_partitions=ekfac_partitions)
+                      num_processes=num_processes, ekfac_partitions=ekfac_partitions, transient_bytes=transient)
 
 
 def _no_experts(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -1,0 +1,150 @@
+"""One batch's transient memory in a factor pass, planned without data or weights: what autograd keeps for the
+backward, counted on fake tensors as it is saved (`plan.py` prints it next to the accumulators)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..targets import experts_have_gate, is_experts_module, weight_targets
+from ..utils import parse_dtype
+from .collector import input_device
+from .config import FactorConfig
+from .tasks import FactorTask
+
+__all__ = ["shapes_only", "transient_bytes"]
+
+
+def _model_class(config: Any) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+    archs = getattr(config, "architectures", None) or []
+    return (AutoModelForImageClassification if any(a.endswith("ForImageClassification") for a in archs)
+            else AutoModelForCausalLM)
+
+
+@contextlib.contextmanager
+def shapes_only(model_or_config: Any, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
+    """The model to plan with. A config (or a model on the meta device) is built under torch's fake-tensor mode:
+    parameters and activations carry shapes and a device but no memory, and, unlike meta tensors, they run the
+    autocast regions of rotary embeddings in every transformers 5 release. A real model is used as it is."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model_or_config, nn.Module):
+        if not any(p.device.type == "meta" for p in model_or_config.parameters()):
+            yield model_or_config
+            return
+        model_or_config = model_or_config.config
+    if not isinstance(model_or_config, PretrainedConfig):
+        raise TypeError(f"plan_factors takes a model or a transformers config, got {type(model_or_config).__name__}")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield _model_class(model_or_config).from_config(model_or_config, **({"dtype": dtype} if dtype else {}))
+
+
+def _dense_experts(module: nn.Module) -> Any:
+    """A forward for an experts module on fake tensors: its first expert on every token, once per routed slot (what
+    the real routing computes, in activation sizes), differentiable."""
+    from .experts import _project, _routing
+
+    gated = experts_have_gate(module)
+    first = "gate_up_proj" if gated else "up_proj"
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        slots = _routing((hidden_states, *args), kwargs)[1].shape[-1]
+        out = torch.zeros_like(hidden_states)
+        for _ in range(slots):
+            h = _project(hidden_states, getattr(module, first)[0], None, module.is_transposed)
+            h = module._apply_gate(h) if gated else module.act_fn(h)
+            out = out + _project(h, module.down_proj[0], None, module.is_transposed)
+        return out
+
+    return forward
+
+
+def transient_bytes(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig, dtype: Any) -> int:
+    """`_backward_transient` on fake weights: a real model is rebuilt from its config (the same shapes), so that
+    every weight has one fake tensor the count can leave out."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if any(isinstance(p, FakeTensor) for p in model.parameters()) or getattr(model, "config", None) is None:
+        return _backward_transient(model, names, task, config)
+    with shapes_only(model.config, parse_dtype(dtype) if dtype is not None else model.dtype) as fake:
+        return _backward_transient(fake, names, task, config)
+
+
+def _backward_transient(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig) -> int:
+    """Bytes one batch (``batch_size`` × ``seq_len``) holds at the peak of a factor pass besides the accumulators and
+    the model: what autograd keeps for the backward down to the first target (frozen weights, as in `fit_factors`),
+    counted on fake tensors as it is saved; the gradients the backward holds at once (taken as twice the largest
+    saved activation); the logits, which the loss keeps, with their gradient; and the collector's copies of one
+    target's input and output-gradient rows. An experts module routes by values
+    a fake tensor does not have: it runs as its first expert on every token, once per routed slot (the same
+    activation sizes). The allocator's own overhead is not counted."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from .roots import GradientRoots, frozen_parameters
+
+    mods = dict(model.named_modules())
+    skipped = [m for m in mods.values() if is_experts_module(m)]
+    roots = GradientRoots()
+    # the backward reaches every target: a linear layer's input, an expert projection's experts module's
+    owners = dict.fromkeys(n if n in mods else n.rsplit(".", 1)[0] for n in names)
+    handles = [roots.register(mods[n]) for n in owners if n in mods]
+    for m in skipped:
+        m.forward = _dense_experts(m)
+    tensors = [*model.parameters(), *model.buffers()]
+    # the pass runs in the fake mode of a model built from a config, else in one of its own, where each real weight has
+    # one fake twin: the weights' storages there are the model's, never the batch's
+    mode = next((t.fake_mode for t in tensors if isinstance(t, FakeTensor)), None) or \
+        FakeTensorMode(allow_non_fake_inputs=True)
+    own = {(t if isinstance(t, FakeTensor) else mode.from_tensor(t)).untyped_storage()._cdata for t in tensors}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in own:  # a weight the backward reads is the model's, not the batch's
+            saved.setdefault(key, t.untyped_storage().nbytes())
+        return t
+
+    try:
+        example = task.example_batch(model, config)
+        with mode:
+            batch = _full_batch(example, config, input_device(model))
+            with frozen_parameters(model), torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model(**batch, **({"use_cache": False} if "input_ids" in batch else {}))
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                logit_bytes = logits.numel() * logits.element_size()
+                tokens = logits.numel() // logits.shape[-1]
+    except Exception:  # noqa: BLE001 - a model the fake pass cannot run: the plan says nothing about the transient
+        return 0
+    finally:
+        for h in handles:
+            h.remove()
+        for m in skipped:
+            del m.forward
+    # the collector's own copies: a target's selected input rows and output-gradient rows, in float32, one at a time
+    targets = weight_targets(model)
+    copies = max((tokens * (targets[n].d_in + targets[n].d_out) * 4 for n in names if n in targets), default=0)
+    return sum(saved.values()) + 2 * max(saved.values(), default=0) + 2 * logit_bytes + copies
+
+
+def _full_batch(example: dict[str, torch.Tensor], config: FactorConfig, device: torch.device) -> dict:
+    """The task's example batch grown to ``batch_size`` rows (and ``seq_len`` tokens for a language model)."""
+    batch = {}
+    for k, v in example.items():
+        if k in ("input_ids", "attention_mask"):
+            v = torch.ones(config.batch_size, config.seq_len, dtype=v.dtype)
+        else:
+            v = v.expand(config.batch_size, *v.shape[1:]).contiguous()
+        batch[k] = v.to(device)
+    if "input_ids" in batch:
+        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+    return batch
+
