@@ -176,8 +176,36 @@ class TargetWeight:
 
     def logical_weight(self) -> torch.Tensor:
         """The weight in its logical layout, ``(d_out, d_in)`` or ``(experts, d_out, d_in)`` (a view, no copy)."""
-        p = self.parameter()
-        return p.transpose(-1, -2) if self.transposed else p
+        return self.to_logical(self.parameter())
+
+    def to_logical(self, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor in this weight's storage layout (the parameter, or a copy of it) in the logical layout (a view):
+        the one place that knows how each kind of target stores its matrices."""
+        return stored.transpose(-1, -2) if self.transposed else stored
+
+    def to_storage(self, logical: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_logical`: a logical ``(d_out, d_in)`` (or stacked) tensor in the storage layout
+        (contiguous)."""
+        return (logical.transpose(-1, -2) if self.transposed else logical).contiguous()
+
+
+def experts_target(module: nn.Module, param: str, name: str = "") -> TargetWeight:
+    """The `TargetWeight` of projection ``param`` of the experts module ``module`` (named ``name``)."""
+    num, d_a, d_b = getattr(module, param).shape
+    d_out, d_in = (d_b, d_a) if module.is_transposed else (d_a, d_b)
+    qualified = f"{name}.{param}" if name else param
+    return TargetWeight(qualified, module, param, int(d_out), int(d_in), int(num), bool(module.is_transposed))
+
+
+def target_selected(name: str, spec: TargetSpec, expert: bool) -> bool:
+    """Whether ``spec`` (`module_matches`'s grammar) selects the weight called ``name``: the one rule of what a
+    ``target_modules`` or ``exclude_modules`` pattern selects, for the fit, the tuner, exposure and the planner. An
+    expert projection (``expert=True``, ``...experts.gate_up_proj``) is also selected by naming its experts module; a
+    linear layer only by its own name."""
+    if spec is None:
+        return False
+    owner = name.rsplit(".", 1)[0] if expert and "." in name else None
+    return module_matches(name, spec) or (owner is not None and module_matches(owner, spec))
 
 
 def weight_targets(model: nn.Module) -> dict[str, TargetWeight]:
@@ -190,12 +218,8 @@ def weight_targets(model: nn.Module) -> dict[str, TargetWeight]:
             out[name] = TargetWeight(name, module, "weight", d_out, d_in, transposed=isinstance(module, Conv1D))
         elif is_experts_module(module):
             for p in expert_parameter_names(module):
-                shape = tuple(getattr(module, p).shape)
-                num, d_a, d_b = shape
-                d_out, d_in = (d_b, d_a) if module.is_transposed else (d_a, d_b)
-                qualified = f"{name}.{p}" if name else p
-                out[qualified] = TargetWeight(qualified, module, p, int(d_out), int(d_in), int(num),
-                                              bool(module.is_transposed))
+                target = experts_target(module, p, name)
+                out[target.name] = target
     return out
 
 
@@ -359,8 +383,7 @@ def resolve_target_modules(
             raise InputError(f"target_modules={spec!r} is not a valid regular expression: {e}") from e
 
     def matches(name: str, target: TargetWeight, key: str | Sequence[str]) -> bool:
-        owner = name.rsplit(".", 1)[0] if target.is_experts else None
-        return module_matches(name, key) or (owner is not None and module_matches(owner, key))
+        return target_selected(name, key, target.is_experts)
 
     selected: list[str] = []
     matched_any_key: set[str] = set()

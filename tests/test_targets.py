@@ -71,3 +71,27 @@ def _matching(names, regex):
     from hf_curvedit.targets import module_matches
 
     return [n for n in names if module_matches(n, regex)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize("spec", [["mlp"], ["mlp.experts"], ["experts"], ["up_proj"], ["mlp.up_proj"],
+                                  r".*layers\.0\.mlp\..*", ["model.layers.1*"], r".*experts"])
+def test_one_matcher_decides_for_the_fit_and_the_tuner(family, spec):
+    """What a pattern selects is the same for resolve_target_modules (fit, planner) and the tuner (build, load): a
+    linear layer only by its own name, an expert projection also by its experts module's."""
+    from family_configs import tiny_causal_lm
+
+    from hf_curvedit import CurvatureEditConfig
+    from hf_curvedit.tuner.locate import edit_candidates, is_target
+
+    model = tiny_causal_lm(family)
+    try:
+        fit = set(resolve_target_modules(model, spec))
+    except ValueError:
+        fit = set()
+    config = CurvatureEditConfig(target_modules=spec)
+    tuner = {name for name, _, param in edit_candidates(model) if is_target(config, name, param is not None) is True}
+    tuner = {n for n in tuner if not n.endswith("lm_head") and "embed" not in n.split(".")[-1]}
+    assert fit == tuner
+    if spec == ["mlp"]:
+        assert not fit, "a dense mlp.up_proj is not selected by naming its parent"

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..targets import experts_have_gate
+from ..targets import experts_have_gate, experts_target
 
 __all__ = ["ExpertRecorder", "recording_forward", "recording_experts"]
 
@@ -41,8 +41,9 @@ def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return values[0], values[1]
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    y = x @ weight if transposed else F.linear(x, weight)
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # ``weight``: one expert's matrix in the logical (d_out, d_in) layout (`TargetWeight.to_logical`)
+    y = F.linear(x, weight)
     return y if bias is None else y + bias
 
 
@@ -54,7 +55,8 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         top_k_index, top_k_weights = _routing(args, kwargs)
-        w_in, w_out = getattr(module, first), module.down_proj
+        w_in = experts_target(module, first).logical_weight()
+        w_out = experts_target(module, "down_proj").logical_weight()
         b_in = getattr(module, f"{first}_bias") if module.has_bias else None
         b_out = module.down_proj_bias if module.has_bias else None
         out = torch.zeros_like(hidden_states)
@@ -62,10 +64,10 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
         for e in hit:
             tokens, slot = torch.where(top_k_index == e)
             a = hidden_states[tokens]
-            h = _project(a, w_in[e], None if b_in is None else b_in[e], module.is_transposed)
+            h = _project(a, w_in[e], None if b_in is None else b_in[e])
             record(first, e, tokens, hidden_states.shape[0], a, h)
             h = module._apply_gate(h) if gated else module.act_fn(h)
-            y = _project(h, w_out[e], None if b_out is None else b_out[e], module.is_transposed)
+            y = _project(h, w_out[e], None if b_out is None else b_out[e])
             record("down_proj", e, tokens, hidden_states.shape[0], h, y)
             if getattr(module, "has_post_expert_norm", False):
                 y = module.post_expert_norm(y)

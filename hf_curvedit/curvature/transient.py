@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..targets import experts_have_gate, is_experts_module, weight_targets
+from ..targets import experts_have_gate, experts_target, is_experts_module, weight_targets
 from ..utils import parse_dtype
 from .collector import input_device
 from .config import FactorConfig
@@ -59,9 +59,9 @@ def _dense_experts(module: nn.Module) -> Any:
         slots = _routing((hidden_states, *args), kwargs)[1].shape[-1]
         out = torch.zeros_like(hidden_states)
         for _ in range(slots):
-            h = _project(hidden_states, getattr(module, first)[0], None, module.is_transposed)
+            h = _project(hidden_states, experts_target(module, first).logical_weight()[0], None)
             h = module._apply_gate(h) if gated else module.act_fn(h)
-            out = out + _project(h, module.down_proj[0], None, module.is_transposed)
+            out = out + _project(h, experts_target(module, "down_proj").logical_weight()[0], None)
         return out
 
     return forward

@@ -49,7 +49,7 @@ def compute_module_edits(model: nn.Module, eigen: Mapping[str, ModuleEigen], con
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if config.target_modules is None:
         config.target_modules = default_targets_for(getattr(getattr(inner, "config", None), "model_type", None))
-    targets = {name: (m, p) for name, m, p in edit_candidates(inner) if is_target(config, name) is True}
+    targets = {name: (m, p) for name, m, p in edit_candidates(inner) if is_target(config, name, p is not None) is True}
     if not targets:
         raise InputError(f"target_modules={config.target_modules!r} matches no linear layer or expert projection of "
                          "this model; use names, name suffixes, globs or a regex that match some of its weights")

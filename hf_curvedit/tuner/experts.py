@@ -21,7 +21,7 @@ from torch import nn
 from ..curvature.distributed import assign_weight, full_weight, restore_weight
 from ..edit import FINGERPRINT_SIZE, META_FIELDS, ExpertsEdit, ModuleEditReport, expert_is_edited
 from ..errors import InputError
-from ..targets import expert_parameter_names, is_experts_module
+from ..targets import expert_parameter_names, experts_target, is_experts_module
 from .layer import CurvatureEditLayer, single_edit_to_merge
 from .stores import PinnedDtypeBufferDict, store_name
 
@@ -53,7 +53,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
     def base_weight(self, unit: str = "") -> torch.Tensor:
         """The unedited ``(experts, d_out, d_in)`` weight of parameter `unit` (logical layout), also while merged."""
         w = self.curvedit_original[unit] if unit in self.curvedit_original else getattr(self.base_layer, unit)
-        return w.transpose(-1, -2) if self.base_layer.is_transposed else w
+        return experts_target(self.base_layer, unit).to_logical(w)
 
     def _empty_tensors(self, unit: str, info: Mapping[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         num, d_out, d_in = self.base_weight(unit).shape
@@ -111,7 +111,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
             return cached[1]
         with torch.no_grad():
             w = self.edited_weight(adapter_name, param)
-            w = (w.transpose(-1, -2) if self.base_layer.is_transposed else w).to(base.dtype).contiguous()
+            w = experts_target(self.base_layer, param).to_storage(w.to(base.dtype))
         self._curvedit_compute_cache[key] = ([(weakref.ref(t), t._version) for t in sources], w)
         return w
 

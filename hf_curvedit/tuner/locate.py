@@ -5,7 +5,6 @@ checks. Shared by the tuner (`model.py`) and the builder (`build.py`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
@@ -18,10 +17,11 @@ from ..errors import InputError
 from ..targets import (
     default_target_modules,
     expert_parameter_names,
+    experts_target,
     is_experts_module,
     is_linear_like,
-    module_matches,
     no_default_message,
+    target_selected,
 )
 from ..utils import strip_wrapper_prefix
 from .config import CurvatureEditConfig
@@ -43,22 +43,12 @@ def default_targets_for(model_type: str | None) -> str:
     return default
 
 
-def is_target(config: CurvatureEditConfig, name: str) -> bool | _ExcludedModule:
-    """Whether the weight called `name` (wrapper prefixes stripped) is one the config edits, in the one
-    `target_modules` grammar of `hf_curvedit.targets.module_matches` (regex, names, suffixes, globs). An expert
-    projection (``...experts.gate_up_proj``) is also selected by naming its experts module, as in
-    `hf_curvedit.targets.resolve_target_modules`."""
-    owner = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1] in EXPERT_LEAVES else None
-
-    def hit(spec: Any) -> bool:
-        return module_matches(name, spec) or (owner is not None and module_matches(owner, spec))
-
-    if config.exclude_modules and hit(config.exclude_modules):
+def is_target(config: CurvatureEditConfig, name: str, expert: bool) -> bool | _ExcludedModule:
+    """Whether the weight called `name` (wrapper prefixes stripped; ``expert``: an expert projection) is one the
+    config edits, by `hf_curvedit.targets.target_selected`, the rule `resolve_target_modules` follows too."""
+    if config.exclude_modules and target_selected(name, config.exclude_modules, expert):
         return _ExcludedModule()
-    return config.target_modules is not None and hit(config.target_modules)
-
-
-EXPERT_LEAVES = ("gate_up_proj", "up_proj", "down_proj")
+    return target_selected(name, config.target_modules, expert)
 
 
 def experts_of(module: nn.Module) -> nn.Module | None:
@@ -94,8 +84,7 @@ def logical_weight(module: nn.Module, param: str | None = None) -> torch.Tensor:
     if isinstance(module, CurvatureEditLayer):
         return full_weight(module.base_weight(param or ""))
     if param is not None:
-        w = full_weight(getattr(module, param))
-        return w.transpose(-1, -2) if module.is_transposed else w
+        return experts_target(module, param).to_logical(full_weight(getattr(module, param)))
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     w = full_weight(base.weight)
     return w.T if isinstance(base, Conv1D) else w

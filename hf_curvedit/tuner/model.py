@@ -70,8 +70,8 @@ class CurvatureEditModel(BaseTuner):
         except AttributeError:
             experts = None
         if experts is None:
-            return is_target(peft_config, name)
-        results = [is_target(peft_config, f"{name}.{p}") for p in expert_parameter_names(experts)]
+            return is_target(peft_config, name, expert=False)
+        results = [is_target(peft_config, f"{name}.{p}", expert=True) for p in expert_parameter_names(experts)]
         if any(r is True for r in results):
             return True
         return next((r for r in results if isinstance(r, _ExcludedModule)), False)
