@@ -167,15 +167,69 @@ def test_damaged_or_foreign_file_is_never_used(tmp_path, caplog):
     assert all(e.eigvals_corrected is None for e in load_factors(tmp_path).eigendecompose().values())
 
 
-def test_expert_projections_get_a_clear_error(tmp_path):
+def brute_force_expert_lambda(model, rows, names, eigen):
+    """Per sequence, autograd's gradient of each expert's matrix (the summed next-token loss of that sequence alone,
+    the tokens routed to the expert by the model's own top-k), rotated into that expert's eigenbasis and squared;
+    averaged over sequences. float64."""
+    from hf_curvedit.targets import weight_targets
+
+    targets = weight_targets(model)
+    params = {n: targets[n].parameter() for n in names}
+    for p in params.values():
+        p.requires_grad_(True)
+    total = {n: torch.zeros(targets[n].shape, dtype=torch.float64) for n in names}
+    try:
+        for r in rows:
+            ids = torch.tensor([r])
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            loss = F.cross_entropy(logits.double(), ids[0, 1:], reduction="sum")
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            for n, D in zip(names, grads):
+                D = targets[n].to_logical(D)
+                for x in range(D.shape[0]):
+                    b = eigen[n].expert(x)
+                    total[n][x] += (b.eigvecs_G.double().T @ D[x].double() @ b.eigvecs_A.double()) ** 2
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return {n: t / len(rows) for n, t in total.items()}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_lambda_matches_per_token_brute_force(tmp_path, family):
+    """Each expert's Λ_e with top-2 routing, padded batches of three sequences: autograd's per-sequence gradient of
+    each expert's matrix gives it to float64 round-off; and selection='ekfac_mass' edits experts with it."""
     from family_configs import tiny_causal_lm
 
-    model = tiny_causal_lm("mixtral")
-    rows = random_token_rows(2, lo=8, hi=12)
-    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}),
-                          FactorConfig(seq_len=12, batch_size=2, packing=False), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="expert projections is not supported"):
-        fit_eigen_correction(model, Dataset.from_dict({"input_ids": rows}), factors, progress=False)
+    def make():
+        m = tiny_causal_lm(family, seed=1).double()
+        m.config._experts_implementation = "eager"  # the grouped kernel has no float64 on the CPU
+        return m
+
+    model = make()
+    assert model.config.num_experts_per_tok == 2
+    rows = [[t % 128 for t in r] for r in padded_rows(6)]
+    factors, corr = fit_with_correction(model, rows, tmp_path)
+    names = [n for n in resolve_target_modules(model) if ".experts." in n]
+    assert names and set(names) <= set(corr)
+    eigen = factors.eigendecompose()
+    want = brute_force_expert_lambda(model, rows, names, eigen)
+    for n in names:
+        got = corr[n]
+        assert got.shape == want[n].shape and got.shape[0] == 4
+        assert (got - want[n]).abs().max() <= 1e-12 * want[n].abs().max()
+    # read back per expert from the store, attached to each expert's basis, and used by the edit
+    from hf_curvedit import EigenCorrection
+
+    stored = EigenCorrection.load(tmp_path)
+    assert torch.equal(stored[names[0]], corr[names[0]])
+    cfg = dict(keep_mass=0.7, target_modules=names, min_expert_tokens=1)
+    ekfac = build_curvature_edit(make(), eigen, CurvatureEditConfig(selection="ekfac_mass", **cfg))
+    kfac = build_curvature_edit(make(), eigen, CurvatureEditConfig(**cfg))
+    ids = torch.tensor([rows[0]])
+    assert not torch.allclose(ekfac(ids).logits, kfac(ids).logits)
+    report = {r.module: r for r in curvature_edit_report(ekfac)}
+    assert all(r.selection == "ekfac_mass" for r in report.values())
 
 
 # ------------------------------------------------------------------------------------------------ the selection
@@ -374,3 +428,22 @@ def test_sweep_with_ekfac_selection_records_it_and_its_pick_needs_it(tmp_path):
     assert "selection is 'curvature_mass'" in saved.pick_mismatch(same)
     with pytest.raises(ValueError, match="selection must be one of"):
         SweepConfig(selection="ekfac")
+
+
+def test_expert_lambda_split_across_passes_equals_one_pass(tmp_path):
+    """A budget that holds two experts' bases and Λ at a time: each expert projection is measured in slices of its
+    experts over several passes, and the store gives the same Λ as one pass."""
+    from family_configs import tiny_causal_lm
+
+    model = tiny_causal_lm("mixtral", seed=1)
+    rows = [[t % 128 for t in r] for r in padded_rows(6)]
+    data = Dataset.from_dict({"input_ids": rows})
+    cfg = FactorConfig(label_mode="empirical", seq_len=SEQ, batch_size=3, packing=False)
+    factors = fit_factors(model, data, cfg, tmp_path / "f", progress=False)
+    whole = fit_eigen_correction(model, data, factors, output_dir=tmp_path / "whole", progress=False)
+    budget = FactorConfig(label_mode="empirical", seq_len=SEQ, batch_size=3, packing=False,
+                          max_factor_memory_gb=2.2 * (32 * 32 + 128 * 128 + 128 * 32) * 4 / 1024**3)
+    split = fit_eigen_correction(model, data, factors, budget, tmp_path / "split", progress=False)
+    assert len(list((tmp_path / "split").glob("ekfac-*.safetensors"))) > 4, "slices of experts, several passes"
+    for n in whole:
+        torch.testing.assert_close(split[n], whole[n], rtol=1e-5, atol=1e-9)

@@ -42,15 +42,23 @@ REFIT_EKFAC = Fix(python="Delete it and measure the corrected eigenvalues again 
 
 
 class _StoredValues(Mapping[str, torch.Tensor]):
-    """Λ of each module of a store, read when asked for."""
+    """Λ of each module of a store, read when asked for (stacked for an expert projection, whose store holds one per
+    expert)."""
 
-    def __init__(self, store: TensorFiles, names: list[str]):
-        self._store, self._names = store, names
+    def __init__(self, store: TensorFiles, names: list[str], experts: Mapping[str, int]):
+        self._store, self._names, self._experts = store, names, dict(experts)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(name)
+        if name in self._experts:
+            keys = [f"{name}.lambda.{e}" for e in range(self._experts[name])]
+            return torch.stack(list(self._store.read(keys).values()))
         return self._store[f"{name}.lambda"]
+
+    def expert(self, name: str, index: int) -> torch.Tensor:
+        """Λ of one expert of an expert projection, read alone."""
+        return self._store[f"{name}.lambda.{index}"]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -99,13 +107,19 @@ class EigenCorrection(Mapping[str, torch.Tensor]):
 
     def metadata(self) -> dict[str, Any]:
         """What the store records besides the tensors."""
-        return store_metadata(list(self.values), self.num_samples, self.factors_id, self.config)
+        experts = {n: int(t.shape[0]) for n, t in self.values.items() if t.dim() == 3}
+        return store_metadata(list(self.values), self.num_samples, self.factors_id, self.config, experts)
 
     def save(self, folder: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
         """Write the ``ekfac`` store into ``folder`` (atomically: shards first, the index last; every tensor's digest
         recorded)."""
         folder = Path(folder)
-        tensors = {f"{n}.lambda": t for n, t in self.values.items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for n, t in self.values.items():
+            if t.dim() == 3:  # an expert projection: one Λ per expert
+                tensors.update({f"{n}.lambda.{e}": t[e] for e in range(t.shape[0])})
+            else:
+                tensors[f"{n}.lambda"] = t
         remove_tensor_files(folder, EKFAC_STEM)
         files = plan_shards({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, EKFAC_STEM, max_shard_bytes)
         if len(files) == 1:
@@ -138,12 +152,15 @@ class EigenCorrection(Mapping[str, torch.Tensor]):
             raise DamagedFileError(store.path, f"its metadata is incomplete or unreadable ({err})", REFIT_EKFAC) \
                 from None
         wanted = names if modules is None else [n for n in names if n in set(modules)]
-        return cls(_StoredValues(store, wanted), num_samples, factors_id, config, store.path)
+        experts = _value(meta, "num_experts") if "num_experts" in meta else {}
+        return cls(_StoredValues(store, wanted, experts), num_samples, factors_id, config, store.path)
 
 
-def store_metadata(names: list[str], num_samples: int, factors_id: str, config: Mapping[str, Any]) -> dict[str, Any]:
+def store_metadata(names: list[str], num_samples: int, factors_id: str, config: Mapping[str, Any],
+                   experts: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """What an EK-FAC store records besides its tensors (``experts``: each expert projection's number of experts)."""
     return {"format": EKFAC_FORMAT, "modules": names, "factors_id": factors_id, "num_samples": str(num_samples),
-            "config": dict(config)}
+            "config": dict(config), "num_experts": dict(experts or {})}
 
 
 def _value(meta: Mapping[str, Any], key: str) -> Any:

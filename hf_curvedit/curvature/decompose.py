@@ -100,6 +100,21 @@ class EigenFile(Mapping[str, ModuleEigen]):
         return f"EigenFile({self._store.path}, {len(self)} modules)"
 
 
+def module_basis(eigen: Mapping[str, ModuleEigen], entry: str) -> ModuleEigen:
+    """The basis of an entry of a data pass: a module's, or a slice of an expert projection's experts
+    (``"...experts.gate_up_proj[0:4]"``); from an `EigenFile` only those experts are read."""
+    from .partitions import split_expert_slice
+
+    name, first, end = split_expert_slice(entry)
+    if first is None:
+        return eigen[name]
+    if isinstance(eigen, EigenFile):
+        return read_module(eigen._store, name, eigen._alias, first, end)
+    whole = eigen[name]
+    return ModuleEigen(whole.eigvals_A[first:end], whole.eigvecs_A[first:end], whole.eigvals_G[first:end],
+                       whole.eigvecs_G[first:end], None if whole.num_tokens is None else whole.num_tokens[first:end])
+
+
 def _valid_cache(folder: Path, factors: Any) -> bool:
     if not TensorFiles.exists(folder, EIGEN_STEM):
         return False

@@ -105,21 +105,24 @@ def module_tensors(name: str, e: ModuleEigen, owns_A: bool = True) -> dict[str, 
     return out
 
 
-def read_module(store: Mapping[str, torch.Tensor], name: str, alias: Mapping[str, str]) -> ModuleEigen:
-    """One module's basis from an eigen store (every layout the store may have)."""
+def read_module(store: Mapping[str, torch.Tensor], name: str, alias: Mapping[str, str], first: int | None = None,
+                end: int | None = None) -> ModuleEigen:
+    """One module's basis from an eigen store (every layout the store may have); for an expert projection, only
+    experts ``first`` to ``end`` when given."""
     owner = alias.get(name, name)
     tokens = store.get(f"{name}.num_tokens")
+    span = slice(first, end)
 
     def get(kind: str) -> torch.Tensor:
         who = owner if kind.endswith("_A") else name
         if f"{who}.{kind}" in store:  # a linear layer, or a stacked store written before sharding
-            return store[f"{who}.{kind}"]
-        experts = int(tokens.shape[0]) if tokens is not None else None
-        if experts is None:
+            t = store[f"{who}.{kind}"]
+            return t if tokens is None else t[span]
+        if tokens is None:
             raise KeyError(f"{who}.{kind}")
-        return torch.stack([store[f"{who}.{kind}.{x}"] for x in range(experts)])
+        return torch.stack([store[f"{who}.{kind}.{x}"] for x in range(int(tokens.shape[0]))[span]])
 
-    return ModuleEigen(*(get(k) for k in _KINDS), tokens)
+    return ModuleEigen(*(get(k) for k in _KINDS), None if tokens is None else tokens[span])
 
 
 class KFACEigen(Mapping[str, ModuleEigen]):

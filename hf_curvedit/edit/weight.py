@@ -117,8 +117,7 @@ class _KeptSpace:
             if eigen.eigvals_corrected is None:
                 raise InputError(
                     "selection='ekfac_mass' needs EK-FAC corrected eigenvalues, and these factors have none. Measure "
-                    f"them first: {MEASURE_EKFAC}; an expert projection has none (use selection='curvature_mass' for "
-                    "experts)")
+                    f"them first: {MEASURE_EKFAC}")
             self.st: Staircase | CorrectedSelection = corrected_mass_selection(eigen.eigvals_corrected, keep_mass)
             rows, cols = self.st.rows, self.st.columns
             self.mask = self.st.mask[rows][:, cols].to(device)
