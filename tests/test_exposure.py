@@ -259,3 +259,75 @@ def test_evaluate_edit_records_exposure(tmp_path):
     assert EditReport.load(report.save(tmp_path / "report.json")).exposure == want
     with pytest.raises(ValueError, match="curvature-edit PeftModel"):
         evaluate_edit(edit_llama(seed=4), {"heldout": TextSet(_rows(3, 7))}, base_model=base, exposure=tasks)
+
+
+# ------------------------------------------------------------------------------------------------------- experts
+def _brute_expert_shares(model, edits, names, sequences) -> dict[str, float]:
+    """Per token and per expert it was routed to: ‖W_e a‖² and ‖(W_e − W′_e) a‖², from the router's own choice
+    (captured at the experts module's call), each projection's input computed by hand; one unpadded sequence at a
+    time."""
+    from hf_curvedit.targets import weight_targets
+
+    targets = weight_targets(model)
+    owners = {n: n.rsplit(".", 1)[0] for n in names}
+    calls: dict[str, tuple] = {}
+    mods = dict(model.named_modules())
+    handles = [mods[o].register_forward_pre_hook(lambda m, args, o=o: calls.__setitem__(o, args))
+               for o in set(owners.values())]
+    removed = {n: 0.0 for n in names}
+    total = {n: 0.0 for n in names}
+    try:
+        for seq in sequences:
+            with torch.no_grad():
+                model(torch.tensor([seq]))
+            for n in names:
+                module = mods[owners[n]]
+                hidden, index = calls[owners[n]][0], calls[owners[n]][1]
+                w_in = targets[f"{owners[n]}.gate_up_proj"].logical_weight().double()
+                W = targets[n].logical_weight().double()
+                W_new = edits[n].dense(targets[n].logical_weight()).double()
+                for t in range(hidden.shape[0]):
+                    for e in index[t].tolist():
+                        a = hidden[t].double()
+                        if n.endswith("down_proj"):
+                            a = module._apply_gate((w_in[e] @ a)[None])[0]
+                        total[n] += float((W[e] @ a).square().sum())
+                        removed[n] += float(((W[e] - W_new[e]) @ a).square().sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: removed[n] / total[n] for n in names}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_exposure_counts_each_token_with_the_experts_it_was_routed_to(family, tmp_path):
+    from family_configs import tiny_causal_lm
+    from testing_utils import random_token_rows
+
+    from hf_curvedit.tuner import compute_module_edits
+
+    model = tiny_causal_lm(family, seed=2).double()
+    model.config._experts_implementation = "eager"
+    rows = [[t % 127 + 1 for t in r] for r in random_token_rows(12, lo=6, hi=16, seed=3)]
+    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}), FactorConfig(seq_len=16, batch_size=4,
+                          accumulate_dtype="float64"), progress=False)
+    eigen = factors.eigendecompose()
+    names = [n for n in factors.module_names if ".experts." in n]
+    config = CurvatureEditConfig(target_modules=names, min_expert_tokens=1)
+    tasks = {"a": TextSet(_rows(5, 0)), "b": TextSet(_rows(4, 1, lo=1, hi=30))}
+    report = predict_exposure(model, eigen, tasks, [0.7], config, batch_size=3, show_progress=False)
+    assert set(report.shares["ρ=0.7"]["a"]) == set(names)
+    edits = compute_module_edits(model, eigen, CurvatureEditConfig(keep_mass=0.7, target_modules=names,
+                                                                   min_expert_tokens=1))
+    assert any(bool(e.edited.any()) for e in edits.values())
+    for task, ts in tasks.items():
+        want = _brute_expert_shares(model, edits, names, ts.sequences)
+        got = report.shares["ρ=0.7"][task]
+        for n in names:
+            assert got[n] == pytest.approx(want[n], rel=1e-9, abs=1e-12), (task, n)
+    # the same through the adapter built from the same factors
+    edited = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.7, target_modules=names,
+                                                                    min_expert_tokens=1))
+    measured = adapter_exposure(edited, tasks, batch_size=3, show_progress=False)
+    for task in tasks:
+        assert measured.exposure("default", task) == pytest.approx(report.exposure("ρ=0.7", task), rel=1e-9)

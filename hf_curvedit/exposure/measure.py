@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +23,8 @@ from ..evaluation.sets import RecitationSet, TextSet
 from .report import ExposureReport
 from .texts import recitation_texts
 
-__all__ = ["TaskTexts", "adapter_edits", "adapter_exposure", "measure_exposure", "predict_exposure", "task_text_set"]
+__all__ = ["ExpertsFactors", "TaskTexts", "adapter_edits", "adapter_exposure", "measure_exposure", "predict_exposure",
+           "task_text_set"]
 
 # A task's texts: a TextSet, a RecitationSet (prefix + suffix), raw strings (with a tokenizer) or token-id lists.
 TaskTexts = TextSet | RecitationSet | Sequence[str] | Sequence[Sequence[int]]
@@ -76,26 +76,87 @@ class _LayerProbe:
             self.removed[c] += (y - kept).double().square().sum()
 
 
+class _ExpertsProbe:
+    """The probe of one expert projection: over the unmasked tokens routed to each expert (a token counted once per
+    expert it was routed to), Σ‖W_e a‖² and, per candidate, Σ‖(W_e − W′_e) a‖² (an unedited expert removes nothing).
+    Fed by the experts module's recording forward (`hf_curvedit.curvature.experts`)."""
+
+    def __init__(self, weight: torch.Tensor, edits: Mapping[str, ExpertsFactors]):
+        self.dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.weight = weight.detach().to(self.dtype)  # (experts, d_out, d_in), logical
+        self.edits = {c: (e.out.to(weight.device, self.dtype), e.inp.to(weight.device, self.dtype), e.edited)
+                      for c, e in edits.items()}
+        self.mask: torch.Tensor | None = None
+        self.reset()
+
+    reset = _LayerProbe.reset
+
+    def record(self, expert: int, tokens: torch.Tensor, a: torch.Tensor) -> None:
+        assert self.mask is not None
+        keep = self.mask.reshape(-1).to(tokens.device)[tokens]
+        a = a[keep].to(self.dtype)
+        if not a.shape[0]:
+            return
+        y = a @ self.weight[expert].T
+        self.total += y.double().square().sum()
+        for c, (out, inp, edited) in self.edits.items():
+            if bool(edited[expert]):
+                self.removed[c] += (y - (a @ inp[expert]) @ out[expert].T).double().square().sum()
+
+
+@dataclasses.dataclass
+class ExpertsFactors:
+    """An expert projection's edit as exposure reads it: ``W′_e = out_e in_eᵀ`` for each edited expert (``edited``);
+    the others keep their matrix."""
+
+    out: torch.Tensor  # (experts, d_out, k)
+    inp: torch.Tensor  # (experts, d_in, k)
+    edited: torch.Tensor  # (experts,) bool
+
+    @classmethod
+    def of(cls, edit: Any) -> ExpertsFactors:
+        """From an `ExpertsEdit` (what `compute_module_edits` gives an expert projection)."""
+        out, inp, _ = edit.stacked(torch.float64)
+        return cls(out, inp, edit.edited)
+
+
 @contextlib.contextmanager
-def _probes(model: nn.Module, candidates: Mapping[str, Mapping[str, CurvatureEdit]],
-            ) -> Iterator[dict[str, _LayerProbe]]:
-    from ..tuner.locate import edit_candidates, logical_weight
+def _probes(model: nn.Module, candidates: Mapping[str, Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+    from ..curvature.experts import recording_experts
+    from ..tuner.locate import edit_candidates, experts_of, logical_weight
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    modules = {name: module for name, module, param in edit_candidates(inner) if param is None}
+    found = {name: (module, param) for name, module, param in edit_candidates(inner)}
     names = list(dict.fromkeys(n for edits in candidates.values() for n in edits))
-    missing = [n for n in names if n not in modules]
+    missing = [n for n in names if n not in found]
     if missing:
-        raise InputError(f"the edits name modules this model lacks (or that are not linear layers): {missing[:4]}")
-    probes, handles = {}, []
+        raise InputError(f"the edits name modules this model lacks (or that are not linear layers or expert "
+                         f"projections): {missing[:4]}")
+    probes: dict[str, Any] = {}
+    recorders: dict[nn.Module, dict[str, Any]] = {}
+    handles = []
     try:
         for name in names:
-            module = modules[name]
-            probe = _LayerProbe(logical_weight(module), {c: e[name] for c, e in candidates.items() if name in e})
-            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            handles.append(base.register_forward_hook(probe))
+            module, param = found[name]
+            edits = {c: e[name] for c, e in candidates.items() if name in e}
+            if param is None:
+                probe: Any = _LayerProbe(logical_weight(module), edits)
+                base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+                handles.append(base.register_forward_hook(probe))
+            else:
+                probe = _ExpertsProbe(logical_weight(module, param), edits)
+                recorders.setdefault(experts_of(module), {})[param] = probe
             probes[name] = probe
-        yield probes
+
+        def recorder(params: dict[str, Any]) -> Any:
+            def record(param: str, expert: int, tokens: torch.Tensor, num_rows: int, a: torch.Tensor,
+                       y: torch.Tensor) -> None:
+                if param in params:
+                    params[param].record(expert, tokens, a)
+            return record
+
+        with recording_experts({m: recorder(params) for m, params in recorders.items()}):
+            yield probes
     finally:
         for h in handles:
             h.remove()
@@ -111,7 +172,6 @@ def measure_exposure(
     batch_size: int = 16,
     pad_token_id: int | None = None,
     settings: Mapping[str, Mapping[str, Any]] | None = None,
-    skipped: Sequence[str] = (),
     show_progress: bool = True,
 ) -> ExposureReport:
     """The exposure of each task to each candidate edit, from one forward pass of the base model per task.
@@ -124,16 +184,12 @@ def measure_exposure(
             `RecitationSet` (prefix + suffix) is measured as a memorized set, outside the predicted cost.
         tokenizer: for tasks given as raw text; also gives the pad id.
         settings: candidate label → what the edit was, kept in the report.
-        skipped: the edits' modules that are not measured (expert projections): warned about, kept in the report.
     """
     if not candidates:
         raise InputError("no candidate edits to measure")
     if not tasks:
         raise InputError("no tasks to measure: give at least one task's texts")
     text_sets = {name: task_text_set(name, t, tokenizer) for name, t in tasks.items()}
-    if skipped:
-        warnings.warn(f"exposure covers linear layers; {len(skipped)} mixture-of-experts projections of the edit are "
-                      f"not measured (e.g. {skipped[0]})", stacklevel=3)
     pad_id = resolve_pad_id(pad_token_id, tokenizer=tokenizer, model=model)
     max_len, _ = resolve_block_size(model, None, None)
     device = model_device(model)
@@ -164,18 +220,12 @@ def measure_exposure(
     finally:
         model.train(was_training)
     memorized = [name for name, t in tasks.items() if isinstance(t, RecitationSet)]
-    return ExposureReport(shares, tokens, {c: dict(v) for c, v in (settings or {}).items()}, list(skipped),
-                          memorized)
+    return ExposureReport(shares, tokens, {c: dict(v) for c, v in (settings or {}).items()}, memorized)
 
 
-def _dense_only(edits: Mapping[str, Any], skipped: list[str]) -> dict[str, CurvatureEdit]:
-    out = {}
-    for name, e in edits.items():
-        if isinstance(e, CurvatureEdit):
-            out[name] = e
-        elif name not in skipped:
-            skipped.append(name)
-    return out
+def _as_measured(edits: Mapping[str, Any]) -> dict[str, Any]:
+    # a linear layer's edit as it is; an expert projection's as its stacked factors
+    return {name: e if isinstance(e, CurvatureEdit) else ExpertsFactors.of(e) for name, e in edits.items()}
 
 
 def _edit_settings(config: Any) -> dict[str, Any]:
@@ -221,29 +271,25 @@ def predict_exposure(
     general, domains = split_factor_sets(eigen, config)
     general, _ = open_eigen(general, {})
     protect_eigen = {d: open_eigen(src, {})[0] for d, src in domains.items()}
-    candidates, settings, skipped = {}, {}, []
+    candidates, settings = {}, {}
     for rho in keep_masses:
         cfg = dataclasses.replace(config, keep_mass=float(rho), edited_modules={})
         label = f"ρ={float(rho):g}"
-        candidates[label] = _dense_only(compute_module_edits(model, general, cfg, protect_eigen), skipped)
+        candidates[label] = _as_measured(compute_module_edits(model, general, cfg, protect_eigen))
         settings[label] = _edit_settings(cfg)
     return measure_exposure(model, candidates, tasks, tokenizer=tokenizer, batch_size=batch_size, settings=settings,
-                            skipped=skipped, show_progress=show_progress)
+                            show_progress=show_progress)
 
 
-def adapter_edits(model: nn.Module, adapter_name: str, skipped: list[str] | None = None) -> dict[str, CurvatureEdit]:
-    """The edits of linear layers the curvature-edit adapter ``adapter_name`` holds in ``model`` (module name →
-    `CurvatureEdit`); the names of its expert projections, which exposure does not measure, go to ``skipped``."""
-    from ..tuner.experts import CurvatureEditExperts
+def adapter_edits(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """The edits the curvature-edit adapter ``adapter_name`` holds in ``model``, as exposure reads them: weight name
+    → `CurvatureEdit` (a linear layer) or `ExpertsFactors` (an expert projection)."""
     from ..tuner.locate import iter_layers
 
-    edits = {}
+    edits: dict[str, Any] = {}
     for module_name, layer in iter_layers(model):
-        if isinstance(layer, CurvatureEditExperts):
-            if skipped is not None:
-                skipped.extend(layer.unit_name(p, module_name) for p in layer.units_of(adapter_name))
-        elif layer.has_edit(adapter_name):
-            edits[module_name] = layer.edit(adapter_name)
+        for unit in layer.units_of(adapter_name):
+            edits[layer.unit_name(unit, module_name)] = layer.measured_edit(adapter_name, unit)
     return edits
 
 
@@ -259,10 +305,8 @@ def adapter_exposure(
     """The exposure of each task to an edit that exists: the curvature-edit adapter ``adapter_name`` (default: the
     active one) of a `PeftModel`, measured on the base model's activations (adapters disabled during the pass)."""
     name = adapter_name or model.active_adapter
-    skipped: list[str] = []
-    edits = adapter_edits(model, name, skipped)
+    edits = adapter_edits(model, name)
     if not edits:
-        raise InputError(f"adapter {name!r} holds no curvature edit of a linear layer to measure")
+        raise InputError(f"adapter {name!r} holds no curvature edit to measure")
     return measure_exposure(model, {name: edits}, tasks, tokenizer=tokenizer, batch_size=batch_size,
-                            settings={name: _edit_settings(model.peft_config[name])}, skipped=skipped,
-                            show_progress=show_progress)
+                            settings={name: _edit_settings(model.peft_config[name])}, show_progress=show_progress)

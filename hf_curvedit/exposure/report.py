@@ -37,7 +37,6 @@ class ExposureReport:
             activations).
         tokens: task → number of tokens measured.
         settings: candidate → what the edit was (``keep_mass``, ``target_modules``, ``protect``, ``selection``).
-        skipped: modules of the edits that were not measured (mixture-of-experts projections).
         memorized: the tasks that are memorized sets (given as `RecitationSet`): measured, but not a capability, so
             not part of the predicted cost.
     """
@@ -45,7 +44,6 @@ class ExposureReport:
     shares: dict[str, dict[str, dict[str, float]]]
     tokens: dict[str, int]
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
     memorized: list[str] = field(default_factory=list)
 
     @property
@@ -97,7 +95,7 @@ class ExposureReport:
         """Inverse of `to_dict` (the derived ``exposure`` and ``cost`` are recomputed)."""
         try:
             return cls(shares=dict(data["shares"]), tokens=dict(data["tokens"]),
-                       settings=dict(data.get("settings") or {}), skipped=list(data.get("skipped") or []),
+                       settings=dict(data.get("settings") or {}),
                        memorized=list(data.get("memorized") or []))
         except (KeyError, TypeError) as err:
             raise InputError(f"not an exposure report: {err}") from err

@@ -100,6 +100,16 @@ class CurvatureEditExperts(CurvatureEditLayer):
         base = full_weight(self.base_weight(unit)).to(dense.dtype)
         return torch.where(edited[:, None, None], dense, base)
 
+    def measured_edit(self, adapter_name: str, unit: str = "") -> Any:
+        """The edit of parameter `unit` as exposure reads it (`hf_curvedit.exposure.ExpertsFactors`): the stacked
+        per-expert factors and which experts are edited."""
+        from ..exposure.measure import ExpertsFactors
+
+        self._check_ready(adapter_name)
+        edited = expert_is_edited(self._store_of("meta", unit)[adapter_name])
+        return ExpertsFactors(self._store_of("out", unit)[adapter_name], self._store_of("in", unit)[adapter_name],
+                              edited)
+
     def _edited_parameter(self, adapter_name: str, param: str) -> torch.Tensor:
         # W' in the parameter's storage layout and dtype, cached with (weak references to) what it was made from
         stores = [self._store_of(k, param)[adapter_name] for k in ("out", "in", "meta")]

@@ -102,6 +102,10 @@ class CurvatureEditLinear(CurvatureEditLayer):
                              q_side=self._curvedit_q_side[adapter_name], cutoffs=self.curvedit_cutoffs[adapter_name],
                              meta=self.curvedit_meta[adapter_name], fingerprint=self.curvedit_fingerprint[adapter_name])
 
+    def measured_edit(self, adapter_name: str, unit: str = "") -> CurvatureEdit:
+        """The edit as exposure reads it (`hf_curvedit.exposure`): its factorization."""
+        return self.edit(adapter_name)
+
     def edited_weight(self, adapter_name: str, unit: str = "") -> torch.Tensor:
         """``W'`` of `adapter_name` as a logical ``(d_out, d_in)`` matrix in the stored dtype."""
         return self.edit(adapter_name).dense()
