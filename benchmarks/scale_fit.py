@@ -67,7 +67,7 @@ def _config(args, budget: bool):
 
 
 def stage(args) -> None:
-    """One stage in this process (under torchrun: one of its processes); prints a JSON line."""
+    """One stage in this process (under torchrun: one of its processes); writes its figures to a JSON file."""
     import torch
 
     from hf_curvedit import fit_factors, load_factors
@@ -85,8 +85,9 @@ def stage(args) -> None:
     else:
         load_factors(args.out).eigendecompose()
     seconds = time.perf_counter() - start
-    print(json.dumps({"rank": state.process_index, "seconds": seconds, "above": _peak() - before,
-                      "before": before}), flush=True)
+    # one file per process: processes printing to one pipe at once can interleave their lines
+    Path(f"{args.out}.{args.stage}.rank{state.process_index}.json").write_text(json.dumps(
+        {"rank": state.process_index, "seconds": seconds, "above": _peak() - before, "before": before}))
 
 
 def _run(args, stage_name: str, out: Path, procs: int, threads: int, budget: bool, **env_extra: str) -> list[dict]:
@@ -105,7 +106,7 @@ def _run(args, stage_name: str, out: Path, procs: int, threads: int, budget: boo
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(Path(f"{out}.{stage_name}.rank{rank}.json").read_text()) for rank in range(procs)]
 
 
 def main() -> None:

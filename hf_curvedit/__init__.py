@@ -63,7 +63,8 @@ from .selection import (
     select_cutoffs,
 )
 from .sweep import SweepConfig, SweepResult, sweep_edits
-from .targets import DEFAULT_TARGET_MODULES, TargetWeight, resolve_target_modules, weight_targets
+from .target_defaults import DEFAULT_TARGET_MODULES
+from .targets import TargetWeight, resolve_target_modules, weight_targets
 
 # Importing .tuner registers PeftType.CURVEDIT with PEFT (see hf_curvedit/tuner/__init__.py).
 from .tuner import (

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from family_configs import available_families, tiny_causal_lm  # noqa: E402
 
-from hf_curvedit.targets import NO_DEFAULT_REASON, resolve_target_modules, weight_targets  # noqa: E402
+from hf_curvedit.target_defaults import NO_DEFAULT_REASON  # noqa: E402
+from hf_curvedit.targets import resolve_target_modules, weight_targets  # noqa: E402
 
 
 def _leaf_pattern(names: list[str]) -> str:

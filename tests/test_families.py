@@ -15,7 +15,8 @@ from peft import PeftModel
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
-from hf_curvedit.targets import DEFAULT_TARGET_MODULES, NO_DEFAULT_REASON, resolve_target_modules, weight_targets
+from hf_curvedit.target_defaults import DEFAULT_TARGET_MODULES, NO_DEFAULT_REASON
+from hf_curvedit.targets import resolve_target_modules, weight_targets
 
 # Families of the model zoo with a default, as `config.model_type` names them (a multimodal family built from its
 # text_config has the text model's type).

@@ -6,11 +6,12 @@ The sweep, the baselines and the plots use this package directly; the PEFT tuner
 and applies its results. See docs/method.md.
 """
 
-from .experts import ExpertsEdit, compute_experts_edit, expert_is_edited, expert_token_threshold
+from .experts import ExpertsEdit, ExpertsFactors, compute_experts_edit, expert_is_edited, expert_token_threshold
 from .fingerprint import FINGERPRINT_SIZE, fingerprint_mismatch, weight_fingerprint
 from .report import ModuleEditReport
 from .weight import META_FIELDS, META_INDEX, CurvatureEdit, compute_edit, q_side_of
 
-__all__ = ["FINGERPRINT_SIZE", "META_FIELDS", "META_INDEX", "CurvatureEdit", "ExpertsEdit", "ModuleEditReport",
+__all__ = ["FINGERPRINT_SIZE", "META_FIELDS", "META_INDEX", "CurvatureEdit", "ExpertsEdit", "ExpertsFactors",
+           "ModuleEditReport",
            "compute_edit", "compute_experts_edit", "expert_is_edited", "expert_token_threshold", "fingerprint_mismatch",
            "q_side_of", "weight_fingerprint"]

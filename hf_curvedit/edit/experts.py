@@ -14,7 +14,7 @@ from ..selection import Selection
 from .fingerprint import weight_fingerprint
 from .weight import META_FIELDS, META_INDEX, CurvatureEdit, _check_shape, compute_edit
 
-__all__ = ["ExpertsEdit", "compute_experts_edit", "expert_is_edited", "expert_token_threshold"]
+__all__ = ["ExpertsEdit", "ExpertsFactors", "compute_experts_edit", "expert_is_edited", "expert_token_threshold"]
 
 
 def expert_token_threshold(min_expert_tokens: int | None, d_out: int, d_in: int) -> int:
@@ -84,6 +84,22 @@ class ExpertsEdit:
             if e is not None:
                 out[i] = e.dense().to(out.dtype)
         return out
+
+
+@dataclass
+class ExpertsFactors:
+    """An expert projection's edit as exposure reads it: ``W′_e = out_e in_eᵀ`` for each edited expert (``edited``);
+    the others keep their matrix."""
+
+    out: torch.Tensor  # (experts, d_out, k)
+    inp: torch.Tensor  # (experts, d_in, k)
+    edited: torch.Tensor  # (experts,) bool
+
+    @classmethod
+    def of(cls, edit: ExpertsEdit) -> ExpertsFactors:
+        """From an `ExpertsEdit` (what `compute_module_edits` gives an expert projection)."""
+        out, inp, _ = edit.stacked(torch.float64)
+        return cls(out, inp, edit.edited)
 
 
 def expert_is_edited(meta: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..edit import CurvatureEdit
+from ..edit import CurvatureEdit, ExpertsFactors
 from ..errors import InputError
 from ..evaluation._common import batched, model_device, progress, resolve_pad_id, right_pad
 from ..evaluation.perplexity import resolve_block_size
@@ -102,22 +102,6 @@ class _ExpertsProbe:
         for c, (out, inp, edited) in self.edits.items():
             if bool(edited[expert]):
                 self.removed[c] += (y - (a @ inp[expert]) @ out[expert].T).double().square().sum()
-
-
-@dataclasses.dataclass
-class ExpertsFactors:
-    """An expert projection's edit as exposure reads it: ``W′_e = out_e in_eᵀ`` for each edited expert (``edited``);
-    the others keep their matrix."""
-
-    out: torch.Tensor  # (experts, d_out, k)
-    inp: torch.Tensor  # (experts, d_in, k)
-    edited: torch.Tensor  # (experts,) bool
-
-    @classmethod
-    def of(cls, edit: Any) -> ExpertsFactors:
-        """From an `ExpertsEdit` (what `compute_module_edits` gives an expert projection)."""
-        out, inp, _ = edit.stacked(torch.float64)
-        return cls(out, inp, edit.edited)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from ..curvature.decompose import EigenFile
 from ..edit import ModuleEditReport
 from ..errors import InputError
 from ..integrity import tensor_set_problem
-from ..targets import DEFAULT_TARGET_MODULES, expert_parameter_names, is_experts_module, is_linear_like
+from ..target_defaults import DEFAULT_TARGET_MODULES
+from ..targets import expert_parameter_names, is_experts_module, is_linear_like
 from ..utils import strip_wrapper_prefix
 from .build import compute_module_edits, factor_provenance, fill_edits, open_eigen, record_digests
 from .config import CurvatureEditConfig
