@@ -15,6 +15,7 @@ from hf_curvedit.curvature.experts import recording_experts
 from hf_curvedit.targets import is_experts_module, resolve_target_modules, weight_targets
 from hf_curvedit.tuner import WrongBaseModelError
 from hf_curvedit.tuner.experts import CurvatureEditExperts
+from hf_curvedit.tuner.experts_forward import BASE, DENSE, FACTORED
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 
@@ -260,7 +261,7 @@ def saved_moe(tmp_path_factory):
     return root, edited, x, out, base
 
 
-def test_expert_adapter_toggles_merges_and_unmerges_bit_exactly(saved_moe):
+def test_expert_adapter_toggles_and_unmerges_bit_exactly(saved_moe):
     _, edited, x, out, base = saved_moe
     fresh = tiny_causal_lm("qwen2_moe")
     with torch.no_grad():
@@ -272,7 +273,7 @@ def test_expert_adapter_toggles_merges_and_unmerges_bit_exactly(saved_moe):
         again = edited(input_ids=x).logits
         with edited.disable_adapter():
             assert torch.equal(edited(input_ids=x).logits, base)
-    assert torch.equal(merged, out), "the unmerged forward runs the same W' the merge writes"
+    torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-6)  # factors (x in_e) out_eᵀ against W'_e = out_e in_eᵀ
     assert torch.equal(again, out)
     names = set(edited.peft_config["default"].edited_modules)
     assert any(".experts." in n for n in names) and any(".shared_expert." in n for n in names)
@@ -298,9 +299,11 @@ def test_expert_adapter_loads_identically_through_every_stock_path(saved_moe):
             assert torch.equal(m(input_ids=x).logits, out)
         merged = loaded[0].merge_and_unload()
         assert not any(isinstance(m, CurvatureEditExperts) for m in merged.modules())
+        merged_out = merged(input_ids=x).logits
+        torch.testing.assert_close(merged_out, out, rtol=1e-5, atol=1e-6)
         merged.save_pretrained(root / "merged")
         reloaded = AutoModelForCausalLM.from_pretrained(root / "merged")
-        assert torch.equal(reloaded(input_ids=x).logits, out)
+        assert torch.equal(reloaded(input_ids=x).logits, merged_out)
     base = tiny_causal_lm("qwen2_moe").state_dict()
     changed = {k for k, v in reloaded.state_dict().items() if not torch.equal(v, base[k])}
     assert changed and all(".mlp.experts." in k or ".mlp.shared_expert." in k for k in changed), changed
@@ -397,5 +400,101 @@ def test_exposure_measures_linear_layers_and_experts_together(starved):
     try:
         again = adapter_exposure(edited, tasks, show_progress=False)
         assert again.exposure("default", "t") == pytest.approx(report.exposure("ρ=0.5", "t"), rel=1e-5)
+    finally:
+        edited.unload()
+
+
+def _set_implementation(model, implementation):
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config._experts_implementation = implementation
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe"])
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factored_expert_forward_equals_the_dense_substitution(family, implementation, dtype):
+    """Each projection with unedited, factored and dense experts side by side against the module's own forward with
+    the dense W' stack substituted for its parameter: in float64 against the eager computation (torch's grouped_mm
+    has no float64), in float32 against the same implementation (its kernel)."""
+    from hf_curvedit.targets import experts_target
+    from hf_curvedit.tuner.experts_forward import ExpertsProjection, edited_experts_forward
+
+    model = tiny_causal_lm(family).to(dtype)
+    _set_implementation(model, "eager" if dtype == torch.float64 else implementation)
+    module = next(iter(experts_modules(model).values()))
+    g = torch.Generator().manual_seed(3)
+    projections, substituted = {}, {}
+    for shift, param in enumerate(("gate_up_proj" if hasattr(module, "gate_up_proj") else "up_proj", "down_proj")):
+        target = experts_target(module, param)
+        base = target.to_logical(getattr(module, param)).detach()
+        num, d_out, d_in = base.shape
+        kind = torch.tensor([(e + shift) % 3 for e in range(num)])  # BASE, FACTORED, DENSE in turn
+        out, inp = torch.randn(num, d_out, 16, generator=g).double(), torch.randn(num, d_in, 16, generator=g).double()
+        out[:, :, 3:] = 0  # rank 3, zero-padded as the stores are
+        dense = torch.randn(num, d_out, d_in, generator=g).double() / d_in
+        want = torch.where((kind == FACTORED)[:, None, None], out @ inp.mT, torch.where((kind == DENSE)[:, None, None],
+                                                                                        dense, base))
+        slot = torch.zeros(num, dtype=torch.long)
+        for k in (FACTORED, DENSE):
+            slot[kind == k] = torch.arange(int((kind == k).sum()))
+        projections[param] = ExpertsProjection(kind, (BASE, FACTORED, DENSE), slot, inp[kind == FACTORED],
+                                               out[kind == FACTORED].mT, dense[kind == DENSE].mT.contiguous())
+        substituted[param] = target.to_storage(want)
+    hidden = torch.randn(13, model.config.hidden_size, generator=g).double()
+    top_k = 2
+    index = torch.rand(13, module.num_experts, generator=g).topk(top_k, dim=-1).indices
+    weights = torch.rand(13, top_k, generator=g).double().softmax(-1)
+    projections = {p: ExpertsProjection(j.kind, j.kinds, j.slot, *(t.to(dtype) for t in (j.first, j.second, j.dense)))
+                   for p, j in projections.items()}
+    hidden, weights = hidden.to(dtype), weights.to(dtype)
+    with torch.no_grad():
+        want = torch.func.functional_call(module, {p: w.to(dtype) for p, w in substituted.items()},
+                                          (hidden, index, weights))
+        _set_implementation(model, implementation)
+        got = edited_experts_forward(module, projections)(hidden, index, weights)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_unmerged_expert_adapter_holds_no_dense_copy_where_factors_are_smaller(implementation):
+    model = tiny_causal_lm("qwen3_moe")  # float32: torch's grouped_mm has no float64
+    _set_implementation(model, implementation)
+    factors = fit_factors(model, token_data(48), FactorConfig(seq_len=16, batch_size=8, accumulate_dtype="float64"),
+                          progress=False)
+    x = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    edited = build_curvature_edit(model, factors, CurvatureEditConfig(keep_mass=0.5, min_expert_tokens=8,
+                                                                      target_modules=["mlp.experts"]))
+    try:
+        with torch.no_grad():
+            out = edited(input_ids=x).logits
+            edited.merge_adapter()
+            merged = edited(input_ids=x).logits
+            edited.unmerge_adapter()
+        torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-6)
+        seen = set()
+        for layer in (m for m in edited.modules() if isinstance(m, CurvatureEditExperts)):
+            for p in layer.units_of("default"):
+                num, d_out, d_in = layer.base_weight(p).shape
+                projection = layer._projection("default", p, torch.device("cpu"))
+                seen.update(projection.kinds)
+                n = {k: int((projection.kind == k).sum()) for k in (BASE, FACTORED, DENSE)}
+                # a dense W'_e only for the experts whose (aligned) factorization is not smaller, none for the others
+                assert n[DENSE] == int(layer.runs_dense("default", p).sum())
+                assert projection.dense is None or projection.dense.shape == (n[DENSE], d_in, d_out)
+                if n[FACTORED]:
+                    k = projection.first.shape[-1]
+                    assert projection.first.shape == (n[FACTORED], d_in, k) and k * (d_in + d_out) < d_in * d_out
+                stores = {layer._store_of(s, p)["default"].untyped_storage().data_ptr() for s in ("out", "in")}
+                extra = sum(t.numel() for t in (projection.first, projection.second, projection.dense)
+                            if t is not None and t.untyped_storage().data_ptr() not in stores)
+                assert extra <= (num - n[BASE]) * d_out * d_in
+                if n[FACTORED] == num:  # the stores themselves, or (rank not a multiple of the kernels' alignment)
+                    # one zero-padded copy of the factors, never a matrix per expert
+                    width = layer._store_of("out", p)["default"].shape[-1]
+                    assert extra == (0 if width == k else num * (d_in + d_out) * k)
+                    assert extra < num * d_in * d_out
+        assert FACTORED in seen
     finally:
         edited.unload()

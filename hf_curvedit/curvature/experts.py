@@ -26,15 +26,16 @@ import torch.nn.functional as F
 
 from ..targets import experts_have_gate, experts_target
 
-__all__ = ["ExpertRecorder", "recording_forward", "recording_experts"]
+__all__ = ["ExpertRecorder", "expert_routing", "recording_experts", "recording_forward", "replaced_forwards"]
 
 # (parameter name, expert index, its token rows of the module's input, number of input rows, projection input,
 # projection output)
 ExpertRecorder = Callable[[str, int, torch.Tensor, int, torch.Tensor, torch.Tensor], None]
 
 
-def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    # `(hidden_states, top_k_index, top_k_weights)`; GPT-OSS calls the last two router_indices/routing_weights.
+def expert_routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top_k_index, top_k_weights)`` of an experts module's call ``(hidden_states, top_k_index, top_k_weights)``,
+    given the arguments after ``hidden_states`` (GPT-OSS names them ``router_indices``/``routing_weights``)."""
     values = list(args) + list(kwargs.values())
     if len(values) < 2:
         raise TypeError("an experts module is called as experts(hidden_states, top_k_index, top_k_weights)")
@@ -54,7 +55,7 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
     first = "gate_up_proj" if gated else "up_proj"
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        top_k_index, top_k_weights = _routing(args, kwargs)
+        top_k_index, top_k_weights = expert_routing(args, kwargs)
         w_in = experts_target(module, first).logical_weight()
         w_out = experts_target(module, "down_proj").logical_weight()
         b_in = getattr(module, f"{first}_bias") if module.has_bias else None
@@ -80,24 +81,33 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
 
 @contextlib.contextmanager
 def recording_experts(modules: Mapping[nn.Module, ExpertRecorder]) -> Iterator[None]:
-    """Run each experts module with `recording_forward` (and its recorder) inside the block; the class's forward (and
-    with it ``config._experts_implementation``) is back afterwards, also after an error.
+    """Run each experts module with `recording_forward` (and its recorder) inside the block (see
+    `replaced_forwards`)."""
+    with replaced_forwards({module: recording_forward(module, record) for module, record in modules.items()}):
+        yield
+
+
+@contextlib.contextmanager
+def replaced_forwards(forwards: Mapping[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Run each module with the given forward inside the block; the class's forward (and with it
+    ``config._experts_implementation``) is back afterwards, also after an error. Calling the module still runs its
+    hooks.
 
     A module placed by accelerate (``device_map``, CPU or disk offload) keeps its hook: accelerate's forward brings
-    the weights in and calls ``module._old_forward``, and that is what is replaced; the recording runs inside the
+    the weights in and calls ``module._old_forward``, and that is what is replaced; the new forward runs inside the
     hooked call, never around it."""
     patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, what it held; _ABSENT: nothing)
     try:
-        for module, record in modules.items():
+        for module, forward in forwards.items():
             # accelerate's add_hook_to_module keeps the class's forward in `_old_forward` and puts its own wrapper in
             # the instance's `forward`; otherwise an instance attribute shadows the class's forward, and
             # nn.Module.__call__ (and its hooks) still run
             attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
             patched.append((module, attr, module.__dict__.get(attr, _ABSENT)))
-            setattr(module, attr, recording_forward(module, record))
+            setattr(module, attr, forward)
         yield
     finally:
-        for module, attr, held in patched:
+        for module, attr, held in reversed(patched):
             if held is _ABSENT:
                 delattr(module, attr)
             else:

@@ -50,13 +50,13 @@ def shapes_only(model_or_config: Any, dtype: torch.dtype | None = None) -> Itera
 def _dense_experts(module: nn.Module) -> Any:
     """A forward for an experts module on fake tensors: its first expert on every token, once per routed slot (what
     the real routing computes, in activation sizes), differentiable."""
-    from .experts import _project, _routing
+    from .experts import _project, expert_routing
 
     gated = experts_have_gate(module)
     first = "gate_up_proj" if gated else "up_proj"
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        slots = _routing((hidden_states, *args), kwargs)[1].shape[-1]
+        slots = expert_routing(args, kwargs)[0].shape[-1]
         out = torch.zeros_like(hidden_states)
         for _ in range(slots):
             h = _project(hidden_states, experts_target(module, first).logical_weight()[0], None)

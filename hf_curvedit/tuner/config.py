@@ -77,7 +77,8 @@ class CurvatureEditConfig(PeftConfig):
             dtype of the unmerged adapter's matmuls. ``None`` (default) computes in the base layer's dtype (bf16 for a
             bf16 model), from copies of the float32 factors cast once per device and dtype; ``"float32"`` computes in
             float32 whatever the model dtype (the exact path). Where the factorization is not smaller than the weight
-            (``k·(d_in + d_out) ≥ d_in·d_out``) the adapter runs the dense ``W'`` instead. Merging is unaffected.
+            (``k·(d_in + d_out) ≥ d_in·d_out``) the adapter runs the dense ``W'`` instead; for experts this is decided
+            expert by expert. Merging is unaffected.
         min_expert_tokens (`Optional[int]`):
             Mixture-of-experts models only: the fewest tokens an expert's factors must have seen for that expert to be
             edited; an expert below it keeps its weights, and the adapter and the card record per expert how many
