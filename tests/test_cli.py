@@ -285,3 +285,63 @@ def test_fit_ekfac_then_edit_by_corrected_curvature(tmp_path, model_dir, text_fi
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     x = torch.randint(0, 200, (1, 12))
     assert not torch.allclose(edited(x).logits, base(x).logits)
+
+
+def test_a_per_layer_sweep_in_a_run_reaches_the_edit_and_the_card(tmp_path, model_dir, text_file, capsys):
+    """`sweep.allocation: per_layer` in a run: the search's candidates are in sweep.json, the edit step builds the
+    pick's ρ per layer, publish compares it with the baselines and the card states each layer's ρ; the same settings
+    as flags, and the pick rebuilt with `edit --keep-mass-pattern`, give the same."""
+    import yaml
+
+    from hf_curvedit.cli import _step, build_parser
+    from hf_curvedit.pipeline import EditStep, SweepStep
+    from hf_curvedit.sweep import SweepConfig, SweepResult, pick_edit
+
+    quotes = tmp_path / "quotes.txt"
+    quotes.write_text("The quick brown fox jumps over the lazy dog.\nA stitch in time saves nine, they say.\n")
+    sweep = {"recitation": {"q": str(quotes)}, "heldout": str(text_file), "keep_mass": [0.5], "layers": ["0,1"],
+             "svd_ranks": [4], "ppl_budget": 100, "allocation": "per_layer", "allocation_steps": [0.1],
+             "allocation_max_candidates": 4}
+    cfg = {"model": str(model_dir), "output_dir": str(tmp_path / "run"),
+           "fit": {"data": str(text_file), "seq_len": 32, "batch_size": 4, "max_tokens": 256},
+           "sweep": sweep, "edit": {}, "publish": {"repo_id": "user/tiny", "dry_run": True}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    assert "allocation search: 4 candidates in" in capsys.readouterr().out
+    run = tmp_path / "run"
+    result = SweepResult.load(run / "sweep" / "sweep.json")
+    searched = [p for p in result.points if p.search_round is not None]
+    assert len(searched) == result.extra["allocation_search"]["candidates"] == 4
+    assert pick_edit(result.points, "q", SweepConfig.from_dict(result.config)) is result.chosen
+    # a random model recites nothing: the pick is the candidate of lowest perplexity, here one of the search's
+    assert result.chosen in searched and set(result.chosen.allocation) == {"0", "1"}
+    adapter = run / "edit" / "rho0.5-pattern"
+    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_cfg["keep_mass_pattern"] == result.chosen.keep_mass_pattern and adapter_cfg["keep_mass"] == 0.5
+    assert result.pick_mismatch(adapter_cfg) is None
+    card = (run / "publish" / "README.md").read_text()
+    rhos = "; ".join(f"layer {g}: {r:g}" for g, r in result.chosen.allocation.items())
+    assert f"- **ρ per layer:** {rhos} " in card
+    assert "### Compared with other methods" in card and "svd (matched PPL)" in card, "the pick's comparison"
+
+    # the flags of `hf-curvedit sweep` are the YAML's settings
+    parser = build_parser()
+    args = parser.parse_args(["sweep", "--factors", "f", "--output-dir", "o", "--allocation", "per_layer",
+                              "--allocation-steps", "0.1", "--allocation-max-candidates", "4"])
+    assert _step(SweepStep, args) == SweepStep.from_dict({k: sweep[k] for k in sweep if k.startswith("allocation")})
+    # `edit --keep-mass-pattern` rebuilds the pick from sweep.json by hand: the same adapter
+    flags = [a for k, v in result.chosen.keep_mass_pattern.items() for a in ("--keep-mass-pattern", f"{k}={v}")]
+    args = parser.parse_args(["edit", "--factors", "f", "--output-dir", "o", "--keep-mass", "0.5", *flags])
+    assert _step(EditStep, args).keep_mass_pattern == result.chosen.keep_mass_pattern
+    assert main(["edit", "--model", str(model_dir), "--factors", str(run / "factors"), "--keep-mass", "0.5",
+                 "--target-modules", result.chosen.target_modules, *flags,
+                 "--output-dir", str(tmp_path / "by_hand")]) == 0
+    by_hand = json.loads((tmp_path / "by_hand" / "rho0.5-pattern" / "adapter_config.json").read_text())
+    assert result.pick_mismatch(by_hand) is None
+    for argv, message in ((["sweep", "--allocation-steps", "0"], "--allocation-steps [0.0]: give one or more"),
+                          (["sweep", "--allocation-max-candidates", "0"], "--allocation-max-candidates 0: give"),
+                          (["edit", "--keep-mass-pattern", "down_proj=1.5"], "--keep-mass-pattern down_proj=1.5: ρ"),
+                          (["edit", "--keep-mass-pattern", "down_proj"], "--keep-mass-pattern takes REGEX=RHO")):
+        assert main([*argv, "--factors", str(run / "factors"), "--output-dir", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err

@@ -614,3 +614,21 @@ def test_merged_publish_of_an_adapter_folder_brings_its_evaluation(tmp_path, edi
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_card_states_the_rho_of_each_layer_when_the_edit_allocates_it():
+    from hf_curvedit.publish.card_rows import layer_rho_rows
+
+    names = [f"model.layers.{i}.mlp.{leaf}" for i in (2, 3) for leaf in ("gate_proj", "up_proj", "down_proj")]
+    uniform = [{"module": n, "keep_mass": 0.8} for n in names]
+    assert layer_rho_rows(uniform) == [], "one ρ for all: the module table says it"
+    per_layer = [{"module": n, "keep_mass": 0.85 if ".2." in n else 0.8} for n in names]
+    assert layer_rho_rows(per_layer) == [{"layer": "2", "rho": "0.85"}, {"layer": "3", "rho": "0.8"}]
+    per_projection = [{"module": n, "keep_mass": 0.9 if n.endswith("down_proj") else 0.8} for n in names]
+    assert layer_rho_rows(per_projection) == [{"layer": "2", "rho": "gate/up 0.8, down 0.9"},
+                                              {"layer": "3", "rho": "gate/up 0.8, down 0.9"}]
+    card = lambda modules: str(render_card(CardInputs(kind="adapter", repo_id="user/x",  # noqa: E731
+                                                      edit_config={"keep_mass": 0.8}, modules=modules)))
+    assert "- **ρ per layer:** layer 2: 0.85; layer 3: 0.8 (each module" in card(per_layer)
+    assert "| `model.layers.2.mlp.down_proj` | 0.85 |" in card(per_layer)
+    assert "ρ per layer" not in card(uniform)

@@ -15,6 +15,7 @@ from ..pipeline import (
     SweepStep,
 )
 from ..selection import SELECTIONS
+from ..sweep.allocation import ALLOCATIONS
 from ..targets import parse_target_modules
 from .commands import (
     cmd_demo,
@@ -104,6 +105,9 @@ def _add_edit(sub: Any) -> None:
                    help=f"ρ values in (0, 1] (default: {DEFAULT_KEEP_MASS:g})")
     e.add_argument("--target-modules", type=parse_target_modules,
                    help="regex, or comma-separated names (default: the MLP projections)")
+    e.add_argument("--keep-mass-pattern", action="append", default=[], metavar="REGEX=RHO",
+                   help="ρ for the modules whose name ends in a match of REGEX, instead of --keep-mass (repeatable; "
+                        "a per-layer sweep's pick is its keep_mass_pattern in sweep.json)")
     e.add_argument("--selection", choices=SELECTIONS, default=EditStep.selection,
                    help="curvature_mass: the K-FAC staircase (default); factor_truncation: top eigenvectors of each "
                         "factor; ekfac_mass: the components of largest EK-FAC curvature (needs fit --ekfac)")
@@ -195,6 +199,14 @@ def _add_sweep(sub: Any) -> None:
                         "pick alone, with --tasks)")
     w.add_argument("--recitation-tolerance", type=float, default=SweepStep.recitation_tolerance,
                    help="--pick-by predicted_cost: Strict recitation (a fraction) it may give up for a lower cost")
+    w.add_argument("--allocation", choices=ALLOCATIONS, default=SweepStep.allocation,
+                   help="uniform: one ρ per candidate (default); per_layer: then search a ρ for each layer, starting "
+                        "from the grid's pick (experts, routed and shared, go with their layer); per_projection: for "
+                        "each layer's gate/up and down separately. Every candidate lands in sweep.json")
+    w.add_argument("--allocation-steps", type=float, nargs="+", default=SweepStep.allocation_steps, metavar="STEP",
+                   help="the search's moves of ρ, coarse to fine (default: 0.05)")
+    w.add_argument("--allocation-max-candidates", type=int, default=SweepStep.allocation_max_candidates, metavar="N",
+                   help="the most candidates the allocation search measures (default: %(default)s)")
     w.add_argument("--output-dir", required=True)
     w.set_defaults(func=cmd_sweep)
 

@@ -47,8 +47,9 @@ class RunLayout:
 
 
 def _with_sweep_pick(step: EditStep, layout: RunLayout) -> EditStep:
-    """The edit step with the sweep's pick (ρ and modules) unless it sets keep_mass itself. Protection: the edit
-    step's own ``protect`` when it gives one, else the one the sweep measured its pick with."""
+    """The edit step with the sweep's pick (ρ, its ρ per layer when the sweep searched one, and modules) unless it
+    sets keep_mass itself. Protection: the edit step's own ``protect`` when it gives one, else the one the sweep
+    measured its pick with."""
     from ..sweep import SweepResult
 
     if step.keep_mass is not None:
@@ -64,8 +65,9 @@ def _with_sweep_pick(step: EditStep, layout: RunLayout) -> EditStep:
     protect = step.protect or dict(result.extra.get("protect") or {})  # the pick was measured with this protection
     # the pick was measured with the sweep's selection; an edit step that names another one keeps its own
     selection = step.selection if step.selection != "curvature_mass" else result.extra.get("selection", step.selection)
-    return dataclasses.replace(step, keep_mass=(chosen.keep_mass,), target_modules=targets, protect=protect,
-                               selection=selection)
+    pattern = step.keep_mass_pattern or dict(chosen.keep_mass_pattern or {})
+    return dataclasses.replace(step, keep_mass=(chosen.keep_mass,), keep_mass_pattern=pattern, target_modules=targets,
+                               protect=protect, selection=selection)
 
 
 def run_pipeline(config: PipelineConfig, *, force: bool = False, echo: Callable[[str], Any] = print) -> Path:

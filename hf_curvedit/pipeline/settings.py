@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from ..curvature.config import LabelMode, TokenPositions
 from ..selection import Selection
+from ..sweep.allocation import Allocation
 from ..targets import TargetSpec
 from .fields import StepFailed, StepSettings, UsageError, check_domain_name, check_protect, pairs_field
 
@@ -72,7 +73,9 @@ class SweepStep(StepSettings):
 
     ``baselines``: ``svd`` (over ``svd_ranks``; none when they are empty) and ``balanced_subnet`` (over
     ``subnet_ratios``, trained against ``clean``: default the standard-library docs). ``capabilities``: lm-eval tasks
-    scored on the base, the pick and each baseline at matched perplexity."""
+    scored on the base, the pick and each baseline at matched perplexity. ``allocation``: ``per_layer`` (or
+    ``per_projection``) searches a ρ per layer from the grid's pick, moving by ``allocation_steps`` and measuring at
+    most ``allocation_max_candidates`` candidates (`SweepConfig`)."""
 
     name: ClassVar[str] = "sweep"
     recitation: dict[str, str] = pairs_field("NAME=PATH", "--recitation")  # default: the embedded memorized set
@@ -98,10 +101,19 @@ class SweepStep(StepSettings):
     exposure_tasks: tuple[str, ...] = ()  # lm-eval tasks whose exposure each candidate gets (default: capabilities')
     pick_by: Literal["recitation", "predicted_cost"] = "recitation"
     recitation_tolerance: float = 0.02
+    allocation: Allocation = "uniform"
+    allocation_steps: tuple[float, ...] = (0.05,)
+    allocation_max_candidates: int = 24
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_protect(self.protect)
+        if not self.allocation_steps or any(not 0.0 < s < 1.0 for s in self.allocation_steps):
+            raise UsageError(f"--allocation-steps {list(self.allocation_steps)}: give one or more moves of ρ, each in "
+                             "(0, 1), coarse to fine, e.g. --allocation-steps 0.05 0.025")
+        if self.allocation_max_candidates < 1:
+            raise UsageError(f"--allocation-max-candidates {self.allocation_max_candidates}: give the most candidates "
+                             "the allocation search may measure, at least 1 (e.g. 24)")
         bad = [r for r in self.subnet_ratios if not 0.0 < r < 1.0]
         if bad:
             raise UsageError(f"--subnet-ratios {bad[0]:g} is not in (0, 1): each ratio is the fraction of MLP weights "
@@ -112,10 +124,13 @@ class SweepStep(StepSettings):
 
 @dataclass
 class EditStep(StepSettings):
-    """`hf-curvedit edit`: one adapter per ρ. ``keep_mass=None``: the sweep's pick in a pipeline, else 0.6."""
+    """`hf-curvedit edit`: one adapter per ρ. ``keep_mass=None``: the sweep's pick in a pipeline, else 0.6.
+    ``keep_mass_pattern`` (module regex → ρ, `CurvatureEditConfig.keep_mass_pattern`) overrides ρ for the modules it
+    matches; in a pipeline it is the pick's ρ per layer when the sweep searched one."""
 
     name: ClassVar[str] = "edit"
     keep_mass: tuple[float, ...] | None = None
+    keep_mass_pattern: dict[str, float] = pairs_field("REGEX=RHO", "--keep-mass-pattern", float)
     target_modules: TargetSpec = None
     selection: Selection = "curvature_mass"
     rank_cap: int | None = None
@@ -130,6 +145,10 @@ class EditStep(StepSettings):
         if bad:  # all of them, before the first adapter is written
             raise UsageError(f"--keep-mass {bad[0]:g} is not in (0, 1]: each value is the fraction of curvature mass "
                              "to keep, e.g. --keep-mass 0.6 0.8")
+        for pattern, rho in self.keep_mass_pattern.items():
+            if not 0.0 < rho <= 1.0:
+                raise UsageError(f"--keep-mass-pattern {pattern}={rho:g}: ρ must be in (0, 1] (the fraction of "
+                                 "curvature mass the modules it matches keep)")
         if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
             raise UsageError(f"--min-expert-tokens {self.min_expert_tokens} is negative: give the fewest tokens an "
                              "expert's factors must have seen for it to be edited (e.g. 4096)")

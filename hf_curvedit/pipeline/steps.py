@@ -147,7 +147,9 @@ def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out:
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
                          baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
                          capabilities=capabilities, selection=step.selection, pick_by=step.pick_by,
-                         recitation_tolerance=step.recitation_tolerance)
+                         recitation_tolerance=step.recitation_tolerance, allocation=step.allocation,
+                         allocation_steps=step.allocation_steps,
+                         allocation_max_candidates=step.allocation_max_candidates)
     result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout, config,
                          clean=clean, tokenizer=tok, exposure_texts=exposure_texts(exposure_tasks, tok))
     result.save(out / "sweep.json")
@@ -162,18 +164,20 @@ class EditOutcome:
     reports: list[tuple[float, Any]]  # (ρ, ModuleEditReport)
 
     def summary(self) -> str:
+        """The adapters and, per module, its own ρ (a keep_mass_pattern's where one matches) and its selection."""
         lines = [f"adapter ρ={rho:g}: {folder}" for rho, folder in self.adapters.items()]
-        lines.append(f"{'ρ':>5}  {'module':<40}{'r':>6}{'s':>6}{'k':>6}{'kept comp.':>12}{'‖W′‖/‖W‖':>10}"
+        lines.append(f"{'ρ':>6}  {'module':<40}{'r':>6}{'s':>6}{'k':>6}{'kept comp.':>12}{'‖W′‖/‖W‖':>10}"
                      f"{'bytes':>8}")
-        lines += [f"{rho:>5g}  {r.module:<40}{r.r:>6}{r.s:>6}{r.k:>6}{r.kept_component_fraction:>12.3f}"
-                  f"{r.kept_norm_fraction:>10.3f}{r.bytes_ratio:>8.2f}" for rho, r in self.reports]
+        lines += [f"{r.keep_mass:>6g}  {r.module:<40}{r.r:>6}{r.s:>6}{r.k:>6}{r.kept_component_fraction:>12.3f}"
+                  f"{r.kept_norm_fraction:>10.3f}{r.bytes_ratio:>8.2f}" for _, r in self.reports]
         return "\n".join(lines)
 
 
 def run_edit(model: str | None, factors_dir: str | Path, step: EditStep,
              output_dir: str | Path) -> EditOutcome:
-    """Build one adapter per ρ of ``step.keep_mass`` (default 0.6) from the factors in ``factors_dir``; save each to
-    ``output_dir/rho<ρ>`` with the ``curvedit_edit.json`` that publish reads."""
+    """Build one adapter per ρ of ``step.keep_mass`` (default 0.6; ``step.keep_mass_pattern`` overrides it where it
+    matches) from the factors in ``factors_dir``; save each to ``output_dir/rho<ρ>`` (``rho<ρ>-pattern`` with a
+    pattern) with the ``curvedit_edit.json`` that publish reads."""
     from ..curvature import load_factors
     from ..publish import EDIT_FILENAME
     from ..tuner import CurvatureEditConfig, build_curvature_edit
@@ -185,11 +189,12 @@ def run_edit(model: str | None, factors_dir: str | Path, step: EditStep,
         protected = load_protected_eigen(factors_dir, step.protect, net)
         outcome = EditOutcome({}, [])
         for rho in step.keep_mass or (DEFAULT_KEEP_MASS,):
-            cfg = CurvatureEditConfig(keep_mass=rho, target_modules=step.target_modules, selection=step.selection,
+            cfg = CurvatureEditConfig(keep_mass=rho, keep_mass_pattern=dict(step.keep_mass_pattern),
+                                      target_modules=step.target_modules, selection=step.selection,
                                       rank_cap=step.rank_cap, protect=dict(step.protect),
                                       min_expert_tokens=step.min_expert_tokens, compute_dtype=step.compute_dtype)
             peft_model = build_curvature_edit(net, {"general": eig, **protected} if protected else eig, cfg)
-            folder = Path(output_dir) / f"rho{rho:g}"
+            folder = Path(output_dir) / (f"rho{rho:g}" + ("-pattern" if step.keep_mass_pattern else ""))
             with atomic_folder(folder) as staging:  # an adapter folder is complete or absent, never half written
                 peft_model.save_pretrained(staging)
                 summary = edit_summary(peft_model, "default")  # what publish shows as the per-module table

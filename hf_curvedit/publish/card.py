@@ -26,7 +26,7 @@ from ..evaluation.report import EditReport
 # re-exported: they lived here before the tuner owned them
 from ..tuner.summary import jsonable, module_rows, module_rows_from_config  # noqa: F401
 from .card_metadata import eval_results, pipeline_tag_for
-from .card_rows import capability_rows, eval_meta, expert_rows, fmt, format_row, module_row
+from .card_rows import capability_rows, eval_meta, expert_rows, fmt, format_row, layer_rho_rows, module_row
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,7 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         rank_cap=cfg.get("rank_cap"),
         target_modules=sorted(target) if target else [],
         modules=[module_row(m) for m in inputs.modules],
+        layer_rhos=layer_rho_rows(inputs.modules),
         experts=expert_rows(inputs.modules),
         min_expert_tokens=cfg.get("min_expert_tokens"),
         factor_data={k: v for k, v in inputs.factor_data.items() if v not in (None, "", {}, [])},

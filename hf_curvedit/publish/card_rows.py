@@ -11,7 +11,7 @@ from ..evaluation.capabilities import CapabilityResult
 from ..evaluation.report import EditReport, TableRow
 
 __all__ = ["capability_row", "capability_rows", "eval_meta", "expert_rows", "fmt", "format_row", "is_percent",
-           "module_row"]
+           "layer_rho_rows", "module_row"]
 
 PERCENT_METRICS = ("Strict", "Loose", "Stress full match", "Memorized-label rate", "True-label accuracy", "Accuracy")
 
@@ -104,3 +104,23 @@ def module_row(m: Mapping[str, Any]) -> dict[str, Any]:
     row = {"r": None, "s": None, "k": None, "kept_mass_fraction": None, "removed_norm_fraction": None}
     row.update(m)
     return row
+
+
+def layer_rho_rows(modules: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The card's "ρ per layer" line: each layer's ρ (per projection kind where its modules differ), or nothing when
+    every module has the same ρ (a uniform edit: the ρ of the module table says it all)."""
+    from ..sweep.allocation import group_label, module_groups
+
+    rho = {m["module"]: m.get("keep_mass") for m in modules}
+    if len({r for r in rho.values() if r is not None}) < 2:
+        return []
+    rows = []
+    for layer, names in module_groups(rho, "per_layer").items():
+        values = {rho[n] for n in names}
+        if len(values) == 1:
+            shown = f"{float(values.pop()):g}"
+        else:  # per projection kind within the layer, in the order the modules come
+            kinds = {group_label(n, "per_projection").removeprefix(f"{layer} "): rho[n] for n in names}
+            shown = ", ".join(f"{kind} {float(r):g}" for kind, r in kinds.items())
+        rows.append({"layer": layer, "rho": shown})
+    return rows

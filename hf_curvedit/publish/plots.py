@@ -179,14 +179,16 @@ def plot_tradeoff(reports: Mapping[float, EditReport], path: str | Path, *,
 
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     """Plot a sweep: Strict recitation on its primary set against the held-out perplexity change, one point per
-    curvature edit and per baseline setting (SVD rank, BalancedSubnet ratio), the chosen edit circled, each
-    baseline's matched point squared, and the perplexity budget dashed; write a PNG."""
+    curvature edit (the allocation search's candidates apart) and per baseline setting (SVD rank, BalancedSubnet
+    ratio), the chosen edit circled, each baseline's matched point squared, and the perplexity budget dashed; write a
+    PNG."""
     fig = _figure(figsize=(6, 4))
     ax = fig.subplots()
     s = result.primary_set
-    for method, marker, label in (("curvedit", "o", "curvature edit"), ("svd", "x", "SVD truncation"),
-                                  ("balanced_subnet", "^", "BalancedSubnet")):
-        pts = [p for p in result.points if p.method == method]
+    kinds = (("curvedit", "o", "curvature edit"), ("searched", "D", "curvature edit, ρ per layer (search)"),
+             ("svd", "x", "SVD truncation"), ("balanced_subnet", "^", "BalancedSubnet"))
+    for method, marker, label in kinds:
+        pts = [p for p in result.points if ("searched" if p.search_round is not None else p.method) == method]
         if pts:
             ax.scatter([100 * p.perplexity_change for p in pts], [100 * p.recitation[s]["strict"] for p in pts],
                        marker=marker, label=label)

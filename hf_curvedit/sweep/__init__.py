@@ -3,13 +3,17 @@
 Each candidate is built from the same eigenbases (factors of the unedited model), measured, and
 removed again, so one model serves the whole sweep. The pick is the strongest suppression (lowest
 Strict recitation on the primary set, then lowest perplexity) whose held-out perplexity rises by
-no more than ``perplexity_budget``. The baselines (`hf_curvedit.baselines`: SVD truncation, BalancedSubnet) are
-each swept over their own knob; the point whose perplexity change is closest to the pick's stands for the method
-in the side-by-side comparison.
+no more than ``perplexity_budget``. With ``SweepConfig(allocation="per_layer")`` a search then gives
+each layer its own ρ, starting from that pick (`search_allocation`), and the pick is made again over
+every candidate. The baselines (`hf_curvedit.baselines`: SVD truncation, BalancedSubnet) are each
+swept over their own knob; the point whose perplexity change is closest to the pick's stands for the
+method in the side-by-side comparison.
 """
 
 from ..baselines import svd_truncation  # re-exported: the SVD baseline lived here before hf_curvedit.baselines
-from .edits import SweepConfig, sweep_edits
+from .allocation import ALLOCATIONS, allocation_pattern, module_groups, search_allocation
+from .edits import SweepConfig, pick_edit, sweep_edits
 from .result import SweepPoint, SweepResult
 
-__all__ = ["SweepConfig", "SweepPoint", "SweepResult", "svd_truncation", "sweep_edits"]
+__all__ = ["ALLOCATIONS", "SweepConfig", "SweepPoint", "SweepResult", "allocation_pattern", "module_groups",
+           "pick_edit", "search_allocation", "svd_truncation", "sweep_edits"]

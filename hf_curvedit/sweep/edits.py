@@ -1,5 +1,6 @@
-"""`sweep_edits` and its `SweepConfig`: the stages of a sweep (check, the grid of edits, the pick, the baselines at
-matched perplexity, the capabilities) over one model, each edit built from the same eigenbases and removed again."""
+"""`sweep_edits` and its `SweepConfig`: the stages of a sweep (check, the grid of edits, the allocation search, the
+pick, the baselines at matched perplexity, the capabilities) over one model, each edit built from the same eigenbases
+and removed again (`Measurements`); `pick_edit`, the pick rule."""
 
 from __future__ import annotations
 
@@ -11,35 +12,30 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..baselines import BASELINES, BalancedSubnetConfig, svd_truncation, train_balanced_subnet
+from ..baselines import BASELINES, BalancedSubnetConfig
 from ..curvature.eigen import KFACEigen
 from ..errors import InputError, InputKeyError
-from ..evaluation import RecitationSet, TextSet, evaluate_recitation
-from ..evaluation.coherence import DEFAULT_NDCG_K, ndcg_at_k
-from ..evaluation.perplexity import perplexity_from_nll, score_text
-from ..targets import resolve_target_modules, weight_targets
+from ..evaluation import RecitationSet, TextSet
+from ..targets import resolve_target_modules
+from .allocation import ALLOCATIONS
+from .measure import Measurements
 from .result import SweepPoint, SweepResult
 
-__all__ = ["SweepConfig", "sweep_edits"]
+__all__ = ["SweepConfig", "check_allocation", "pick_edit", "sweep_edits"]
 
 
-def _measure(model: nn.Module, sets: Mapping[str, RecitationSet], heldout: TextSet, batch_size: int,
-             pad_token_id: int | None, base_topk: torch.Tensor | None = None,
-             ) -> tuple[dict[str, dict[str, float]], float, float | None, torch.Tensor]:
-    rec = {}
-    for name, s in sets.items():
-        r = evaluate_recitation(model, s.prefixes, s.suffixes, batch_size=batch_size, pad_token_id=pad_token_id,
-                                show_progress=False)
-        rec[name] = {"strict": r.strict, "loose": r.loose, "avg_lev": r.avg_lev}
-    nll, n, topk = score_text(model, heldout.sequences, batch_size=batch_size, top_k=DEFAULT_NDCG_K,
-                              pad_token_id=pad_token_id, show_progress=False)
-    assert topk is not None
-    ndcg = ndcg_at_k(topk, base_topk) if base_topk is not None else None
-    return rec, perplexity_from_nll(nll, n), ndcg, topk
+def check_allocation(allocation: str, steps: tuple[float, ...], max_candidates: int) -> None:
+    """Refuse allocation settings the search cannot run with, naming the fix."""
+    if allocation not in ALLOCATIONS:
+        raise InputError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if not steps or any(not 0 < s < 1 for s in steps):
+        raise InputError(f"allocation_steps are the ρ moves of the search, each in (0, 1), coarse to fine, e.g. "
+                         f"(0.05, 0.025); got {list(steps)}")
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
+        raise InputError(f"allocation_max_candidates is the most candidates the search measures: a positive integer "
+                         f"(e.g. 24), got {max_candidates!r}")
 
 
 @dataclass
@@ -73,6 +69,13 @@ class SweepConfig:
             exposure of ``sweep_edits(exposure_texts=...)``), so that lm-eval runs on the pick alone.
         recitation_tolerance: how much more Strict recitation (a fraction: 0.02 = 2 points) ``"predicted_cost"`` may
             accept for a lower cost.
+        allocation: ``"uniform"``: one ρ for every module of a candidate (the grid alone). ``"per_layer"``: then a
+            search from the grid's pick moves each layer's ρ on its own (`search_allocation`: steepest descent by the
+            pick rule; experts, routed and shared, go with their layer); ``"per_projection"``: each layer's gate/up
+            and its down projection separately. Every candidate is a point of the result, and the pick is the pick
+            rule over all of them.
+        allocation_steps: the ρ moves of the search, coarse to fine (each tried until it finds nothing better).
+        allocation_max_candidates: the most candidates the search measures (its cost: one edit's measurement each).
     """
 
     keep_masses: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -90,6 +93,9 @@ class SweepConfig:
     selection: str = "curvature_mass"
     pick_by: str = "recitation"
     recitation_tolerance: float = 0.02
+    allocation: str = "uniform"
+    allocation_steps: tuple[float, ...] = (0.05,)
+    allocation_max_candidates: int = 24
 
     def __post_init__(self) -> None:
         from ..selection import SELECTIONS
@@ -113,6 +119,8 @@ class SweepConfig:
             raise InputError("the svd baseline needs svd_ranks (e.g. [16, 32, 64])")
         if not 0 < self.perplexity_budget:
             raise InputError("perplexity_budget must be positive (e.g. 0.15 for +15%)")
+        self.allocation_steps = tuple(float(s) for s in self.allocation_steps)
+        check_allocation(self.allocation, self.allocation_steps, self.allocation_max_candidates)
 
     def subnet_configs(self) -> list[BalancedSubnetConfig]:
         """One BalancedSubnet setting per ratio (each checked when made), or none without that baseline."""
@@ -187,11 +195,15 @@ def sweep_edits(
         raise InputError("pick_by='predicted_cost' ranks candidates by their exposure: pass exposure_texts (task name "
                          "-> texts, e.g. lm_eval_task_texts(CapabilityConfig(...), tokenizer))")
     layer_choices = config.layer_choices or {"all": "|".join(re.escape(n) for n in general)}
-    measure = _Measure(model, recitation_sets, heldout, config, eigen)
-    points = measure.grid(layer_choices, _exposure_sets(exposure_texts, tokenizer))
-    chosen = _pick(points, primary, config)
-    result = SweepResult(measure.base, points, config.perplexity_budget, primary, chosen,
-                         extra=_extra(config), config=config.to_dict())
+    measure = Measurements(model, recitation_sets, heldout, config, eigen, _exposure_sets(exposure_texts, tokenizer))
+    points = measure.grid(layer_choices)
+    extra = _extra(config)
+    if config.allocation != "uniform":
+        search = measure.search(points, lambda pts: pick_edit(pts, primary, config))
+        extra["allocation_search"] = {"allocation": config.allocation, **search}
+    chosen = pick_edit(points, primary, config)
+    result = SweepResult(measure.base, points, config.perplexity_budget, primary, chosen, extra=extra,
+                         config=config.to_dict())
     if chosen is not None:
         recreate = measure.baselines(result, clean)
         if config.capabilities is not None:
@@ -241,9 +253,11 @@ def _exposure_sets(texts: Mapping[str, Any] | None, tokenizer: Any) -> dict[str,
     return {name: t if isinstance(t, RecitationSet) else task_text_set(name, t, tokenizer) for name, t in texts.items()}
 
 
-def _pick(points: list[SweepPoint], primary: str, config: SweepConfig) -> SweepPoint | None:
-    """The chosen edit among the measured ones (see `SweepConfig.pick_by`), or None when none fits the budget."""
-    within = [p for p in points if p.perplexity_change <= config.perplexity_budget]
+def pick_edit(points: list[SweepPoint], primary: str, config: SweepConfig) -> SweepPoint | None:
+    """The chosen edit among the measured curvature edits of ``points`` (see `SweepConfig.pick_by`), or None when none
+    fits the budget. The same rule picks from a saved sweep's points: ``pick_edit(r.points, r.primary_set,
+    SweepConfig.from_dict(r.config)) is r.chosen``."""
+    within = [p for p in points if p.method == "curvedit" and p.perplexity_change <= config.perplexity_budget]
     if not within:
         return None
     strict = lambda p: p.recitation[primary]["strict"]  # noqa: E731
@@ -260,102 +274,3 @@ def _extra(config: SweepConfig) -> dict[str, Any]:
     if config.selection != "curvature_mass":
         extra["selection"] = config.selection
     return extra
-
-class _Measure:
-    """The sweep's stages over one model: the base, the grid of edits, the baselines at matched perplexity, the
-    capabilities. Every edit is built on the model and removed again (``self.model`` is the model without adapter
-    layers after each stage, also after an error)."""
-
-    def __init__(self, model: nn.Module, sets: Mapping[str, RecitationSet], heldout: TextSet, config: SweepConfig,
-                 eigen: Any):
-        self.model, self.sets, self.heldout, self.config, self.eigen = model, sets, heldout, config, eigen
-        model.eval()
-        rec, ppl, _, self.base_topk = _measure(model, sets, heldout, config.batch_size, config.pad_token_id)
-        self.base = SweepPoint("base", "–", None, None, None, rec, ppl, 0.0, ndcg=1.0)
-
-    def point(self, method: str, label: str, regex: str | None, m: nn.Module, **knob: Any) -> SweepPoint:
-        rec, p, ndcg, _ = _measure(m, self.sets, self.heldout, self.config.batch_size, self.config.pad_token_id,
-                                   self.base_topk)
-        return SweepPoint(method, label, regex, knob.get("keep_mass"), knob.get("rank"), rec, p,
-                          p / self.base.perplexity - 1, ratio=knob.get("ratio"), ndcg=ndcg)
-
-    def build(self, rho: float, regex: str) -> Any:
-        from ..tuner import CurvatureEditConfig, build_curvature_edit
-
-        return build_curvature_edit(self.model, self.eigen, CurvatureEditConfig(
-            keep_mass=rho, target_modules=regex, protect=self.config.protect, selection=self.config.selection))
-
-    def grid(self, layer_choices: Mapping[str, str], exposure_texts: Mapping[str, Any] | None,
-             ) -> list[SweepPoint]:
-        """Every ρ × layer choice, with each task's exposure when ``exposure_texts`` are given: every candidate's
-        edits are kept until one forward pass per task has measured them all."""
-        from ..exposure.measure import adapter_edits, measure_exposure
-
-        points, edits = [], {}
-        grid = [(label, regex, rho) for label, regex in layer_choices.items() for rho in self.config.keep_masses]
-        for label, regex, rho in tqdm(grid, desc="sweep", unit="edit"):
-            edited = self.build(rho, regex)
-            try:
-                points.append(self.point("curvedit", label, regex, edited, keep_mass=rho))
-                if exposure_texts:
-                    edits[len(points) - 1] = adapter_edits(edited, edited.active_adapter)
-            finally:  # the caller's model comes back without adapter layers, also after an error
-                self.model = edited.unload()
-        if exposure_texts:
-            report = measure_exposure(self.model, {str(i): e for i, e in edits.items()}, exposure_texts,
-                                      batch_size=self.config.batch_size, show_progress=False)
-            for i in edits:
-                points[i].exposure = {t: v for t, v in report.exposures(str(i)).items() if t not in report.memorized}
-        return points
-
-    def baselines(self, result: SweepResult, clean: TextSet | None) -> dict[int, Any]:
-        """Each baseline over its knob; the point nearest the chosen edit's perplexity change is its match. Returns
-        how to recreate each point (for the capabilities)."""
-        chosen, recreate = result.chosen, {}
-        assert chosen is not None
-        nearest = lambda pts: min(pts, key=lambda q: abs(q.perplexity_change - chosen.perplexity_change))  # noqa: E731
-        m = self.model
-        if "svd" in self.config.baselines:
-            names = resolve_target_modules(m, chosen.target_modules)
-            targets = weight_targets(m)
-            max_rank = min(min(targets[n].d_out, targets[n].d_in) for n in names)
-            svd_points = []
-            for k in tqdm([k for k in self.config.svd_ranks or () if 0 < k < max_rank], desc="svd baseline",
-                          unit="rank"):
-                with svd_truncation(m, names, k):
-                    svd_points.append(self.point("svd", chosen.layers, chosen.target_modules, m, rank=k))
-                recreate[id(svd_points[-1])] = lambda names=names, k=k: svd_truncation(m, names, k)
-            result.points.extend(svd_points)
-            if svd_points:
-                result.matches["svd"] = nearest(svd_points)
-        subnet_configs = self.config.subnet_configs()
-        if subnet_configs:
-            memorized = [list(p) + list(s) for rs in self.sets.values() for p, s in zip(rs.prefixes, rs.suffixes)]
-            subnet_points = []
-            for cfg in tqdm(subnet_configs, desc="BalancedSubnet baseline", unit="ratio"):
-                masks = train_balanced_subnet(m, memorized, clean, cfg, pad_token_id=self.config.pad_token_id,
-                                              show_progress=False)
-                label = "all MLP" if cfg.target_modules is None else str(cfg.target_modules)
-                with masks.applied(m):
-                    subnet_points.append(self.point("balanced_subnet", label, None, m, ratio=cfg.ratio))
-                recreate[id(subnet_points[-1])] = lambda masks=masks: masks.applied(m)
-            result.points.extend(subnet_points)
-            if subnet_points:
-                result.matches["balanced_subnet"] = nearest(subnet_points)
-        return recreate
-
-    def capabilities(self, result: SweepResult, recreate: Mapping[int, Any], tokenizer: Any) -> None:
-        """lm-eval scores of the base, the chosen edit and each match."""
-        from ..evaluation.capabilities import capability_scores
-
-        tasks, chosen = self.config.capabilities, result.chosen
-        assert chosen is not None and chosen.keep_mass is not None and chosen.target_modules is not None
-        result.base.capabilities = capability_scores(self.model, tokenizer, tasks)
-        edited = self.build(chosen.keep_mass, chosen.target_modules)
-        try:
-            chosen.capabilities = capability_scores(edited, tokenizer, tasks)
-        finally:
-            self.model = edited.unload()
-        for match in result.matches.values():
-            with recreate[id(match)]():
-                match.capabilities = capability_scores(self.model, tokenizer, tasks)

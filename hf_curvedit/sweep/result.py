@@ -17,8 +17,8 @@ __all__ = ["SweepPoint", "SweepResult"]
 
 @dataclass
 class SweepPoint:
-    """One measured candidate: a curvature edit (``keep_mass``), an SVD truncation (``rank``) or a BalancedSubnet
-    mask (``ratio``)."""
+    """One measured candidate: a curvature edit (``keep_mass``, or one ρ per group of modules: ``allocation``), an
+    SVD truncation (``rank``) or a BalancedSubnet mask (``ratio``)."""
 
     method: str  # "base", "curvedit", "svd" or "balanced_subnet"
     layers: str  # label of the layer/module choice
@@ -32,6 +32,11 @@ class SweepPoint:
     ndcg: float | None = None  # nDCG@10 of the next-token top-10 against the base's
     capabilities: dict[str, float] | None = None  # lm-eval task -> score (the chosen edit, the base, the matches)
     exposure: dict[str, float] | None = None  # task -> predicted exposure (curvature edits, with exposure texts)
+    # the allocation search's candidates: group ("2", or "2 gate/up") -> ρ, the keep_mass_pattern that gives every
+    # module its group's ρ (keep_mass, the start's ρ, then matches none of target_modules), and the search's round
+    allocation: dict[str, float] | None = None
+    keep_mass_pattern: dict[str, float] | None = None
+    search_round: int | None = None
 
     @property
     def predicted_cost(self) -> float:
@@ -40,12 +45,22 @@ class SweepPoint:
 
     @property
     def knob(self) -> str:
-        """The point's setting in words: ``ρ=0.8``, ``k=48``, ``ratio=0.01`` or ``–``."""
+        """The point's setting in words: ``ρ=0.8``, ``ρ per layer 2: 0.85, 3: 0.8``, ``k=48``, ``ratio=0.01`` or
+        ``–``."""
+        if self.allocation:
+            kind = "layer" if all(g.isdigit() for g in self.allocation) else "group"
+            return f"ρ per {kind} " + ", ".join(f"{g}: {r:g}" for g, r in self.allocation.items())
         if self.keep_mass is not None:
             return f"ρ={self.keep_mass:g}"
         if self.rank is not None:
             return f"k={self.rank}"
         return f"ratio={self.ratio:g}" if self.ratio is not None else "–"
+
+    def edit_settings(self) -> dict[str, Any]:
+        """The `CurvatureEditConfig` fields that rebuild this curvature edit: ``keep_mass``, ``keep_mass_pattern``
+        and ``target_modules`` (the sweep's protection and selection are in `SweepResult.extra`)."""
+        return {"keep_mass": self.keep_mass, "keep_mass_pattern": dict(self.keep_mass_pattern or {}),
+                "target_modules": self.target_modules}
 
 
 @dataclass
@@ -106,9 +121,12 @@ class SweepResult:
         s = self.primary_set
         protect = self.extra.get("protect") or {}
         kept = f" protecting {', '.join(f'{n} (ρ={r:g})' for n, r in protect.items())}" if protect else ""
-        return (f"chosen: {c.layers} ρ={c.keep_mass:g}{kept}: {s} Strict {100 * self.base.recitation[s]['strict']:.1f}%"
+        search = self.extra.get("allocation_search")
+        searched = (f"; allocation search: {search['candidates']} candidates in {search['seconds']:.0f} s "
+                    f"({search['stopped']})" if search else "")
+        return (f"chosen: {c.layers} {c.knob}{kept}: {s} Strict {100 * self.base.recitation[s]['strict']:.1f}%"
                 f" → {100 * c.recitation[s]['strict']:.1f}%, perplexity {c.perplexity_change * 100:+.1f}%"
-                + (f", predicted capability cost {c.predicted_cost:.3f}" if c.exposure else ""))
+                + (f", predicted capability cost {c.predicted_cost:.3f}" if c.exposure else "") + searched)
 
     def to_markdown(self, points: Sequence[SweepPoint] | None = None) -> str:
         """A Markdown table: one row per point (default: the base and every point), Strict/Loose/AvgLev per set,
@@ -140,7 +158,7 @@ class SweepResult:
 
     def pick_mismatch(self, adapter_config: Mapping[str, Any]) -> str | None:
         """How an adapter's config (``adapter_config.json`` content) differs from the sweep's pick, or ``None`` when
-        the adapter is the pick (same ρ, modules, protection and selection, no rank cap)."""
+        the adapter is the pick (same ρ, per-group ρ, modules, protection and selection, no rank cap)."""
         c = self.chosen
         if c is None:
             return "the sweep chose no edit"
@@ -149,7 +167,7 @@ class SweepResult:
             ("keep_mass", adapter_config.get("keep_mass"), c.keep_mass),
             ("target_modules", adapter_config.get("target_modules"), c.target_modules),
             ("protect", dict(adapter_config.get("protect") or {}), protect),
-            ("keep_mass_pattern", dict(adapter_config.get("keep_mass_pattern") or {}), {}),
+            ("keep_mass_pattern", dict(adapter_config.get("keep_mass_pattern") or {}), dict(c.keep_mass_pattern or {})),
             ("selection", adapter_config.get("selection", "curvature_mass"),
              self.extra.get("selection", "curvature_mass")),
             ("rank_cap", adapter_config.get("rank_cap"), None),
