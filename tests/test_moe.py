@@ -455,6 +455,18 @@ def test_factored_expert_forward_equals_the_dense_substitution(family, implement
         got = edited_experts_forward(module, projections)(hidden, index, weights)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # a router that hands over its whole distribution (HunYuan-MoE, Phi-MoE on transformers 5.0) routes the same
+    full = torch.zeros(13, module.num_experts, dtype=dtype).scatter(1, index, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(edited_experts_forward(module, projections)(hidden, index, full), got, rtol=0,
+                                   atol=0)
+    if dtype == torch.float64:  # and autograd runs through it (the EK-FAC pass, exposure): gradients match too
+        x = hidden.clone().requires_grad_()
+        edited_experts_forward(module, projections)(x, index, weights).square().sum().backward()
+        y = hidden.clone().requires_grad_()
+        _set_implementation(model, "eager")
+        torch.func.functional_call(module, substituted, (y, index, weights)).square().sum().backward()
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])

@@ -39,7 +39,10 @@ def expert_routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tenso
     values = list(args) + list(kwargs.values())
     if len(values) < 2:
         raise TypeError("an experts module is called as experts(hidden_states, top_k_index, top_k_weights)")
-    return values[0], values[1]
+    index, weights = values[0], values[1]
+    if weights.shape[-1] != index.shape[-1]:
+        weights = weights.gather(-1, index.clamp(max=weights.shape[-1] - 1))
+    return index, weights
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

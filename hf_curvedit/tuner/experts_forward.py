@@ -40,13 +40,12 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     kernel = _transformers_grouped_mm()
     if kernel is not None and weight.dtype in _GROUPED_MM_DTYPES:
         return kernel(x, weight, offsets)
-    out = x.new_zeros(x.shape[0], weight.shape[-1], dtype=weight.dtype)
-    start = 0
+    parts, start = [], 0
     for g, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(x[start:end].to(weight.dtype), weight[g], out=out[start:end])
+        parts.append(x[start:end].to(weight.dtype) @ weight[g])
         start = end
-    return out
+    parts.append(x.new_zeros(x.shape[0] - start, weight.shape[-1], dtype=weight.dtype))
+    return torch.cat(parts)
 
 
 def _transformers_grouped_mm() -> Callable[..., torch.Tensor] | None:
