@@ -50,7 +50,13 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     rf"(.*\.)?(block_sparse_moe\.{_EXPERTS}|shared_mlp\.(input_linear|output_linear))": (
         "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared"),
     rf"(.*\.)?mixer\.((shared_experts\.)?(up_proj|down_proj)|{_EXPERTS})": ("nemotron_h",),
-    r"(.*\.)?mlps\.\d+\.(gate_proj|up_proj|down_proj)": ("longcat_flash",),
+    # LongCat-Flash: the two dense MLPs of each block (`mlps`) and the routed experts of its MoE (`mlp.experts`, whose
+    # "zero" experts are the identity and have nothing to edit)
+    rf"(.*\.)?(mlps\.\d+\.(gate_proj|up_proj|down_proj)|mlp\.{_EXPERTS})": ("longcat_flash",),
+    # DBRX: the routed experts are its only MLP (`ffn.experts`, whose `mlp` holds w1, v1, w2 as 2D stacks)
+    r"(.*\.)?ffn\.experts\.(w1|v1|w2)": ("dbrx",),
+    # JetMoE: the MoE's two expert projections; the mixture-of-attention experts (`self_attention.experts`) are not MLP
+    r"(.*\.)?mlp\.(input_linear|output_linear)": ("jetmoe",),
     r"(.*\.)?(global_transformer|local_encoder|local_decoder)\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)": (
         "blt",),
     r"(.*\.)?mlp\.(gate_up_proj|down_proj)": ("glm", "glm4", "phi3", "phi4_multimodal"),
@@ -82,8 +88,6 @@ NO_DEFAULT_REASON: dict[str, str] = {
     "mamba": "it has no MLP (state-space layers only)",
     "mamba2": "it has no MLP (state-space layers only)",
     "falcon_mamba": "it has no MLP (state-space layers only)",
-    "dbrx": "its experts are 2D stacked parameters with a forward of their own, which hf-curvedit does not know",
-    "jetmoe": "its experts (JetMoeParallelExperts) have a forward of their own, which hf-curvedit does not know",
 }
 
 

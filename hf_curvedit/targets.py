@@ -1,4 +1,4 @@
-"""Choosing which weights to edit (linear layers and fused expert projections): names, globs, regexes and
+"""Choosing which weights to edit (linear layers and expert projections): names, globs, regexes and
 architecture defaults."""
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import InputError
+from .expert_layouts import experts_layout
 from .target_defaults import default_target_modules, no_default_message
 
 TargetSpec = str | Sequence[str] | None
 
 _GLOB_CHARS = set("*?[")
-
-# The projections of transformers 5's fused experts modules (`integrations/moe.py`): 3D parameters, one matrix per
-# expert. `gate_up_proj` (or `up_proj` in experts without a gate) reads the token, `down_proj` writes back.
-EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
-
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for `nn.Linear` and GPT-2's `Conv1D` (a linear layer whose weight is stored transposed)."""
@@ -30,33 +26,24 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def is_experts_module(module: nn.Module) -> bool:
-    """True for a fused experts module that dispatches through transformers' generic experts interface.
-
-    `transformers.integrations.moe.use_experts_implementation` marks such classes (Mixtral, Qwen2/3-MoE, OLMoE,
-    DeepSeek-V2/V3, GPT-OSS, GLM-4-MoE, GraniteMoE and most MoE families of transformers 5): they hold one 3D parameter
-    per projection and route with ``forward(hidden_states, top_k_index, top_k_weights)``, whose layout flags
-    (``has_bias``, ``is_transposed`` and, from transformers 5.3 on, ``has_gate``) the decorator records on the
-    instance.
-    """
-    return (all(hasattr(module, a) for a in ("has_bias", "is_transposed", "num_experts"))
-            and callable(getattr(module, "_apply_gate", None))
-            and any(_expert_parameter(module, p) is not None for p in EXPERT_PROJECTIONS))
+    """True for an experts module hf-curvedit edits (`hf_curvedit.expert_layouts.experts_layout`): a fused experts
+    module that dispatches through transformers' generic experts interface (``use_experts_implementation``: Mixtral,
+    Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, GLM-4-MoE, GraniteMoE and most MoE families of transformers 5), or
+    one of the experts classes with a forward of their own that hf-curvedit knows (see `expert_layouts`)."""
+    return experts_layout(module) is not None
 
 
 def experts_have_gate(module: nn.Module) -> bool:
-    """Whether an experts module's first projection is the fused ``gate_up_proj`` (else ``up_proj``, no gate).
+    """Whether a fused experts module's first projection is the fused ``gate_up_proj`` (else ``up_proj``, no gate).
     transformers before 5.3 records no ``has_gate``: its experts always have a gate."""
-    return bool(getattr(module, "has_gate", _expert_parameter(module, "gate_up_proj") is not None))
-
-
-def _expert_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
-    p = module._parameters.get(name)
-    return p if p is not None and p.dim() == 3 else None
+    p = module._parameters.get("gate_up_proj")
+    return bool(getattr(module, "has_gate", p is not None and p.dim() == 3))
 
 
 def expert_parameter_names(module: nn.Module) -> list[str]:
-    """The 3D projection parameters of an experts module (`is_experts_module`), in forward order."""
-    return [p for p in EXPERT_PROJECTIONS if _expert_parameter(module, p) is not None]
+    """The projections of an experts module (`is_experts_module`), in forward order."""
+    layout = experts_layout(module)
+    return list(layout.params) if layout is not None else []
 
 
 @dataclass(frozen=True)
@@ -71,6 +58,8 @@ class TargetWeight:
         d_out, d_in: the logical shape of one matrix (``y = W a``), whatever the storage layout.
         num_experts: the number of experts (``None`` for a linear layer).
         transposed: the storage is ``(d_in, d_out)`` (GPT-2 `Conv1D`) or ``(experts, d_in, d_out)``.
+        stacked: the experts' matrices are stacked in a 2D parameter, ``(experts·d_out, d_in)`` (or
+            ``(experts·d_in, d_out)`` when transposed), as DBRX stores them.
     """
 
     name: str
@@ -80,6 +69,7 @@ class TargetWeight:
     d_in: int
     num_experts: int | None = None
     transposed: bool = False
+    stacked: bool = False
 
     @property
     def is_experts(self) -> bool:
@@ -92,6 +82,10 @@ class TargetWeight:
 
     def parameter(self) -> torch.Tensor:
         """The stored parameter (in its storage layout)."""
+        if self.is_experts:
+            layout = experts_layout(self.module)
+            assert layout is not None
+            return layout.parameter(self.module, self.param_name)
         return getattr(self.module, self.param_name)
 
     def logical_weight(self) -> torch.Tensor:
@@ -101,20 +95,33 @@ class TargetWeight:
     def to_logical(self, stored: torch.Tensor) -> torch.Tensor:
         """A tensor in this weight's storage layout (the parameter, or a copy of it) in the logical layout (a view):
         the one place that knows how each kind of target stores its matrices."""
+        if self.stacked:
+            assert self.num_experts is not None
+            stored = stored.view(self.num_experts, -1, stored.shape[-1])
         return stored.transpose(-1, -2) if self.transposed else stored
 
     def to_storage(self, logical: torch.Tensor) -> torch.Tensor:
         """The inverse of `to_logical`: a logical ``(d_out, d_in)`` (or stacked) tensor in the storage layout
         (contiguous)."""
-        return (logical.transpose(-1, -2) if self.transposed else logical).contiguous()
+        stored = (logical.transpose(-1, -2) if self.transposed else logical).contiguous()
+        return stored.view(-1, stored.shape[-1]) if self.stacked else stored
 
 
 def experts_target(module: nn.Module, param: str, name: str = "") -> TargetWeight:
     """The `TargetWeight` of projection ``param`` of the experts module ``module`` (named ``name``)."""
-    num, d_a, d_b = getattr(module, param).shape
-    d_out, d_in = (d_b, d_a) if module.is_transposed else (d_a, d_b)
+    layout = experts_layout(module)
+    if layout is None or param not in layout.params:
+        raise InputError(f"{type(module).__name__} has no expert projection {param!r}")
+    stored = layout.parameter(module, param)
+    if layout.stacked:
+        assert layout.num_experts is not None
+        num, d_a, d_b = layout.num_experts, stored.shape[0] // layout.num_experts, stored.shape[1]
+    else:
+        num, d_a, d_b = stored.shape
+    transposed = param in layout.transposed
+    d_out, d_in = (d_b, d_a) if transposed else (d_a, d_b)
     qualified = f"{name}.{param}" if name else param
-    return TargetWeight(qualified, module, param, int(d_out), int(d_in), int(num), bool(module.is_transposed))
+    return TargetWeight(qualified, module, param, int(d_out), int(d_in), int(num), transposed, layout.stacked)
 
 
 def target_selected(name: str, spec: TargetSpec, expert: bool) -> bool:
@@ -130,9 +137,10 @@ def target_selected(name: str, spec: TargetSpec, expert: bool) -> bool:
 
 def weight_targets(model: nn.Module) -> dict[str, TargetWeight]:
     """Every weight of ``model`` an edit can act on, by qualified name, in model order: linear layers (and GPT-2
-    `Conv1D`) and the 3D projections of fused experts modules."""
+    `Conv1D`) and the projections of experts modules. What an experts module holds inside it (JetMoE's router) is
+    its own computation, never a target of its own: the tuner wraps the experts module as a whole."""
     out: dict[str, TargetWeight] = {}
-    for name, module in model.named_modules():
+    for name, module in _outside_experts(model):
         if is_linear_like(module):
             d_out, d_in = linear_shape(module)
             out[name] = TargetWeight(name, module, "weight", d_out, d_in, transposed=isinstance(module, Conv1D))
@@ -143,11 +151,22 @@ def weight_targets(model: nn.Module) -> dict[str, TargetWeight]:
     return out
 
 
-def _unsupported_3d(model: nn.Module) -> dict[str, str]:
-    # 3D parameters of modules that do not dispatch through the generic experts interface (Llama 4, DBRX): their own
-    # forward decides what the matrices mean, so they are refused by name instead of being skipped silently.
-    out = {}
+def _outside_experts(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    # named_modules, less the modules inside an experts module
+    inside: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if name and is_experts_module(module):
+            inside.append(name)
+        yield name, module
+
+
+def _unsupported_3d(model: nn.Module) -> dict[str, str]:
+    # 3D parameters of modules that hf-curvedit does not know as experts: their own forward decides what the matrices
+    # mean, so they are refused by name instead of being skipped silently.
+    out = {}
+    for name, module in _outside_experts(model):
         if is_experts_module(module):
             continue
         for p, t in module.named_parameters(recurse=False):

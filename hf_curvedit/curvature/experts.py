@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..expert_layouts import DBRX, FUSED, JETMOE, LONGCAT, experts_layout
 from ..targets import experts_have_gate, experts_target
 
 __all__ = ["ExpertRecorder", "expert_routing", "recording_experts", "recording_forward", "replaced_forwards"]
@@ -35,12 +36,15 @@ ExpertRecorder = Callable[[str, int, torch.Tensor, int, torch.Tensor, torch.Tens
 
 def expert_routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(top_k_index, top_k_weights)`` of an experts module's call ``(hidden_states, top_k_index, top_k_weights)``,
-    given the arguments after ``hidden_states`` (GPT-OSS names them ``router_indices``/``routing_weights``)."""
+    given the arguments after ``hidden_states`` (GPT-OSS names them ``router_indices``/``routing_weights``); the
+    weights are those of the chosen experts, ``(tokens, top_k)``, whichever form the router gave them in."""
     values = list(args) + list(kwargs.values())
     if len(values) < 2:
         raise TypeError("an experts module is called as experts(hidden_states, top_k_index, top_k_weights)")
     index, weights = values[0], values[1]
     if weights.shape[-1] != index.shape[-1]:
+        # a router that hands over its whole distribution over experts (DeepSeek-V2's style: HunYuan-MoE and Phi-MoE
+        # on transformers 5.0), which transformers' kernels read at the chosen experts
         weights = weights.gather(-1, index.clamp(max=weights.shape[-1] - 1))
     return index, weights
 
@@ -84,10 +88,100 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
 
 @contextlib.contextmanager
 def recording_experts(modules: Mapping[nn.Module, ExpertRecorder]) -> Iterator[None]:
-    """Run each experts module with `recording_forward` (and its recorder) inside the block (see
-    `replaced_forwards`)."""
-    with replaced_forwards({module: recording_forward(module, record) for module, record in modules.items()}):
+    """Run each experts module with its recording forward (`recording_forward`, or its class's own computation for
+    the classes of `hf_curvedit.expert_layouts`) and recorder inside the block (see `replaced_forwards`)."""
+    forwards: dict[nn.Module, Callable[..., Any]] = {}
+    with contextlib.ExitStack() as stack:
+        for module, record in modules.items():
+            layout = experts_layout(module)
+            if layout is None:
+                raise TypeError(f"{type(module).__name__} is not an experts module hf-curvedit knows")
+            if layout.kind == FUSED:
+                forwards[module] = recording_forward(module, record)
+            elif layout.kind == LONGCAT:
+                forwards[module] = _longcat_recording(module, record)
+            elif layout.kind == JETMOE:
+                forwards.update(_jetmoe_recording(module, record, stack))
+            elif layout.kind == DBRX:
+                forwards[module] = _dbrx_recording(module, record)
+            else:
+                raise NotImplementedError(layout.kind)
+        stack.enter_context(replaced_forwards(forwards))
         yield
+
+
+def _jetmoe_recording(module: nn.Module, record: ExpertRecorder,
+                      stack: contextlib.ExitStack) -> dict[nn.Module, Callable[..., torch.Tensor]]:
+    # JetMoeMoE sorts its (token, expert) pairs by expert and hands them to two JetMoeParallelExperts children, which
+    # see only the sorted rows: the router's output says which token each row is (`batch_index`)
+    routing: dict[str, Any] = {}
+
+    def routed(_module: nn.Module, inputs: tuple, output: tuple) -> None:
+        routing["rows"], routing["tokens"] = inputs[0].shape[0], output[1]
+
+    stack.enter_context(module.router.register_forward_hook(routed))
+
+    def child(param: str) -> Callable[..., torch.Tensor]:
+        def forward(inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+            w = experts_target(module, param).logical_weight()
+            outs, start = [], 0
+            for e, n in enumerate(expert_size):
+                a = inputs[start:start + n]
+                y = F.linear(a, w[e])
+                if n:
+                    record(param, e, routing["tokens"][start:start + n], routing["rows"], a, y)
+                outs.append(y)
+                start += n
+            return torch.cat(outs, dim=0)
+        return forward
+
+    return {getattr(module, p): child(p) for p in ("input_linear", "output_linear")}
+
+
+def _dbrx_recording(module: nn.Module, record: ExpertRecorder) -> Callable[..., torch.Tensor]:
+    # DbrxExperts.forward: expert e is act(x w1_eᵀ) * (x v1_eᵀ) projected by w2; an index past the experts is an
+    # expert-parallel sentinel (nothing computed here)
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        batch = hidden_states.shape[0]
+        x = hidden_states.reshape(-1, module.hidden_size)
+        w = {p: experts_target(module, p).logical_weight() for p in ("w1", "v1", "w2")}
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_k_index[top_k_index < module.num_experts]).tolist():
+            tokens, slot = torch.where(top_k_index == e)
+            a = x[tokens]
+            gate, up = F.linear(a, w["w1"][e]), F.linear(a, w["v1"][e])
+            record("w1", e, tokens, x.shape[0], a, gate)
+            record("v1", e, tokens, x.shape[0], a, up)
+            z = module.mlp.activation_fn(gate) * up
+            y = F.linear(z, w["w2"][e])
+            record("w2", e, tokens, x.shape[0], z, y)
+            out.index_add_(0, tokens, y * top_k_weights[tokens, slot, None])
+        return out.view(batch, -1, module.hidden_size)
+
+    return forward
+
+
+def _longcat_recording(module: nn.Module, record: ExpertRecorder) -> Callable[..., torch.Tensor]:
+    # LongcatFlashExperts.forward: a routed expert is a gated MLP on its tokens; an index past num_routed_experts is a
+    # "zero" expert that returns its token (nothing to record)
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        w_in = experts_target(module, "gate_up_proj").logical_weight()
+        w_out = experts_target(module, "down_proj").logical_weight()
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            tokens, slot = torch.where(top_k_index == e)
+            y = hidden_states[tokens]
+            if e < module.num_routed_experts:
+                h = F.linear(y, w_in[e])
+                record("gate_up_proj", e, tokens, hidden_states.shape[0], y, h)
+                gate, up = h.chunk(2, dim=-1)
+                z = module.act_fn(gate) * up
+                y = F.linear(z, w_out[e])
+                record("down_proj", e, tokens, hidden_states.shape[0], z, y)
+            out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))
+        return out
+
+    return forward
 
 
 @contextlib.contextmanager

@@ -35,8 +35,9 @@ from ..edit import (
 from ..errors import InputError
 from ..targets import expert_parameter_names, experts_target, is_experts_module
 from ..utils import execution_device
-from .experts_forward import BASE, DENSE, FACTORED, ExpertsProjection, edited_experts_forward
+from .experts_forward import BASE, DENSE, FACTORED, ExpertsProjection
 from .layer import CurvatureEditLayer, single_edit_to_merge
+from .layout_forwards import edited_forwards
 from .stores import PinnedDtypeBufferDict, store_name
 
 __all__ = ["CurvatureEditExperts"]
@@ -67,7 +68,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
 
     def base_weight(self, unit: str = "") -> torch.Tensor:
         """The unedited ``(experts, d_out, d_in)`` weight of parameter `unit` (logical layout), also while merged."""
-        w = self.curvedit_original[unit] if unit in self.curvedit_original else getattr(self.base_layer, unit)
+        w = self.curvedit_original[unit] if unit in self.curvedit_original else self._parameter(unit)
         return experts_target(self.base_layer, unit).to_logical(w)
 
     def _empty_tensors(self, unit: str, info: Mapping[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -91,7 +92,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
         name = module_name or self._curvedit_module_name
         out = []
         for p in self.units_of(adapter_name):
-            weight = getattr(self.base_layer, p)
+            weight = self._parameter(p)
             _, d_out, d_in = self.base_weight(p).shape
             factors = (self._store_of("out", p)[adapter_name], self._store_of("in", p)[adapter_name])
             out.append(ModuleEditReport.from_expert_meta(
@@ -100,6 +101,10 @@ class CurvatureEditExperts(CurvatureEditLayer):
                 adapter_bytes=sum(t.numel() * t.element_size() for t in factors),
                 weight_bytes=weight.numel() * weight.element_size()))
         return out
+
+    def _parameter(self, unit: str) -> torch.Tensor:
+        # the stored parameter of a projection, wherever the experts class keeps it (`expert_layouts`)
+        return experts_target(self.base_layer, unit).parameter()
 
     def _store_of(self, kind: str, param: str) -> PinnedDtypeBufferDict:
         return getattr(self, store_name(kind, param))
@@ -136,7 +141,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
         """The dtype the unmerged forward of `adapter_name` multiplies the edited experts in (see
         `CurvatureEditConfig.compute_dtype`)."""
         dtype = self._curvedit_compute_dtype.get(adapter_name)
-        return dtype if dtype is not None else getattr(self.base_layer, unit).dtype
+        return dtype if dtype is not None else self._parameter(unit).dtype
 
     def _projection(self, adapter_name: str, param: str, device: torch.device) -> ExpertsProjection:
         # what the unmerged forward multiplies by, made once per (adapter, parameter, device) from the stores and
@@ -176,17 +181,17 @@ class CurvatureEditExperts(CurvatureEditLayer):
         # W' in the parameter's storage layout and dtype (what a merge writes)
         with torch.no_grad():
             w = self.edited_weight(adapter_name, param)
-            return experts_target(self.base_layer, param).to_storage(w.to(getattr(self.base_layer, param).dtype))
+            return experts_target(self.base_layer, param).to_storage(w.to(self._parameter(param).dtype))
 
     # ---- forward, merge ------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self._edit_to_run()
         if name is None:
             return self.base_layer(hidden_states, *args, **kwargs)
-        device = execution_device(self.base_layer, getattr(self.base_layer, self.units_of(name)[0]))
+        device = execution_device(self.base_layer, self._parameter(self.units_of(name)[0]))
         projections = {p: self._projection(name, p, device) for p in self.units_of(name)}
         # the module's own call, its hooks (accelerate's included) and experts implementation, with this forward
-        with replaced_forwards({self.base_layer: edited_experts_forward(self.base_layer, projections)}):
+        with replaced_forwards(edited_forwards(self.base_layer, projections)):
             return self.base_layer(hidden_states, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -198,7 +203,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
         if safe_merge and not all(torch.isfinite(w).all() for w in new.values()):
             raise InputError(f"the edited weights of adapter '{name}' contain NaN or inf; not merging them")
         for p, w in new.items():
-            self.curvedit_original[p] = assign_weight(getattr(self.base_layer, p), w)
+            self.curvedit_original[p] = assign_weight(self._parameter(p), w)
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -207,7 +212,7 @@ class CurvatureEditExperts(CurvatureEditLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         for p in list(self.curvedit_original.keys()):
-            restore_weight(getattr(self.base_layer, p), self.curvedit_original[p])
+            restore_weight(self._parameter(p), self.curvedit_original[p])
             del self.curvedit_original[p]
         self.merged_adapters.clear()
 

@@ -84,7 +84,8 @@ def logical_weight(module: nn.Module, param: str | None = None) -> torch.Tensor:
     if isinstance(module, CurvatureEditLayer):
         return full_weight(module.base_weight(param or ""))
     if param is not None:
-        return experts_target(module, param).to_logical(full_weight(getattr(module, param)))
+        target = experts_target(module, param)
+        return target.to_logical(full_weight(target.parameter()))
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     w = full_weight(base.weight)
     return w.T if isinstance(base, Conv1D) else w

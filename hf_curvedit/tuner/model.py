@@ -69,7 +69,9 @@ class CurvatureEditModel(BaseTuner):
         try:
             experts = experts_of(self.model.get_submodule(key))
         except AttributeError:
-            experts = None
+            # a module inside an experts module already wrapped (JetMoE's expert children, its router): part of that
+            # experts module's edit, never a target of its own
+            return False
         if experts is None:
             return is_target(peft_config, name, expert=False)
         results = [is_target(peft_config, f"{name}.{p}", expert=True) for p in expert_parameter_names(experts)]

@@ -1,0 +1,288 @@
+"""Experts classes with a forward of their own (`hf_curvedit.expert_layouts`): per-expert factors against a per-token
+brute force, and the expert adapter through its lifecycle (unmerged = merged, disabled = base bit for bit, every stock
+loading path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from family_configs import available_families, tiny_causal_lm
+from testing_utils import random_token_rows
+
+from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
+from hf_curvedit.targets import is_experts_module, resolve_target_modules, weight_targets
+from hf_curvedit.tuner.experts import CurvatureEditExperts
+
+VOCAB = 128
+
+
+def _probe(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float64, requires_grad=True)
+
+
+# Each reference computes one experts module token by token and routed expert by routed expert, adding a zero probe
+# to every projection's output; `note(param, token, expert, a, probe)` records the projection's input and probe.
+
+
+def _longcat_reference(module, note):
+    def forward(hidden, top_k_index, top_k_weights):
+        rows = []
+        for t in range(hidden.shape[0]):
+            out = torch.zeros_like(hidden[t])
+            for k in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, k])
+                y = hidden[t]
+                if e < module.num_routed_experts:
+                    p1, p2 = _probe(module.gate_up_proj.shape[1]), _probe(module.down_proj.shape[1])
+                    h = module.gate_up_proj[e] @ y + p1
+                    note("gate_up_proj", t, e, y, p1)
+                    gate, up = h.chunk(2)
+                    z = module.act_fn(gate) * up
+                    y = module.down_proj[e] @ z + p2
+                    note("down_proj", t, e, z, p2)
+                out = out + top_k_weights[t, k] * y
+            rows.append(out)
+        return torch.stack(rows)
+    return forward
+
+
+def _jetmoe_reference(module, note):
+    def forward(layer_input):
+        B, L, H = layer_input.shape
+        x = layer_input.reshape(-1, H)
+        logits = module.router.layer(x).float()
+        top_logits, top_index = logits.topk(module.router.top_k, dim=1)
+        gates = torch.softmax(top_logits, dim=1).type_as(x)
+        w_in, w_out = module.input_linear.weight, module.output_linear.weight
+        rows = []
+        for t in range(x.shape[0]):
+            out = torch.zeros_like(x[t])
+            for k in range(top_index.shape[1]):
+                e = int(top_index[t, k])
+                p1, p2 = _probe(w_in.shape[1]), _probe(w_out.shape[1])
+                h = w_in[e] @ x[t] + p1
+                note("input_linear", t, e, x[t], p1)
+                c0, c1 = h.chunk(2)
+                z = module.activation(c0) * c1
+                note("output_linear", t, e, z, p2)
+                out = out + gates[t, k] * (w_out[e] @ z + p2)
+            rows.append(out)
+        return (torch.stack(rows) + module.bias).view(B, L, H)
+    return forward
+
+
+def _dbrx_reference(module, note):
+    # DBRX checkpoints' computation (transformers#47671): gate = w1_e x, up = v1_e x, out = w2_eᵀ (act(gate) * up)
+    glu = module.mlp
+    E, F_, H = module.num_experts, module.ffn_hidden_size, module.hidden_size
+    w1, v1, w2 = (getattr(glu, p).view(E, F_, H) for p in ("w1", "v1", "w2"))
+
+    def forward(hidden, top_k_index, top_k_weights):
+        x = hidden.reshape(-1, H)
+        rows = []
+        for t in range(x.shape[0]):
+            out = torch.zeros_like(x[t])
+            for k in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, k])
+                p1, p2, p3 = _probe(F_), _probe(F_), _probe(H)
+                gate, up = w1[e] @ x[t] + p1, v1[e] @ x[t] + p2
+                note("w1", t, e, x[t], p1)
+                note("v1", t, e, x[t], p2)
+                z = glu.activation_fn(gate) * up
+                note("w2", t, e, z, p3)
+                out = out + top_k_weights[t, k] * (w2[e].T @ z + p3)
+            rows.append(out)
+        return torch.stack(rows).view(hidden.shape[0], -1, H)
+    return forward
+
+
+REFERENCES = {"longcat_flash": _longcat_reference, "jetmoe": _jetmoe_reference, "dbrx": _dbrx_reference}
+
+
+def _families(names):
+    have = set(available_families())
+    return [pytest.param(f, marks=pytest.mark.skipif(f not in have, reason=f"transformers lacks {f}")) for f in names]
+
+
+def _old_dbrx(family: str) -> bool:
+    from hf_curvedit.expert_layouts import experts_layout
+
+    if family != "dbrx" or family not in available_families():
+        return False
+    model = tiny_causal_lm(family)
+    return experts_layout(model.transformer.blocks[0].ffn.experts).transposed == {"w1", "v1"}
+
+
+@pytest.mark.parametrize("family", _families(list(REFERENCES)))
+def test_recording_forward_computes_what_the_model_computes(family):
+    from hf_curvedit.curvature.experts import recording_experts
+
+    model = tiny_causal_lm(family)
+    ids, mask = padded(random_token_rows(3, 8, 12, seed=1), 12)
+    mods = [m for m in model.modules() if is_experts_module(m)]
+    assert mods
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with recording_experts({m: lambda *a: None for m in mods}):
+            got = model(input_ids=ids, attention_mask=mask).logits
+        again = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, want), "the class's own forward is back after collection"
+
+
+def padded(rows, length):
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def brute_force(model, family, ids, mask):
+    """Per-token K-FAC factors of every expert projection (float64 sums over valid positions, empirical labels):
+    {name: (A (experts, d_in, d_in), G (experts, d_out, d_out), tokens per expert)}."""
+    records = []
+    mods = {n: m for n, m in model.named_modules() if is_experts_module(m)}
+    for name, m in mods.items():
+        m.forward = REFERENCES[family](m, lambda p, t, e, a, probe, name=name: records.append(
+            (f"{name}.{p}", t, e, a.detach(), probe)))
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        for m in mods.values():
+            del m.forward
+    B, T = ids.shape
+    valid = torch.zeros(B * T, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T - 1):
+            valid[b * T + t] = bool(mask[b, t] and mask[b, t + 1])
+    pos = valid.nonzero().squeeze(1).tolist()
+    labels = torch.tensor([int(ids.reshape(-1)[p + 1]) for p in pos])
+    loss = F.cross_entropy(logits.reshape(B * T, -1)[pos], labels, reduction="sum")
+    kept = [r for r in records if valid[r[1]]]
+    grads = torch.autograd.grad(loss, [r[4] for r in kept], allow_unused=True)
+    targets = weight_targets(model)
+    out = {}
+    for (key, _, e, a, probe), g in zip(kept, grads):
+        g = torch.zeros_like(probe) if g is None else g
+        if key not in out:
+            num = targets[key].num_experts
+            out[key] = [torch.zeros(num, a.numel(), a.numel(), dtype=torch.float64),
+                        torch.zeros(num, g.numel(), g.numel(), dtype=torch.float64), [0] * num]
+        out[key][0][e] += torch.outer(a, a)
+        out[key][1][e] += torch.outer(g, g)
+        out[key][2][e] += 1
+    for A, G, count in out.values():
+        for e, c in enumerate(count):
+            if c:
+                A[e] /= c
+                G[e] /= c
+    return out
+
+
+@pytest.mark.parametrize("family", _families(list(REFERENCES)))
+def test_expert_factors_match_a_per_token_brute_force(family):
+    if _old_dbrx(family):
+        pytest.skip("this transformers' DbrxExpertGLU has the transposes of DBRX checkpoints inverted "
+                    "(huggingface/transformers#47671); the reference is the checkpoints' computation")
+    model = tiny_causal_lm(family).double()
+    rows = [[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(5, lo=5, hi=14, seed=3)]
+    cfg = FactorConfig(label_mode="empirical", seq_len=14, batch_size=5, packing=False, accumulate_dtype="float64",
+                       target_modules=[n for n, t in weight_targets(model).items() if t.is_experts])
+    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}), cfg, progress=False)
+    ids, mask = padded(rows, 14)
+    assert (mask == 0).any()
+    want = brute_force(model, family, ids, mask)
+    assert set(factors.module_names) == set(want) and want
+    for n, (A, G, count) in want.items():
+        assert factors.num_tokens[n] == count, n
+        assert sum(count) > 0
+        for got, ref in ((factors.A[n], A), (factors.G[n], G)):
+            assert got.shape == ref.shape
+            assert (got.double() - ref).abs().max() <= 1e-10 * ref.abs().max(), n
+
+
+@pytest.fixture(scope="module", params=_families(list(REFERENCES)))
+def saved(request, tmp_path_factory):
+    """A family's tiny model saved as a base folder, its default edit (routed experts included) and the edit saved."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    model = tiny_causal_lm(family)
+    model.save_pretrained(root / "base")
+    data = Dataset.from_dict({"input_ids": [[t % (VOCAB - 1) + 1 for t in r]
+                                            for r in random_token_rows(48, 6, 20, seed=0)]})
+    factors = fit_factors(model, data, FactorConfig(seq_len=16, batch_size=8), progress=False)
+    edited = build_curvature_edit(model, factors, CurvatureEditConfig(keep_mass=0.6, min_expert_tokens=8))
+    edited.peft_config["default"].base_model_name_or_path = str(root / "base")
+    edited.save_pretrained(root / "edit")
+    x = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = edited(input_ids=x).logits
+    return family, root, edited, x, out
+
+
+def test_default_targets_edit_the_routed_experts(saved):
+    family, _, edited, _, _ = saved
+    fresh = tiny_causal_lm(family)
+    names = resolve_target_modules(fresh)
+    assert any(weight_targets(fresh)[n].is_experts for n in names)
+    entries = edited.peft_config["default"].edited_modules
+    experts = [n for n, e in entries.items() if e.get("experts")]
+    assert experts and all(n in names for n in experts)
+    assert any(e["edited_experts"] > 0 for n, e in entries.items() if n in experts), "some expert was edited"
+
+
+def test_expert_adapter_toggles_merges_and_unmerges(saved):
+    family, _, edited, x, out = saved
+    with torch.no_grad():
+        base = tiny_causal_lm(family)(input_ids=x).logits
+        with edited.disable_adapter():
+            assert torch.equal(edited(input_ids=x).logits, base), "disabled = the base model, bit for bit"
+        assert not torch.allclose(out, base)
+        edited.merge_adapter()
+        merged = edited(input_ids=x).logits
+        edited.unmerge_adapter()
+        again = edited(input_ids=x).logits
+        with edited.disable_adapter():
+            assert torch.equal(edited(input_ids=x).logits, base)
+    torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-6)  # factored (x in_e) out_eᵀ against merged W'_e
+    assert torch.equal(again, out)
+
+
+def test_expert_adapter_loads_identically_through_every_stock_path(saved):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import hf_curvedit  # noqa: F401  (registers the PEFT method)
+
+    family, root, _, x, out = saved
+    with torch.no_grad():
+        loaded = [
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), root / "edit"),
+            AutoPeftModelForCausalLM.from_pretrained(root / "edit"),
+            AutoModelForCausalLM.from_pretrained(root / "edit"),
+        ]
+        plain = AutoModelForCausalLM.from_pretrained(root / "base")
+        plain.load_adapter(str(root / "edit"))
+        loaded.append(plain)
+        for m in loaded:
+            assert torch.equal(m(input_ids=x).logits, out)
+        merged = loaded[0].merge_and_unload()
+        assert not any(isinstance(m, CurvatureEditExperts) for m in merged.modules())
+        merged_out = merged(input_ids=x).logits
+        torch.testing.assert_close(merged_out, out, rtol=1e-5, atol=1e-6)
+        merged.save_pretrained(root / "merged")
+        reloaded = AutoModelForCausalLM.from_pretrained(root / "merged")
+        assert torch.equal(reloaded(input_ids=x).logits, merged_out)
+    base = AutoModelForCausalLM.from_pretrained(root / "base").state_dict()
+    changed = {k for k, v in reloaded.state_dict().items() if not torch.equal(v, base[k])}
+    targets = weight_targets(reloaded)
+    edited_experts = [t for t in targets.values() if t.is_experts]
+    assert any(not torch.equal(t.parameter(), base[_state_key(reloaded, t)]) for t in edited_experts), changed
+
+
+def _state_key(model, target) -> str:
+    return next(k for k, p in model.named_parameters() if p is target.parameter())
