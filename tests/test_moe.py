@@ -141,19 +141,36 @@ def test_expert_factors_match_brute_force_with_top2_routing_and_padding(family):
             assert torch.equal(got, got.mT)
 
 
-def test_factors_are_the_same_whatever_experts_implementation_the_model_uses():
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_factors_are_the_same_whatever_experts_implementation_the_model_uses(implementation):
+    """The fit runs the experts through its recording forward in place of the model's kernel. Its gradients are the
+    kernel's (every parameter's, through the whole network), and every factor of every expert projection equals the
+    one the eager implementation gives."""
     model = tiny_causal_lm("mixtral")
-    ds = token_data(8)
+    _set_implementation(model, implementation)
+    ids = torch.tensor([[t % 127 + 1 for t in r] for r in random_token_rows(4, 16, 16, seed=2)])
+    grads = {}
+    for recording in (False, True):
+        model.zero_grad()
+        with recording_experts({m: lambda *a: None for m in experts_modules(model).values()}) if recording \
+                else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads[recording] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6, msg=n)
+
     cfg = FactorConfig(seq_len=16, batch_size=4, accumulate_dtype="float64")
-    runs = {}
-    for impl in ("eager", "grouped_mm", "batched_mm"):
-        model.config._experts_implementation = impl
-        runs[impl] = fit_factors(model, ds, cfg, progress=False)
-        assert model.config._experts_implementation == impl
-    n = runs["eager"].module_names[0]
-    for impl in ("grouped_mm", "batched_mm"):
-        assert runs[impl].num_tokens == runs["eager"].num_tokens
-        torch.testing.assert_close(runs[impl].G[n], runs["eager"].G[n], rtol=1e-12, atol=0)
+    ds = token_data(8)
+    got = fit_factors(model, ds, cfg, progress=False)
+    assert model.config._experts_implementation == implementation, "the fit leaves the model's implementation"
+    _set_implementation(model, "eager")
+    eager = fit_factors(model, ds, cfg, progress=False)
+    experts = [n for n in eager.module_names if ".experts." in n]
+    assert experts and got.num_tokens == eager.num_tokens
+    for n in experts:
+        torch.testing.assert_close(got.A[n], eager.A[n], rtol=1e-12, atol=0, msg=n)
+        torch.testing.assert_close(got.G[n], eager.G[n], rtol=1e-12, atol=0, msg=n)
 
 
 def _starve(model, expert: int):

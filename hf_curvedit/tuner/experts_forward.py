@@ -42,7 +42,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
         return kernel(x, weight, offsets)
     parts, start = [], 0
     for g, end in enumerate(offsets.tolist()):
-        parts.append(x[start:end].to(weight.dtype) @ weight[g])
+        parts.append(x[start:end].to(weight.dtype) @ weight[g])  # not mm(out=...): autograd may run through this
         start = end
     parts.append(x.new_zeros(x.shape[0] - start, weight.shape[-1], dtype=weight.dtype))
     return torch.cat(parts)
