@@ -5,6 +5,7 @@ Each step is a plain function of its typed settings and its input/output folders
     OUTPUT_DIR/factors/        run_fit       factors.safetensors, eigen.safetensors
     OUTPUT_DIR/sweep/          run_sweep     sweep.json (read back with SweepResult.load), sweep.md, sweep.png
     OUTPUT_DIR/edit/rhoX/      run_edit      one adapter per ρ (save_pretrained) with curvedit_edit.json
+                                             (rhoX-pattern with a keep_mass_pattern: a per-layer sweep's pick)
     OUTPUT_DIR/report.json     run_evaluate  the EditReport of the adapter
     OUTPUT_DIR/publish/        run_publish   the folder publish writes (weights, card, plots), pushed unless dry_run
     OUTPUT_DIR/steps/<step>.done.json        finished steps, skipped by the next run_pipeline (force=True redoes them)
