@@ -6,7 +6,7 @@
     hf-curvedit publish  --adapter runs/default/edits/rho0.6 --repo-id user/name --out-dir publish/ [--dry-run]
     hf-curvedit run examples/default.yaml     # fit → sweep → edit → evaluate → publish, resuming finished steps
     hf-curvedit plan --model allenai/OLMo-2-1124-7B --max-factor-memory-gb 40   # memory and passes, no weights
-    hf-curvedit demo [--adapter runs/default/edit/rho0.8]   # base vs edited side by side in the browser (gradio)
+    hf-curvedit demo [--adapter runs/default/edit/rho0.8-pattern]  # base vs edited side by side in the browser (gradio)
 
 Without ``--model`` the embedded default (a small byte-level Llama) is used; without ``--data``
 the factors come from the documentation of Python's standard library.
