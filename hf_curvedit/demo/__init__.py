@@ -7,7 +7,7 @@ highlighted. With a recitation set, a table recites its examples with and withou
 the package's own recitation metrics (Strict, Levenshtein distance).
 
     build_app(peft_model, tokenizer, recitation_set=...)     # a gradio.Blocks; .launch() it
-    launch_demo(adapter="runs/default/edit/rho0.8")           # what `hf-curvedit demo` calls
+    launch_demo(adapter="runs/default/edit/rho0.8-pattern")   # what `hf-curvedit demo` calls
 
 gradio is an optional dependency (``pip install 'hf-curvedit[demo]'``) and is imported only when an app is built.
 """

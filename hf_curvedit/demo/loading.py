@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = ["DEFAULT_DEMO_FIT_TOKENS", "DEFAULT_DEMO_KEEP_MASS", "DEFAULT_DEMO_TARGETS", "DemoModel",
            "default_demo_adapter", "launch_demo", "load_demo_model"]
 
-# The edit `hf-curvedit run examples/default.yaml` picks on the embedded default (README, "Measured"): layers 2-3,
-# gate+up+down, rho = 0.8.
+# The grid's pick of `hf-curvedit run examples/default.yaml` on the embedded default (README, "Measured"): layers 2-3,
+# gate+up+down, one rho = 0.8 (the job's per-layer search then moves layer 2 to 0.85; the demo shows the simpler edit).
 DEFAULT_DEMO_TARGETS = r".*layers\.(2|3)\.mlp\.(gate|up|down)_proj"
 DEFAULT_DEMO_KEEP_MASS = 0.8
 DEFAULT_DEMO_FIT_TOKENS = 50_000
@@ -64,7 +64,7 @@ def load_demo_model(adapter: str | Path, base: str | None = None, *, revision: s
 
 
 def default_demo_adapter(work_dir: str | Path = "runs/demo", max_tokens: int = DEFAULT_DEMO_FIT_TOKENS) -> Path:
-    """An edit of the embedded default to show: the one the main job picks (layers 2-3 gate/up/down, ρ = 0.8), with
+    """An edit of the embedded default to show: the main job's grid pick (layers 2-3 gate/up/down, ρ = 0.8), with
     factors fitted on ``max_tokens`` tokens of the stdlib docs (the job uses 200k; fewer keep the first start to a
     few minutes on 2 cores). Built with the pipeline's fit and edit steps into ``work_dir``; reused when there.
     """
