@@ -331,3 +331,41 @@ def test_expert_exposure_counts_each_token_with_the_experts_it_was_routed_to(fam
     measured = adapter_exposure(edited, tasks, batch_size=3, show_progress=False)
     for task in tasks:
         assert measured.exposure("default", task) == pytest.approx(report.exposure("ρ=0.7", task), rel=1e-9)
+
+
+def test_exposure_of_a_shared_expert_that_reads_flattened_tokens():
+    """Qwen2-MoE flattens (batch, tokens) before its shared expert: each row is still a token, counted once."""
+    from family_configs import tiny_causal_lm
+    from testing_utils import random_token_rows
+
+    from hf_curvedit.tuner import compute_module_edits
+
+    model = tiny_causal_lm("qwen2_moe", seed=2).double()
+    model.config._experts_implementation = "eager"  # torch's grouped_mm has no float64
+    rows = [[t % 127 + 1 for t in r] for r in random_token_rows(12, lo=6, hi=16, seed=3)]
+    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}), FactorConfig(
+        seq_len=16, batch_size=4, accumulate_dtype="float64", target_modules=r".*mlp\.shared_expert\..*"),
+        progress=False)
+    names = factors.module_names
+    assert names and all(".shared_expert." in n for n in names)
+    config = CurvatureEditConfig(keep_mass=0.7, target_modules=names)
+    ts = TextSet(_rows(5, 0))
+    report = predict_exposure(model, factors.eigendecompose(), {"a": ts}, [0.7], config, batch_size=3,
+                              show_progress=False)
+    edits = compute_module_edits(model, factors.eigendecompose(), config)
+    total, removed = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for seq in ts.sequences:  # one unpadded sequence at a time, the inputs each layer reads
+        seen = {}
+        hooks = [model.get_submodule(n).register_forward_hook(
+            lambda m, args, out, n=n: seen.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1])))
+            for n in names]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([seq]))
+        for h in hooks:
+            h.remove()
+        for n in names:
+            W = model.get_submodule(n).weight.detach()
+            total[n] += float((seen[n] @ W.T).square().sum())
+            removed[n] += float((seen[n] @ (W - edits[n].dense()).T).square().sum())
+    for n in names:
+        assert report.shares["ρ=0.7"]["a"][n] == pytest.approx(removed[n] / total[n], rel=1e-9), n

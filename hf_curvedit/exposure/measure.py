@@ -65,10 +65,13 @@ class _LayerProbe:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         a = args[0]
         assert self.mask is not None
-        if a.shape[:-1] != self.mask.shape:
-            raise RuntimeError(f"a layer's input has shape {tuple(a.shape)}, not (batch, tokens, features) for the "
-                               f"batch's {tuple(self.mask.shape)} tokens: exposure measures token sequences")
-        a = a[self.mask.to(a.device)].to(self.dtype)  # a model split over devices (device_map) has layers on each
+        mask = self.mask.to(a.device)  # a model split over devices (device_map) has layers on each
+        if a.shape[:-1] != mask.shape:
+            if a.dim() != 2 or a.shape[0] != mask.numel():
+                raise RuntimeError(f"a layer's input has shape {tuple(a.shape)}, not (batch, tokens, features) for "
+                                   f"the batch's {tuple(mask.shape)} tokens: exposure measures token sequences")
+            mask = mask.reshape(-1)  # a MoE block flattens (batch, tokens) before its shared expert
+        a = a[mask].to(self.dtype)
         y = a @ self.weight.T
         self.total += y.double().square().sum()
         for c, (Q, B, side) in self.edits.items():
