@@ -3,20 +3,26 @@
 
 1. **Train** (skipped when ``RUN_DIR/model`` exists): a byte-level Qwen2-MoE (4 layers, hidden 160; per layer 8
    routed experts of width 160 with top-2 routing and one shared expert of width 320, so a token runs the same MLP
-   width as the embedded default's 640) on the embedded default's recipe without the skills: the standard-library
-   docs once and the *same* memorized set (100 passages x110, 32 canaries x150; `scripts/train_default_model.py`
-   builds them with the same seeds), with the router's load-balancing loss (coefficient 0.01).
+   width as the embedded default's 640) on the embedded default's recipe with two of its four skills: the
+   standard-library docs once, the *same* memorized set (100 passages x110, 32 canaries x150) and the same
+   training lines of the closed-book facts (120 x80) and logic (15,000) skills, whose held-out items the packaged
+   lm-eval tasks score (`scripts/train_default_model.py` builds all of them with the same seeds), with the router's
+   load-balancing loss (coefficient 0.01). Deterministic: seeds, ``--threads`` and torch's deterministic algorithms
+   fix the model, so a rerun from a fresh clone gives the same table.
 2. **Fit** K-FAC factors on 200k tokens of general text (the stdlib docs, sampled labels) for every MLP weight (routed
    experts: one factor pair per expert; the shared expert) and the attention projections.
 3. **Edit and measure** the recitation of the memorized set (Strict, canaries) and held-out perplexity for each
    module choice (routed experts, shared expert, both, attention) x layers {2-3, 1-3} x ρ, and pick, per module
    choice, the strongest suppression within ``--ppl-budget``.
+4. **Cost, predicted and measured**, for each pick: the exposure of the two skills' lm-eval texts (`adapter_exposure`,
+   one forward pass, before any generation) against the lm-eval score it loses (the lost share above chance,
+   ``(base - edited) / (base - chance)``).
 
 Writes ``RUN_DIR/results.json`` and ``RUN_DIR/table.md`` and prints the table (README, "Mixture-of-experts models").
 
 Usage::
 
-    python scripts/moe_memorization.py            # ~14 min on 2 CPU cores (training ~9 of them)
+    python scripts/moe_memorization.py            # README: the time measured, on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -30,11 +36,17 @@ import time
 from pathlib import Path
 
 import torch
+from exposure_validation import chance_levels
 from memorization_sweep import HEADER, Evaluator, fmt_row
-from train_default_model import make_canaries, make_passages
+from train_default_model import make_canaries, make_facts, make_logic, make_passages
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
-from hf_curvedit.default import byte_tokenizer, default_text_dataset, stdlib_docs
+from hf_curvedit.default import LM_EVAL_TASKS_DIR, byte_tokenizer, default_text_dataset, stdlib_docs
+from hf_curvedit.evaluation.capabilities import CapabilityConfig, capability_scores
+from hf_curvedit.exposure import adapter_exposure, lm_eval_task_texts
+
+# the two skills it learns, with train_default_model.py's defaults (sizes, repeats; seeds: --seed + 5 and + 7)
+SKILLS = {"curvedit_closedbook": "closed-book facts", "curvedit_logic": "logic"}
 
 
 def _log(msg: str) -> None:
@@ -58,6 +70,7 @@ def train(out: Path, args: argparse.Namespace) -> None:
     from transformers import Qwen2MoeForCausalLM
 
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
     torch.use_deterministic_algorithms(True)
     tok = byte_tokenizer()
     general = list(default_text_dataset("train")["text"])
@@ -71,14 +84,18 @@ def train(out: Path, args: argparse.Namespace) -> None:
     for p in passages:
         p["repeats"] = 110
     memorized = canaries + passages
-    occurrences = general * args.general_epochs + [i["text"] for i in memorized for _ in range(i["repeats"])]
+    facts = make_facts(120, seed=args.seed + 5, taken=set())
+    logic_train, _ = make_logic(15_000, 500, seed=args.seed + 7)  # the test half is the packaged task's
+    skill_docs = [f"{f['question']} {f['answer']}." for f in facts for _ in range(80)] + logic_train
+    occurrences = (general * args.general_epochs + [i["text"] for i in memorized for _ in range(i["repeats"])]
+                   + skill_docs)
     random.Random(args.seed + 3).shuffle(occurrences)
     stream: list[int] = []
     for text in occurrences:
         stream += [tok.eos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
     n_blocks = len(stream) // args.seq_len
     blocks = torch.tensor(stream[: n_blocks * args.seq_len]).view(n_blocks, args.seq_len)
-    n_steps = math.ceil(n_blocks / args.batch_size)
+    n_steps = min(math.ceil(n_blocks / args.batch_size), args.max_steps or n_blocks)
     model = Qwen2MoeForCausalLM(moe_config())
     model.config._name_or_path = "hf-curvedit/moe-byte-qwen2"
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -126,6 +143,35 @@ CHOICES = {
 }
 
 
+def cost_table(model, tok, eigen, picks: dict, results: dict) -> str:
+    """Each pick's exposure of the two skills (predicted) against the share of its lm-eval score above chance that
+    the edit loses (measured); also stored in ``results["costs"]``."""
+    ccfg = CapabilityConfig(tasks=list(SKILLS), include_path=[str(LM_EVAL_TASKS_DIR)])
+    texts = lm_eval_task_texts(ccfg, tok)
+    chance = chance_levels(ccfg)
+    _log("skills: base")
+    base = capability_scores(model, tok, ccfg)
+    results["skills"] = {"base": base, "chance": chance, "picks": {}}
+    head = " | ".join(f"{name}: exposure → lost share above chance" for name in SKILLS.values())
+    rows = [f"| edit | {head} |", "|---|" + "---|" * len(SKILLS),
+            "| base (score; chance) | " + " | ".join(f"{base[t]:.3f}; {chance[t]:.2f}" for t in SKILLS) + " |"]
+    for label, p in picks.items():
+        if p is None:
+            continue
+        regex = rf".*layers\.({'|'.join(p['layers'].split(','))})\.{CHOICES[label]}"
+        edited = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=p["rho"], target_modules=regex))
+        _log(f"skills: {label}")
+        scores = capability_scores(edited, tok, ccfg)
+        exposure = adapter_exposure(edited, texts, show_progress=False).exposures("default")
+        model = edited.unload()
+        lost = {t: (base[t] - scores[t]) / (base[t] - chance[t]) for t in SKILLS}
+        results["skills"]["picks"][label] = {"layers": p["layers"], "rho": p["rho"], "scores": scores,
+                                             "exposure": exposure, "lost_share_above_chance": lost}
+        cells = [f"{exposure[t]:.2f} → {lost[t]:.2f} ({scores[t]:.3f})" for t in SKILLS]
+        rows.append(f"| {label}, layers {p['layers']}, ρ = {p['rho']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", type=Path, default=Path("runs/moe_memorization"))
@@ -139,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rhos", default="0.6,0.7,0.8,0.9")
     ap.add_argument("--layers", default="2,3;1,2,3")
     ap.add_argument("--ppl-budget", type=float, default=0.15)
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="stop training after this many steps (a quick check that two runs train the same weights)")
+    ap.add_argument("--train-only", action="store_true", help="train (or keep) the model and stop")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = args.run_dir / "model"
     t_start = time.time()
     if not (model_dir / "config.json").exists():
         train(model_dir, args)
+    if args.train_only:
+        return 0
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -191,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         p = best(label)
         lines.append(fmt_row(f"{label}: layers {p['layers']}, ρ = {p['rho']:g}", p, base["ppl"]) if p else
                      f"| {label}: nothing within +{args.ppl_budget:.0%} | | | | | | | |")
-    table = "\n".join(lines)
+    picks = {label: best(label) for label in CHOICES}
+    table = "\n".join(lines) + "\n\n" + cost_table(model, tok, eigen, picks, results)
     results["seconds"] = round(time.time() - t_start, 1)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     (args.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

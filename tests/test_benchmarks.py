@@ -54,3 +54,11 @@ def test_scale_fit_benchmark_runs_at_small_shapes():
     for stage in ("fit, no budget, 1 process", "fit, budget, 2 processes", "eigendecomposition, 2 processes"):
         assert out.count(f"| {stage} |") == 1
     assert "one after the other on 2 processes" in out and "2 processes / 1 process, fit:" in out
+
+
+def test_experts_forward_benchmark_runs_at_small_shapes(tmp_path):
+    out = _run(str(BENCH / "experts_forward.py"), "--small", "--ranks", "8", "--repeats", "1", "--threads", "1",
+               "--moe-run-dir", str(tmp_path / "none"))
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| base", "| dense W' copy", "| factored, rank 8"]
+    assert "skipped" in out  # no trained MoE in that folder
