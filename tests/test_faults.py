@@ -648,7 +648,10 @@ def test_every_file_with_digests_refuses_a_missing_added_or_renamed_tensor(work,
                                  "model.layers.1.mlp.up_proj": torch.ones(64, 32, dtype=torch.bool)},
                                 BalancedSubnetConfig())
     masks.save(tmp_path / "masks.safetensors")
-    EigenCorrection({"model.layers.0.mlp.up_proj": torch.ones(64, 32)}, 5, "id").save(tmp_path / "ek")
+    # two tensors in each file, so that one is left when one is removed: safetensors 0.4 cannot read a file of none
+    # ("InvalidHeaderDeserialization"), which would hide the message under test
+    lambdas = {f"model.layers.{i}.mlp.up_proj": torch.ones(64, 32) for i in (0, 1)}
+    EigenCorrection(lambdas, 5, "id").save(tmp_path / "ek")
     cases = {factors / "factors.safetensors": lambda: load_factors(factors),
              factors / "eigen.safetensors": lambda: KFACEigen.load(factors / "eigen.safetensors"),
              tmp_path / "ek" / "ekfac.safetensors": lambda: EigenCorrection.load(tmp_path / "ek"),

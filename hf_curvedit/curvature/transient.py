@@ -103,13 +103,18 @@ def _backward_transient(model: nn.Module, names: list[str], task: FactorTask, co
     # one fake twin: the weights' storages there are the model's, never the batch's
     mode = next((t.fake_mode for t in tensors if isinstance(t, FakeTensor)), None) or \
         FakeTensorMode(allow_non_fake_inputs=True)
-    own = {(t if isinstance(t, FakeTensor) else mode.from_tensor(t)).untyped_storage()._cdata for t in tensors}
+    # storages are told apart by address: the fake twins and every saved tensor are kept alive to the end of the
+    # count, so that no address is freed and reused by another tensor (which would then be missed)
+    twins = [t if isinstance(t, FakeTensor) else mode.from_tensor(t) for t in tensors]
+    own = {t.untyped_storage()._cdata for t in twins}
     saved: dict[int, int] = {}
+    alive: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
         if key not in own:  # a weight the backward reads is the model's, not the batch's
             saved.setdefault(key, t.untyped_storage().nbytes())
+            alive.append(t)
         return t
 
     try:
