@@ -29,7 +29,35 @@ from .tasks import FactorTask, SamplePositions, default_task
 
 __all__ = ["FactorCollector", "InputSharing", "accumulator_dtype", "collect_factor_sums"]
 
-class FactorCollector:
+class HookedCollector:
+    """What the factor pass and the EK-FAC pass share: as a context manager, each linear target gets a gradient root
+    and a forward hook (``_make_hook(name)``), and each experts module a gradient root and a recording forward
+    (``_make_expert_recorder(params)``); leaving it removes them all. Subclasses set ``modules``, ``_experts``,
+    ``_roots``, ``_handles`` and ``_stack``."""
+
+    modules: dict[str, nn.Module]
+    _experts: dict[nn.Module, Any]
+    _roots: GradientRoots
+    _handles: list[Any]
+    _stack: contextlib.ExitStack
+
+    def __enter__(self):  # noqa: ANN204 - the subclass itself
+        for n, m in self.modules.items():
+            self._handles.append(self._roots.register(m))
+            self._handles.append(m.register_forward_hook(self._make_hook(n)))
+        self._handles += [self._roots.register(m) for m in self._experts]
+        self._stack.enter_context(recording_experts({m: self._make_expert_recorder(params)
+                                                     for m, params in self._experts.items()}))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.close()
+
+
+class FactorCollector(HookedCollector):
     """Forward and gradient hooks that accumulate upper-triangle covariance sums of inputs and output-gradients.
 
     Use as a context manager (the hooks live inside it); call `begin_batch` with the batch's sample positions before
@@ -123,20 +151,6 @@ class FactorCollector:
         seen = self._finite.get(key)
         self._finite[key] = ok if seen is None else (seen.to(ok.device) & ok)
 
-    def __enter__(self) -> FactorCollector:
-        for n, m in self.modules.items():
-            self._handles.append(self._roots.register(m))
-            self._handles.append(m.register_forward_hook(self._make_hook(n)))
-        self._handles += [self._roots.register(m) for m in self._experts]
-        self._stack.enter_context(recording_experts({m: self._make_expert_recorder(params)
-                                                     for m, params in self._experts.items()}))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._stack.close()
 
     def begin_batch(self, positions: SamplePositions, muted: bool = False) -> None:
         """Start a batch whose samples are ``positions``: a (B, T) bool mask, ``"cls"`` or ``"all"``. A ``muted``

@@ -23,9 +23,9 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..targets import weight_targets
-from .collector import _require_grad
+from .collector import HookedCollector, _require_grad
 from .eigen import ModuleEigen
-from .experts import ExpertRecorder, recording_experts
+from .experts import ExpertRecorder
 from .partitions import split_expert_slice
 from .roots import GradientRoots
 from .tasks import SamplePositions
@@ -43,7 +43,7 @@ def _in_sequences(rows: torch.Tensor, where: torch.Tensor, num_rows: int, sample
     return out.view(samples, -1, rows.shape[-1])
 
 
-class LambdaCollector:
+class LambdaCollector(HookedCollector):
     """Forward and gradient hooks that accumulate ``Σ_samples (U_Gᵀ D U_A)²`` for each entry (a linear layer, an
     expert projection, or a slice of its experts ``"...experts.gate_up_proj[0:4]"``).
 
@@ -90,21 +90,6 @@ class LambdaCollector:
         self._rotated: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
         self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> LambdaCollector:
-        for n, m in self.modules.items():
-            self._handles.append(self._roots.register(m))
-            self._handles.append(m.register_forward_hook(self._make_hook(n)))
-        self._handles += [self._roots.register(m) for m in self._experts]
-        self._stack.enter_context(recording_experts({m: self._make_expert_recorder(params)
-                                                     for m, params in self._experts.items()}))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._stack.close()
 
     # ---- the engine's protocol (`hf_curvedit.curvature.passes`) -----------------------------------------------
     def sums(self) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ class ExpertsProjection:
 
     def grouped(self, x: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The projection of rows ``x`` sorted by expert (``experts[i]`` is row i's, ``counts`` rows per expert)."""
-        out = None
+        pieces = []
         for kind in self.kinds:
             here = self.kind == kind
             rows = here[experts] if len(self.kinds) > 1 else slice(None)
@@ -105,17 +105,12 @@ class ExpertsProjection:
                 y = grouped_matmul(xr, self.dense, counts[here])
             else:
                 y = grouped_matmul(xr, base.mT, torch.where(here, counts, 0))
-            if len(self.kinds) == 1:
-                return y
-            if out is None:
-                out = y.new_zeros(x.shape[0], y.shape[-1])
-            out[rows] = y.to(out.dtype)
-        assert out is not None
-        return out
+            pieces.append((rows, y))
+        return _assemble(pieces, x.shape[0])
 
     def batched(self, x: torch.Tensor, experts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The projection of each row of ``x`` by its own expert's matrix (``experts[i]``), as one batched product."""
-        out = None
+        pieces = []
         for kind in self.kinds:
             rows = (self.kind == kind)[experts] if len(self.kinds) > 1 else slice(None)
             xr, ids = x[rows].unsqueeze(1), experts[rows]
@@ -128,14 +123,19 @@ class ExpertsProjection:
                 y = torch.bmm(xr.to(self.dense.dtype), self.dense[self.slot[ids]])
             else:
                 y = torch.bmm(xr.to(base.dtype), base[ids].mT)
-            y = y.squeeze(1)
-            if len(self.kinds) == 1:
-                return y
-            if out is None:
-                out = y.new_zeros(x.shape[0], y.shape[-1])
-            out[rows] = y.to(out.dtype)
-        assert out is not None
-        return out
+            pieces.append((rows, y.squeeze(1)))
+        return _assemble(pieces, x.shape[0])
+
+
+def _assemble(pieces: list[tuple[Any, torch.Tensor]], num_rows: int) -> torch.Tensor:
+    # (rows, result) per kind of expert: one kind's result is the whole projection, several fill their own rows
+    if len(pieces) == 1:
+        return pieces[0][1]
+    first = pieces[0][1]
+    out = first.new_zeros(num_rows, first.shape[-1])
+    for rows, y in pieces:
+        out[rows] = y.to(out.dtype)
+    return out
 
 
 def edited_experts_forward(module: nn.Module, projections: Mapping[str, ExpertsProjection]) -> Callable[..., Any]:
