@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
-from testing_utils import brute_force_mask, random_token_rows, tiny_gpt2, tiny_llama
+from testing_utils import brute_force_expert_lambda, brute_force_mask, random_token_rows, tiny_gpt2, tiny_llama
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors, load_factors
 from hf_curvedit.curvature import EigenCorrection, EigenFile, ModuleEigen, fit_eigen_correction
@@ -165,34 +165,6 @@ def test_damaged_or_foreign_file_is_never_used(tmp_path, caplog):
     other = EigenCorrection(dict(corr.values), corr.num_samples, "another-fit", corr.config)
     other.save(tmp_path)
     assert all(e.eigvals_corrected is None for e in load_factors(tmp_path).eigendecompose().values())
-
-
-def brute_force_expert_lambda(model, rows, names, eigen):
-    """Per sequence, autograd's gradient of each expert's matrix (the summed next-token loss of that sequence alone,
-    the tokens routed to the expert by the model's own top-k), rotated into that expert's eigenbasis and squared;
-    averaged over sequences. float64."""
-    from hf_curvedit.targets import weight_targets
-
-    targets = weight_targets(model)
-    params = {n: targets[n].parameter() for n in names}
-    for p in params.values():
-        p.requires_grad_(True)
-    total = {n: torch.zeros(targets[n].shape, dtype=torch.float64) for n in names}
-    try:
-        for r in rows:
-            ids = torch.tensor([r])
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-            loss = F.cross_entropy(logits.double(), ids[0, 1:], reduction="sum")
-            grads = torch.autograd.grad(loss, [params[n] for n in names])
-            for n, D in zip(names, grads):
-                D = targets[n].to_logical(D)
-                for x in range(D.shape[0]):
-                    b = eigen[n].expert(x)
-                    total[n][x] += (b.eigvecs_G.double().T @ D[x].double() @ b.eigvecs_A.double()) ** 2
-    finally:
-        for p in params.values():
-            p.requires_grad_(False)
-    return {n: t / len(rows) for n, t in total.items()}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

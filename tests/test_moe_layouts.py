@@ -7,13 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from datasets import Dataset
-from family_configs import available_families, tiny_causal_lm
-from packaging.version import Version
-from testing_utils import random_token_rows
+from family_configs import old_dbrx, runnable_families, tiny_causal_lm
+from testing_utils import brute_force_expert_lambda, random_token_rows
 
-from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
+from hf_curvedit import (
+    CurvatureEditConfig,
+    FactorConfig,
+    build_curvature_edit,
+    fit_eigen_correction,
+    fit_factors,
+    load_factors,
+)
 from hf_curvedit.targets import is_experts_module, resolve_target_modules, weight_targets
 from hf_curvedit.tuner.experts import CurvatureEditExperts
 
@@ -103,46 +108,13 @@ def _dbrx_reference(module, note):
 REFERENCES = {"longcat_flash": _longcat_reference, "jetmoe": _jetmoe_reference, "dbrx": _dbrx_reference}
 
 
-# The zoo's configs are written for the newest transformers pyproject.toml allows; on older versions a tiny model may
-# not run at all (JetMoE's config lacks pad_token_id on 5.0, DBRX's experts fail on their own shapes): skipped there
-# with the reason, never on the newest version (as tests/test_families.py does).
-_OLDER_TRANSFORMERS = Version(transformers.__version__) < Version("5.23")
+def _dbrx_skip(family):
+    if old_dbrx(family):
+        pytest.skip("this transformers' DbrxExpertGLU has the transposes of DBRX checkpoints inverted "
+                    "(huggingface/transformers#47671); the reference is the checkpoints' computation")
 
 
-def _base_fails(family: str) -> str | None:
-    if not _OLDER_TRANSFORMERS:
-        return None
-    try:
-        model = tiny_causal_lm(family)
-        ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
-        model(input_ids=ids, labels=ids).loss.backward()
-    except Exception as err:
-        return f"the tiny {family} does not run on transformers {transformers.__version__}: {type(err).__name__}"
-    return None
-
-
-def _families(names):
-    have = set(available_families())
-    params = []
-    for f in names:
-        why = f"transformers lacks {f}" if f not in have else _base_fails(f)
-        if why is None and _old_dbrx(f):
-            why = ("this transformers' DbrxExperts computes with the transposes of DBRX checkpoints inverted and "
-                   "reshapes tokens by ffn_hidden_size (huggingface/transformers#47671): DBRX does not run there")
-        params.append(pytest.param(f, marks=pytest.mark.skipif(why is not None, reason=why or "")))
-    return params
-
-
-def _old_dbrx(family: str) -> bool:
-    from hf_curvedit.expert_layouts import experts_layout
-
-    if family != "dbrx" or family not in available_families():
-        return False
-    model = tiny_causal_lm(family)
-    return experts_layout(model.transformer.blocks[0].ffn.experts).transposed == {"w1", "v1"}
-
-
-@pytest.mark.parametrize("family", _families(list(REFERENCES)))
+@pytest.mark.parametrize("family", runnable_families(list(REFERENCES)))
 def test_recording_forward_computes_what_the_model_computes(family):
     from hf_curvedit.curvature.experts import recording_experts
 
@@ -210,11 +182,9 @@ def brute_force(model, family, ids, mask):
     return out
 
 
-@pytest.mark.parametrize("family", _families(list(REFERENCES)))
+@pytest.mark.parametrize("family", runnable_families(list(REFERENCES)))
 def test_expert_factors_match_a_per_token_brute_force(family):
-    if _old_dbrx(family):
-        pytest.skip("this transformers' DbrxExpertGLU has the transposes of DBRX checkpoints inverted "
-                    "(huggingface/transformers#47671); the reference is the checkpoints' computation")
+    _dbrx_skip(family)
     model = tiny_causal_lm(family).double()
     rows = [[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(5, lo=5, hi=14, seed=3)]
     cfg = FactorConfig(label_mode="empirical", seq_len=14, batch_size=5, packing=False, accumulate_dtype="float64",
@@ -232,7 +202,99 @@ def test_expert_factors_match_a_per_token_brute_force(family):
             assert (got.double() - ref).abs().max() <= 1e-10 * ref.abs().max(), n
 
 
-@pytest.fixture(scope="module", params=_families(list(REFERENCES)))
+@pytest.mark.parametrize("family", runnable_families(list(REFERENCES)))
+def test_expert_lambda_matches_a_per_sequence_brute_force(family, tmp_path):
+    """EK-FAC on each layout: every expert's Λ_e equals autograd's per-sequence gradient of the stored parameter,
+    rotated into that expert's eigenbasis and squared (float64, padded batches), and `ekfac_mass` edits with it."""
+    _dbrx_skip(family)
+    model = tiny_causal_lm(family).double()
+    rows = [[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(5, lo=5, hi=14, seed=3)]
+    names = [n for n, t in weight_targets(model).items() if t.is_experts]
+    data = Dataset.from_dict({"input_ids": rows})
+    cfg = FactorConfig(label_mode="empirical", seq_len=14, batch_size=3, packing=False, accumulate_dtype="float64",
+                       target_modules=names)
+    factors = fit_factors(model, data, cfg, tmp_path, progress=False)
+    corr = fit_eigen_correction(model, data, factors, progress=False)
+    assert names and set(corr) == set(names)
+    eigen = factors.eigendecompose()
+    want = brute_force_expert_lambda(model, rows, names, eigen)
+    for n in names:
+        assert corr[n].shape == want[n].shape, n
+        assert (corr[n] - want[n]).abs().max() <= 1e-10 * want[n].abs().max(), n
+    config = dict(keep_mass=0.7, target_modules=names, min_expert_tokens=1)
+    ekfac = build_curvature_edit(tiny_causal_lm(family).double(), load_factors(tmp_path).eigendecompose(),
+                                 CurvatureEditConfig(selection="ekfac_mass", **config))
+    kfac = build_curvature_edit(tiny_causal_lm(family).double(), eigen, CurvatureEditConfig(**config))
+    x = torch.tensor([rows[0]])
+    with torch.no_grad():
+        assert not torch.allclose(ekfac(input_ids=x).logits, kfac(input_ids=x).logits)
+
+
+def _brute_exposure(model, family, edits, sequences):
+    """Per token and per expert the router sent it to (the reference forward's own routing, one unpadded sequence at a
+    time): Σ‖(W_e − W′_e) a‖² / Σ‖W_e a‖² for each expert projection."""
+    targets = weight_targets(model)
+    removed = {n: 0.0 for n in edits}
+    total = {n: 0.0 for n in edits}
+    weights = {n: (targets[n].logical_weight().double(), edits[n].dense(targets[n].logical_weight()).double())
+               for n in edits}
+
+    def note(key, t, e, a, probe):
+        if key in weights:
+            W, W_new = weights[key]
+            total[key] += float((W[e] @ a.double()).square().sum())
+            removed[key] += float(((W[e] - W_new[e]) @ a.double()).square().sum())
+
+    mods = {n: m for n, m in model.named_modules() if is_experts_module(m)}
+    for name, m in mods.items():
+        m.forward = REFERENCES[family](m, lambda p, t, e, a, probe, name=name: note(f"{name}.{p}", t, e, a, probe))
+    try:
+        with torch.no_grad():
+            for seq in sequences:
+                model(input_ids=torch.tensor([seq]), use_cache=False)
+    finally:
+        for m in mods.values():
+            del m.forward
+    return {n: removed[n] / total[n] for n in edits}
+
+
+@pytest.mark.parametrize("family", runnable_families(list(REFERENCES)))
+def test_expert_exposure_matches_a_per_token_brute_force(family):
+    """Exposure on each layout counts every token once for each expert it was routed to, with the input that expert
+    computes on; the prediction from the factors and the measurement through the adapter agree."""
+    from hf_curvedit.evaluation import TextSet
+    from hf_curvedit.exposure import adapter_exposure, predict_exposure
+    from hf_curvedit.tuner import compute_module_edits
+
+    _dbrx_skip(family)
+    model = tiny_causal_lm(family, seed=2).double()
+    rows = [[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(12, lo=6, hi=16, seed=3)]
+    names = [n for n, t in weight_targets(model).items() if t.is_experts]
+    factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}),
+                          FactorConfig(seq_len=16, batch_size=4, accumulate_dtype="float64", target_modules=names),
+                          progress=False)
+    eigen = factors.eigendecompose()
+    config = CurvatureEditConfig(keep_mass=0.7, target_modules=names, min_expert_tokens=1)
+    tasks = {"a": TextSet(random_token_rows(5, lo=4, hi=12, seed=7)),
+             "b": TextSet([[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(4, lo=4, hi=12, seed=8)])}
+    report = predict_exposure(model, eigen, tasks, [0.7], config, batch_size=3, show_progress=False)
+    edits = compute_module_edits(model, eigen, config)
+    assert set(edits) == set(names) and all(bool(e.edited.any()) for e in edits.values())
+    for task, ts in tasks.items():
+        want = _brute_exposure(model, family, edits, ts.sequences)
+        got = report.shares["ρ=0.7"][task]
+        assert set(got) == set(names)
+        for n in names:
+            assert 0 < want[n] < 1, n
+            assert got[n] == pytest.approx(want[n], rel=1e-9, abs=1e-12), (task, n)
+    edited = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.7, target_modules=names,
+                                                                    min_expert_tokens=1))
+    measured = adapter_exposure(edited, tasks, batch_size=3, show_progress=False)
+    for task in tasks:
+        assert measured.exposure("default", task) == pytest.approx(report.exposure("ρ=0.7", task), rel=1e-9)
+
+
+@pytest.fixture(scope="module", params=runnable_families(list(REFERENCES)))
 def saved(request, tmp_path_factory):
     """A family's tiny model saved as a base folder, its default edit (routed experts included) and the edit saved."""
     family = request.param

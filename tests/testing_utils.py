@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hf_curvedit import KFACEigen, ModuleEigen
 from hf_curvedit.curvature.eigen import symmetric_eigh
-from hf_curvedit.targets import linear_shape, resolve_target_modules
+from hf_curvedit.targets import linear_shape, resolve_target_modules, weight_targets
 from hf_curvedit.tuner import CurvatureEditLayer
 
 VOCAB = 61
@@ -167,3 +168,30 @@ def best_choice(model, context_ids: list[int], choices_ids: list[list[int]]) -> 
         logp = torch.log_softmax(model(input_ids=torch.tensor([context_ids + cont])).logits[0].double(), -1)
         scores.append(float(sum(logp[len(context_ids) - 1 + i, t] for i, t in enumerate(cont))))
     return max(range(len(scores)), key=scores.__getitem__)
+
+
+def brute_force_expert_lambda(model, rows, names, eigen):
+    """Per sequence, autograd's gradient of each expert's matrix (the summed next-token loss of that sequence alone,
+    the tokens routed to the expert by the model's own top-k), rotated into that expert's eigenbasis and squared;
+    averaged over sequences. float64. Works for every experts layout: the gradient is taken of the stored parameter
+    and read in the logical (experts, d_out, d_in) form."""
+    targets = weight_targets(model)
+    params = {n: targets[n].parameter() for n in names}
+    for p in params.values():
+        p.requires_grad_(True)
+    total = {n: torch.zeros(targets[n].shape, dtype=torch.float64) for n in names}
+    try:
+        for r in rows:
+            ids = torch.tensor([r])
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            loss = F.cross_entropy(logits.double(), ids[0, 1:], reduction="sum")
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            for n, D in zip(names, grads):
+                D = targets[n].to_logical(D)
+                for x in range(D.shape[0]):
+                    b = eigen[n].expert(x)
+                    total[n][x] += (b.eigvecs_G.double().T @ D[x].double() @ b.eigvecs_A.double()) ** 2
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return {n: t / len(rows) for n, t in total.items()}

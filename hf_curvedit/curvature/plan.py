@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from ..targets import is_experts_module, resolve_target_modules, weight_targets
+from ..targets import resolve_target_modules, weight_targets
 from ..utils import parse_dtype
 from .collector import accumulator_dtype, input_device
 from .config import FactorConfig
@@ -27,7 +27,7 @@ from .ekfac import lambda_bytes
 from .partitions import plan_partitions, split_expert_slice
 from .sums import InputSharing
 from .tasks import FactorTask, default_task
-from .transient import shapes_only, transient_bytes
+from .transient import dense_routing, shapes_only, transient_bytes
 
 __all__ = ["FactorPlan", "ModulePlan", "eigh_peak_bytes", "plan_factors"]
 
@@ -277,10 +277,6 @@ def plan_factors(model_or_config: Any, config: FactorConfig | None = None, *,
                       num_processes=num_processes, ekfac_partitions=ekfac_partitions, transient_bytes=transient)
 
 
-def _no_experts(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return torch.zeros_like(hidden_states)
-
-
 def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig) -> dict[str, str]:
     # One forward on meta tensors (shapes only, no compute, no memory) with the collector's own rule for shared A.
     sharing = InputSharing()
@@ -293,17 +289,12 @@ def _shared_inputs(model: nn.Module, names: list[str], task: FactorTask, config:
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in names if n in mods]  # expert projections never share
     # Experts kernels route by value (data-dependent shapes, bf16-only grouped_mm on fake tensors): the shapes-only
-    # pass skips them, which changes no shape.
-    skipped = [m for m in mods.values() if is_experts_module(m)]
-    for m in skipped:
-        m.forward = _no_experts
+    # pass runs them densely, which changes no shape.
     try:
         batch = {k: v.to(input_device(model)) for k, v in task.example_batch(model, config).items()}
-        with torch.no_grad():
+        with torch.no_grad(), dense_routing(model):
             model(**batch)
     finally:
         for h in handles:
             h.remove()
-        for m in skipped:
-            del m.forward
     return dict(sharing.alias)

@@ -10,13 +10,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..expert_layouts import DBRX, JETMOE, LONGCAT, experts_layout
 from ..targets import experts_have_gate, experts_target, is_experts_module, weight_targets
 from ..utils import parse_dtype
 from .collector import input_device
 from .config import FactorConfig
 from .tasks import FactorTask
 
-__all__ = ["shapes_only", "transient_bytes"]
+__all__ = ["dense_routing", "shapes_only", "transient_bytes"]
 
 
 def _model_class(config: Any) -> Any:
@@ -49,22 +50,98 @@ def shapes_only(model_or_config: Any, dtype: torch.dtype | None = None) -> Itera
 
 def _dense_experts(module: nn.Module) -> Any:
     """A forward for an experts module on fake tensors: its first expert on every token, once per routed slot (what
-    the real routing computes, in activation sizes), differentiable."""
+    the real routing computes, in activation sizes), differentiable. Routing by values (which tokens reach which
+    expert) is what a fake tensor cannot do, so each layout's computation runs densely."""
     from .experts import _project, expert_routing
 
-    gated = experts_have_gate(module)
-    first = "gate_up_proj" if gated else "up_proj"
+    layout = experts_layout(module)
+    if layout is None:
+        raise TypeError(f"{type(module).__name__} is not an experts module hf-curvedit knows")
+
+    def weight(param: str) -> torch.Tensor:
+        return experts_target(module, param).logical_weight()[0]
+
+    if layout.kind == JETMOE:
+        # JetMoeMoE routes inside its own forward, through its router, and its children see rows grouped by expert
+        def jetmoe(layer_input: torch.Tensor) -> torch.Tensor:
+            x = layer_input.reshape(-1, layer_input.shape[-1])
+            out = torch.zeros_like(x)
+            for _ in range(module.router.top_k):
+                gate, up = _project(x, weight("input_linear"), None).chunk(2, dim=-1)
+                out = out + _project(module.activation(gate) * up, weight("output_linear"), None)
+            return (out + module.bias).view_as(layer_input)
+
+        return jetmoe
+
+    def expert(x: torch.Tensor) -> torch.Tensor:
+        if layout.kind == DBRX:
+            gate, up = _project(x, weight("w1"), None), _project(x, weight("v1"), None)
+            return _project(module.mlp.activation_fn(gate) * up, weight("w2"), None)
+        if layout.kind == LONGCAT:
+            gate, up = _project(x, weight("gate_up_proj"), None).chunk(2, dim=-1)
+            return _project(module.act_fn(gate) * up, weight("down_proj"), None)
+        gated = experts_have_gate(module)
+        h = _project(x, weight("gate_up_proj" if gated else "up_proj"), None)
+        return _project(module._apply_gate(h) if gated else module.act_fn(h), weight("down_proj"), None)
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         slots = expert_routing(args, kwargs)[0].shape[-1]
-        out = torch.zeros_like(hidden_states)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = torch.zeros_like(x)
         for _ in range(slots):
-            h = _project(hidden_states, experts_target(module, first).logical_weight()[0], None)
-            h = module._apply_gate(h) if gated else module.act_fn(h)
-            out = out + _project(h, experts_target(module, "down_proj").logical_weight()[0], None)
-        return out
+            out = out + expert(x)
+        # DbrxExperts takes (batch, seq, hidden) and returns (batch, tokens, hidden); the others keep the shape
+        return out.view(hidden_states.shape[0], -1, x.shape[-1]) if layout.kind == DBRX else out.view_as(hidden_states)
 
     return forward
+
+
+def _dense_routed_attention(module: nn.Module) -> dict[str, Any]:
+    """JetMoE's mixture of attention heads (``JetMoeMoA``, not an MLP and never a target) routes by value too: its
+    ``map`` and ``reduce`` on fake tensors, the first query and output expert on every token for each routed slot."""
+    w_in, w_out = module.input_linear.weight[0], module.output_linear.weight[0]
+
+    def map(layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # noqa: A001 - JetMoeMoA's name
+        bsz, length, width = layer_input.shape
+        x = layer_input.reshape(-1, width)
+        queries = torch.stack([torch.nn.functional.linear(x, w_in) for _ in range(module.top_k)], dim=1)
+        return queries.view(bsz, length, module.top_k, -1), module.router.layer(x), None
+
+    def reduce(layer_input: torch.Tensor, topo_info: None) -> torch.Tensor:
+        bsz, length, k, _ = layer_input.shape
+        rows = layer_input.reshape(bsz * length, k, -1)
+        out = sum(torch.nn.functional.linear(rows[:, j], w_out) for j in range(k))
+        return out.view(bsz, length, -1) + module.bias
+
+    return {"map": map, "reduce": reduce}
+
+
+@contextlib.contextmanager
+def dense_routing(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every module of ``model`` that routes tokens by value (experts modules, JetMoE's mixture of
+    attention heads) runs densely (`_dense_experts`), so that a pass on fake tensors needs no value; the modules'
+    own methods (and accelerate's hooks around them) are back afterwards, also after an error."""
+    from .experts import replaced_forwards
+
+    forwards = {m: _dense_experts(m) for m in model.modules() if is_experts_module(m)}
+    patched: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for m in model.modules():
+            if type(m).__name__ == "JetMoeMoA":
+                for name, f in _dense_routed_attention(m).items():
+                    patched.append((m, name, m.__dict__.get(name, _ABSENT)))
+                    setattr(m, name, f)
+        with replaced_forwards(forwards):
+            yield
+    finally:
+        for m, name, held in reversed(patched):
+            if held is _ABSENT:
+                delattr(m, name)
+            else:
+                setattr(m, name, held)
+
+
+_ABSENT = object()
 
 
 def transient_bytes(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig, dtype: Any) -> int:
@@ -83,21 +160,19 @@ def _backward_transient(model: nn.Module, names: list[str], task: FactorTask, co
     the model: what autograd keeps for the backward down to the first target (frozen weights, as in `fit_factors`),
     counted on fake tensors as it is saved; the gradients the backward holds at once (taken as twice the largest
     saved activation); the logits, which the loss keeps, with their gradient; and the collector's copies of one
-    target's input and output-gradient rows. An experts module routes by values
-    a fake tensor does not have: it runs as its first expert on every token, once per routed slot (the same
-    activation sizes). The allocator's own overhead is not counted."""
+    target's input and output-gradient rows. A module that routes by values a fake tensor does not have runs densely
+    (`dense_routing`): the same activation sizes, without the real routing's index tensors and gathered rows. The
+    allocator's own overhead is not counted."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from .roots import GradientRoots, frozen_parameters
 
-    mods = dict(model.named_modules())
-    skipped = [m for m in mods.values() if is_experts_module(m)]
     roots = GradientRoots()
-    # the backward reaches every target: a linear layer's input, an expert projection's experts module's
-    owners = dict.fromkeys(n if n in mods else n.rsplit(".", 1)[0] for n in names)
-    handles = [roots.register(mods[n]) for n in owners if n in mods]
-    for m in skipped:
-        m.forward = _dense_experts(m)
+    # the backward reaches every target: a linear layer's input, an expert projection's experts module's (JetMoE's
+    # projections are named after children that the dense pass never calls)
+    targets = weight_targets(model)
+    owners = {id(t.module): t.module for n in names if (t := targets.get(n)) is not None}
+    handles = [roots.register(m) for m in owners.values()]
     tensors = [*model.parameters(), *model.buffers()]
     # the pass runs in the fake mode of a model built from a config, else in one of its own, where each real weight has
     # one fake twin: the weights' storages there are the model's, never the batch's
@@ -121,7 +196,7 @@ def _backward_transient(model: nn.Module, names: list[str], task: FactorTask, co
         example = task.example_batch(model, config)
         with mode:
             batch = _full_batch(example, config, input_device(model))
-            with frozen_parameters(model), torch.enable_grad(), \
+            with frozen_parameters(model), dense_routing(model), torch.enable_grad(), \
                     torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model(**batch, **({"use_cache": False} if "input_ids" in batch else {}))
                 logits = out.logits if hasattr(out, "logits") else out[0]
@@ -132,10 +207,7 @@ def _backward_transient(model: nn.Module, names: list[str], task: FactorTask, co
     finally:
         for h in handles:
             h.remove()
-        for m in skipped:
-            del m.forward
     # the collector's own copies: a target's selected input rows and output-gradient rows, in float32, one at a time
-    targets = weight_targets(model)
     copies = max((tokens * (targets[n].d_in + targets[n].d_out) * 4 for n in names if n in targets), default=0)
     return sum(saved.values()) + 2 * max(saved.values(), default=0) + 2 * logit_bytes + copies
 
