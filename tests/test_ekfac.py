@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
-from testing_utils import brute_force_expert_lambda, brute_force_mask, random_token_rows, tiny_gpt2, tiny_llama
+from testing_utils import brute_force_lambda, brute_force_mask, random_token_rows, tiny_gpt2, tiny_llama
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors, load_factors
 from hf_curvedit.curvature import EigenCorrection, EigenFile, ModuleEigen, fit_eigen_correction
@@ -32,28 +32,6 @@ def fit_with_correction(model, rows, folder, **kw):
     factors = fit_factors(model, Dataset.from_dict({"input_ids": rows}), cfg, folder, progress=False)
     corr = fit_eigen_correction(model, Dataset.from_dict({"input_ids": rows}), factors, progress=False)
     return factors, corr
-
-
-def brute_force_lambda(model, rows, names, eigen):
-    """Per sequence, autograd's gradient of the weight (summed next-token loss of that sequence alone), rotated into
-    the eigenbasis and squared; averaged over sequences. float64."""
-    weights = {n: model.get_submodule(n).weight for n in names}
-    for w in weights.values():
-        w.requires_grad_(True)
-    total = {n: torch.zeros(eigen[n].shape, dtype=torch.float64) for n in names}
-    try:
-        for r in rows:
-            ids = torch.tensor([r])
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-            loss = F.cross_entropy(logits.double(), ids[0, 1:], reduction="sum")
-            grads = torch.autograd.grad(loss, [weights[n] for n in names])
-            for n, D in zip(names, grads):
-                e = eigen[n]
-                total[n] += (e.eigvecs_G.double().T @ D.double() @ e.eigvecs_A.double()) ** 2
-    finally:
-        for w in weights.values():
-            w.requires_grad_(False)
-    return {n: t / len(rows) for n, t in total.items()}
 
 
 def test_corrected_eigenvalues_match_brute_force_with_padding(tmp_path):
@@ -185,7 +163,7 @@ def test_expert_lambda_matches_per_token_brute_force(tmp_path, family):
     names = [n for n in resolve_target_modules(model) if ".experts." in n]
     assert names and set(names) <= set(corr)
     eigen = factors.eigendecompose()
-    want = brute_force_expert_lambda(model, rows, names, eigen)
+    want = brute_force_lambda(model, rows, names, eigen)
     for n in names:
         got = corr[n]
         assert got.shape == want[n].shape and got.shape[0] == 4

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from family_configs import old_dbrx, runnable_families, tiny_causal_lm
-from testing_utils import brute_force_expert_lambda, random_token_rows
+from testing_utils import brute_force_lambda, random_token_rows
 
 from hf_curvedit import (
     CurvatureEditConfig,
@@ -217,7 +217,7 @@ def test_expert_lambda_matches_a_per_sequence_brute_force(family, tmp_path):
     corr = fit_eigen_correction(model, data, factors, progress=False)
     assert names and set(corr) == set(names)
     eigen = factors.eigendecompose()
-    want = brute_force_expert_lambda(model, rows, names, eigen)
+    want = brute_force_lambda(model, rows, names, eigen)
     for n in names:
         assert corr[n].shape == want[n].shape, n
         assert (corr[n] - want[n]).abs().max() <= 1e-10 * want[n].abs().max(), n

@@ -170,16 +170,22 @@ def best_choice(model, context_ids: list[int], choices_ids: list[list[int]]) -> 
     return max(range(len(scores)), key=scores.__getitem__)
 
 
-def brute_force_expert_lambda(model, rows, names, eigen):
-    """Per sequence, autograd's gradient of each expert's matrix (the summed next-token loss of that sequence alone,
-    the tokens routed to the expert by the model's own top-k), rotated into that expert's eigenbasis and squared;
-    averaged over sequences. float64. Works for every experts layout: the gradient is taken of the stored parameter
-    and read in the logical (experts, d_out, d_in) form."""
+def brute_force_lambda(model, rows, names, eigen):
+    """EK-FAC's Λ by brute force: per sequence, autograd's gradient of each target's weight (the summed next-token loss
+    of that sequence alone), rotated into the eigenbasis and squared; averaged over sequences. float64. A linear
+    layer's gradient is of its stored weight (a transposed basis serves a Conv1D); an expert projection's is read in
+    the logical (experts, d_out, d_in) form, each expert rotated into its own basis (the tokens routed to it by the
+    model's own top-k), whatever the experts layout."""
     targets = weight_targets(model)
     params = {n: targets[n].parameter() for n in names}
     for p in params.values():
         p.requires_grad_(True)
-    total = {n: torch.zeros(targets[n].shape, dtype=torch.float64) for n in names}
+    total = {n: torch.zeros(targets[n].shape if targets[n].is_experts else params[n].shape, dtype=torch.float64)
+             for n in names}
+
+    def rotated(basis, D):
+        return (basis.eigvecs_G.double().T @ D.double() @ basis.eigvecs_A.double()) ** 2
+
     try:
         for r in rows:
             ids = torch.tensor([r])
@@ -187,10 +193,12 @@ def brute_force_expert_lambda(model, rows, names, eigen):
             loss = F.cross_entropy(logits.double(), ids[0, 1:], reduction="sum")
             grads = torch.autograd.grad(loss, [params[n] for n in names])
             for n, D in zip(names, grads):
-                D = targets[n].to_logical(D)
-                for x in range(D.shape[0]):
-                    b = eigen[n].expert(x)
-                    total[n][x] += (b.eigvecs_G.double().T @ D[x].double() @ b.eigvecs_A.double()) ** 2
+                if targets[n].is_experts:
+                    D = targets[n].to_logical(D)
+                    for x in range(D.shape[0]):
+                        total[n][x] += rotated(eigen[n].expert(x), D[x])
+                else:
+                    total[n] += rotated(eigen[n], D)
     finally:
         for p in params.values():
             p.requires_grad_(False)

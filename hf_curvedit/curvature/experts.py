@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from ..expert_layouts import DBRX, FUSED, JETMOE, LONGCAT, experts_layout
 from ..targets import experts_have_gate, experts_target
 
-__all__ = ["ExpertRecorder", "expert_routing", "recording_experts", "recording_forward", "replaced_forwards"]
+__all__ = [
+    "ExpertRecorder", "expert_routing", "recording_experts", "recording_forward", "replaced_forwards",
+    "replaced_methods",
+]
 
 # (parameter name, expert index, its token rows of the module's input, number of input rows, projection input,
 # projection output)
@@ -184,8 +187,7 @@ def _longcat_recording(module: nn.Module, record: ExpertRecorder) -> Callable[..
     return forward
 
 
-@contextlib.contextmanager
-def replaced_forwards(forwards: Mapping[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+def replaced_forwards(forwards: Mapping[nn.Module, Callable[..., Any]]) -> contextlib.AbstractContextManager[None]:
     """Run each module with the given forward inside the block; the class's forward (and with it
     ``config._experts_implementation``) is back afterwards, also after an error. Calling the module still runs its
     hooks.
@@ -193,15 +195,24 @@ def replaced_forwards(forwards: Mapping[nn.Module, Callable[..., Any]]) -> Itera
     A module placed by accelerate (``device_map``, CPU or disk offload) keeps its hook: accelerate's forward brings
     the weights in and calls ``module._old_forward``, and that is what is replaced; the new forward runs inside the
     hooked call, never around it."""
+    return replaced_methods({module: {"forward": forward} for module, forward in forwards.items()})
+
+
+@contextlib.contextmanager
+def replaced_methods(methods: Mapping[nn.Module, Mapping[str, Callable[..., Any]]]) -> Iterator[None]:
+    """`replaced_forwards` for any methods: ``{module: {method name: function}}``, each set on the instance inside
+    the block and the instance's own attribute (or none) back afterwards."""
     patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, what it held; _ABSENT: nothing)
     try:
-        for module, forward in forwards.items():
-            # accelerate's add_hook_to_module keeps the class's forward in `_old_forward` and puts its own wrapper in
-            # the instance's `forward`; otherwise an instance attribute shadows the class's forward, and
-            # nn.Module.__call__ (and its hooks) still run
-            attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
-            patched.append((module, attr, module.__dict__.get(attr, _ABSENT)))
-            setattr(module, attr, forward)
+        for module, named in methods.items():
+            for name, function in named.items():
+                # accelerate's add_hook_to_module keeps the class's forward in `_old_forward` and puts its own wrapper
+                # in the instance's `forward`; otherwise an instance attribute shadows the class's method, and
+                # nn.Module.__call__ (and its hooks) still run
+                hooked = name == "forward" and hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__
+                attr = "_old_forward" if hooked else name
+                patched.append((module, attr, module.__dict__.get(attr, _ABSENT)))
+                setattr(module, attr, function)
         yield
     finally:
         for module, attr, held in reversed(patched):

@@ -116,32 +116,19 @@ def _dense_routed_attention(module: nn.Module) -> dict[str, Any]:
     return {"map": map, "reduce": reduce}
 
 
-@contextlib.contextmanager
-def dense_routing(model: nn.Module) -> Iterator[None]:
+def dense_routing(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Inside the block, every module of ``model`` that routes tokens by value (experts modules, JetMoE's mixture of
     attention heads) runs densely (`_dense_experts`), so that a pass on fake tensors needs no value; the modules'
     own methods (and accelerate's hooks around them) are back afterwards, also after an error."""
-    from .experts import replaced_forwards
+    from .experts import replaced_methods
 
-    forwards = {m: _dense_experts(m) for m in model.modules() if is_experts_module(m)}
-    patched: list[tuple[nn.Module, str, Any]] = []
-    try:
-        for m in model.modules():
-            if type(m).__name__ == "JetMoeMoA":
-                for name, f in _dense_routed_attention(m).items():
-                    patched.append((m, name, m.__dict__.get(name, _ABSENT)))
-                    setattr(m, name, f)
-        with replaced_forwards(forwards):
-            yield
-    finally:
-        for m, name, held in reversed(patched):
-            if held is _ABSENT:
-                delattr(m, name)
-            else:
-                setattr(m, name, held)
-
-
-_ABSENT = object()
+    methods: dict[nn.Module, dict[str, Any]] = {}
+    for m in model.modules():
+        if is_experts_module(m):
+            methods[m] = {"forward": _dense_experts(m)}
+        elif type(m).__name__ == "JetMoeMoA":
+            methods[m] = _dense_routed_attention(m)
+    return replaced_methods(methods)
 
 
 def transient_bytes(model: nn.Module, names: list[str], task: FactorTask, config: FactorConfig, dtype: Any) -> int:
