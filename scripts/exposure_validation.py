@@ -21,7 +21,7 @@ Steps:
 
 Usage::
 
-    python scripts/exposure_validation.py       # about 12 min on 2 CPU cores (plus the fit, 4 min, when not cached)
+    python scripts/exposure_validation.py       # about 6 min on 2 idle CPU cores, the factor fit (40 s) included
 """
 
 from __future__ import annotations
