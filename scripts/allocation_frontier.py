@@ -22,7 +22,7 @@ examples/default.yaml`` writes); when that folder has none, they are fitted ther
 
 Usage::
 
-    python scripts/allocation_frontier.py                       # ~40 min on 2 CPU cores
+    python scripts/allocation_frontier.py                       # about 6 min on 2 idle CPU cores (with the fit)
     python scripts/allocation_frontier.py --budgets 0.15 --no-skills --folds 1
 """
 
