@@ -18,7 +18,7 @@ Writes ``RUN_DIR/frontier.json``, prints the tables, and draws ``docs/images/ekf
 
 Usage::
 
-    python scripts/ekfac_frontier.py            # about 25 min on 2 CPU cores (the two passes are cached)
+    python scripts/ekfac_frontier.py            # about 9 min on 2 idle CPU cores (the two passes are cached)
 """
 
 from __future__ import annotations
