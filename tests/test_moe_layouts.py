@@ -4,11 +4,13 @@ loading path)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from family_configs import old_dbrx, runnable_families, tiny_causal_lm
+from family_configs import runnable_families, tiny_causal_lm
 from testing_utils import brute_force_lambda, random_token_rows
 
 from hf_curvedit import (
@@ -108,12 +110,6 @@ def _dbrx_reference(module, note):
 REFERENCES = {"longcat_flash": _longcat_reference, "jetmoe": _jetmoe_reference, "dbrx": _dbrx_reference}
 
 
-def _dbrx_skip(family):
-    if old_dbrx(family):
-        pytest.skip("this transformers' DbrxExpertGLU has the transposes of DBRX checkpoints inverted "
-                    "(huggingface/transformers#47671); the reference is the checkpoints' computation")
-
-
 @pytest.mark.parametrize("family", runnable_families(list(REFERENCES)))
 def test_recording_forward_computes_what_the_model_computes(family):
     from hf_curvedit.curvature.experts import recording_experts
@@ -140,19 +136,24 @@ def padded(rows, length):
     return ids, mask
 
 
+@contextlib.contextmanager
+def _reference_forwards(model, family, note):
+    """Inside the block every experts module runs its family's reference, which calls ``note(projection name, token,
+    expert, input, probe)`` for each projection it computes."""
+    from hf_curvedit.curvature.experts import replaced_forwards
+
+    forwards = {m: REFERENCES[family](m, lambda p, t, e, a, probe, name=name: note(f"{name}.{p}", t, e, a, probe))
+                for name, m in model.named_modules() if is_experts_module(m)}
+    with replaced_forwards(forwards):
+        yield
+
+
 def brute_force(model, family, ids, mask):
     """Per-token K-FAC factors of every expert projection (float64 sums over valid positions, empirical labels):
     {name: (A (experts, d_in, d_in), G (experts, d_out, d_out), tokens per expert)}."""
     records = []
-    mods = {n: m for n, m in model.named_modules() if is_experts_module(m)}
-    for name, m in mods.items():
-        m.forward = REFERENCES[family](m, lambda p, t, e, a, probe, name=name: records.append(
-            (f"{name}.{p}", t, e, a.detach(), probe)))
-    try:
+    with _reference_forwards(model, family, lambda key, t, e, a, probe: records.append((key, t, e, a.detach(), probe))):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    finally:
-        for m in mods.values():
-            del m.forward
     B, T = ids.shape
     valid = torch.zeros(B * T, dtype=torch.bool)
     for b in range(B):
@@ -184,7 +185,6 @@ def brute_force(model, family, ids, mask):
 
 @pytest.mark.parametrize("family", runnable_families(list(REFERENCES)))
 def test_expert_factors_match_a_per_token_brute_force(family):
-    _dbrx_skip(family)
     model = tiny_causal_lm(family).double()
     rows = [[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(5, lo=5, hi=14, seed=3)]
     cfg = FactorConfig(label_mode="empirical", seq_len=14, batch_size=5, packing=False, accumulate_dtype="float64",
@@ -206,7 +206,6 @@ def test_expert_factors_match_a_per_token_brute_force(family):
 def test_expert_lambda_matches_a_per_sequence_brute_force(family, tmp_path):
     """EK-FAC on each layout: every expert's Λ_e equals autograd's per-sequence gradient of the stored parameter,
     rotated into that expert's eigenbasis and squared (float64, padded batches), and `ekfac_mass` edits with it."""
-    _dbrx_skip(family)
     model = tiny_causal_lm(family).double()
     rows = [[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(5, lo=5, hi=14, seed=3)]
     names = [n for n, t in weight_targets(model).items() if t.is_experts]
@@ -245,16 +244,9 @@ def _brute_exposure(model, family, edits, sequences):
             total[key] += float((W[e] @ a.double()).square().sum())
             removed[key] += float(((W[e] - W_new[e]) @ a.double()).square().sum())
 
-    mods = {n: m for n, m in model.named_modules() if is_experts_module(m)}
-    for name, m in mods.items():
-        m.forward = REFERENCES[family](m, lambda p, t, e, a, probe, name=name: note(f"{name}.{p}", t, e, a, probe))
-    try:
-        with torch.no_grad():
-            for seq in sequences:
-                model(input_ids=torch.tensor([seq]), use_cache=False)
-    finally:
-        for m in mods.values():
-            del m.forward
+    with torch.no_grad(), _reference_forwards(model, family, note):
+        for seq in sequences:
+            model(input_ids=torch.tensor([seq]), use_cache=False)
     return {n: removed[n] / total[n] for n in edits}
 
 
@@ -266,7 +258,6 @@ def test_expert_exposure_matches_a_per_token_brute_force(family):
     from hf_curvedit.exposure import adapter_exposure, predict_exposure
     from hf_curvedit.tuner import compute_module_edits
 
-    _dbrx_skip(family)
     model = tiny_causal_lm(family, seed=2).double()
     rows = [[t % (VOCAB - 1) + 1 for t in r] for r in random_token_rows(12, lo=6, hi=16, seed=3)]
     names = [n for n, t in weight_targets(model).items() if t.is_experts]

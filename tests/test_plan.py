@@ -224,5 +224,3 @@ def test_the_transient_of_every_experts_layout_is_planned(family):
     want = _real_transient(model, names, 4, 32)
     assert 0.7 * want <= got <= 1.1 * want, (got, want)
     assert plan_factors(model.config, cfg).transient_bytes == got
-
-

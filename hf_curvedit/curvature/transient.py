@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..expert_layouts import DBRX, JETMOE, LONGCAT, experts_layout
-from ..targets import experts_have_gate, experts_target, is_experts_module, weight_targets
+from ..expert_layouts import DBRX, JETMOE, LONGCAT, ExpertsLayout, experts_layout
+from ..targets import experts_have_gate, experts_target, weight_targets
 from ..utils import parse_dtype
 from .collector import input_device
 from .config import FactorConfig
@@ -48,15 +48,11 @@ def shapes_only(model_or_config: Any, dtype: torch.dtype | None = None) -> Itera
         yield _model_class(model_or_config).from_config(model_or_config, **({"dtype": dtype} if dtype else {}))
 
 
-def _dense_experts(module: nn.Module) -> Any:
+def _dense_experts(module: nn.Module, layout: ExpertsLayout) -> Any:
     """A forward for an experts module on fake tensors: its first expert on every token, once per routed slot (what
     the real routing computes, in activation sizes), differentiable. Routing by values (which tokens reach which
     expert) is what a fake tensor cannot do, so each layout's computation runs densely."""
     from .experts import _project, expert_routing
-
-    layout = experts_layout(module)
-    if layout is None:
-        raise TypeError(f"{type(module).__name__} is not an experts module hf-curvedit knows")
 
     def weight(param: str) -> torch.Tensor:
         return experts_target(module, param).logical_weight()[0]
@@ -124,8 +120,8 @@ def dense_routing(model: nn.Module) -> contextlib.AbstractContextManager[None]:
 
     methods: dict[nn.Module, dict[str, Any]] = {}
     for m in model.modules():
-        if is_experts_module(m):
-            methods[m] = {"forward": _dense_experts(m)}
+        if (layout := experts_layout(m)) is not None:
+            methods[m] = {"forward": _dense_experts(m, layout)}
         elif type(m).__name__ == "JetMoeMoA":
             methods[m] = _dense_routed_attention(m)
     return replaced_methods(methods)
