@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import os
 import tempfile
@@ -14,6 +15,21 @@ from typing import Any
 import torch
 
 from .errors import InputError
+
+
+def fill_unset_fields(config: Any) -> None:
+    """Give every field of the dataclass ``config`` that holds None, and whose default is not None, its default.
+
+    In the public configs None means "not set", as PEFT's configs take it for an unset mapping: a caller that forwards
+    optional settings (``keep_mass_pattern=None``, ``allocation_steps=None``) gets the defaults instead of a crash in
+    the checks that follow."""
+    for f in dataclasses.fields(config):
+        if getattr(config, f.name) is not None:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            setattr(config, f.name, f.default_factory())
+        elif f.default is not dataclasses.MISSING and f.default is not None:
+            setattr(config, f.name, f.default)
 
 
 def _umask() -> int:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..integrity import read_safetensors
 from ..targets import TargetSpec, resolve_target_modules, weight_targets
-from ..utils import save_safetensors
+from ..utils import fill_unset_fields, save_safetensors
 
 __all__ = ["BalancedSubnetConfig", "BalancedSubnetMasks", "train_balanced_subnet"]
 
@@ -67,6 +67,7 @@ class BalancedSubnetConfig:
     max_length: int = 256
 
     def __post_init__(self) -> None:
+        fill_unset_fields(self)
         if not 0.0 < self.ratio < 1.0:
             raise InputError(f"ratio must be in (0, 1) (the fraction of weights to zero, e.g. 0.0015), got "
                              f"{self.ratio}")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import InputError
+from ..utils import fill_unset_fields
 
 LabelMode = Literal["sampled", "empirical"]
 TokenPositions = Literal["cls", "all"]
@@ -79,6 +80,7 @@ class FactorConfig:
     dataset: str | None = None
 
     def __post_init__(self) -> None:
+        fill_unset_fields(self)
         if self.label_mode not in ("sampled", "empirical"):
             raise InputError(f"label_mode={self.label_mode!r}: use 'sampled' (true Fisher) or 'empirical'.")
         if self.accumulate_dtype not in ("float32", "float64"):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..utils import fill_unset_fields
 
 INSTALL_HINT = "pip install 'hf-curvedit[lm-eval]'"
 # Keys of an lm-eval result entry that are not metrics.
@@ -61,6 +62,7 @@ class CapabilityConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        fill_unset_fields(self)
         if isinstance(self.tasks, str):
             self.tasks = [self.tasks]
         self.tasks = [t.strip() for item in self.tasks for t in str(item).split(",") if t.strip()]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..utils import fill_unset_fields
 from ._common import resolve_pad_id
 from .capabilities import CapabilityConfig, evaluate_capabilities
 from .classification import (
@@ -61,6 +62,7 @@ class EvalConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
+        fill_unset_fields(self)
         if self.batch_size <= 0:
             raise InputError(f"batch_size must be positive, got {self.batch_size}")
         if not 0.0 <= self.loose_threshold <= 1.0:

@@ -22,9 +22,10 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ..evaluation.report import EditReport
+from ..tuner.summary import jsonable, module_rows, module_rows_from_config  # noqa: F401
 
 # re-exported: they lived here before the tuner owned them
-from ..tuner.summary import jsonable, module_rows, module_rows_from_config  # noqa: F401
+from ..utils import fill_unset_fields
 from .card_metadata import eval_results, pipeline_tag_for
 from .card_rows import capability_rows, eval_meta, expert_rows, fmt, format_row, layer_rho_rows, module_row
 
@@ -103,6 +104,9 @@ class CardOptions:
     factor_data: Mapping[str, Any] | None = None
     tags: list[str] = field(default_factory=list)
     pipeline_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        fill_unset_fields(self)
 
 
 def load_template(kind: CardKind) -> str:

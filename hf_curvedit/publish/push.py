@@ -24,6 +24,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from ..errors import Fix, register_secret
+from ..utils import fill_unset_fields
 from .stage import list_files
 
 __all__ = ["HubOptions", "PublishError", "PublishResult", "PushTarget", "push_folder", "start_push"]
@@ -99,6 +100,7 @@ class HubOptions:
     endpoint: str | None = None
 
     def __post_init__(self) -> None:
+        fill_unset_fields(self)
         register_secret(self.token)  # no message, traceback or log line of the command line may show it
 
 

@@ -19,6 +19,7 @@ from ..curvature.eigen import KFACEigen
 from ..errors import InputError, InputKeyError
 from ..evaluation import RecitationSet, TextSet
 from ..targets import resolve_target_modules
+from ..utils import fill_unset_fields
 from .allocation import ALLOCATIONS
 from .measure import Measurements
 from .result import SweepPoint, SweepResult
@@ -98,6 +99,7 @@ class SweepConfig:
     allocation_max_candidates: int = 24
 
     def __post_init__(self) -> None:
+        fill_unset_fields(self)
         from ..selection import SELECTIONS
 
         if self.pick_by not in ("recitation", "predicted_cost"):

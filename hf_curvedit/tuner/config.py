@@ -11,7 +11,7 @@ from peft.utils.other import get_pattern_key
 
 from ..errors import InputError
 from ..selection import SELECTIONS, Selection
-from ..utils import parse_dtype
+from ..utils import fill_unset_fields, parse_dtype
 
 PEFT_TYPE_NAME = "CURVEDIT"
 
@@ -92,9 +92,11 @@ class CurvatureEditConfig(PeftConfig):
             ``build_curvature_edit(model, {"general": eigen, "arithmetic": eigen_math}, config)``.
         protect_factor_sources (`dict[str, dict]`):
             Provenance of each protected domain's factors (path, dataset, token count), like `factor_source`. Filled
-            when building; with `peft.get_peft_model`, set ``{name: {"path": ".../eigen.safetensors"}}``.
+            when building; with `peft.get_peft_model`, set ``{name: {"path": ".../factors"}}`` (an eigen store: its
+            folder, ``eigen.safetensors`` or its index).
         factors_path (`Optional[str]`):
-            Path of an ``eigen.safetensors`` file ([`KFACEigen`]) used when the adapter is built through
+            Path of an eigen store ([`KFACEigen`]: its folder, ``eigen.safetensors``, or
+            ``eigen.safetensors.index.json`` when sharded) used when the adapter is built through
             `peft.get_peft_model`. Not needed when building with [`build_curvature_edit`] or when loading a saved
             adapter.
         factor_source (`dict[str, Any]`):
@@ -145,7 +147,7 @@ class CurvatureEditConfig(PeftConfig):
         metadata={"help": "Provenance (path, dataset, tokens) of each protected domain's factors."},
     )
     factors_path: str | None = field(
-        default=None, metadata={"help": "eigen.safetensors to build from when using peft.get_peft_model."}
+        default=None, metadata={"help": "Eigen store (folder, eigen.safetensors or its index) for get_peft_model."}
     )
     factor_source: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Provenance of the factors (dataset, tokens, label mode, path)."}
@@ -169,6 +171,7 @@ class CurvatureEditConfig(PeftConfig):
         return config
 
     def __post_init__(self) -> None:
+        fill_unset_fields(self)
         super().__post_init__()
         self.peft_type = CURVEDIT
         # nothing is trained: keep PEFT from marking anything trainable
