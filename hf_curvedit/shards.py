@@ -29,7 +29,7 @@ from .integrity import (
 from .utils import atomic_write_text, save_safetensors
 
 __all__ = ["TensorFiles", "index_path", "plan_shards", "remove_tensor_files", "shard_digest", "shard_name",
-           "shards_of", "write_index", "write_shard"]
+           "shards_of", "store_files", "write_index", "write_shard"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -37,6 +37,11 @@ INDEX_SUFFIX = ".safetensors.index.json"
 def shard_name(stem: str, number: int, total: int) -> str:
     """The file name of shard ``number`` (1-based) of ``total``: ``NAME-00001-of-00004.safetensors``."""
     return f"{stem}-{number:05d}-of-{total:05d}.safetensors"
+
+
+def store_files(stem: str) -> str:
+    """The files of a store of ``stem`` in words, for help texts and docstrings: what the writers name them."""
+    return f"{stem}.safetensors, or {stem}-NNNNN-of-MMMMM.safetensors shards and {stem}{INDEX_SUFFIX}"
 
 
 def index_path(folder: str | Path, stem: str) -> Path:

@@ -236,3 +236,29 @@ def test_two_processes_share_the_passes_and_the_eigendecomposition(tmp_path):
     assert multi.num_samples == single.num_samples
     for n in factors.module_names:
         _close(multi[n], single[n])
+
+
+def test_fit_help_names_every_file_a_fit_writes(tmp_path):
+    """`hf-curvedit fit --help` says where the factors, their eigenbases and the EK-FAC eigenvalues go, in the names
+    the writers give them: one file each, or shards and an index when the fit ran under a memory budget."""
+    import argparse
+    import re
+
+    from hf_curvedit.cli.parser import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["fit"]._actions}
+    described = helps["output_dir"] + " " + helps["ekfac"]
+    forms = set()
+    for folder, budget in ((tmp_path / "budget", BUDGET_CFG["max_factor_memory_gb"]), (tmp_path / "whole", None)):
+        config = FactorConfig(**{**BUDGET_CFG, "max_factor_memory_gb": budget})
+        factors = fit_factors(scale_model(), scale_data(), config, folder, progress=False)
+        factors.eigendecompose(folder)
+        fit_eigen_correction(scale_model(), scale_data(), folder, progress=False)
+        for f in folder.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                forms.add(re.sub(r"-\d{5}-of-\d{5}\.", "-NNNNN-of-MMMMM.", f.name))
+    assert {"factors.safetensors", "factors-NNNNN-of-MMMMM.safetensors", "factors.safetensors.index.json",
+            "eigen.safetensors", "ekfac.safetensors", "ekfac-NNNNN-of-MMMMM.safetensors"} <= forms, forms
+    for form in sorted(forms):
+        assert form in described, f"fit writes {form}, which its --help does not name: {described!r}"

@@ -6,6 +6,9 @@ import argparse
 from typing import Any, get_args
 
 from ..curvature.config import LabelMode, TokenPositions
+from ..curvature.correction import EKFAC_STEM
+from ..curvature.eigen import EIGEN_STEM
+from ..curvature.storage import CHECKPOINT_DIR, FACTORS_STEM
 from ..pipeline import (
     DEFAULT_KEEP_MASS,
     EditStep,
@@ -15,6 +18,7 @@ from ..pipeline import (
     SweepStep,
 )
 from ..selection import SELECTIONS
+from ..shards import INDEX_SUFFIX, store_files
 from ..sweep.allocation import ALLOCATIONS
 from ..targets import parse_target_modules
 from .commands import (
@@ -67,7 +71,10 @@ def _add_fit(sub: Any) -> None:
     f.add_argument("--label-column", default=FitStep.label_column,
                    help="image classifiers: labels for --label-mode empirical")
     f.add_argument("--max-examples", type=int, default=None, help="image classifiers: stop after this many images")
-    f.add_argument("--output-dir", required=True, help="where factors.safetensors and eigen.safetensors go")
+    f.add_argument("--output-dir", required=True,
+                   help=f"where the factors ({store_files(FACTORS_STEM)}) and their eigenbases "
+                        f"({store_files(EIGEN_STEM)}) are written; a partial run's checkpoints go to "
+                        f"OUTPUT_DIR/{CHECKPOINT_DIR}")
     f.add_argument("--target-modules", type=parse_target_modules,
                    help="regex, or comma-separated names/globs (default: the MLP projections)")
     f.add_argument("--label-mode", choices=get_args(LabelMode), default=FitStep.label_mode,
@@ -88,7 +95,7 @@ def _add_fit(sub: Any) -> None:
     f.add_argument("--restart", action="store_true", help="discard a partial run in --output-dir and start over")
     f.add_argument("--ekfac", action="store_true",
                    help="then measure the EK-FAC corrected eigenvalues in a second pass over the same data "
-                        "(ekfac.safetensors; needed by --selection ekfac_mass)")
+                        f"({store_files(EKFAC_STEM)}; needed by --selection ekfac_mass)")
     f.add_argument("--name", dest="domain", metavar="NAME",
                    help="fit a protected domain's factors (e.g. arithmetic) from --data into OUTPUT_DIR/domains/NAME, "
                         "beside the general ones; edit and sweep use them with --protect NAME=RHO")
@@ -258,7 +265,8 @@ def _add_publish(sub: Any) -> None:
     u.add_argument("--repo-id", required=True)
     u.add_argument("--out-dir", required=True, help="local folder to write (must be new or empty)")
     u.add_argument("--report", help="EditReport JSON from `hf-curvedit evaluate`")
-    u.add_argument("--eigen", help="eigen.safetensors, for the spectrum plots")
+    u.add_argument("--eigen", help=f"the eigenbases, for the spectrum plots: their folder or its "
+                                   f"{EIGEN_STEM}.safetensors (or {EIGEN_STEM}{INDEX_SUFFIX})")
     u.add_argument("--comparison", help="sweep.json of a sweep with --baselines whose pick is this adapter: the card "
                    "shows it next to each baseline at matched perplexity")
     u.add_argument("--merged", action="store_true", help="publish merged weights instead of the adapter")

@@ -2,7 +2,8 @@
 
 Each step is a plain function of its typed settings and its input/output folders, and writes what the next reads::
 
-    OUTPUT_DIR/factors/        run_fit       factors.safetensors, eigen.safetensors
+    OUTPUT_DIR/factors/        run_fit       factors.safetensors, eigen.safetensors (or shards of each
+                                             and their .safetensors.index.json)
     OUTPUT_DIR/sweep/          run_sweep     sweep.json (read back with SweepResult.load), sweep.md, sweep.png
     OUTPUT_DIR/edit/rhoX/      run_edit      one adapter per ρ (save_pretrained) with curvedit_edit.json
                                              (rhoX-pattern with a keep_mass_pattern: a per-layer sweep's pick)

@@ -70,7 +70,8 @@ def load_protected_eigen(factors_dir: str | Path, protect: dict[str, float], net
 
 def run_fit(model: str | None, step: FitStep, output_dir: str | Path) -> FitOutcome:
     """Fit factors on ``step.data`` (default: the stdlib docs) into ``output_dir`` (resuming a killed run unless
-    ``step.restart``), then eigendecompose them into ``output_dir/eigen.safetensors``.
+    ``step.restart``), then eigendecompose them into ``output_dir`` (``eigen.safetensors``, or shards and
+    ``eigen.safetensors.index.json``; the factors likewise).
 
     With ``step.domain`` the factors are a protected domain's, in ``output_dir/domains/<domain>``; with
     ``step.domains`` each domain's factors are fitted after the general ones (the outcome is the general set's)."""
@@ -268,8 +269,9 @@ def exposure_texts(config: Any, tokenizer: Any) -> dict[str, Any] | None:
 def run_publish(adapter_dir: str | Path, step: PublishStep, out_dir: str | Path, *,
                 report: str | Path | None = None, eigen: str | Path | None = None,
                 comparison: str | Path | None = None) -> Any:
-    """Publish the adapter in ``adapter_dir`` with the `EditReport` file ``report``, the spectra of ``eigen``
-    (an eigen.safetensors) and the method comparison of a ``sweep.json`` that measured baselines, to
+    """Publish the adapter in ``adapter_dir`` with the `EditReport` file ``report``, the spectra of ``eigen`` (an
+    eigen store: its folder, eigen.safetensors or its index) and the method comparison of a ``sweep.json`` that
+    measured baselines, to
     ``step.repo_id``, through the folder ``out_dir``. Returns the `PublishResult`."""
     from ..evaluation import EditReport
     from ..publish import HubOptions, publish

@@ -148,7 +148,8 @@ def split_factor_sets(eigen: Any, config: CurvatureEditConfig) -> tuple[Any, dic
     bad = [k for k, v in sets.items() if not _is_factor_set(v)]
     if bad:
         raise TypeError(f"factor sets {bad} are not factors: give KFACFactors, KFACEigen, a mapping of module "
-                        "name -> ModuleEigen, or the path of an eigen.safetensors")
+                        "name -> ModuleEigen, or the path of an eigen store (its folder, eigen.safetensors or its "
+                        "index)")
     general = [k for k in sets if k not in config.protect]
     missing = [k for k in config.protect if k not in sets]
     if len(general) != 1 or missing:
@@ -184,7 +185,8 @@ def build_curvature_edit(
             them, not activated). The base weights must be the ones the factors were collected on.
         eigen ([`KFACFactors`], [`KFACEigen`], mapping, or path):
             Fitted factors (eigendecomposed here, using their on-disk cache), per-module eigenbases keyed by
-            qualified module name, or the path of an ``eigen.safetensors`` file (read one module at a time). With
+            qualified module name, or the path of an eigen store (its folder, ``eigen.safetensors``, or
+            ``eigen.safetensors.index.json`` when sharded; read one module at a time). With
             ``config.protect``, a dict of such factor sets: one general set plus one per protected domain, e.g.
             ``{"general": eigen, "arithmetic": eigen_math}``.
         config ([`CurvatureEditConfig`], *optional*):

@@ -166,7 +166,8 @@ class CurvatureEditLayer(nn.Module, BaseTunerLayer):
                 f"cannot build curvature edit '{adapter_name}' for module '{module_name}': no K-FAC factors were "
                 "given and the config records no edit for this module. Build it with "
                 "hf_curvedit.build_curvature_edit(model, eigen, config) or set config.factors_path to an "
-                "eigen.safetensors file; to load a saved edit use PeftModel.from_pretrained(base, adapter_dir)."
+                "eigen store (its folder, eigen.safetensors or its index); to load a saved edit use "
+                "PeftModel.from_pretrained(base, adapter_dir)."
             )
         for unit, info in entries.items():
             self._add_unit(unit)

@@ -128,8 +128,8 @@ class CurvatureEditModel(BaseTuner):
                 raise InputError(
                     f"cannot build curvature edit '{adapter_name}': no K-FAC factors were given and the config records "
                     "no edit. Build it with hf_curvedit.build_curvature_edit(model, eigen, config) or set "
-                    "config.factors_path to an eigen.safetensors file; to load a saved edit use "
-                    "PeftModel.from_pretrained(base, adapter_dir)."
+                    "config.factors_path to an eigen store (its folder, eigen.safetensors or its index); to load a "
+                    "saved edit use PeftModel.from_pretrained(base, adapter_dir)."
                 )
             factors = EigenFile(config.factors_path)
             if not config.factor_source:
@@ -140,7 +140,7 @@ class CurvatureEditModel(BaseTuner):
                 if not path:
                     raise InputError(f"cannot build curvature edit '{adapter_name}': protected domain {domain!r} "
                                      f"has no factors; set config.protect_factor_sources[{domain!r}] = {{'path': "
-                                     "'.../eigen.safetensors'} or use build_curvature_edit")
+                                     "'.../factors'} (an eigen store) or use build_curvature_edit")
                 protect_eigen[domain], config.protect_factor_sources[domain] = open_eigen(
                     path, config.protect_factor_sources[domain])
             edits = compute_module_edits(model, factors, config, protect_eigen)
