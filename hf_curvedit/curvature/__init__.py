@@ -17,6 +17,7 @@ from .tasks import (
     FactorTask,
     ImageClassificationTask,
     PreparedData,
+    batch_generator,
     default_task,
     sample_labels,
     valid_position_mask,
@@ -25,5 +26,5 @@ from .tasks import (
 __all__ = ["CausalLMTask", "EigenCorrection", "EigenFile", "LambdaCollector", "fit_eigen_correction",
            "FactorCollector", "FactorConfig", "FactorPlan", "FactorTask",
            "ImageClassificationTask", "InputSharing", "KFACEigen", "KFACFactors", "ModuleEigen", "ModulePlan",
-           "PreparedData", "collect_factor_sums", "default_task", "eigendecompose", "fit_factors", "load_factors",
-           "plan_factors", "plan_partitions", "sample_labels", "symmetric_eigh", "valid_position_mask"]
+           "PreparedData", "batch_generator", "collect_factor_sums", "default_task", "eigendecompose", "fit_factors",
+           "load_factors", "plan_factors", "plan_partitions", "sample_labels", "symmetric_eigh", "valid_position_mask"]

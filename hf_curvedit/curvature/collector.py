@@ -25,7 +25,7 @@ from .experts import ExpertRecorder, recording_experts
 from .partitions import split_expert_slice
 from .roots import GradientRoots, frozen_parameters
 from .sums import InputSharing, accumulate_upper, mirror_upper
-from .tasks import FactorTask, SamplePositions, default_task
+from .tasks import FactorTask, SamplePositions, task_for
 
 __all__ = ["FactorCollector", "InputSharing", "accumulator_dtype", "collect_factor_sums"]
 
@@ -331,7 +331,7 @@ def collect_factor_sums(
     ``labels`` for an image classifier). ``task`` defaults to :func:`default_task`. No weight gradient is computed or
     stored.
     """
-    task = task or default_task(model)
+    task = task_for(model, task)
     task.validate(model, config)
     col = collector or FactorCollector(model, module_names, accumulator_dtype(config))
     device = input_device(model)

@@ -31,7 +31,7 @@ from .lambdas import LambdaCollector
 from .partitions import plan_partitions, split_expert_slice
 from .passes import PassSpec, run_pass
 from .storage import FACTORS_STEM, RESTART, KFACFactors, load_factors
-from .tasks import FactorTask, default_task
+from .tasks import FactorTask, task_for
 
 __all__ = ["LambdaCollector", "fit_eigen_correction"]
 
@@ -121,7 +121,7 @@ def fit_eigen_correction(
 def _fit_eigen_correction(model: nn.Module, dataset: DataSource, eigen: Mapping[str, ModuleEigen],
                           fitted: KFACFactors, cfg: FactorConfig, out: Path | None, processor: Any,
                           task: FactorTask | None, resume: bool, progress: bool) -> EigenCorrection:
-    task = task or default_task(model)
+    task = task_for(model, task)
     task.validate(model, cfg)
     state = dist_state()
     names = list(fitted.module_names)

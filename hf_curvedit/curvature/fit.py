@@ -39,7 +39,7 @@ from .storage import (
     model_fingerprint,
 )
 from .sums import mirror_upper
-from .tasks import FactorTask, default_task
+from .tasks import FactorTask, task_for
 
 __all__ = ["fit_factors"]
 
@@ -117,7 +117,7 @@ def _fit_factors(model: nn.Module, dataset: DataSource, config: FactorConfig | N
                  *, processor: Any, tokenizer: Any, image_processor: Any, task: FactorTask | None, resume: bool,
                  progress: bool) -> KFACFactors:
     cfg = config or FactorConfig()
-    task = task or default_task(model)
+    task = task_for(model, task)
     processor = one_processor(processor, tokenizer, image_processor)
     task.validate(model, cfg)
     state = dist_state()

@@ -30,8 +30,8 @@ from ..data import DatasetLike, count_batches, image_batch_converter, pack_into_
 from ..errors import InputError
 from .config import FactorConfig, accumulator_dtype
 
-__all__ = ["CausalLMTask", "FactorTask", "ImageClassificationTask", "PreparedData", "SamplePositions", "default_task",
-           "sample_labels", "valid_position_mask"]
+__all__ = ["CausalLMTask", "FactorTask", "ImageClassificationTask", "PreparedData", "SamplePositions",
+           "batch_generator", "default_task", "sample_labels", "task_for", "valid_position_mask"]
 
 # Which positions of a (batch, tokens, features) activation are K-FAC samples: a (batch, tokens) bool mask, the class
 # token of every sequence ("cls"), or every position ("all").
@@ -220,8 +220,9 @@ def check_causal_lm(model: nn.Module) -> None:
     raise InputError(
         f"{cls} is {head}, and no built-in factor task covers its head (CausalLMTask needs next-token logits, "
         "ImageClassificationTask pixel_values). Pass task= to fit_factors with a FactorTask of your own "
-        "(hf_curvedit.curvature.FactorTask: its summed loss and which positions are samples), or load the model "
-        "with its causal-LM head (AutoModelForCausalLM)."
+        "(hf_curvedit.curvature.FactorTask: its summed loss and which positions are samples; a subclass of "
+        "CausalLMTask keeps its tokenization and packing and overrides compute_loss and sample_positions), or load "
+        "the model with its causal-LM head (AutoModelForCausalLM)."
     )
 
 
@@ -232,7 +233,8 @@ class CausalLMTask:
     unit = "tok"
 
     def validate(self, model: nn.Module, config: FactorConfig) -> None:
-        check_causal_lm(model)
+        # the head is checked where this task is picked for the model (`task_for`), not here: a subclass of the
+        # user's own that computes another loss on the same tokens is meant for other heads
         if config.token_positions is not None:
             raise InputError(f"token_positions={config.token_positions!r} is for image classifiers; a language model "
                              "uses every position that has a next-token target. Leave token_positions unset.")
@@ -356,3 +358,14 @@ def default_task(model: nn.Module) -> FactorTask:
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
         return ImageClassificationTask()
     return CausalLMTask()
+
+
+def task_for(model: nn.Module, task: FactorTask | None) -> FactorTask:
+    """The task a data pass over ``model`` runs: ``task`` if given (taken at its word), else `default_task`, whose
+    head is checked first (`check_causal_lm`: a classifier, masked LM or encoder-decoder is refused by name)."""
+    if task is not None:
+        return task
+    chosen = default_task(model)
+    if isinstance(chosen, CausalLMTask):
+        check_causal_lm(model)
+    return chosen
