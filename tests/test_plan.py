@@ -165,10 +165,11 @@ def test_the_plan_gives_the_passes_one_after_the_other_on_several_processes(proc
 
 def _real_transient(model, names, batch: int, length: int) -> int:
     """Brute force: the bytes a real batch's forward saves for the backward (down to the first target, weights
-    frozen), counted as they are saved, plus what the planner adds to them (gradients, logits, the collector's
-    copies)."""
+    frozen, experts modules running their recording forward as in `fit_factors`), counted as they are saved, plus what
+    the planner adds to them (gradients, logits, the collector's copies)."""
+    from hf_curvedit.curvature.experts import recording_experts
     from hf_curvedit.curvature.roots import GradientRoots, frozen_parameters
-    from hf_curvedit.targets import weight_targets
+    from hf_curvedit.targets import is_experts_module, weight_targets
 
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
@@ -184,7 +185,11 @@ def _real_transient(model, names, batch: int, length: int) -> int:
     mods = dict(model.named_modules())
     handles = [roots.register(mods[n if n in mods else n.rsplit(".", 1)[0]]) for n in names]
     ids = torch.randint(1, 50, (batch, length), generator=torch.Generator().manual_seed(0))
-    with frozen_parameters(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # the factor pass runs every experts module through its recording forward, not the experts implementation the
+    # model was loaded with: so does the real batch
+    experts = {m: lambda *a: None for m in model.modules() if is_experts_module(m)}
+    with frozen_parameters(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            recording_experts(experts):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
     for h in handles:
         h.remove()
