@@ -485,3 +485,13 @@ def test_llama4_factored_forward_equals_the_dense_substitution(family):
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         assert torch.equal(edited_forwards(module, {})[module](rows), module(rows))
+        # every expert factored in another dtype (CurvatureEditConfig.compute_dtype), before an unedited projection
+        target = experts_target(module, "gate_up_proj")
+        num, d_out, d_in = target.shape
+        out, inp = torch.randn(num, d_out, 4, generator=g).double(), torch.randn(num, d_in, 4, generator=g).double()
+        in_float32 = ExpertsProjection(torch.full((num,), FACTORED), (FACTORED,), torch.arange(num), inp.float(),
+                                       out.mT.float())
+        got = edited_forwards(module, {"gate_up_proj": in_float32})[module](rows)
+        want = torch.func.functional_call(module, {"gate_up_proj": target.to_storage(out @ inp.mT)}, (rows,))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

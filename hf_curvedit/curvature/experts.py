@@ -192,6 +192,8 @@ def _llama4_recording(module: nn.Module, record: ExpertRecorder, router: nn.Modu
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         index = routing.pop("index", None)
+        if index is not None:  # a device_map may place the router on another device than the experts
+            index = index.to(hidden_states.device)
         width = module.hidden_size
         x = hidden_states.view(module.num_experts, -1, width)
         rows = x.shape[1]

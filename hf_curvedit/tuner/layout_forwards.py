@@ -102,8 +102,8 @@ def _llama4(module: nn.Module, projections: Mapping[str, ExpertsProjection]) -> 
     def project(param: str, x: torch.Tensor) -> torch.Tensor:
         stored = getattr(module, param)  # (experts, d_in, d_out)
         proj = projections.get(param)
-        if proj is None:
-            return torch.bmm(x, stored)
+        if proj is None:  # after an edited projection x may be in the edit's compute dtype
+            return torch.bmm(x.to(stored.dtype), stored)
         return proj.blocks(x, experts_target(module, param).to_logical(stored))
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
