@@ -1,7 +1,7 @@
 """Which modules hold routed experts, and how each stores its per-expert matrices.
 
 transformers 5 runs most mixture-of-experts layers through one fused experts module marked by
-``use_experts_implementation`` (`FUSED`). Three families have experts classes of their own, each with its own forward:
+``use_experts_implementation`` (`FUSED`). Four families have experts classes of their own, each with its own forward:
 
 - `LONGCAT` (``LongcatFlashExperts``): fused 3D ``gate_up_proj``/``down_proj`` like the generic ones, but the router
   also picks "zero" experts (indices past ``num_routed_experts``) that return their input unchanged; ``gate_up_proj``
@@ -14,11 +14,15 @@ transformers 5 runs most mixture-of-experts layers through one fused experts mod
   (experts·ffn × hidden). The projections are named after the experts module (``ffn.experts.w1``), stored in
   ``ffn.experts.mlp.w1``.
 
-Llama 4's ``Llama4TextExperts`` is not among them: README.md, "Mixture-of-experts", says why.
+- `LLAMA4` (``Llama4TextExperts``): 3D ``gate_up_proj`` (experts × hidden × 2·intermediate) and ``down_proj``
+  (experts × intermediate × hidden), both stored transposed. ``Llama4TextMoe`` hands it every token once per expert
+  (a block of rows per expert), each scaled by its router score, zero for an expert the router did not pick; the
+  experts module multiplies all rows. Which rows were routed is the choice of its sibling ``router``
+  (`sibling_router`), which the recording forward reads.
 
-This module only recognises them and describes their storage; `hf_curvedit.targets.TargetWeight` turns a storage
-layout into the logical ``(experts, d_out, d_in)`` one, the recording forwards live in `hf_curvedit.curvature`, the
-edited forwards in `hf_curvedit.tuner`.
+This module only recognises them, describes their storage and finds Llama 4's router;
+`hf_curvedit.targets.TargetWeight` turns a storage layout into the logical ``(experts, d_out, d_in)`` one, the
+recording forwards live in `hf_curvedit.curvature`, the edited forwards in `hf_curvedit.tuner`.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["DBRX", "FUSED", "JETMOE", "LONGCAT", "ExpertsLayout", "experts_layout"]
+__all__ = ["DBRX", "FUSED", "JETMOE", "LLAMA4", "LONGCAT", "ExpertsLayout", "experts_layout", "sibling_router"]
 
-FUSED, LONGCAT, JETMOE, DBRX = "fused", "longcat_flash", "jetmoe", "dbrx"
+FUSED, LONGCAT, JETMOE, DBRX, LLAMA4 = "fused", "longcat_flash", "jetmoe", "dbrx", "llama4"
 # The projections of transformers 5's fused experts modules (`integrations/moe.py`): 3D parameters, one matrix per
 # expert. `gate_up_proj` (or `up_proj` in experts without a gate) reads the token, `down_proj` writes back.
 EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
@@ -43,7 +47,7 @@ class ExpertsLayout:
     """How one experts module stores its projections.
 
     Attributes:
-        kind: `FUSED`, `LONGCAT`, `JETMOE` or `DBRX`.
+        kind: `FUSED`, `LONGCAT`, `JETMOE`, `DBRX` or `LLAMA4`.
         params: the projections (units), in forward order.
         transposed: the projections stored as ``(experts, d_in, d_out)`` rather than ``(experts, d_out, d_in)``.
         stacked: the parameters are 2D stacks ``(experts·rows, cols)`` of per-expert matrices.
@@ -117,4 +121,25 @@ def experts_layout(module: nn.Module) -> ExpertsLayout | None:
         new = _dbrx_transposes_w1(type(glu))
         return ExpertsLayout(DBRX, ("w1", "v1", "w2"), frozenset({"w2"} if new else {"w1", "v1"}), True,
                              int(module.num_experts))
+    if _has_class(module, "Llama4TextExperts"):
+        if _param3d(module, "gate_up_proj") is None or _param3d(module, "down_proj") is None:
+            return None
+        # y = x gate_up_proj[e], z @ down_proj[e]: both (experts, d_in, d_out)
+        params = ("gate_up_proj", "down_proj")
+        return ExpertsLayout(LLAMA4, params, frozenset(params))
     return _fused(module)
+
+
+def sibling_router(root: nn.Module, experts: nn.Module) -> nn.Module:
+    """The router of the Llama 4 MoE block (``Llama4TextMoe``) under ``root`` whose experts module is ``experts``
+    (itself, or wrapped by a tuner layer as its ``base_layer``).
+
+    Raises:
+        LookupError: no module under ``root`` holds ``experts`` beside a ``router``.
+    """
+    for block in root.modules():
+        held = getattr(block, "experts", None)
+        if (held is experts or getattr(held, "base_layer", None) is experts) and \
+                isinstance(getattr(block, "router", None), nn.Module):
+            return block.router
+    raise LookupError(f"no module of {type(root).__name__} holds this {type(experts).__name__} beside its router")

@@ -42,10 +42,9 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     rf"(.*\.)?language_model\.layers\.\d+\.(mlp\.(gate_proj|up_proj|down_proj)|{_EXPERTS})": ("gemma4",),
     rf"(.*\.)?layers\.\d+\.(mlp\.(gate_proj|up_proj|down_proj)|{_EXPERTS})": ("gemma4_text",),
     _FEED_FORWARD: ("bamba", "falcon_h1", "lfm2", "lfm3", "zamba", "zamba2"),
-    # Llama 4: the dense layers' MLP and the MoE layers' shared expert. Its routed experts (Llama4TextExperts) scale
-    # every token by its router score *before* the experts and run all of them on all tokens: not the dispatch the
-    # per-expert factors model, so they are not targets.
-    r"(.*\.)?feed_forward\.(shared_expert\.)?(gate_proj|up_proj|down_proj)": ("llama4", "llama4_text"),
+    # Llama 4: the dense layers' MLP, and the MoE layers' routed experts (Llama4TextExperts, recorded through the
+    # router's choice: `hf_curvedit.expert_layouts`) and shared expert
+    rf"(.*\.)?feed_forward\.({_EXPERTS}|(shared_expert\.)?(gate_proj|up_proj|down_proj))": ("llama4", "llama4_text"),
     rf"(.*\.)?feed_forward\.({_EXPERTS}|gate_proj|up_proj|down_proj|w1|w2|w3)": ("jamba", "lfm2_moe"),
     rf"(.*\.)?(block_sparse_moe\.{_EXPERTS}|shared_mlp\.(input_linear|output_linear))": (
         "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared"),

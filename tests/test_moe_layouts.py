@@ -107,7 +107,38 @@ def _dbrx_reference(module, note):
     return forward
 
 
-REFERENCES = {"longcat_flash": _longcat_reference, "jetmoe": _jetmoe_reference, "dbrx": _dbrx_reference}
+def _llama4_reference(block, note):
+    # the whole Llama4TextMoe (its experts module is never told which rows were routed): per token, each expert of the
+    # router's top k computes on the token scaled by its score, sigmoid(top logit); the outputs join unscaled
+    experts = block.experts
+
+    def forward(hidden_states):
+        x = hidden_states.reshape(-1, block.hidden_dim)
+        scores, logits = block.router(x)
+        top_index = logits.topk(block.router.top_k, dim=1).indices
+        shared = block.shared_expert(x)
+        rows = []
+        for t in range(x.shape[0]):
+            out = shared[t]
+            for k in range(top_index.shape[1]):
+                e = int(top_index[t, k])
+                p1, p2 = _probe(experts.gate_up_proj.shape[2]), _probe(experts.down_proj.shape[2])
+                a = x[t] * scores[t, e]
+                h = experts.gate_up_proj[e].T @ a + p1
+                note("gate_up_proj", t, e, a, p1)
+                gate, up = h.chunk(2)
+                z = up * experts.act_fn(gate)
+                note("down_proj", t, e, z, p2)
+                out = out + experts.down_proj[e].T @ z + p2
+            rows.append(out)
+        return torch.stack(rows), logits
+    return forward
+
+
+REFERENCES = {"longcat_flash": _longcat_reference, "jetmoe": _jetmoe_reference, "dbrx": _dbrx_reference,
+              "llama4_text": _llama4_reference, "llama4": _llama4_reference}
+# Llama 4's reference replaces the experts module's parent, the MoE block that holds the router
+_BLOCK_REFERENCES = {"llama4_text", "llama4"}
 
 
 @pytest.mark.parametrize("family", runnable_families(list(REFERENCES)))
@@ -120,11 +151,48 @@ def test_recording_forward_computes_what_the_model_computes(family):
     assert mods
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-        with recording_experts({m: lambda *a: None for m in mods}):
+        with recording_experts({m: lambda *a: None for m in mods}, model):
             got = model(input_ids=ids, attention_mask=mask).logits
         again = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(again, want), "the class's own forward is back after collection"
+
+
+@pytest.mark.parametrize("family", runnable_families(["llama4_text"]))
+def test_llama4_records_the_routers_choice_not_the_nonzero_rows(family):
+    """Llama 4's experts are handed a zero row for every expert the router did not pick, and a routed token whose
+    score underflows to 0 is a zero row too: the recording follows the router's top-k choice, so that token is a
+    sample of its top-k experts (with its zero input) and every token of those and no other experts."""
+    from hf_curvedit.curvature.experts import recording_experts
+
+    model = tiny_causal_lm(family)
+    block = next(m for m in model.modules() if type(m).__name__ == "Llama4TextMoe")
+    u = torch.randn(block.hidden_dim, generator=torch.Generator().manual_seed(0))
+    # the logits of a token x are (100 + 10 e)·c for c = u·x / |u|²: c < 0 picks experts 0 and 1, c > 0 experts 3, 2
+    ramp = torch.arange(block.num_experts, dtype=torch.float32)[:, None] * 10 + 100
+    with torch.no_grad():
+        block.router.weight.copy_(ramp * u / u.square().sum())
+    x = torch.stack([-10 * u, 0.05 * u, -0.001 * u])[None]  # token 0: logits -1000, -1100, ...: scores exactly 0
+    seen = {}
+
+    def record(param, expert, tokens, num_rows, a, y):
+        seen[(param, expert)] = (tokens.tolist(), num_rows, a)
+
+    with torch.no_grad():
+        scores, _ = block.router(x[0])
+        assert scores[0].eq(0).all() and scores[1:].gt(0).sum() == 4, "token 0 routed with an underflowed score"
+        want = block(x)[0]
+        with recording_experts({block.experts: record}, model):
+            got = block(x)[0]
+    torch.testing.assert_close(got, want)
+    routed = {0: [0, 2], 1: [0, 2], 2: [1], 3: [1]}
+    for param in ("gate_up_proj", "down_proj"):
+        assert {e: seen[(param, e)][0] for e in routed} == routed
+        assert all(seen[(param, e)][1] == 3 for e in routed)
+    for e in (0, 1):
+        a = seen[("gate_up_proj", e)][2]
+        assert not a[0].any() and a[1].abs().min() > 0, "the underflowed token is a sample, with its zero input"
+        torch.testing.assert_close(a[1], x[0, 2] * scores[2, e], rtol=0, atol=0)
 
 
 def padded(rows, length):
@@ -142,8 +210,13 @@ def _reference_forwards(model, family, note):
     expert, input, probe)`` for each projection it computes."""
     from hf_curvedit.curvature.experts import replaced_forwards
 
-    forwards = {m: REFERENCES[family](m, lambda p, t, e, a, probe, name=name: note(f"{name}.{p}", t, e, a, probe))
-                for name, m in model.named_modules() if is_experts_module(m)}
+    modules = dict(model.named_modules())
+    forwards = {}
+    for name, m in modules.items():
+        if is_experts_module(m):
+            owner = modules[name.rsplit(".", 1)[0]] if family in _BLOCK_REFERENCES else m
+            forwards[owner] = REFERENCES[family](
+                owner, lambda p, t, e, a, probe, name=name: note(f"{name}.{p}", t, e, a, probe))
     with replaced_forwards(forwards):
         yield
 
@@ -366,3 +439,59 @@ def test_expert_adapter_loads_identically_through_every_stock_path(saved):
 
 def _state_key(model, target) -> str:
     return next(k for k, p in model.named_parameters() if p is target.parameter())
+
+
+@pytest.mark.parametrize("family", runnable_families(["llama4_text"]))
+def test_llama4_factored_forward_equals_the_dense_substitution(family):
+    """Llama 4's unmerged forward with unedited, factored and dense experts side by side equals its experts module's
+    own forward with the dense W' stack substituted for each parameter (float64, gradients included), on rows as
+    Llama4TextMoe hands them over (a block per expert, zero rows for the experts a token was not routed to). With no
+    projection edited it is the module's own forward, bit for bit."""
+    from hf_curvedit.targets import experts_target
+    from hf_curvedit.tuner.experts_forward import BASE, DENSE, FACTORED, ExpertsProjection
+    from hf_curvedit.tuner.layout_forwards import edited_forwards
+
+    model = tiny_causal_lm(family).double()
+    module = next(m for m in model.modules() if is_experts_module(m))
+    g = torch.Generator().manual_seed(3)
+    projections, substituted = {}, {}
+    for shift, param in enumerate(("gate_up_proj", "down_proj")):
+        target = experts_target(module, param)
+        base = target.logical_weight().detach()
+        num, d_out, d_in = base.shape
+        kind = torch.tensor([(e + shift) % 3 for e in range(num)])  # BASE, FACTORED, DENSE in turn
+        out, inp = torch.randn(num, d_out, 8, generator=g).double(), torch.randn(num, d_in, 8, generator=g).double()
+        out[:, :, 3:] = 0  # rank 3, zero-padded as the stores are
+        dense = torch.randn(num, d_out, d_in, generator=g).double() / d_in
+        want = torch.where((kind == FACTORED)[:, None, None], out @ inp.mT,
+                           torch.where((kind == DENSE)[:, None, None], dense, base))
+        slot = torch.zeros(num, dtype=torch.long)
+        for k in (FACTORED, DENSE):
+            slot[kind == k] = torch.arange(int((kind == k).sum()))
+        projections[param] = ExpertsProjection(kind, (BASE, FACTORED, DENSE), slot, inp[kind == FACTORED],
+                                               out[kind == FACTORED].mT, dense[kind == DENSE].mT.contiguous())
+        substituted[param] = target.to_storage(want)
+    tokens = 7
+    rows = torch.randn(module.num_experts, tokens, module.hidden_size, generator=g).double()
+    rows[torch.rand(module.num_experts, tokens, generator=g) < 0.5] = 0  # the experts a token was not routed to
+    rows = rows.reshape(-1, module.hidden_size)
+    forward = edited_forwards(module, projections)[module]
+    x, y = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+    got = forward(x)
+    want = torch.func.functional_call(module, substituted, (y,))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(edited_forwards(module, {})[module](rows), module(rows))
+        # every expert factored in another dtype (CurvatureEditConfig.compute_dtype), before an unedited projection
+        target = experts_target(module, "gate_up_proj")
+        num, d_out, d_in = target.shape
+        out, inp = torch.randn(num, d_out, 4, generator=g).double(), torch.randn(num, d_in, 4, generator=g).double()
+        in_float32 = ExpertsProjection(torch.full((num,), FACTORED), (FACTORED,), torch.arange(num), inp.float(),
+                                       out.mT.float())
+        got = edited_forwards(module, {"gate_up_proj": in_float32})[module](rows)
+        want = torch.func.functional_call(module, {"gate_up_proj": target.to_storage(out @ inp.mT)}, (rows,))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

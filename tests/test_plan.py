@@ -165,10 +165,11 @@ def test_the_plan_gives_the_passes_one_after_the_other_on_several_processes(proc
 
 def _real_transient(model, names, batch: int, length: int) -> int:
     """Brute force: the bytes a real batch's forward saves for the backward (down to the first target, weights
-    frozen), counted as they are saved, plus what the planner adds to them (gradients, logits, the collector's
-    copies)."""
+    frozen, experts modules running their recording forward as in `fit_factors`), counted as they are saved, plus what
+    the planner adds to them (gradients, logits, the collector's copies)."""
+    from hf_curvedit.curvature.experts import recording_experts
     from hf_curvedit.curvature.roots import GradientRoots, frozen_parameters
-    from hf_curvedit.targets import weight_targets
+    from hf_curvedit.targets import is_experts_module, weight_targets
 
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
@@ -184,7 +185,12 @@ def _real_transient(model, names, batch: int, length: int) -> int:
     mods = dict(model.named_modules())
     handles = [roots.register(mods[n if n in mods else n.rsplit(".", 1)[0]]) for n in names]
     ids = torch.randint(1, 50, (batch, length), generator=torch.Generator().manual_seed(0))
-    with frozen_parameters(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # the factor pass runs every experts module through its recording forward, not the experts implementation the
+    # model was loaded with: so does the real batch (Llama 4's computes only the rows its router picked, where the
+    # model's own forward multiplies every token by every expert)
+    experts = {m: lambda *a: None for m in model.modules() if is_experts_module(m)}
+    with frozen_parameters(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            recording_experts(experts, model):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
     for h in handles:
         h.remove()
@@ -206,12 +212,14 @@ def test_the_transient_is_what_autograd_keeps_for_a_real_batch():
     assert plan_factors(model.config, cfg).transient_bytes == got
 
 
-@pytest.mark.parametrize("family", runnable_families(["mixtral", "qwen2_moe", "longcat_flash", "jetmoe", "dbrx"]))
+@pytest.mark.parametrize("family", runnable_families(["mixtral", "qwen2_moe", "longcat_flash", "jetmoe", "dbrx",
+                                                      "llama4_text"]))
 def test_the_transient_of_every_experts_layout_is_planned(family):
     """An experts module routes by values a fake tensor does not have: the plan runs each layout's first expert on
-    every token once per routed slot. That saves what the real routing saves in activations, but not its index and
-    gathered-row tensors, so the figure lies near the brute force rather than at or above it (0.74-0.99 of it for
-    these five on transformers 5.23). JetMoE's mixture of attention heads routes by value too and runs densely."""
+    every token once per routed slot (Llama 4's on one block of its rows per slot). That saves what the real routing
+    saves in activations, but not its index and gathered-row tensors, so the figure lies near the brute force rather
+    than at or above it (0.74-0.99 of it for these six on transformers 5.23). JetMoE's mixture of attention heads
+    routes by value too and runs densely."""
     from family_configs import tiny_causal_lm
 
     from hf_curvedit.targets import resolve_target_modules

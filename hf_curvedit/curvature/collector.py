@@ -32,9 +32,10 @@ __all__ = ["FactorCollector", "InputSharing", "accumulator_dtype", "collect_fact
 class HookedCollector:
     """What the factor pass and the EK-FAC pass share: as a context manager, each linear target gets a gradient root
     and a forward hook (``_make_hook(name)``), and each experts module a gradient root and a recording forward
-    (``_make_expert_recorder(params)``); leaving it removes them all. Subclasses set ``modules``, ``_experts``,
-    ``_roots``, ``_handles`` and ``_stack``."""
+    (``_make_expert_recorder(params)``); leaving it removes them all. Subclasses set ``model``, ``modules``,
+    ``_experts``, ``_roots``, ``_handles`` and ``_stack``."""
 
+    model: nn.Module
     modules: dict[str, nn.Module]
     _experts: dict[nn.Module, Any]
     _roots: GradientRoots
@@ -47,7 +48,7 @@ class HookedCollector:
             self._handles.append(m.register_forward_hook(self._make_hook(n)))
         self._handles += [self._roots.register(m) for m in self._experts]
         self._stack.enter_context(recording_experts({m: self._make_expert_recorder(params)
-                                                     for m, params in self._experts.items()}))
+                                                     for m, params in self._experts.items()}, self.model))
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -12,6 +12,12 @@ the class's own ``_apply_gate``). Each expert projection's input ``a`` (the rout
 intermediate for ``down_proj``) and output ``y`` (before the routing weight) are handed to a callback, which
 accumulates A_e and registers the gradient hook for G_e. The routing weight multiplies ``down_proj``'s output after
 the projection, so it reaches G through ``g = ∂loss/∂y`` and never A (docs/method.md, "Mixture-of-experts").
+
+Llama 4 (`_llama4_recording`) is the exception: its MoE block multiplies each token by the router's score *before*
+the experts, so the scaled token is what expert e's ``gate_up_proj`` multiplies, and A_e is taken after the scaling;
+the score cannot be moved to the output side, since the activation between ``gate_up_proj`` and ``down_proj`` is not
+linear (``down_proj``'s input is the intermediate of the scaled token too). G_e has no routing weight then: the
+expert's output joins the layer's output unscaled.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..expert_layouts import DBRX, FUSED, JETMOE, LONGCAT, experts_layout
+from ..expert_layouts import DBRX, FUSED, JETMOE, LLAMA4, LONGCAT, experts_layout, sibling_router
 from ..targets import experts_have_gate, experts_target
 
 __all__ = [
@@ -90,9 +96,10 @@ def recording_forward(module: nn.Module, record: ExpertRecorder) -> Callable[...
 
 
 @contextlib.contextmanager
-def recording_experts(modules: Mapping[nn.Module, ExpertRecorder]) -> Iterator[None]:
+def recording_experts(modules: Mapping[nn.Module, ExpertRecorder], root: nn.Module | None = None) -> Iterator[None]:
     """Run each experts module with its recording forward (`recording_forward`, or its class's own computation for
-    the classes of `hf_curvedit.expert_layouts`) and recorder inside the block (see `replaced_forwards`)."""
+    the classes of `hf_curvedit.expert_layouts`) and recorder inside the block (see `replaced_forwards`). ``root``,
+    the model that holds them, is needed where the routing is a sibling module's (Llama 4's router)."""
     forwards: dict[nn.Module, Callable[..., Any]] = {}
     with contextlib.ExitStack() as stack:
         for module, record in modules.items():
@@ -107,6 +114,11 @@ def recording_experts(modules: Mapping[nn.Module, ExpertRecorder]) -> Iterator[N
                 forwards.update(_jetmoe_recording(module, record, stack))
             elif layout.kind == DBRX:
                 forwards[module] = _dbrx_recording(module, record)
+            elif layout.kind == LLAMA4:
+                if root is None:
+                    raise TypeError("recording Llama 4's experts needs the model that holds them (root=) to read "
+                                    "their router")
+                forwards[module] = _llama4_recording(module, record, sibling_router(root, module), stack)
             else:
                 raise NotImplementedError(layout.kind)
         stack.enter_context(replaced_forwards(forwards))
@@ -160,6 +172,48 @@ def _dbrx_recording(module: nn.Module, record: ExpertRecorder) -> Callable[..., 
             record("w2", e, tokens, x.shape[0], z, y)
             out.index_add_(0, tokens, y * top_k_weights[tokens, slot, None])
         return out.view(batch, -1, module.hidden_size)
+
+    return forward
+
+
+def _llama4_recording(module: nn.Module, record: ExpertRecorder, router: nn.Module,
+                      stack: contextlib.ExitStack) -> Callable[..., torch.Tensor]:
+    # Llama4TextMoe hands its experts every token once per expert (one block of rows per expert), scaled by the
+    # router's score, 0 where the router did not pick the expert; the experts multiply every row. Which rows are the
+    # expert's samples is the router's top-k choice, read from its logits as Llama4Router picks it: not "the non-zero
+    # rows" (a routed score can underflow to 0), and a non-routed row's output still gets a gradient at down_proj,
+    # which must not enter G_e. The rows the router did not pick are zero in and out, as in the model.
+    routing: dict[str, torch.Tensor] = {}
+
+    def routed(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
+        routing["index"] = torch.topk(output[1], router.top_k, dim=1).indices
+
+    stack.enter_context(router.register_forward_hook(routed))
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        index = routing.pop("index", None)
+        if index is not None:  # a device_map may place the router on another device than the experts
+            index = index.to(hidden_states.device)
+        width = module.hidden_size
+        x = hidden_states.view(module.num_experts, -1, width)
+        rows = x.shape[1]
+        if index is None or index.shape[0] != rows:
+            raise RuntimeError(f"{type(module).__name__} was called without its router's choice for its {rows} "
+                               "tokens (hf-curvedit reads it from the router Llama4TextMoe calls first)")
+        w_in = experts_target(module, "gate_up_proj").logical_weight()
+        w_out = experts_target(module, "down_proj").logical_weight()
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(index).tolist():
+            tokens = torch.where(index == e)[0]
+            a = x[e, tokens]  # the tokens as scaled by their score: what gate_up_proj multiplies
+            h = F.linear(a, w_in[e])
+            record("gate_up_proj", e, tokens, rows, a, h)
+            gate, up = h.chunk(2, dim=-1)
+            z = up * module.act_fn(gate)
+            y = F.linear(z, w_out[e])
+            record("down_proj", e, tokens, rows, z, y)
+            out.index_add_(0, e * rows + tokens, y.to(out.dtype))
+        return out
 
     return forward
 

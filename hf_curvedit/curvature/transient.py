@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..expert_layouts import DBRX, JETMOE, LONGCAT, ExpertsLayout, experts_layout
+from ..expert_layouts import DBRX, JETMOE, LLAMA4, LONGCAT, ExpertsLayout, experts_layout, sibling_router
 from ..targets import experts_have_gate, experts_target, weight_targets
 from ..utils import parse_dtype
 from .collector import input_device
@@ -92,6 +92,24 @@ def _dense_experts(module: nn.Module, layout: ExpertsLayout) -> Any:
     return forward
 
 
+def _dense_llama4(module: nn.Module, top_k: int) -> Any:
+    """Llama 4's experts on fake tensors. They are handed every token once per expert, but the recording forward
+    (`hf_curvedit.curvature.experts`) computes only the rows the router picked, ``top_k`` per token: here the first
+    expert computes one block of rows per routed slot, and the other rows are zero."""
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        w_in = experts_target(module, "gate_up_proj").logical_weight()[0]
+        w_out = experts_target(module, "down_proj").logical_weight()[0]
+        x = hidden_states.view(module.num_experts, -1, hidden_states.shape[-1])
+        out = []
+        for block in x[:top_k]:
+            gate, up = torch.nn.functional.linear(block, w_in).chunk(2, dim=-1)
+            out.append(torch.nn.functional.linear(up * module.act_fn(gate), w_out))
+        out.append(x.new_zeros((x.shape[0] - top_k) * x.shape[1], x.shape[-1]))
+        return torch.cat(out)
+
+    return forward
+
+
 def _dense_routed_attention(module: nn.Module) -> dict[str, Any]:
     """JetMoE's mixture of attention heads (``JetMoeMoA``, not an MLP and never a target) routes by value too: its
     ``map`` and ``reduce`` on fake tensors, the first query and output expert on every token for each routed slot."""
@@ -121,7 +139,9 @@ def dense_routing(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     methods: dict[nn.Module, dict[str, Any]] = {}
     for m in model.modules():
         if (layout := experts_layout(m)) is not None:
-            methods[m] = {"forward": _dense_experts(m, layout)}
+            dense = _dense_llama4(m, sibling_router(model, m).top_k) if layout.kind == LLAMA4 else \
+                _dense_experts(m, layout)
+            methods[m] = {"forward": dense}
         elif type(m).__name__ == "JetMoeMoA":
             methods[m] = _dense_routed_attention(m)
     return replaced_methods(methods)

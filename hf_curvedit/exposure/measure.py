@@ -142,7 +142,7 @@ def _probes(model: nn.Module, candidates: Mapping[str, Mapping[str, Any]]) -> It
                     params[param].record(expert, tokens, a)
             return record
 
-        with recording_experts({m: recorder(params) for m, params in recorders.items()}):
+        with recording_experts({m: recorder(params) for m, params in recorders.items()}, model):
             yield probes
     finally:
         for h in handles:

@@ -11,7 +11,8 @@ The computation follows the experts implementation the model was loaded with (``
 matrices and multiplies them in one batch, and every other implementation (``grouped_mm`` and kernels of its kind)
 sorts the tokens by expert and runs transformers' grouped matmul (``torch.nn.functional.grouped_mm`` where the device
 has it) over each group of experts. Gate, activation, biases, the post-expert norm and the routing weights are the
-experts class's own (``use_experts_implementation``'s flags and ``_apply_gate``).
+experts class's own (``use_experts_implementation``'s flags and ``_apply_gate``). Llama 4's experts, which are handed
+a block of rows per expert, multiply them by `ExpertsProjection.blocks`.
 """
 
 from __future__ import annotations
@@ -126,13 +127,31 @@ class ExpertsProjection:
             pieces.append((rows, y.squeeze(1)))
         return _assemble(pieces, x.shape[0])
 
+    def blocks(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Each expert's projection of its own block of rows, ``x`` ``(experts, rows, d_in)`` (how Llama 4's experts
+        are handed their tokens), as one batched product per kind of expert."""
+        pieces = []
+        for kind in self.kinds:
+            ids = (self.kind == kind).nonzero().squeeze(1) if len(self.kinds) > 1 else slice(None)
+            xs = x[ids]
+            if kind == FACTORED:
+                assert self.first is not None and self.second is not None
+                y = torch.bmm(torch.bmm(xs.to(self.first.dtype), self.first), self.second)
+            elif kind == DENSE:
+                assert self.dense is not None
+                y = torch.bmm(xs.to(self.dense.dtype), self.dense)
+            else:
+                y = torch.bmm(xs.to(base.dtype), base[ids].mT)
+            pieces.append((ids, y))
+        return _assemble(pieces, x.shape[0])
+
 
 def _assemble(pieces: list[tuple[Any, torch.Tensor]], num_rows: int) -> torch.Tensor:
     # (rows, result) per kind of expert: one kind's result is the whole projection, several fill their own rows
     if len(pieces) == 1:
         return pieces[0][1]
     first = pieces[0][1]
-    out = first.new_zeros(num_rows, first.shape[-1])
+    out = first.new_zeros(num_rows, *first.shape[1:])
     for rows, y in pieces:
         out[rows] = y.to(out.dtype)
     return out

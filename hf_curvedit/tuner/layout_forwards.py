@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..expert_layouts import DBRX, FUSED, JETMOE, LONGCAT, experts_layout
+from ..expert_layouts import DBRX, FUSED, JETMOE, LLAMA4, LONGCAT, experts_layout
 from ..targets import experts_target
 from .experts_forward import ExpertsProjection, edited_experts_forward
 
@@ -32,6 +32,8 @@ def edited_forwards(module: nn.Module, projections: Mapping[str, ExpertsProjecti
         return {getattr(module, p): _jetmoe(module, projections, p) for p in layout.params}
     if layout.kind == DBRX:
         return {module: _dbrx(module, projections)}
+    if layout.kind == LLAMA4:
+        return {module: _llama4(module, projections)}
     raise NotImplementedError(layout.kind)
 
 
@@ -90,5 +92,24 @@ def _dbrx(module: nn.Module, projections: Mapping[str, ExpertsProjection]) -> Ca
             y = w2(e, module.mlp.activation_fn(w1(e, a)) * v1(e, a))
             out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))
         return out.view(batch, -1, module.hidden_size)
+
+    return forward
+
+
+def _llama4(module: nn.Module, projections: Mapping[str, ExpertsProjection]) -> Callable[..., Any]:
+    # Llama4TextExperts.forward: expert e multiplies its own block of rows (every token, scaled by its router score,
+    # zero where the router did not pick e), all experts in one batched product per projection
+    def project(param: str, x: torch.Tensor) -> torch.Tensor:
+        stored = getattr(module, param)  # (experts, d_in, d_out)
+        proj = projections.get(param)
+        if proj is None:  # after an edited projection x may be in the edit's compute dtype
+            return torch.bmm(x.to(stored.dtype), stored)
+        return proj.blocks(x, experts_target(module, param).to_logical(stored))
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.view(module.num_experts, -1, module.hidden_size)
+        gate, up = project("gate_up_proj", x).chunk(2, dim=-1)
+        y = project("down_proj", up * module.act_fn(gate))
+        return y.reshape(-1, module.hidden_size).to(hidden_states.dtype)
 
     return forward
