@@ -19,7 +19,7 @@ from datasets import Dataset
 from packaging.version import Version
 from safetensors import safe_open
 from test_scale import _free_port, torchrun
-from testing_utils import random_token_rows, tiny_llama
+from testing_utils import assert_same_adapter_tensors, random_token_rows, tiny_llama
 
 from hf_curvedit import (
     CurvatureEditConfig,
@@ -113,7 +113,7 @@ def test_a_sharded_model_end_to_end(tmp_path, mode):
     unsharded.save_pretrained(tmp_path / "unsharded")
     want = _tensors(tmp_path / "unsharded" / "adapter_model.safetensors")
     got = _tensors(out / "adapter" / "adapter_model.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert_same_adapter_tensors(got, want)
 
     # every process saw the forwards of the unsharded edit: unmerged, merged, disabled, unmerged again
     with torch.no_grad():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors import safe_open
-from testing_utils import random_token_rows, tiny_llama
+from testing_utils import assert_same_adapter_tensors, random_token_rows, tiny_llama
 
 from hf_curvedit import (
     CurvatureEditConfig,
@@ -172,10 +172,8 @@ def test_folders_of_earlier_versions_read_and_build_the_same_adapters(tmp_path, 
         {"min_expert_tokens": 1} if family == "mixtral" else {}))
     built = build_curvature_edit(model, eigen, config)
     built.save_pretrained(tmp_path / "again")
-    assert _tensors(tmp_path / "again" / "adapter_model.safetensors").keys() == \
-        _tensors(folder / adapter / "adapter_model.safetensors").keys()
-    for k, t in _tensors(folder / adapter / "adapter_model.safetensors").items():
-        assert torch.equal(_tensors(tmp_path / "again" / "adapter_model.safetensors")[k], t), k
+    assert_same_adapter_tensors(_tensors(tmp_path / "again" / "adapter_model.safetensors"),
+                                _tensors(folder / adapter / "adapter_model.safetensors"))
     # the earlier adapter itself still loads (its one digest per module checked) and runs
     from peft import PeftModel
 

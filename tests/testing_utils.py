@@ -54,6 +54,22 @@ def assert_reloads_the_same(model: torch.nn.Module, reloaded: torch.nn.Module, l
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=1e-5, atol=1e-6, msg=message)
 
 
+def assert_same_adapter_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Two adapters' tensors are the same edit: every tensor bit for bit but the weight fingerprints, which a float32
+    matrix product computes and which round differently with the CPU and the number of threads (by ~1e-8); they are
+    compared as loading compares them (`fingerprint_mismatch`), and to 1e-7."""
+    from hf_curvedit.edit.fingerprint import fingerprint_mismatch
+
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for k, t in want.items():
+        if "curvedit_fingerprint" in k:  # one row per expert of an experts projection
+            assert all(fingerprint_mismatch(a, b) is None for a, b in zip(t.reshape(-1, t.shape[-1]),
+                                                                          got[k].reshape(-1, t.shape[-1]))), k
+            torch.testing.assert_close(got[k], t, rtol=1e-6, atol=1e-7, msg=k)
+        else:
+            assert torch.equal(got[k], t), k
+
+
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
