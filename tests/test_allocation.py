@@ -4,6 +4,8 @@ composed with protected domains, EK-FAC selection, experts and the predicted-cos
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -13,7 +15,9 @@ from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit,
 from hf_curvedit.evaluation import RecitationSet, TextSet, evaluate_recitation
 from hf_curvedit.evaluation.perplexity import perplexity_from_nll, score_text
 from hf_curvedit.sweep import SweepConfig, SweepPoint, SweepResult, pick_edit, sweep_edits
-from hf_curvedit.sweep.allocation import allocation_pattern, group_label, module_groups, search_allocation
+from hf_curvedit.sweep.allocation import SearchSpace, allocation_pattern, group_label, module_groups, removal_rho
+from hf_curvedit.sweep.scale import default_layer_choices, scale_layer_choice
+from hf_curvedit.sweep.search import search_allocation
 from hf_curvedit.tuner.locate import iter_layers
 
 LLAMA = [f"model.layers.{i}.mlp.{leaf}" for i in (1, 11) for leaf in ("gate_proj", "up_proj", "down_proj")]
@@ -49,67 +53,150 @@ def test_the_pattern_gives_every_module_its_groups_rho_and_nothing_else(names, a
 
 
 # ------------------------------------------------------------------------ the search on a known landscape
-GROUPS = {"0": ["m.layers.0.mlp.up_proj"], "1": ["m.layers.1.mlp.up_proj"]}
+def test_the_space_splits_groups_that_a_layer_choice_takes_in_part():
+    gate_up = [n for n in LLAMA if "down" not in n]
+    space = SearchSpace.of({"in": gate_up, "all": LLAMA}, "per_layer")
+    assert space.groups == {"1 gate/up": LLAMA[:2], "1 down": LLAMA[2:3], "11 gate/up": LLAMA[3:5],
+                            "11 down": LLAMA[5:]}
+    assert space.allocation_of(gate_up, 0.9) == {"1 gate/up": 0.9, "11 gate/up": 0.9}
+    assert space.allocation_of(LLAMA[:1], 0.9) is None, "half a group is not an allocation of this space"
+    whole = SearchSpace.of({"all": LLAMA}, "per_layer")
+    assert whole.groups == {"1": LLAMA[:3], "11": LLAMA[3:]}
 
 
-def landscape(allocation: dict[str, float], round_: int | None = None) -> SweepPoint:
-    """Recitation falls with the total removal and is gone once 0.3 of ρ is removed in all; removing from layer 0
-    costs four times the perplexity of removing from layer 1. Optimum: ρ = 1.0 for layer 0, 0.7 for layer 1."""
-    r0, r1 = 1 - allocation["0"], 1 - allocation["1"]
-    strict = round(max(0.0, 0.3 - r0 - r1), 9)
-    ppl = round(1 + 2 * r0 + 0.5 * r1, 9)
-    uniform = len(set(allocation.values())) == 1
-    return SweepPoint("curvedit", "both", "m", allocation["0"], None, {"mem": {"strict": strict}}, ppl, ppl - 1,
-                      allocation=None if uniform else dict(allocation), search_round=round_)
+def test_moves_scale_the_removed_mass_drop_add_and_trade():
+    names = {i: [f"m.layers.{i}.mlp.up_proj"] for i in range(4)}
+    space = SearchSpace({str(i): n for i, n in names.items()})
+    moves = space.moves({"1": 0.9, "2": 0.8}, 2.0)
+    assert moves["up"] == [{"1": 0.8, "2": 0.8}, {"1": 0.9, "2": 0.6}]
+    assert moves["down"] == [{"1": 0.95, "2": 0.8}, {"1": 0.9, "2": 0.9}]
+    # an unedited neighbour joins at the removed mass of the edited group next to it; layer 3 is next to 2 only
+    assert moves["add"] == [{"0": 0.9, "1": 0.9, "2": 0.8}, {"1": 0.9, "2": 0.8, "3": 0.8}]
+    assert {"1": 0.8, "2": 0.9} in moves["trade"] and {"0": 0.9, "1": 0.95, "2": 0.8} in moves["trade"]
+    # below the floor a group is dropped (ρ = 1), unless it is the only one left; above the ceiling nothing moves up
+    low = space.moves({"1": 1 - 1.5e-5, "2": 0.8}, 2.0)
+    assert {"2": 0.8} in low["down"]
+    assert space.moves({"1": 1 - 1.5e-5}, 2.0)["down"] == []
+    assert space.moves({"1": 0.1}, 2.0)["up"] == []
 
 
-def run_search(steps=(0.05,), cap=50):
-    config = SweepConfig(perplexity_budget=10.0)
-    points = [landscape({"0": rho, "1": rho}) for rho in (0.8, 0.85, 0.9)]
+GROUPS4 = {g: [f"m.layers.{g[0]}.mlp.{'down' if g.endswith('down') else 'up'}_proj"]
+           for g in ("1", "2", "3 gate/up", "3 down")}
+
+
+def landscape(allocation: dict[str, float], start: int | None = None, label: str = "") -> SweepPoint:
+    """A memorized set held by layer 2 (up to 0.3 of it), layers 1 and 3 (linearly) and a little by layer 3's down
+    projection; layer 3 costs four times the perplexity of layer 2 and its down projection ten times. Strict counts
+    whole tenths of what is left (a step function); the margin is what is left while anything is recited."""
+    r = {g: 1 - allocation.get(g, 1.0) for g in GROUPS4}
+    left = 0.5 - (min(3 * r["2"], 0.3) + r["1"] + r["3 gate/up"] + 0.2 * r["3 down"])
+    strict = round(max(0.0, int(round(left, 9) * 10) / 10), 9)
+    ppl = round(1 + 0.5 * r["1"] + r["2"] + 4 * r["3 gate/up"] + 10 * r["3 down"], 9)
+    edited = {g: rho for g, rho in allocation.items() if rho < 1}
+    uniform = len(set(edited.values())) == 1 and start is None
+    return SweepPoint("curvedit", label or "+".join(edited), "m", min(edited.values()), None,
+                      {"mem": {"strict": strict, "margin": round(left, 9) if strict else 0.0}}, ppl, ppl - 1,
+                      allocation=None if uniform else dict(edited), search_round=start)
+
+
+CHOICES = {"A": ["2", "3 gate/up"], "B": ["1", "2", "3 gate/up", "3 down"]}
+
+
+def grid():
+    return [landscape({g: rho for g in groups}, label=label) for label, groups in CHOICES.items()
+            for rho in (0.99, 0.95, 0.9)]
+
+
+def run_search(choices, starts, steps=(2.0, 1.41), cap=24):
+    """Search ``choices``' space from ``starts`` (indices into the grid) with the landscape as the measurement."""
+    config = SweepConfig(perplexity_budget=0.3)
+    points = grid()
+    space = SearchSpace({g: GROUPS4[g] for g in GROUPS4 if any(g in CHOICES[label] for label in choices)})
     calls = []
 
-    def measure(current, allocation, round_):
-        calls.append((dict(current.allocation or {}), allocation))
-        return landscape(allocation, round_)
+    def measure(allocation, start):
+        calls.append(allocation)
+        return landscape(allocation, start)
 
-    record = search_allocation(points, lambda pts: pick_edit(pts, "mem", config), measure, lambda regex: GROUPS,
+    def allocation_of(point):
+        groups = CHOICES[point.layers]
+        return point.allocation or ({g: point.keep_mass for g in groups} if set(groups) <= set(space.groups) else None)
+
+    record = search_allocation(points, [points[i] for i in starts], space, allocation_of, measure, "mem", 0.3,
                                steps, cap, show_progress=False)
     return points, record, calls, pick_edit(points, "mem", config)
 
 
-def test_the_search_descends_to_the_known_optimum_through_trades():
-    points, record, calls, chosen = run_search()
-    assert chosen.allocation == {"0": 1.0, "1": 0.7} and chosen.perplexity == pytest.approx(1.15)
-    assert record["stopped"] == "converged" and record["start"] == 1, "it starts from the grid's pick, ρ = 0.85"
-    assert points[record["path"][-1]] is chosen and record["candidates"] == len(points) - 3 == len(calls)
-    # no single step improves on the start: the first move is a trade of one step (layer 0 up, layer 1 down)
-    assert points[record["path"][1]].allocation == {"0": 0.9, "1": 0.8}
-    # every point of the path is preferred to the one before by the pick rule, and every candidate is new
-    key = lambda p: (p.recitation["mem"]["strict"], p.perplexity)  # noqa: E731
-    path = [points[i] for i in record["path"]]
-    assert all(key(b) < key(a) for a, b in zip(path, path[1:]))
-    measured = [tuple(sorted(a.items())) for _, a in calls]
-    assert len(set(measured)) == len(measured)
-    assert not [a for _, a in calls if a["0"] == a["1"] in (0.8, 0.85, 0.9)], "grid points are not measured again"
-    # each candidate is one step (or one trade) from the point the search stood on
-    for current, allocation in calls:
-        start = current or {"0": 0.85, "1": 0.85}
-        moves = sorted(round(allocation[g] - start[g], 9) for g in allocation)
-        assert moves in ([-0.05, 0.0], [0.0, 0.05], [-0.05, 0.05])
+def test_the_whole_sweep_space_finds_what_the_grid_picks_layers_cannot():
+    """The grid's pick edits layers 2-3 (the cheaper of the uniform choices); the best edit within the budget moves
+    layer 3's removal to layer 1, which only the other layer choice holds. A search confined to the pick's layers stops
+    at 10% Strict; the search over every layer of every choice reaches 0% within the budget."""
+    config = SweepConfig(perplexity_budget=0.3)
+    pick = pick_edit(grid(), "mem", config)
+    assert pick.layers == "A" and pick.keep_mass == 0.95 and pick.recitation["mem"]["strict"] == 0.3
+    start = [i for i, p in enumerate(grid()) if p == pick]
+    _, confined, _, old = run_search(["A"], start)
+    points, record, calls, new = run_search(["A", "B"], start)
+    assert old.recitation["mem"]["strict"] == pytest.approx(0.1) and old.perplexity_change <= 0.3
+    assert new.recitation["mem"]["strict"] == 0.0 and new.perplexity_change <= 0.3
+    assert "1" in new.allocation and 1 - new.allocation.get("3 gate/up", 1.0) < 0.05, "layer 1 joined, 3 gave way"
+    # every candidate is new, each is one move from where the search stood, and the path only improves
+    assert len({tuple(sorted(a.items())) for a in calls}) == len(calls) == record["candidates"]
+    run = record["starts"][0]
+    key = lambda p: (p.recitation["mem"]["strict"], p.recitation["mem"]["margin"], p.perplexity)  # noqa: E731
+    path = [points[i] for i in run["path"]]
+    assert all(key(b) < key(a) for a, b in zip(path, path[1:])) and path[-1] is new
 
 
-def test_the_search_stops_at_its_candidate_cap_in_its_stated_order():
-    points, record, calls, chosen = run_search(cap=3)
-    assert record["stopped"] == "candidate cap" and record["candidates"] == 3
-    assert [a for _, a in calls] == [{"0": 0.8, "1": 0.85}, {"0": 0.9, "1": 0.85}, {"0": 0.85, "1": 0.8}]
-    assert chosen is points[1], "none of the three beats the start"
+def test_the_search_stops_at_its_candidate_cap_and_shares_it_between_starts():
+    points, record, calls, _ = run_search(["A", "B"], [1, 4], cap=3)
+    assert record["candidates"] == len(calls) == 3
+    assert [run["candidates"] for run in record["starts"]] == [1, 2], "an equal share of what is left, in order"
+    assert {run["stopped"] for run in record["starts"]} == {"candidate cap"}
+    assert [p.search_round for p in points[6:]] == [0, 1, 1]
 
 
-def test_finer_steps_follow_the_coarse_ones():
-    points, record, calls, chosen = run_search(steps=(0.1, 0.05))
-    assert chosen.allocation == {"0": 1.0, "1": 0.7} and record["steps"] == [0.1, 0.05]
-    sizes = {round(max(abs(a[g] - (c or {"0": 0.85, "1": 0.85})[g]) for g in a), 9) for c, a in calls}
-    assert sizes == {0.1, 0.05}
+def test_finer_factors_follow_the_coarse_ones():
+    _, record, calls, _ = run_search(["A"], [1], steps=(2.0, 1.41), cap=40)
+    removed = {round((1 - r) / (1 - 0.95), 2) for a in calls for r in a.values()}
+    assert {2.0, 0.5} & removed and {1.41, 0.71} & removed, "moves of both factors were measured"
+    assert record["steps"] == [2.0, 1.41] and record["starts"][0]["stopped"] == "converged"
+
+
+def test_the_scale_brackets_the_budget_and_refines_where_the_pick_is():
+    """A layer choice whose perplexity grows with the removed mass r as 1 + 20 r, and whose recitation is gone from
+    r = 0.004 on: from r = 0.1 the walk goes milder until it is within +10% (r = 0.005, nothing recited), the next
+    rung (0.002) brackets the edge of recitation, and the midpoints close in on it."""
+    measured = []
+
+    def measure(rho):
+        r = round(1 - rho, 9)
+        measured.append(r)
+        strict = 0.0 if r >= 0.004 else 0.5
+        return SweepPoint("curvedit", "c", "m", rho, None, {"mem": {"strict": strict}}, 1 + 20 * r, 20 * r)
+
+    points = scale_layer_choice(measure, "mem", 0.1, refinements=3)
+    assert measured == [0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.00316, 0.00397]
+    best = pick_edit(points, "mem", SweepConfig(perplexity_budget=0.1))
+    assert best.recitation["mem"]["strict"] == 0.0 and 1 - best.keep_mass == pytest.approx(0.005)
+    # with recitation left at the budget, the refinements close in on the budget from within
+    points = scale_layer_choice(lambda rho: SweepPoint("curvedit", "c", "m", rho, None, {"mem": {"strict": 0.5}},
+                                                       1 + 10 * (1 - rho), 10 * (1 - rho)), "mem", 0.12)
+    assert [round(1 - p.keep_mass, 9) for p in points] == [0.1, 0.05, 0.02, 0.01, 0.0141, 0.0119]
+
+
+def test_default_layer_choices_are_windows_across_the_depth():
+    shapes = {f"model.layers.{i}.mlp.{leaf}": shape for i in range(30)
+              for leaf, shape in (("gate_proj", (1536, 576)), ("up_proj", (1536, 576)), ("down_proj", (576, 1536)))}
+    choices = default_layer_choices(shapes)
+    assert list(choices)[:2] == ["layers 0–2 gate/up", "layers 0–2 gate/up+down"]
+    windows = sorted({label.split(" ")[1] for label in choices}, key=lambda w: int(w.split("–")[0]))
+    assert windows == ["0–2", "7–9", "14–16", "20–22", "27–29"], "five windows of three, the top one included"
+    assert re.fullmatch(choices["layers 27–29 gate/up"], "model.layers.28.mlp.up_proj")
+    assert not re.fullmatch(choices["layers 27–29 gate/up"], "model.layers.28.mlp.down_proj")
+    small = default_layer_choices({k: v for k, v in shapes.items() if int(k.split(".")[2]) < 4})
+    assert sorted({label.split(" ")[1] for label in small}) == ["0–1", "1–2", "2–3"]
+    assert list(default_layer_choices({"lm_head": (10, 5)})) == ["all"]
 
 
 # --------------------------------------------------------------------------------- the sweep on tiny models
@@ -126,10 +213,10 @@ def check_candidates(model, eigen, result, sets, heldout, **edit):
     uniform: dict[float, dict[str, torch.Tensor]] = {}
     searched = [p for p in result.points if p.search_round is not None]
     assert searched, "the search measured candidates"
+    space = result.extra["allocation_search"]["groups"]
     for point in searched:
-        groups = module_groups(resolve_target_modules(model, point.target_modules),
-                               result.extra["allocation_search"]["allocation"])
-        assert set(point.allocation) == set(groups) and len(groups) > 1
+        names = resolve_target_modules(model, point.target_modules)
+        assert sorted(names) == sorted(n for g in point.allocation for n in space[g]), "exactly its groups' modules"
         peft_model = build_curvature_edit(model, eigen, CurvatureEditConfig(**point.edit_settings(), **edit))
         weights = edited_weights(peft_model)
         rec = evaluate_recitation(peft_model, sets["mem"].prefixes, sets["mem"].suffixes, show_progress=False)
@@ -138,14 +225,13 @@ def check_candidates(model, eigen, result, sets, heldout, **edit):
         assert rec.strict == point.recitation["mem"]["strict"]
         assert rec.avg_lev == pytest.approx(point.recitation["mem"]["avg_lev"])
         assert perplexity_from_nll(nll, n) == pytest.approx(point.perplexity, rel=1e-6)
-        for group, names in groups.items():
-            rho = point.allocation[group]
+        for group, rho in point.allocation.items():
             if rho not in uniform:
                 peft_model = build_curvature_edit(model, eigen, CurvatureEditConfig(
-                    keep_mass=rho, target_modules=point.target_modules, **edit))
+                    keep_mass=rho, target_modules=list(n for members in space.values() for n in members), **edit))
                 uniform[rho] = edited_weights(peft_model)
                 model = peft_model.unload()
-            for name in names:
+            for name in space[group]:
                 assert torch.equal(weights[name], uniform[rho][name]), name
     return model
 
@@ -168,18 +254,24 @@ def test_a_per_layer_sweep_records_every_candidate_and_its_pick_is_reproducible(
     config = SweepConfig(keep_masses=(0.5, 0.7), layer_choices=choices, perplexity_budget=10.0, svd_ranks=(4,),
                          allocation="per_layer", allocation_max_candidates=7)
     result = sweep_edits(model, eigen, sets, heldout, config)
-    grid = [p for p in result.points if p.method == "curvedit" and p.search_round is None]
+    grid = [p for p in result.points if p.stage == "grid"]
     searched = [p for p in result.points if p.search_round is not None]
     search = result.extra["allocation_search"]
     assert len(grid) == 4 and 0 < len(searched) == search["candidates"] <= 7
-    assert result.points[search["start"]] is pick_edit(grid, "mem", config), "it starts from the grid's pick"
-    assert result.points[search["path"][-1]] is result.chosen is pick_edit(result.points, "mem", config)
-    assert search["allocation"] == "per_layer" and search["seconds"] >= 0 and search["stopped"] in (
-        "converged", "candidate cap")
-    assert all(p.keep_mass_pattern and p.layers == result.points[search["start"]].layers for p in searched)
+    assert all(p.stage == "search" and p.seconds > 0 and p.kept for p in searched)
+    assert result.points[search["starts"][0]["start"]] is pick_edit(grid, "mem", config), "the grid's pick first"
+    assert result.chosen is pick_edit(result.points, "mem", config)
+    assert search["allocation"] == "per_layer" and search["seconds"] >= 0
+    assert all(run["stopped"] in ("converged", "candidate cap") for run in search["starts"])
+    assert set(search["groups"]) == {"0", "1", "2"}, "layer 0 is in one choice and 1-2 in both: one group each"
+    assert all(p.keep_mass_pattern and set(p.allocation) <= {"0", "1", "2"} for p in searched)
     assert "allocation search" in capsys.readouterr().err, "the search shows a progress bar"
-    assert f"allocation search: {len(searched)} candidates in" in result.summary()
-    assert "| mlp | ρ per layer 0: 0.7, 1: 0.75, 2: 0.7 |" in result.to_markdown()
+    assert f"allocation search: {len(searched)} candidates from" in result.summary()
+    assert all(f"| {p.knob} |" in result.to_markdown() for p in searched)
+    # what each candidate keeps, per module: its share of components and of ‖W‖²
+    for p in result.points:
+        if p.method == "curvedit":
+            assert p.kept and all(0 < c <= 1 and 0 < w <= 1 for c, w in p.kept.values())
     assert result.svd_match is not None, "the baselines are measured at the pick's perplexity"
     # sweep.json holds every candidate; the pick rule over its points gives its pick; its settings rerun the sweep
     loaded = SweepResult.load(result.save(tmp_path / "sweep.json"))
@@ -192,29 +284,56 @@ def test_a_per_layer_sweep_records_every_candidate_and_its_pick_is_reproducible(
     # the edit of the pick, as the adapter the edit step makes, is the pick
     settings = loaded.chosen.edit_settings()
     assert loaded.pick_mismatch(settings) is None
-    assert "keep_mass_pattern" in loaded.pick_mismatch({**settings, "keep_mass_pattern": {}})
+    if loaded.chosen.keep_mass_pattern:
+        assert "keep_mass_pattern" in loaded.pick_mismatch({**settings, "keep_mass_pattern": {}})
+
+
+def test_the_default_sweep_fits_its_scale_to_each_layer_choice_and_searches_them_all(llama_setup):
+    model, _, factors, sets, heldout = llama_setup
+    eigen = factors.eigendecompose()
+    result = sweep_edits(model, eigen, sets, heldout, SweepConfig(perplexity_budget=0.02, allocation_max_candidates=6))
+    choices = result.extra["layer_choices"]
+    assert list(choices) == ["layers 0–1 gate/up", "layers 0–1 gate/up+down", "layers 1–2 gate/up",
+                             "layers 1–2 gate/up+down"]
+    for label in choices:
+        scale = [p for p in result.points if p.layers == label and p.stage == "scale"]
+        assert scale[0].keep_mass == 0.9, "every walk starts at ρ = 0.9"
+        assert any(p.perplexity_change <= 0.02 for p in scale), f"{label}: the walk reached the budget"
+        assert all(p.keep_mass == removal_rho(1 - p.keep_mass) for p in scale)
+    search = result.extra["allocation_search"]
+    assert 0 < search["candidates"] <= 6 and len(search["starts"]) >= 2
+    assert result.chosen is pick_edit(result.points, "mem", SweepConfig(perplexity_budget=0.02))
+    assert SweepConfig.from_dict(result.config).keep_masses is None
 
 
 def test_the_search_caps_its_candidates_and_refuses_bad_settings(llama_setup):
     model, _, factors, sets, heldout = llama_setup
     eigen = factors.eigendecompose()
-    config = SweepConfig(keep_masses=(0.6,), perplexity_budget=10.0, allocation="per_projection",
-                         allocation_max_candidates=2)
+    every = {"all": r"model\.layers\.\d+\.mlp\.\w+_proj"}
+    config = SweepConfig(keep_masses=(0.6,), layer_choices=every, perplexity_budget=10.0,
+                         allocation="per_projection", allocation_max_candidates=2)
     result = sweep_edits(model, eigen, sets, heldout, config)
     searched = [p for p in result.points if p.search_round is not None]
-    assert len(searched) == 2 and result.extra["allocation_search"]["stopped"] == "candidate cap"
-    # per projection: 3 layers × (gate/up, down); the first moves are the first group's ρ down, then up
-    assert [p.allocation["0 gate/up"] for p in searched] == [0.55, 0.65]
+    assert len(searched) == 2 and result.extra["allocation_search"]["starts"][0]["stopped"] == "candidate cap"
+    # per projection: 3 layers × (gate/up, down)
+    assert set(result.extra["allocation_search"]["groups"]) == {f"{i} {k}" for i in range(3) for k in ("gate/up",
+                                                                                                       "down")}
     assert all(len(p.allocation) == 6 for p in searched)
-    nothing = sweep_edits(model, eigen, sets, heldout, SweepConfig(keep_masses=(0.1,), perplexity_budget=1e-9,
-                                                                   allocation="per_layer"))
-    assert nothing.chosen is None and nothing.extra["allocation_search"]["stopped"] == "nothing within the budget"
+    with pytest.warns(UserWarning, match=r"no edit keeps the perplexity increase within \+1e-07%: the closest"):
+        nothing = sweep_edits(model, eigen, sets, heldout, SweepConfig(
+            keep_masses=(0.9,), layer_choices=every, perplexity_budget=1e-9, allocation="per_layer"))
+    assert nothing.chosen is None and nothing.extra["allocation_search"]["starts"] == []
+    assert "Try milder edits, removing less than 0.1" in nothing.summary() and "--keep-mass 0.95 0.98 0.99" in \
+        nothing.summary()
     for bad, message in (({"allocation": "per_head"}, "allocation must be one of"),
-                         ({"allocation_steps": (0.05, 1.5)}, "allocation_steps are the ρ moves"),
-                         ({"allocation_steps": ()}, "allocation_steps are the ρ moves"),
-                         ({"allocation_max_candidates": 0}, "allocation_max_candidates is the most candidates")):
+                         ({"allocation_steps": (2.0, 0.05)}, "allocation_steps are the factors"),
+                         ({"allocation_steps": ()}, "allocation_steps are the factors"),
+                         ({"allocation_max_candidates": 0}, "allocation_max_candidates is the most candidates"),
+                         ({"keep_masses": (0.5, 1.5)}, "keep_masses are fractions")):
         with pytest.raises(ValueError, match=message):
             SweepConfig(**bad)
+    # a sweep.json written when the search moved ρ by steps of 0.05 still reads
+    assert SweepConfig.from_dict({"allocation_steps": [0.05]}).allocation_steps == (2.0, 1.41)
 
 
 def test_the_search_composes_with_protection_ekfac_selection_and_the_predicted_cost_pick(llama_setup, tmp_path):
@@ -270,8 +389,10 @@ def test_the_search_allocates_the_experts_of_a_layer_routed_and_shared_together(
     sets = {"mem": RecitationSet([r[:8] for r in rows], [r[8:] for r in rows])}
     heldout = TextSet([[t % 127 + 1 for t in r] for r in random_token_rows(6, lo=10, hi=20, seed=9)])
     config = SweepConfig(keep_masses=(0.7,), perplexity_budget=10.0, allocation="per_layer",
-                         allocation_max_candidates=3, batch_size=4)
+                         allocation_max_candidates=3, batch_size=4, layer_choices={"all": "|".join(eigen)})
     result = sweep_edits(model, eigen, sets, heldout, config)
     searched = [p for p in result.points if p.search_round is not None]
-    assert len(searched) == 3 and all(set(p.allocation) == {"0", "1"} for p in searched)
+    assert result.extra["allocation_search"]["groups"] == {
+        layer: [n for n in eigen if f".{layer}." in n] for layer in ("0", "1")}, "routed and shared experts together"
+    assert len(searched) == 3 and all(set(p.allocation) <= {"0", "1"} for p in searched)
     check_candidates(model, eigen, result, sets, heldout, min_expert_tokens=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import write_choice_task
+from testing_utils import random_token_rows, write_choice_task
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import load_factors
@@ -100,8 +100,8 @@ def test_sweep_command(tmp_path, model_dir, text_file, capsys):
     quotes.write_text("The quick brown fox jumps over the lazy dog.\nA stitch in time saves nine, they say.\n")
     rc = main(["sweep", "--model", str(model_dir), "--factors", str(out), "--recitation", f"q={quotes}",
                "--heldout", str(text_file), "--keep-mass", "0.5", "0.9", "--layers", "1", "0,1", "--modules", "gate,up",
-               "--svd-ranks", "4", "16", "--ppl-budget", "100", "--baselines", "svd", "balanced_subnet",
-               "--subnet-ratios", "0.01", "0.1", "--subnet-epochs", "1", "--clean", str(text_file),
+               "--allocation", "uniform", "--svd-ranks", "4", "16", "--ppl-budget", "100", "--baselines", "svd",
+               "balanced_subnet", "--subnet-ratios", "0.01", "0.1", "--subnet-epochs", "1", "--clean", str(text_file),
                "--output-dir", str(tmp_path / "sweep")])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -237,7 +237,8 @@ def test_run_stops_with_exit_code_1_when_the_sweep_finds_nothing(tmp_path, monke
     assert main(["run", str(path)]) == 1
     captured = capsys.readouterr()
     assert "| curvedit | all | ρ=0.5 |" in captured.out
-    assert "[run] sweep failed: no edit keeps the perplexity increase within 15%" in captured.err
+    assert "[run] sweep failed: no edit keeps the perplexity increase within +15%: the closest, all ρ=0.5, costs" in \
+        captured.err and "Try milder edits" in captured.err
     assert not (tmp_path / "run" / "steps" / "sweep.done.json").exists(), "a failed step is not marked done"
 
 
@@ -293,33 +294,40 @@ def test_a_per_layer_sweep_in_a_run_reaches_the_edit_and_the_card(tmp_path, mode
     pick's ρ per layer, publish compares it with the baselines and the card states each layer's ρ; the same settings
     as flags, and the pick rebuilt with `edit --keep-mass-pattern`, give the same."""
     import yaml
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
 
     from hf_curvedit.cli import _step, build_parser
+    from hf_curvedit.evaluation import greedy_generate
     from hf_curvedit.pipeline import EditStep, SweepStep
     from hf_curvedit.sweep import SweepConfig, SweepResult, pick_edit
 
-    quotes = tmp_path / "quotes.txt"
-    quotes.write_text("The quick brown fox jumps over the lazy dog.\nA stitch in time saves nine, they say.\n")
-    sweep = {"recitation": {"q": str(quotes)}, "heldout": str(text_file), "keep_mass": [0.5], "layers": ["0,1"],
-             "svd_ranks": [4], "ppl_budget": 100, "allocation": "per_layer", "allocation_steps": [0.1],
-             "allocation_max_candidates": 4}
+    # a set the model recites: its own greedy continuations, so that a stronger edit recites less
+    prefixes = random_token_rows(8, lo=6, hi=10, seed=3)
+    suffixes = greedy_generate(AutoModelForCausalLM.from_pretrained(model_dir), prefixes, 6, show_progress=False)
+    Dataset.from_dict({"prefix_ids": prefixes, "suffix_ids": suffixes}).save_to_disk(tmp_path / "recited")
+    sweep = {"recitation": {"q": str(tmp_path / "recited")}, "heldout": str(text_file), "keep_mass": [0.9],
+             "layers": ["0,1"], "svd_ranks": [4], "ppl_budget": 100, "allocation": "per_layer",
+             "allocation_steps": [2.0], "allocation_max_candidates": 4}
     cfg = {"model": str(model_dir), "output_dir": str(tmp_path / "run"),
            "fit": {"data": str(text_file), "seq_len": 32, "batch_size": 4, "max_tokens": 256},
            "sweep": sweep, "edit": {}, "publish": {"repo_id": "user/tiny", "dry_run": True}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path)]) == 0
-    assert "allocation search: 4 candidates in" in capsys.readouterr().out
+    assert "allocation search: 4 candidates from" in capsys.readouterr().out
     run = tmp_path / "run"
     result = SweepResult.load(run / "sweep" / "sweep.json")
     searched = [p for p in result.points if p.search_round is not None]
     assert len(searched) == result.extra["allocation_search"]["candidates"] == 4
     assert pick_edit(result.points, "q", SweepConfig.from_dict(result.config)) is result.chosen
-    # a random model recites nothing: the pick is the candidate of lowest perplexity, here one of the search's
-    assert result.chosen in searched and set(result.chosen.allocation) == {"0", "1"}
-    adapter = run / "edit" / "rho0.5-pattern"
+    # the search moved on from the grid's pick: a stronger edit of a layer recites less
+    assert result.base.recitation["q"]["strict"] == 1.0
+    assert result.chosen in searched and set(result.chosen.allocation) <= {"0", "1"}
+    rho = result.chosen.keep_mass
+    adapter = run / "edit" / f"rho{rho:g}-pattern"
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_cfg["keep_mass_pattern"] == result.chosen.keep_mass_pattern and adapter_cfg["keep_mass"] == 0.5
+    assert adapter_cfg["keep_mass_pattern"] == result.chosen.keep_mass_pattern and adapter_cfg["keep_mass"] == rho
     assert result.pick_mismatch(adapter_cfg) is None
     card = (run / "publish" / "README.md").read_text()
     rhos = "; ".join(f"layer {g}: {r:g}" for g, r in result.chosen.allocation.items())
@@ -329,18 +337,18 @@ def test_a_per_layer_sweep_in_a_run_reaches_the_edit_and_the_card(tmp_path, mode
     # the flags of `hf-curvedit sweep` are the YAML's settings
     parser = build_parser()
     args = parser.parse_args(["sweep", "--factors", "f", "--output-dir", "o", "--allocation", "per_layer",
-                              "--allocation-steps", "0.1", "--allocation-max-candidates", "4"])
+                              "--allocation-steps", "2", "--allocation-max-candidates", "4"])
     assert _step(SweepStep, args) == SweepStep.from_dict({k: sweep[k] for k in sweep if k.startswith("allocation")})
     # `edit --keep-mass-pattern` rebuilds the pick from sweep.json by hand: the same adapter
     flags = [a for k, v in result.chosen.keep_mass_pattern.items() for a in ("--keep-mass-pattern", f"{k}={v}")]
-    args = parser.parse_args(["edit", "--factors", "f", "--output-dir", "o", "--keep-mass", "0.5", *flags])
+    args = parser.parse_args(["edit", "--factors", "f", "--output-dir", "o", "--keep-mass", str(rho), *flags])
     assert _step(EditStep, args).keep_mass_pattern == result.chosen.keep_mass_pattern
-    assert main(["edit", "--model", str(model_dir), "--factors", str(run / "factors"), "--keep-mass", "0.5",
+    assert main(["edit", "--model", str(model_dir), "--factors", str(run / "factors"), "--keep-mass", str(rho),
                  "--target-modules", result.chosen.target_modules, *flags,
                  "--output-dir", str(tmp_path / "by_hand")]) == 0
-    by_hand = json.loads((tmp_path / "by_hand" / "rho0.5-pattern" / "adapter_config.json").read_text())
+    by_hand = json.loads((tmp_path / "by_hand" / f"rho{rho:g}-pattern" / "adapter_config.json").read_text())
     assert result.pick_mismatch(by_hand) is None
-    for argv, message in ((["sweep", "--allocation-steps", "0"], "--allocation-steps [0.0]: give one or more"),
+    for argv, message in ((["sweep", "--allocation-steps", "0.5"], "--allocation-steps [0.5]: give one or more"),
                           (["sweep", "--allocation-max-candidates", "0"], "--allocation-max-candidates 0: give"),
                           (["edit", "--keep-mass-pattern", "down_proj=1.5"], "--keep-mass-pattern down_proj=1.5: ρ"),
                           (["edit", "--keep-mass-pattern", "down_proj"], "--keep-mass-pattern takes REGEX=RHO")):

@@ -364,7 +364,7 @@ def test_sweep_with_ekfac_selection_records_it_and_its_pick_needs_it(tmp_path):
     heldout = TextSet(random_token_rows(6, lo=10, hi=20, seed=9))
     regex = r".*layers\.1\.mlp\.(gate|up|down)_proj"
     config = SweepConfig(keep_masses=(0.6, 0.9), layer_choices={"L1": regex}, perplexity_budget=100.0,
-                         selection="ekfac_mass")
+                         selection="ekfac_mass", allocation="uniform")
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     chosen = result.chosen
     edited = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=chosen.keep_mass, target_modules=regex,

@@ -4,7 +4,12 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from hf_curvedit.evaluation import evaluate_recitation, evaluate_text_recitation, greedy_generate
+from hf_curvedit.evaluation import (
+    evaluate_recitation,
+    evaluate_text_recitation,
+    greedy_generate,
+    recitation_margins,
+)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -86,6 +91,31 @@ def test_recitation_of_the_models_own_continuation_is_strict():
     # Quotes given as token ids: the last n tokens are the suffix.
     quotes = [p + s for p, s in zip(prefixes, suffixes)]
     assert evaluate_text_recitation(model, quotes, suffix_tokens=6, show_progress=False).strict == 1.0
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_bloom], ids=["llama", "gpt2", "bloom"])
+def test_the_recitation_margin_is_positive_exactly_where_greedy_decoding_recites(build):
+    """The teacher-forced margin of the gold token over the best other one, at the worst suffix position, has the sign
+    of Strict; the mean log-probability is the per-token brute force."""
+    model = build()
+    g = torch.Generator().manual_seed(3)
+    prefixes = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 7, 5, 9, 4, 6)]
+    own = greedy_generate(model, prefixes, 5, show_progress=False)
+    # half the suffixes are the model's own continuation, the others have one token changed
+    suffixes = [s if i % 2 == 0 else s[:2] + [(s[2] + 1) % 64] + s[3:] for i, s in enumerate(own)]
+    strict = [e.strict() for e in evaluate_recitation(model, prefixes, suffixes, batch_size=4,
+                                                      show_progress=False).examples]
+    margins = recitation_margins(model, prefixes, suffixes, batch_size=4)
+    assert strict == [True, False] * 3 and [m > 0 for m in margins.min_margin] == strict
+    assert margins.margin == pytest.approx(sum(max(m, 0) for m in margins.min_margin) / 6) and margins.margin > 0
+    for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+        with torch.no_grad():
+            logits = model(torch.tensor([prefix + suffix])).logits[0, len(prefix) - 1:-1].double()
+        gold = logits.gather(1, torch.tensor(suffix)[:, None]).squeeze(1)
+        other = logits.scatter(1, torch.tensor(suffix)[:, None], float("-inf")).amax(1)
+        assert margins.min_margin[i] == pytest.approx(float((gold - other).min()), abs=1e-4)
+        assert margins.mean_logprob[i] == pytest.approx(float(logits.log_softmax(-1).gather(
+            1, torch.tensor(suffix)[:, None]).mean()), abs=1e-4)
 
 
 class CharTokenizer:

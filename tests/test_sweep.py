@@ -11,6 +11,9 @@ from hf_curvedit import FactorConfig, fit_factors
 from hf_curvedit.evaluation import RecitationSet, TextSet
 from hf_curvedit.sweep import SweepConfig, SweepResult, svd_truncation, sweep_edits
 
+# these tests measure grids: one layer choice of every MLP projection, one ρ per candidate
+GRID = {"layer_choices": {"all": r".*mlp\.\w+_proj"}, "allocation": "uniform"}
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -28,7 +31,7 @@ def test_sweep_measures_every_point_and_picks_within_budget(setup):
     x = torch.tensor([random_token_rows(1, lo=10, hi=10, seed=5)[0]])
     with torch.no_grad():
         before = model(x).logits.clone()
-    config = SweepConfig(keep_masses=(0.3, 0.9), perplexity_budget=0.5, svd_ranks=[2, 8, 16],
+    config = SweepConfig(keep_masses=(0.3, 0.9), perplexity_budget=0.5, svd_ranks=[2, 8, 16], allocation="uniform",
                          layer_choices={"L1": r".*layers\.1\.mlp\.(gate|up)_proj", "all": r".*mlp\.\w+_proj"})
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     edits = [p for p in result.points if p.method == "curvedit"]
@@ -70,14 +73,15 @@ def test_sweep_result_round_trips_and_plots(setup, tmp_path):
     from hf_curvedit.publish.plots import plot_sweep
 
     model, eigen, rec, heldout = setup
-    config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4])
+    config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4], **GRID)
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     loaded = SweepResult.load(result.save(tmp_path / "sweep.json"))
     assert loaded == result and loaded.chosen is loaded.points[0] and loaded.svd_match is loaded.points[1]
     assert loaded.to_markdown() == result.to_markdown() and loaded.summary().startswith("chosen: all ρ=0.5")
     assert plot_sweep(loaded, tmp_path / "plots" / "sweep.png").stat().st_size > 1000
     loaded.chosen = None
-    assert loaded.summary() == "no edit keeps the perplexity increase within 1000%"
+    assert loaded.summary().startswith("no edit keeps the perplexity increase within +1000%: the closest, all ρ=0.5, "
+                                       "costs")
 
 
 def test_sweep_measures_the_baselines_at_matched_perplexity(setup):
@@ -92,7 +96,7 @@ def test_sweep_measures_the_baselines_at_matched_perplexity(setup):
     settings = BalancedSubnetConfig(epochs=2, batch_size=4, target_modules=r".*mlp\.\w+_proj")
     config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4, 8],
                          baselines=["svd", "balanced_subnet"], balanced_subnet=settings,
-                         balanced_subnet_ratios=(0.01, 0.2))
+                         balanced_subnet_ratios=(0.01, 0.2), **GRID)
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, clean=clean)
     subnet = [p for p in result.points if p.method == "balanced_subnet"]
     assert [p.ratio for p in subnet] == [0.01, 0.2]
@@ -123,7 +127,7 @@ def test_sweep_measures_the_baselines_at_matched_perplexity(setup):
 
 def test_sweep_result_written_before_baselines_still_loads(setup, tmp_path):
     model, eigen, rec, heldout = setup
-    config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4])
+    config = SweepConfig(keep_masses=(0.5,), perplexity_budget=10.0, svd_ranks=[4], **GRID)
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     old = result.to_dict()
     old["svd_match"] = old.pop("matches")["svd"]
@@ -155,7 +159,7 @@ def test_sweep_scores_capabilities_of_the_base_the_pick_and_each_match(tmp_path)
     heldout = TextSet(random_token_rows(6, lo=10, hi=20, seed=9))
     tasks = write_choice_task(tmp_path / "tasks", "yesno", [(f"Is {i} even?", i % 2) for i in range(12)])
     caps = CapabilityConfig(tasks=["yesno"], include_path=tasks, bootstrap_iters=0)
-    config = SweepConfig(keep_masses=(0.3,), perplexity_budget=100.0, svd_ranks=[2, 8], capabilities=caps)
+    config = SweepConfig(keep_masses=(0.3,), perplexity_budget=100.0, svd_ranks=[2, 8], capabilities=caps, **GRID)
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, tokenizer=tok)
     chosen, match = result.chosen, result.matches["svd"]
     assert set(result.base.capabilities) == {"yesno"}
@@ -175,7 +179,7 @@ def test_sweep_scores_capabilities_of_the_base_the_pick_and_each_match(tmp_path)
 def test_a_sweep_config_is_saved_with_its_result_and_reruns_it(setup, tmp_path):
     model, eigen, rec, heldout = setup
     config = SweepConfig(keep_masses=(0.5, 0.9), layer_choices={"L1": r".*layers\.1\.mlp\.(gate|up)_proj"},
-                         perplexity_budget=2.0, svd_ranks=(4,))
+                         perplexity_budget=2.0, svd_ranks=(4,), allocation="uniform")
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config)
     saved = SweepResult.load(result.save(tmp_path / "sweep.json"))
     again = SweepConfig.from_dict(saved.config)
@@ -185,7 +189,7 @@ def test_a_sweep_config_is_saved_with_its_result_and_reruns_it(setup, tmp_path):
     with pytest.warns(DeprecationWarning, match="config=SweepConfig"):
         legacy = sweep_edits(model, eigen, {"mem": rec}, heldout, keep_masses=(0.5, 0.9),
                              layer_choices={"L1": r".*layers\.1\.mlp\.(gate|up)_proj"}, perplexity_budget=2.0,
-                             svd_ranks=[4])
+                             svd_ranks=[4], allocation="uniform")
     assert legacy.to_markdown() == result.to_markdown() and legacy.config == result.config
     with pytest.raises(TypeError, match="not both"):
         sweep_edits(model, eigen, {"mem": rec}, heldout, config, keep_masses=(0.5,))
@@ -206,7 +210,7 @@ def test_sweep_ranks_candidates_by_predicted_cost(setup, tmp_path):
     measured = {**tasks, "mem": rec}  # a memorized set is measured by the sweep itself: no part of the cost
     choices = {"L1": r".*layers\.1\.mlp\.(gate|up)_proj", "all": r".*mlp\.\w+_proj"}
     config = SweepConfig(keep_masses=(0.3, 0.6, 0.9), perplexity_budget=10.0, layer_choices=choices,
-                         pick_by="predicted_cost", recitation_tolerance=1.0)
+                         pick_by="predicted_cost", recitation_tolerance=1.0, allocation="uniform")
     result = sweep_edits(model, eigen, {"mem": rec}, heldout, config, exposure_texts=measured)
     edits = [p for p in result.points if p.method == "curvedit"]
     assert all(set(p.exposure) == set(tasks) for p in edits)
@@ -228,7 +232,7 @@ def test_sweep_ranks_candidates_by_predicted_cost(setup, tmp_path):
     assert again.chosen.exposure == result.chosen.exposure
     # no tolerance: the pick has the lowest Strict, the cost breaks the tie
     config = SweepConfig(keep_masses=(0.3, 0.9), perplexity_budget=10.0, layer_choices=choices,
-                         pick_by="predicted_cost", recitation_tolerance=0.0)
+                         pick_by="predicted_cost", recitation_tolerance=0.0, allocation="uniform")
     tight = sweep_edits(model, eigen, {"mem": rec}, heldout, config, exposure_texts=tasks)
     best = min(p.recitation["mem"]["strict"] for p in tight.points if p.method == "curvedit")
     assert tight.chosen.recitation["mem"]["strict"] == best

@@ -165,7 +165,8 @@ def _add_sweep(sub: Any) -> None:
     w = sub.add_parser("sweep", help="try several ρ and layer choices, print the trade-off, pick an edit",
                        description="Build, measure and drop one edit per ρ x layer choice (plus an SVD-truncation "
                                    "baseline); pick the lowest Strict recitation within the perplexity budget. "
-                                   "Writes sweep.json, sweep.md and sweep.png. Exit code 1 if nothing fits.")
+                                   "Writes sweep.json, sweep.md and sweep.png. Exit code 1 if nothing fits, with "
+                                   "the closest candidate and the settings to try next.")
     w.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
     w.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
     w.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
@@ -173,8 +174,12 @@ def _add_sweep(sub: Any) -> None:
     w.add_argument("--suffix-tokens", type=int, default=SweepStep.suffix_tokens)
     w.add_argument("--heldout", help="held-out text for perplexity (default: held-out stdlib docs)")
     w.add_argument("--text-column", default=SweepStep.text_column)
-    w.add_argument("--keep-mass", type=float, nargs="+", default=SweepStep.keep_mass)
-    w.add_argument("--layers", nargs="*", default=[], metavar="I,J", help="layer choices, e.g. --layers 2,3 1,2")
+    w.add_argument("--keep-mass", type=float, nargs="+", default=SweepStep.keep_mass,
+                   help="a grid of ρ for every layer choice (default: a ρ scale fitted to the model: each layer "
+                        "choice walks removed masses 1-ρ of 0.1, 0.05, 0.02, ... until it brackets --ppl-budget)")
+    w.add_argument("--layers", nargs="*", default=[], metavar="I,J",
+                   help="layer choices, e.g. --layers 2,3 1,2 (default: windows of 2-3 blocks across the depth, "
+                        "gate/up and gate/up+down)")
     w.add_argument("--modules", help="only these module leaves with --layers, e.g. gate,up")
     w.add_argument("--layer-choice", action="append", default=[], metavar="LABEL=REGEX")
     w.add_argument("--ppl-budget", type=float, default=SweepStep.ppl_budget,
@@ -207,13 +212,16 @@ def _add_sweep(sub: Any) -> None:
     w.add_argument("--recitation-tolerance", type=float, default=SweepStep.recitation_tolerance,
                    help="--pick-by predicted_cost: Strict recitation (a fraction) it may give up for a lower cost")
     w.add_argument("--allocation", choices=ALLOCATIONS, default=SweepStep.allocation,
-                   help="uniform: one ρ per candidate (default); per_layer: then search a ρ for each layer, starting "
-                        "from the grid's pick (experts, routed and shared, go with their layer); per_projection: for "
-                        "each layer's gate/up and down separately. Every candidate lands in sweep.json")
-    w.add_argument("--allocation-steps", type=float, nargs="+", default=SweepStep.allocation_steps, metavar="STEP",
-                   help="the search's moves of ρ, coarse to fine (default: 0.05)")
+                   help="uniform: one ρ per candidate; per_layer (default): then search a ρ for each layer of any "
+                        "layer choice (a layer may stay unedited), from several starts (experts, routed and shared, "
+                        "go with their layer); per_projection: for each layer's gate/up and down separately. Every "
+                        "candidate lands in sweep.json")
+    w.add_argument("--allocation-steps", type=float, nargs="+", default=SweepStep.allocation_steps, metavar="FACTOR",
+                   help="the search's moves: factors on a layer's removed mass 1-ρ, coarse to fine (default: 2 1.41)")
     w.add_argument("--allocation-max-candidates", type=int, default=SweepStep.allocation_max_candidates, metavar="N",
                    help="the most candidates the allocation search measures (default: %(default)s)")
+    w.add_argument("--allocation-max-seconds", type=float, default=None, metavar="S",
+                   help="the most seconds the allocation search may take (default: no limit)")
     w.add_argument("--output-dir", required=True)
     w.set_defaults(func=cmd_sweep)
 

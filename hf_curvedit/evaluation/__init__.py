@@ -32,10 +32,12 @@ from .coherence import CoherenceResult, coherence_ndcg, ndcg_at_k, ndcg_per_posi
 from .perplexity import PerplexityResult, perplexity, perplexity_from_nll, sliding_windows
 from .recitation import (
     RecitationExample,
+    RecitationMargins,
     RecitationResult,
     evaluate_recitation,
     evaluate_text_recitation,
     greedy_generate,
+    recitation_margins,
     recitation_scores,
     split_suffix,
 )
@@ -79,10 +81,12 @@ __all__ = [
     "ClassificationComparison", "ClassificationMetrics", "ImageClassificationSet", "classification_scores",
     "evaluate_classification", "predict_classes",
     "CoherenceResult", "EditReport", "EvalConfig", "PerplexityComparison", "PerplexityResult",
-    "RecitationComparison", "RecitationExample", "RecitationMetrics", "RecitationResult", "RecitationSet",
+    "RecitationComparison", "RecitationExample", "RecitationMargins", "RecitationMetrics", "RecitationResult",
+    "RecitationSet",
     "ReportMetadata", "StressComparison", "StressResult", "TableRow", "TextSet", "as_eval_set",
     "available_metrics", "coherence_ndcg", "evaluate_edit", "evaluate_recitation", "evaluate_text_recitation",
     "exact_prefix_match", "find_memorized_windows", "greedy_generate", "metric_path", "ndcg_at_k",
-    "ndcg_per_position", "next_token_topk", "perplexity", "perplexity_from_nll", "recitation_scores",
+    "ndcg_per_position", "next_token_topk", "perplexity", "perplexity_from_nll", "recitation_margins",
+    "recitation_scores",
     "sliding_windows", "split_suffix", "stress_test", "stress_variants",
 ]

@@ -75,14 +75,15 @@ class SweepStep(StepSettings):
     ``subnet_ratios``, trained against ``clean``: default the standard-library docs). ``capabilities``: lm-eval tasks
     scored on the base, the pick and each baseline at matched perplexity. ``allocation``: ``per_layer`` (or
     ``per_projection``) searches a ρ per layer from the grid's pick, moving by ``allocation_steps`` and measuring at
-    most ``allocation_max_candidates`` candidates (`SweepConfig`)."""
+    most ``allocation_max_candidates`` candidates (`SweepConfig`). An empty ``keep_mass`` fits the ρ scale to the
+    model instead of a grid."""
 
     name: ClassVar[str] = "sweep"
     recitation: dict[str, str] = pairs_field("NAME=PATH", "--recitation")  # default: the embedded memorized set
     suffix_tokens: int = 8
     heldout: str | None = None
     text_column: str = "text"
-    keep_mass: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    keep_mass: tuple[float, ...] = ()  # empty: the ρ scale fitted to the model (`SweepConfig.keep_masses`)
     layers: tuple[str, ...] = ()
     modules: str | list[str] | None = None
     layer_choice: dict[str, str] = pairs_field("LABEL=REGEX", "--layer-choice")
@@ -101,16 +102,18 @@ class SweepStep(StepSettings):
     exposure_tasks: tuple[str, ...] = ()  # lm-eval tasks whose exposure each candidate gets (default: capabilities')
     pick_by: Literal["recitation", "predicted_cost"] = "recitation"
     recitation_tolerance: float = 0.02
-    allocation: Allocation = "uniform"
-    allocation_steps: tuple[float, ...] = (0.05,)
+    allocation: Allocation = "per_layer"
+    allocation_steps: tuple[float, ...] = (2.0, 1.41)
     allocation_max_candidates: int = 24
+    allocation_max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_protect(self.protect)
-        if not self.allocation_steps or any(not 0.0 < s < 1.0 for s in self.allocation_steps):
-            raise UsageError(f"--allocation-steps {list(self.allocation_steps)}: give one or more moves of ρ, each in "
-                             "(0, 1), coarse to fine, e.g. --allocation-steps 0.05 0.025")
+        if not self.allocation_steps or any(not s > 1.0 for s in self.allocation_steps):
+            raise UsageError(f"--allocation-steps {list(self.allocation_steps)}: give one or more factors by which a "
+                             "move multiplies or divides a layer's removed mass 1 - ρ, each > 1, coarse to fine, e.g. "
+                             "--allocation-steps 2 1.41")
         if self.allocation_max_candidates < 1:
             raise UsageError(f"--allocation-max-candidates {self.allocation_max_candidates}: give the most candidates "
                              "the allocation search may measure, at least 1 (e.g. 24)")

@@ -144,13 +144,14 @@ def _run_sweep(model: str | None, factors_dir: str | Path, step: SweepStep, out:
     if "balanced_subnet" in baselines:
         clean = TextSet.from_texts(clean_texts(step.clean, step.text_column), tok)
         subnet = BalancedSubnetConfig(epochs=step.subnet_epochs, lr=step.subnet_lr, lam=step.subnet_lam)
-    config = SweepConfig(keep_masses=step.keep_mass, layer_choices=choices, perplexity_budget=step.ppl_budget,
+    config = SweepConfig(keep_masses=step.keep_mass or None, layer_choices=choices, perplexity_budget=step.ppl_budget,
                          svd_ranks=step.svd_ranks, batch_size=step.batch_size, protect=step.protect,
                          baselines=baselines, balanced_subnet=subnet, balanced_subnet_ratios=step.subnet_ratios,
                          capabilities=capabilities, selection=step.selection, pick_by=step.pick_by,
                          recitation_tolerance=step.recitation_tolerance, allocation=step.allocation,
                          allocation_steps=step.allocation_steps,
-                         allocation_max_candidates=step.allocation_max_candidates)
+                         allocation_max_candidates=step.allocation_max_candidates,
+                         allocation_max_seconds=step.allocation_max_seconds)
     result = sweep_edits(net, {"general": eig, **protected} if protected else eig, sets, heldout, config,
                          clean=clean, tokenizer=tok, exposure_texts=exposure_texts(exposure_tasks, tok))
     result.save(out / "sweep.json")

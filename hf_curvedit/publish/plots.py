@@ -200,6 +200,9 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
         ax.scatter([100 * result.chosen.perplexity_change], [100 * result.chosen.recitation[s]["strict"]],
                    s=160, facecolors="none", edgecolors="red", label="chosen")
     ax.axvline(100 * result.perplexity_budget, color="grey", ls="--", lw=1, label="perplexity budget")
+    if max(abs(p.perplexity_change) for p in result.points or [result.base]) > 20 * result.perplexity_budget:
+        # a ρ scale fitted to the model spans orders of magnitude of perplexity: linear near the budget, log beyond
+        ax.set_xscale("symlog", linthresh=100 * result.perplexity_budget)
     ax.set_xlabel("held-out perplexity change (%)")
     ax.set_ylabel(f"Strict recitation on {s} (%)")
     ax.legend()

@@ -1,26 +1,27 @@
-"""Allocating ρ across layers: the groups a layer choice splits into, the `keep_mass_pattern` of an allocation, and
-`search_allocation`, the local search over the groups' ρ that starts from the grid's pick (docs/method.md,
-"Allocating ρ across layers")."""
+"""Allocating ρ across layers: the groups of modules a sweep's search moves (`SearchSpace`: every layer, or every
+projection kind of a layer, of any layer choice), the `keep_mass_pattern` of an allocation, and the moves between
+allocations (docs/method.md, "Allocating ρ across layers")."""
 
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, get_args
-
-from tqdm.auto import tqdm
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .result import SweepPoint
 
-__all__ = ["ALLOCATIONS", "Allocation", "allocation_key", "allocation_pattern", "group_label", "module_groups",
-           "point_allocation", "search_allocation"]
+__all__ = ["ALLOCATIONS", "Allocation", "SearchSpace", "allocation_key", "allocation_pattern", "group_label",
+           "module_groups", "removal_rho"]
 
 Allocation = Literal["uniform", "per_layer", "per_projection"]
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 # leaves that read the same input (a Llama MLP's gate and up share one A; an experts stack fuses them)
 _GATE_UP = ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3")
-_DIGITS = 10  # ρ is rounded to this many decimals, so that 0.8 + 0.05 is the 0.85 the grid measured
+_DIGITS = 10  # ρ is rounded to this many decimals, so that the same edit reached two ways has one key
+# The removed mass 1 − ρ a move may reach: above it every component of a module would soon be gone; below the floor a
+# group's edit is dropped (ρ = 1) rather than made milder.
+MAX_REMOVAL, MIN_REMOVAL = 0.9, 1e-5
 
 
 def group_label(name: str, allocation: str = "per_layer") -> str:
@@ -62,112 +63,122 @@ def allocation_pattern(groups: Mapping[str, Sequence[str]], allocation: Mapping[
     return {_group_regex(groups[g]): float(rho) for g, rho in allocation.items()}
 
 
-def point_allocation(point: SweepPoint, groups: Iterable[str]) -> dict[str, float]:
-    """Group → ρ of a candidate: its own allocation, or its one ρ for every group (a grid point)."""
-    if point.allocation:
-        return dict(point.allocation)
-    assert point.keep_mass is not None
-    return {g: float(point.keep_mass) for g in groups}
+def allocation_key(allocation: Mapping[str, float]) -> tuple:
+    """What makes two candidates the same edit: each edited group's ρ (groups at ρ = 1 are not edited)."""
+    return tuple(sorted((g, round(r, _DIGITS)) for g, r in allocation.items() if round(r, _DIGITS) < 1))
 
 
-def allocation_key(target_modules: str | None, allocation: Mapping[str, float]) -> tuple:
-    """What makes two candidates the same edit: the modules and each group's ρ (a uniform allocation is the grid
-    point of that ρ)."""
-    return target_modules, tuple(sorted((g, round(r, _DIGITS)) for g, r in allocation.items()))
+def removal_rho(removal: float) -> float:
+    """ρ of a removed mass, the removal rounded to 3 significant digits (so that ×2 then ÷2 comes back home)."""
+    return round(1.0 - float(f"{removal:.3g}"), _DIGITS)
 
 
-def _neighbours(allocation: Mapping[str, float], step: float) -> list[dict[str, float]]:
-    """Each group's ρ one step down (more removed: less recitation) and one up (less removed: lower perplexity), then
-    every trade of one step between two groups (one down, the other up).
-
-    The trades are what moves along the floor of the pick rule: once Strict is 0 (or any level the budget holds), a
-    single group's step down cannot lower it and a step up may bring recitation back, while moving removal from a
-    layer where it costs perplexity to one where it does not can keep Strict and lower perplexity."""
-    def moved(group: str, delta: float) -> float | None:
-        rho = round(allocation[group] + delta, _DIGITS)
-        return rho if 0.0 < rho <= 1.0 else None
-
-    out = []
-    for group in allocation:
-        for delta in (-step, step):
-            rho = moved(group, delta)
-            if rho is not None:
-                out.append({**allocation, group: rho})
-    for down in allocation:
-        for up in allocation:
-            lower, higher = moved(down, -step), moved(up, step)
-            if down != up and lower is not None and higher is not None:
-                out.append({**allocation, down: lower, up: higher})
-    return out
+def _layer_of(group: str) -> int | None:
+    head = group.split(" ", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
-def _index(points: list[SweepPoint], point: SweepPoint) -> int:
-    return next(i for i, p in enumerate(points) if p is point)
+@dataclass
+class SearchSpace:
+    """The groups of modules a search may give a ρ of their own: every layer (``per_layer``) or every projection
+    kind of a layer (``per_projection``) of any layer choice, split further where a layer choice takes part of a
+    group, so that every grid candidate is an allocation of whole groups. A group at ρ = 1 is not edited."""
 
+    groups: dict[str, list[str]]
 
-def search_allocation(points: list[SweepPoint], pick: Callable[[list[SweepPoint]], SweepPoint | None],
-                      measure: Callable[[SweepPoint, dict[str, float], int], SweepPoint],
-                      groups_of: Callable[[str], Mapping[str, Sequence[str]]], steps: Sequence[float],
-                      max_candidates: int, *, after_round: Callable[[list[SweepPoint]], Any] | None = None,
-                      show_progress: bool = True) -> dict[str, Any]:
-    """Move the ρ of each group of modules from the pick among ``points`` while the pick rule prefers the result.
+    @classmethod
+    def of(cls, choices: Mapping[str, Sequence[str]], allocation: str) -> SearchSpace:
+        """The space of ``choices`` (label → its module names)."""
+        names = list(dict.fromkeys(n for members in choices.values() for n in members))
+        groups: dict[str, list[str]] = {}
+        for label, members in module_groups(names, allocation).items():
+            # modules of one group that not every layer choice takes together get groups of their own
+            split: dict[tuple, list[str]] = {}
+            for n in members:
+                split.setdefault(tuple(n in set(m) for m in choices.values()), []).append(n)
+            if len(split) == 1:
+                groups[label] = members
+            else:
+                for part in split.values():
+                    kinds = "+".join(dict.fromkeys(group_label(n, "per_projection").split(" ", 1)[-1] for n in part))
+                    if allocation == "per_projection" or f"{label} {kinds}" in groups:  # kinds alone do not tell
+                        kinds = "+".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in part))
+                    groups[f"{label} {kinds}"] = part
+        return cls(groups)
 
-    Steepest descent in rounds: a round measures every not yet measured neighbour of the current point (each group's ρ
-    one step down and one up, and each trade of a step between two groups: one down, one up; the other groups
-    unchanged), in that order, appends them to ``points``, and the current point becomes
-    ``pick(points)``; when the pick stays, the next (finer) step of ``steps`` is tried, and the search ends when the
-    last step finds nothing better or ``max_candidates`` have been measured. Since the end point is the pick over
-    everything measured, the sweep's pick is reproducible from its points alone.
+    def allocation_of(self, names: Iterable[str], rho: float) -> dict[str, float] | None:
+        """The allocation that gives ``rho`` to the modules ``names`` (a grid candidate), or None when they are not
+        whole groups of this space."""
+        wanted = set(names)
+        edited = {g for g, members in self.groups.items() if wanted & set(members)}
+        if {n for g in edited for n in self.groups[g]} != wanted:
+            return None
+        return {g: float(rho) for g in self.groups if g in edited}
 
-    ``measure(current, allocation, round)`` measures one candidate: the modules of ``current`` with that ρ per group
-    (``groups_of(current.target_modules)``); ``after_round`` gets each round's new points (their exposure).
+    def point_allocation(self, point: SweepPoint, names: Iterable[str]) -> dict[str, float] | None:
+        """Group → ρ of a measured candidate (its own allocation, or its one ρ for its modules ``names``)."""
+        if point.allocation:
+            return dict(point.allocation)
+        return None if point.keep_mass is None else self.allocation_of(names, point.keep_mass)
 
-    Returns the record of the search (``sweep.json``'s ``extra["allocation_search"]``): the indices in ``points`` of
-    the start and of every point it moved to, the number of candidates and rounds, the seconds it took and why it
-    stopped (``"converged"``, ``"candidate cap"`` or ``"nothing within the budget"``).
-    """
-    started = time.perf_counter()
-    record: dict[str, Any] = {"steps": [float(s) for s in steps], "max_candidates": max_candidates,
-                              "candidates": 0, "rounds": 0, "start": None, "path": []}
-    current = pick(points)
-    if current is None:
-        return {**record, "seconds": 0.0, "stopped": "nothing within the budget"}
-    path = [_index(points, current)]
-    seen = {allocation_key(p.target_modules, point_allocation(p, groups_of(p.target_modules)))
-            for p in points if p.method == "curvedit" and p.target_modules is not None}
-    stopped = "converged"
-    bar = tqdm(total=max_candidates, desc="allocation search", unit="edit", disable=not show_progress)
-    try:
-        for step in steps:
-            while stopped == "converged":
-                assert current.target_modules is not None
-                groups = groups_of(current.target_modules)
-                fresh = [a for a in _neighbours(point_allocation(current, groups), step)
-                         if allocation_key(current.target_modules, a) not in seen]
-                if not fresh:  # every neighbour at this step is measured: the next, finer step
-                    break
-                room = max_candidates - record["candidates"]
-                if room <= 0:
-                    stopped = "candidate cap"
-                    break
-                record["rounds"] += 1
-                measured = []
-                for allocation in fresh[:room]:
-                    seen.add(allocation_key(current.target_modules, allocation))
-                    measured.append(measure(current, allocation, record["rounds"]))
-                    record["candidates"] += 1
-                    bar.update(1)
-                points.extend(measured)
-                if after_round is not None:
-                    after_round(measured)
-                best = pick(points)
-                if best is current:  # no neighbour is preferred: the next step (unless some were left unmeasured)
-                    stopped = "candidate cap" if len(fresh) > room else stopped
-                    break
-                assert best is not None
-                current = best
-                path.append(_index(points, current))
-    finally:
-        bar.close()
-    return {**record, "start": path[0], "path": path, "seconds": round(time.perf_counter() - started, 3),
-            "stopped": stopped}
+    def modules(self, allocation: Mapping[str, float]) -> list[str]:
+        """The modules an allocation edits, in the space's order."""
+        return [n for g, members in self.groups.items() if allocation.get(g, 1.0) < 1 for n in members]
+
+    def adjacent(self, group: str, other: str) -> bool:
+        """Neighbouring groups: the same layer, or the next layer with the same kind."""
+        a, b = _layer_of(group), _layer_of(other)
+        if a is None or b is None:
+            return False
+        kind = lambda g: g.split(" ", 1)[1] if " " in g else ""  # noqa: E731
+        return a == b or (abs(a - b) == 1 and kind(group) == kind(other))
+
+    def moves(self, allocation: Mapping[str, float], factor: float) -> dict[str, list[dict[str, float]]]:
+        """The allocations one move away, by kind of move (each allocation holds only edited groups):
+
+        - ``"up"``: one group's removed mass 1 − ρ times ``factor`` (more removed: less recitation, more perplexity);
+        - ``"down"``: one group's removed mass divided by ``factor`` (dropping the group below `MIN_REMOVAL`);
+        - ``"add"``: an unedited group next to an edited one joins at its neighbour's removed mass;
+        - ``"trade"``: one group down and another up (or added) in the same move, which is what moves along the floor
+          of the pick rule: removal shifted from a layer where it costs perplexity to one where it does not."""
+        edited = {g: 1.0 - r for g, r in allocation.items() if r < 1}
+
+        def scaled(group: str, by: float) -> float | None:
+            removal = edited[group] * by
+            if removal > MAX_REMOVAL:
+                return None
+            return 1.0 if removal < MIN_REMOVAL else removal_rho(removal)
+
+        entry = {g: next(removal_rho(r) for e, r in edited.items() if self.adjacent(g, e))
+                 for g in self.groups if g not in edited and any(self.adjacent(g, e) for e in edited)}
+        up = {g: rho for g in edited if (rho := scaled(g, factor)) is not None}
+        down = {g: rho for g in edited if (rho := scaled(g, 1 / factor)) is not None and (rho < 1 or len(edited) > 1)}
+
+        def make(changes: Mapping[str, float]) -> dict[str, float]:
+            out = {g: removal_rho(r) for g, r in edited.items()}
+            out.update(changes)
+            return {g: out[g] for g in self.groups if g in out and out[g] < 1}
+
+        moves: dict[str, list[dict[str, float]]] = {
+            "up": [make({g: rho}) for g, rho in up.items()],
+            "down": [make({g: rho}) for g, rho in down.items()],
+            "add": [make({g: rho}) for g, rho in entry.items()],
+            "trade": [make({d: down[d], u: rho}) for d in down for u, rho in {**up, **entry}.items()
+                      if u != d and self.adjacent(d, u)]
+            + [make({d: down[d], u: rho}) for d in down for u, rho in {**up, **entry}.items()
+               if u != d and not self.adjacent(d, u)],
+        }
+        return moves
+
+    def describe(self, allocation: Mapping[str, float]) -> str:
+        """A label for an allocation's modules, e.g. ``layers 20–22 gate/up+down``."""
+        layers = sorted({layer for g in allocation if (layer := _layer_of(g)) is not None})
+        kinds = list(dict.fromkeys(group_label(n, "per_projection").split(" ", 1)[-1]
+                                   for n in self.modules(allocation)))
+        if not layers:
+            return "+".join(allocation)
+        if len(layers) == 1:
+            return f"layer {layers[0]} {'+'.join(kinds)}"
+        span = (f"{layers[0]}–{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1))
+                else ",".join(map(str, layers)))
+        return f"layers {span} {'+'.join(kinds)}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,11 +17,12 @@ from ..baselines import BASELINES, BalancedSubnetConfig
 from ..curvature.eigen import KFACEigen
 from ..errors import InputError, InputKeyError
 from ..evaluation import RecitationSet, TextSet
-from ..targets import resolve_target_modules
+from ..targets import resolve_target_modules, weight_targets
 from ..utils import fill_unset_fields
 from .allocation import ALLOCATIONS
 from .measure import Measurements
 from .result import SweepPoint, SweepResult
+from .scale import default_layer_choices
 
 __all__ = ["SweepConfig", "check_allocation", "pick_edit", "sweep_edits"]
 
@@ -31,9 +31,9 @@ def check_allocation(allocation: str, steps: tuple[float, ...], max_candidates: 
     """Refuse allocation settings the search cannot run with, naming the fix."""
     if allocation not in ALLOCATIONS:
         raise InputError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    if not steps or any(not 0 < s < 1 for s in steps):
-        raise InputError(f"allocation_steps are the ρ moves of the search, each in (0, 1), coarse to fine, e.g. "
-                         f"(0.05, 0.025); got {list(steps)}")
+    if not steps or any(not s > 1 for s in steps):
+        raise InputError(f"allocation_steps are the factors by which a move multiplies or divides a group's removed "
+                         f"mass 1 − ρ, each > 1, coarse to fine, e.g. (2.0, 1.41); got {list(steps)}")
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
         raise InputError(f"allocation_max_candidates is the most candidates the search measures: a positive integer "
                          f"(e.g. 24), got {max_candidates!r}")
@@ -44,9 +44,16 @@ class SweepConfig:
     """The settings of a sweep (everything but the model, its factors and the data); saved in ``sweep.json``, so a
     sweep can be run again from its own output (``SweepConfig.from_dict(SweepResult.load(path).config)``).
 
+    Any setting given as None takes its default.
+
     Args:
-        keep_masses: the ρ values to try.
-        layer_choices: label → ``target_modules`` regex; default: every module that has an eigenbasis.
+        keep_masses: the ρ values to try for every layer choice. Default (None): a ρ scale fitted to the model
+            (`hf_curvedit.sweep.scale`): each layer choice is walked along removed masses 1 − ρ of 0.1, 0.05, 0.02,
+            … (or 0.2, 0.5) until it brackets the perplexity budget, then refined there, so that the candidates land
+            where the budget is, whether that is ρ = 0.7 or ρ = 0.999.
+        layer_choices: label → ``target_modules`` regex. Default: `default_layer_choices`, windows of 2-3
+            consecutive blocks across the depth, input-side projections (gate/up) and all projections (gate, up,
+            down), among the modules that have an eigenbasis.
         perplexity_budget: the largest relative perplexity increase allowed for the pick (0.15 = +15%).
         svd_ranks: ranks for the SVD-truncation baseline on the chosen edit's modules.
         primary_set: the recitation set the pick minimizes (default: the first).
@@ -70,16 +77,22 @@ class SweepConfig:
             exposure of ``sweep_edits(exposure_texts=...)``), so that lm-eval runs on the pick alone.
         recitation_tolerance: how much more Strict recitation (a fraction: 0.02 = 2 points) ``"predicted_cost"`` may
             accept for a lower cost.
-        allocation: ``"uniform"``: one ρ for every module of a candidate (the grid alone). ``"per_layer"``: then a
-            search from the grid's pick moves each layer's ρ on its own (`search_allocation`: steepest descent by the
-            pick rule; experts, routed and shared, go with their layer); ``"per_projection"``: each layer's gate/up
-            and its down projection separately. Every candidate is a point of the result, and the pick is the pick
-            rule over all of them.
-        allocation_steps: the ρ moves of the search, coarse to fine (each tried until it finds nothing better).
-        allocation_max_candidates: the most candidates the search measures (its cost: one edit's measurement each).
+        allocation: ``"uniform"``: one ρ for every module of a candidate. ``"per_layer"`` (default): then a search
+            gives each layer its own ρ (`search_allocation`), over every layer of every layer choice (a layer may
+            stay unedited, ρ = 1), from several starts (`search_starts`): the pick so far, the strongest candidate
+            just over the budget, and the best of each other layer choice. It steers by Strict and then the
+            recitation margin (smooth where Strict is a step), and the pick rule decides over every candidate.
+            ``"per_projection"``: each layer's gate/up and its down projection separately. Routed and shared experts
+            go with their layer.
+        allocation_steps: the search's moves: factors by which a group's removed mass 1 − ρ is multiplied (more
+            removed) or divided (less), coarse to fine (each tried until it finds nothing better).
+        allocation_max_candidates: the most candidates the search measures, shared by its starts.
+        allocation_max_seconds: the most seconds the search may take (None: no limit).
+        allocation_starts: the most starts of the search.
+        scale_refinements: with the ρ scale, the midpoints measured per layer choice where its pick would be.
     """
 
-    keep_masses: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    keep_masses: tuple[float, ...] | None = None
     layer_choices: dict[str, str] | None = None
     perplexity_budget: float = 0.15
     svd_ranks: tuple[int, ...] | None = None
@@ -94,9 +107,12 @@ class SweepConfig:
     selection: str = "curvature_mass"
     pick_by: str = "recitation"
     recitation_tolerance: float = 0.02
-    allocation: str = "uniform"
-    allocation_steps: tuple[float, ...] = (0.05,)
+    allocation: str = "per_layer"
+    allocation_steps: tuple[float, ...] = (2.0, 1.41)
     allocation_max_candidates: int = 24
+    allocation_max_seconds: float | None = None
+    allocation_starts: int = 4
+    scale_refinements: int = 2
 
     def __post_init__(self) -> None:
         fill_unset_fields(self)
@@ -109,7 +125,15 @@ class SweepConfig:
                              f"{self.recitation_tolerance}")
         if self.selection not in SELECTIONS:
             raise InputError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        self.keep_masses = tuple(self.keep_masses)
+        self.keep_masses = tuple(self.keep_masses) if self.keep_masses else None
+        bad = [r for r in self.keep_masses or () if not 0 < r <= 1]
+        if bad:
+            raise InputError(f"keep_masses are fractions of the curvature mass in (0, 1], got {bad[0]!r}; leave them "
+                             "unset for a ρ scale fitted to the model")
+        if self.allocation_starts < 1 or self.scale_refinements < 0:
+            raise InputError("allocation_starts must be at least 1 and scale_refinements at least 0")
+        if self.allocation_max_seconds is not None and not self.allocation_max_seconds > 0:
+            raise InputError(f"allocation_max_seconds must be positive or None, got {self.allocation_max_seconds}")
         self.svd_ranks = tuple(self.svd_ranks) if self.svd_ranks else None
         self.protect = dict(self.protect or {})
         self.baselines = tuple(self.baselines if self.baselines is not None else (["svd"] if self.svd_ranks else []))
@@ -143,6 +167,10 @@ class SweepConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> SweepConfig:
         """Inverse of `to_dict`."""
         data = dict(data)
+        if any(s <= 1 for s in data.get("allocation_steps") or ()):
+            # a sweep.json written when the search moved ρ by a step (0.05): what it measured reads the same, and a
+            # rerun moves by the factors of today's default
+            data.pop("allocation_steps")
         if data.get("balanced_subnet") is not None:
             data["balanced_subnet"] = BalancedSubnetConfig(**data["balanced_subnet"])
         if data.get("capabilities") is not None:
@@ -196,17 +224,22 @@ def sweep_edits(
     if config.pick_by == "predicted_cost" and not exposure_texts:
         raise InputError("pick_by='predicted_cost' ranks candidates by their exposure: pass exposure_texts (task name "
                          "-> texts, e.g. lm_eval_task_texts(CapabilityConfig(...), tokenizer))")
-    layer_choices = config.layer_choices or {"all": "|".join(re.escape(n) for n in general)}
-    measure = Measurements(model, recitation_sets, heldout, config, eigen, _exposure_sets(exposure_texts, tokenizer))
+    layer_choices = config.layer_choices or default_layer_choices(_shapes(model, general))
+    measure = Measurements(model, recitation_sets, heldout, config, eigen, primary,
+                           _exposure_sets(exposure_texts, tokenizer))
     points = measure.grid(layer_choices)
     extra = _extra(config)
+    if config.layer_choices is None:
+        extra["layer_choices"] = dict(layer_choices)
     if config.allocation != "uniform":
-        search = measure.search(points, lambda pts: pick_edit(pts, primary, config))
+        search = measure.search(points, layer_choices, lambda pts: pick_edit(pts, primary, config))
         extra["allocation_search"] = {"allocation": config.allocation, **search}
     chosen = pick_edit(points, primary, config)
     result = SweepResult(measure.base, points, config.perplexity_budget, primary, chosen, extra=extra,
                          config=config.to_dict())
-    if chosen is not None:
+    if chosen is None:
+        warnings.warn(result.miss_advice(), stacklevel=2)
+    else:
         recreate = measure.baselines(result, clean)
         if config.capabilities is not None:
             measure.capabilities(result, recreate, tokenizer)
@@ -243,6 +276,11 @@ def _check(model: nn.Module, eigen: Any, recitation_sets: Mapping[str, Recitatio
         check_tasks(config.capabilities)
     return general, primary
 
+
+
+def _shapes(model: nn.Module, names: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    targets = weight_targets(model)
+    return {n: (targets[n].d_out, targets[n].d_in) for n in names if n in targets}
 
 
 def _exposure_sets(texts: Mapping[str, Any] | None, tokenizer: Any) -> dict[str, Any] | None:

@@ -1,8 +1,11 @@
-"""`Measurements`: the stages of a sweep over one model (the base, the grid, the allocation search, the baselines at
-matched perplexity, the capabilities). Every edit is built from the same eigenbases, measured and removed again."""
+"""`Measurements`: the stages of a sweep over one model (the base, the grid or the ρ scale, the allocation search,
+the baselines at matched perplexity, the capabilities). Every edit is built from the same eigenbases, measured and
+removed again."""
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,12 +14,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..baselines import svd_truncation, train_balanced_subnet
-from ..evaluation import RecitationSet, TextSet, evaluate_recitation
+from ..evaluation import RecitationSet, TextSet, evaluate_recitation, recitation_margins
 from ..evaluation.coherence import DEFAULT_NDCG_K, ndcg_at_k
 from ..evaluation.perplexity import perplexity_from_nll, score_text
 from ..targets import resolve_target_modules, weight_targets
-from .allocation import allocation_pattern, module_groups, search_allocation
+from .allocation import SearchSpace, allocation_pattern
 from .result import SweepPoint, SweepResult
+from .scale import scale_layer_choice
+from .search import search_allocation, search_starts
 
 __all__ = ["Measurements"]
 
@@ -28,12 +33,21 @@ def _measure(model: nn.Module, sets: Mapping[str, RecitationSet], heldout: TextS
     for name, s in sets.items():
         r = evaluate_recitation(model, s.prefixes, s.suffixes, batch_size=batch_size, pad_token_id=pad_token_id,
                                 show_progress=False)
-        rec[name] = {"strict": r.strict, "loose": r.loose, "avg_lev": r.avg_lev}
+        m = recitation_margins(model, s.prefixes, s.suffixes, batch_size=batch_size, pad_token_id=pad_token_id)
+        rec[name] = {"strict": r.strict, "loose": r.loose, "avg_lev": r.avg_lev, "margin": m.margin,
+                     "logprob": m.logprob}
     nll, n, topk = score_text(model, heldout.sequences, batch_size=batch_size, top_k=DEFAULT_NDCG_K,
                               pad_token_id=pad_token_id, show_progress=False)
     assert topk is not None
     ndcg = ndcg_at_k(topk, base_topk) if base_topk is not None else None
     return rec, perplexity_from_nll(nll, n), ndcg, topk
+
+
+def _kept(edited: Any) -> dict[str, list[float]]:
+    """Per edited module: the share of its components the edit keeps and the share of ‖W‖² it keeps."""
+    return {r.module.removeprefix("base_model.model."): [round(r.kept_component_fraction, 6),
+                                                         round(r.kept_norm_fraction ** 2, 6)]
+            for r in edited.edit_report()}
 
 
 class Measurements:
@@ -42,11 +56,11 @@ class Measurements:
     layers after each stage, also after an error)."""
 
     def __init__(self, model: nn.Module, sets: Mapping[str, RecitationSet], heldout: TextSet, config: Any,
-                 eigen: Any, exposure_texts: Mapping[str, Any] | None = None):
+                 eigen: Any, primary: str, exposure_texts: Mapping[str, Any] | None = None):
         self.model, self.sets, self.heldout, self.config, self.eigen = model, sets, heldout, config, eigen
-        self.exposure_texts = exposure_texts
+        self.primary, self.exposure_texts = primary, exposure_texts
         self.pending: list[tuple[SweepPoint, Any]] = []  # candidates whose exposure is still to be measured
-        self.groups: dict[str, dict[str, list[str]]] = {}  # target_modules -> the allocation's groups
+        self.choice_modules: dict[str, list[str]] = {}  # layer choice -> its modules
         model.eval()
         rec, ppl, _, self.base_topk = _measure(model, sets, heldout, config.batch_size, config.pad_token_id)
         self.base = SweepPoint("base", "–", None, None, None, rec, ppl, 0.0, ndcg=1.0)
@@ -69,16 +83,19 @@ class Measurements:
         """Build, measure and drop one curvature edit; with exposure texts its edits wait for `exposures`."""
         from ..exposure.measure import adapter_edits
 
+        started = time.perf_counter()
         edited = self.build(rho, regex, pattern)
         try:
             point = self.point("curvedit", label, regex, edited, keep_mass=rho)
             point.keep_mass_pattern = dict(pattern) if pattern else None
+            point.kept = _kept(edited)
             for name, value in fields.items():
                 setattr(point, name, value)
             if self.exposure_texts:
                 self.pending.append((point, adapter_edits(edited, edited.active_adapter)))
         finally:  # the caller's model comes back without adapter layers, also after an error
             self.model = edited.unload()
+        point.seconds = round(time.perf_counter() - started, 3)
         return point
 
     def exposures(self) -> None:
@@ -95,28 +112,54 @@ class Measurements:
         self.pending = []
 
     def grid(self, layer_choices: Mapping[str, str]) -> list[SweepPoint]:
-        """Every ρ × layer choice, each with its exposure to each task when exposure texts are given."""
-        grid = [(label, regex, rho) for label, regex in layer_choices.items() for rho in self.config.keep_masses]
-        points = [self.candidate(label, regex, rho) for label, regex, rho in tqdm(grid, desc="sweep", unit="edit")]
+        """Every layer choice's candidates, each with its exposure to each task when exposure texts are given: the
+        grid of ``config.keep_masses``, or without one the ρ scale fitted to each choice (`scale_layer_choice`)."""
+        if self.config.keep_masses:
+            grid = [(label, regex, rho) for label, regex in layer_choices.items() for rho in self.config.keep_masses]
+            points = [self.candidate(label, regex, rho, stage="grid")
+                      for label, regex, rho in tqdm(grid, desc="sweep", unit="edit")]
+        else:
+            points = []
+            for label, regex in tqdm(layer_choices.items(), desc="sweep (ρ scale)", unit="layer choice"):
+                points += scale_layer_choice(
+                    lambda rho, label=label, regex=regex: self.candidate(label, regex, rho, stage="scale"),
+                    self.primary, self.config.perplexity_budget, self.config.scale_refinements)
         self.exposures()
         return points
 
-    def groups_of(self, regex: str) -> dict[str, list[str]]:
-        if regex not in self.groups:
-            self.groups[regex] = module_groups(resolve_target_modules(self.model, regex), self.config.allocation)
-        return self.groups[regex]
+    def space(self, layer_choices: Mapping[str, str]) -> SearchSpace:
+        """The search space of ``layer_choices`` (every group of every choice), with each choice's modules."""
+        self.choice_modules = {label: resolve_target_modules(self.model, regex)
+                               for label, regex in layer_choices.items()}
+        return SearchSpace.of(self.choice_modules, self.config.allocation)
 
-    def search(self, points: list[SweepPoint], pick: Callable[[list[SweepPoint]], SweepPoint | None]) -> dict[str, Any]:
-        """The allocation search from ``pick(points)`` (`search_allocation`); its candidates join ``points``."""
-        def measure(start: SweepPoint, allocation: dict[str, float], round_: int) -> SweepPoint:
-            assert start.target_modules is not None and start.keep_mass is not None
-            pattern = allocation_pattern(self.groups_of(start.target_modules), allocation)
-            return self.candidate(start.layers, start.target_modules, start.keep_mass, pattern,
-                                  allocation=allocation, search_round=round_)
+    def search(self, points: list[SweepPoint], layer_choices: Mapping[str, str],
+               pick: Callable[[list[SweepPoint]], SweepPoint | None]) -> dict[str, Any]:
+        """The allocation search (`search_allocation`) from `search_starts`; its candidates join ``points``."""
+        space = self.space(layer_choices)
+        budget = self.config.perplexity_budget
 
-        return search_allocation(points, pick, measure, self.groups_of,
-                                 self.config.allocation_steps, self.config.allocation_max_candidates,
-                                 after_round=lambda _: self.exposures())
+        def allocation_of(point: SweepPoint) -> dict[str, float] | None:
+            if point.allocation:
+                return dict(point.allocation)
+            names = self.choice_modules.get(point.layers)
+            return None if names is None or point.keep_mass is None else space.allocation_of(names, point.keep_mass)
+
+        def measure(allocation: dict[str, float], start: int) -> SweepPoint:
+            edited = {g: space.groups[g] for g in allocation}
+            regex = "|".join(re.escape(n) for n in space.modules(allocation))
+            return self.candidate(space.describe(allocation), regex, min(allocation.values()),
+                                  allocation_pattern(edited, allocation), allocation=dict(allocation),
+                                  search_round=start, stage="search")
+
+        starts = search_starts(points, list(layer_choices), pick, self.primary, budget,
+                               self.config.allocation_starts)
+        record = search_allocation(points, starts, space, allocation_of, measure, self.primary, budget,
+                                   self.config.allocation_steps, self.config.allocation_max_candidates,
+                                   max_seconds=self.config.allocation_max_seconds,
+                                   after_start=lambda _: self.exposures())
+        record["groups"] = {g: list(members) for g, members in space.groups.items()}
+        return record
 
     def baselines(self, result: SweepResult, clean: TextSet | None) -> dict[int, Any]:
         """Each baseline over its knob; the point nearest the chosen edit's perplexity change is its match. Returns

@@ -36,7 +36,10 @@ class SweepPoint:
     # module its group's ρ (keep_mass, the start's ρ, then matches none of target_modules), and the search's round
     allocation: dict[str, float] | None = None
     keep_mass_pattern: dict[str, float] | None = None
-    search_round: int | None = None
+    search_round: int | None = None  # the search's candidates: the index of the start they were found from
+    stage: str | None = None  # how a curvature edit was proposed: "grid", "scale" (the ρ scale) or "search"
+    seconds: float | None = None  # building and measuring it
+    kept: dict[str, list[float]] | None = None  # module -> [share of its components kept, share of ‖W‖² kept]
 
     @property
     def predicted_cost(self) -> float:
@@ -61,6 +64,11 @@ class SweepPoint:
         and ``target_modules`` (the sweep's protection and selection are in `SweepResult.extra`)."""
         return {"keep_mass": self.keep_mass, "keep_mass_pattern": dict(self.keep_mass_pattern or {}),
                 "target_modules": self.target_modules}
+
+
+def _span(values: Sequence[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{100 * lo:.1f}%" if round(lo, 3) == round(hi, 3) else f"{100 * lo:.1f}–{100 * hi:.1f}%"
 
 
 @dataclass
@@ -112,18 +120,40 @@ class SweepResult:
         return cls.from_dict(read_json_file(path, "a sweep's results (sweep.json)",
                                             "Run the sweep again (hf-curvedit sweep, or hf-curvedit run --force)"))
 
+    def closest(self) -> SweepPoint | None:
+        """The curvature edit of the lowest perplexity change (the one nearest the budget when none fits it)."""
+        edits = [p for p in self.points if p.method == "curvedit"]
+        return min(edits, key=lambda p: p.perplexity_change) if edits else None
+
+    def miss_advice(self) -> str:
+        """Why nothing was picked and what to try next: the closest candidate, its perplexity change and Strict, and
+        the milder removed masses 1 − ρ to try (below the mildest it measured), fewer layers or a larger budget."""
+        budget = f"+{100 * self.perplexity_budget:g}%"
+        near = self.closest()
+        if near is None:
+            return f"no edit was measured, so none keeps the perplexity increase within {budget}"
+        s = self.primary_set
+        mildest = min(1 - p.keep_mass for p in self.points
+                      if p.method == "curvedit" and p.layers == near.layers and p.keep_mass is not None)
+        rhos = " ".join(f"{1 - mildest / d:.6g}" for d in (2, 5, 10))
+        return (f"no edit keeps the perplexity increase within {budget}: the closest, {near.layers} {near.knob}, "
+                f"costs {100 * near.perplexity_change:+.1f}% ({s} Strict {100 * near.recitation[s]['strict']:.1f}%). "
+                f"Try milder edits, removing less than {mildest:g} of the curvature mass (keep_masses / --keep-mass "
+                f"{rhos}), fewer layers (layer_choices / --layers), or a larger budget (perplexity_budget / "
+                f"--ppl-budget {near.perplexity_change:.2g})")
+
     def summary(self) -> str:
         """One line on the pick: its layers and ρ, Strict recitation on the primary set before → after, and the
-        perplexity change; or that nothing fits the budget."""
+        perplexity change; or why nothing fits the budget and what to try (`miss_advice`)."""
         c = self.chosen
         if c is None:
-            return f"no edit keeps the perplexity increase within {100 * self.perplexity_budget:.0f}%"
+            return self.miss_advice()
         s = self.primary_set
         protect = self.extra.get("protect") or {}
         kept = f" protecting {', '.join(f'{n} (ρ={r:g})' for n, r in protect.items())}" if protect else ""
         search = self.extra.get("allocation_search")
-        searched = (f"; allocation search: {search['candidates']} candidates in {search['seconds']:.0f} s "
-                    f"({search['stopped']})" if search else "")
+        searched = (f"; allocation search: {search['candidates']} candidates from {len(search.get('starts', []))} "
+                    f"starts in {search['seconds']:.0f} s" if search else "")
         return (f"chosen: {c.layers} {c.knob}{kept}: {s} Strict {100 * self.base.recitation[s]['strict']:.1f}%"
                 f" → {100 * c.recitation[s]['strict']:.1f}%, perplexity {c.perplexity_change * 100:+.1f}%"
                 + (f", predicted capability cost {c.predicted_cost:.3f}" if c.exposure else "") + searched)
@@ -134,8 +164,10 @@ class SweepResult:
         sets = list(self.base.recitation)
         tasks = list(self.base.capabilities or {})
         exposed = any(p.exposure for p in self.points)
+        kept = any(p.kept for p in self.points)
         head = ["method", "layers", "setting"] + [f"{s} {m}" for s in sets for m in ("Strict %", "Loose %", "AvgLev")]
-        head += ["PPL", "ΔPPL", "nDCG@10"] + (["predicted cost"] if exposed else []) + tasks
+        head += ["PPL", "ΔPPL", "nDCG@10"] + (["‖W‖² kept"] if kept else []) + (["predicted cost"] if exposed else [])
+        head += tasks
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         matched = {id(p): name for name, p in self.matches.items()}
         for p in [self.base, *self.points] if points is None else points:
@@ -146,6 +178,7 @@ class SweepResult:
                 cells += [f"{100 * r['strict']:.1f}", f"{100 * r['loose']:.1f}", f"{r['avg_lev']:.3f}"]
             cells += [f"{p.perplexity:.3f}", f"{100 * p.perplexity_change:+.1f}%",
                       "–" if p.ndcg is None else f"{p.ndcg:.3f}"]
+            cells += ([_span([w for _, w in p.kept.values()]) if p.kept else "–"] if kept else [])
             cells += ([f"{p.predicted_cost:.3f}" if p.exposure else "–"] if exposed else [])
             cells += ["–" if not p.capabilities or t not in p.capabilities else f"{p.capabilities[t]:.3f}"
                       for t in tasks]
@@ -176,9 +209,23 @@ class SweepResult:
         return "; ".join(diffs) or None
 
     def report_markdown(self) -> str:
-        """Every point (`to_markdown`), then, when baselines were measured, the side-by-side `comparison`."""
+        """Every point (`to_markdown`), what the pick keeps of each module (`kept_table`), then, when baselines were
+        measured, the side-by-side `comparison`."""
         text = self.to_markdown()
+        if self.chosen is not None and self.chosen.kept:
+            text += "\n\nWhat the pick keeps, per module:\n\n" + self.kept_table(self.chosen)
         return text + "\n\nAt matched perplexity:\n\n" + self.comparison() if self.matches else text
+
+    @staticmethod
+    def kept_table(point: SweepPoint) -> str:
+        """Per module of a curvature edit: its ρ, the share of its components and of its ‖W‖² the edit keeps."""
+        from ..tuner import CurvatureEditConfig
+
+        rho = CurvatureEditConfig(keep_mass=point.keep_mass or 1.0, keep_mass_pattern=point.keep_mass_pattern)
+        rows = ["| module | ρ | components kept | ‖W‖² kept |", "|---|---|---|---|"]
+        rows += [f"| `{m}` | {rho.keep_mass_for(m):g} | {100 * c:.2f}% | {100 * w:.2f}% |"
+                 for m, (c, w) in (point.kept or {}).items()]
+        return "\n".join(rows)
 
     def comparison(self) -> str:
         """The side-by-side table: the base, the chosen edit and each baseline at matched perplexity."""
