@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="perplexity budgets; the first (the main job's) is used by the halves and the skills")
     ap.add_argument("--uniform-rhos", type=float, nargs="+", default=[0.725, 0.775, 0.825, 0.875, 0.9])
     ap.add_argument("--max-candidates", type=int, default=24)
-    ap.add_argument("--steps", type=float, nargs="+", default=[0.05])
+    ap.add_argument("--steps", type=float, nargs="+", default=[2.0, 1.41],
+                    help="the search's factors on a layer's removed mass 1 - ρ, coarse to fine")
     ap.add_argument("--folds", type=int, default=2, choices=(0, 1, 2), help="held-out halves to search on")
     ap.add_argument("--no-skills", action="store_true")
     ap.add_argument("--force", action="store_true", help="measure again instead of reusing --out's sweeps")
