@@ -135,25 +135,31 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 
 def task_manager(config: CapabilityConfig) -> Any:
-    """lm-eval's ``TaskManager`` over its own tasks plus ``config.include_path``.
+    """lm-eval's ``TaskManager`` over ``config.include_path`` alone when every task of ``config`` is there, else over
+    lm-eval's own tasks too.
 
     Built once per process for the same folders (and the same task YAMLs in them): indexing lm-eval's thousands
-    of task files takes seconds to tens of seconds, and one ``run`` checks its tasks at several points.
+    of task files takes seconds to tens of seconds, and one ``run`` checks its tasks at several points; local tasks
+    (the default model's skills) need none of it.
     """
     _import_lm_eval()
     folders = tuple(str(Path(p).resolve()) for p in config.include_path or ())
     stamp = tuple((str(f), f.stat().st_mtime_ns) for d in folders for f in sorted(Path(d).rglob("*"))
                   if f.suffix in (".yaml", ".yml", ".py"))  # task files and the `!function` modules they name
-    return _cached_task_manager(folders, stamp)
+    if folders:
+        local = _cached_task_manager(folders, stamp, include_defaults=False)
+        if set(config.tasks) <= set(local.all_tasks):
+            return local
+    return _cached_task_manager(folders, stamp, include_defaults=True)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_task_manager(folders: tuple[str, ...], stamp: tuple[tuple[str, int], ...]) -> Any:
+def _cached_task_manager(folders: tuple[str, ...], stamp: tuple[tuple[str, int], ...], include_defaults: bool) -> Any:
     # `stamp` (each task file and its mtime) is only part of the key: an edited or added one builds a new manager.
     from lm_eval.tasks import TaskManager
 
     with _quiet_lm_eval():
-        return TaskManager(include_path=list(folders) or None)
+        return TaskManager(include_path=list(folders) or None, include_defaults=include_defaults)
 
 
 def check_tasks(config: CapabilityConfig, manager: Any = None) -> Any:
