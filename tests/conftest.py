@@ -35,3 +35,12 @@ def llama():
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model and its tokenizer, loaded once per test run: for tests that only read it (a test
+    that edits it loads its own)."""
+    from hf_curvedit.default import load_default_model
+
+    return load_default_model()

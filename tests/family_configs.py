@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Collection
 
 import pytest
 import torch
@@ -395,8 +396,11 @@ def _base_fails(family: str) -> str | None:
     return None
 
 
-def runnable_families(names: list[str]) -> list:
-    """``pytest.param`` per family, skipped (with the reason) where this transformers lacks it or cannot run it."""
+def runnable_families(names: list[str], fast: Collection[str] | None = None) -> list:
+    """``pytest.param`` per family, skipped (with the reason) where this transformers lacks it or cannot run it; with
+    ``fast``, the other families are slow (`testing_utils.slow`: RUN_SLOW=1 runs them)."""
+    from testing_utils import SLOW
+
     have = set(available_families())
     params = []
     for f in names:
@@ -404,7 +408,8 @@ def runnable_families(names: list[str]) -> list:
         if why is None and old_dbrx(f):
             why = ("this transformers' DbrxExperts computes with the transposes of DBRX checkpoints inverted and "
                    "reshapes tokens by ffn_hidden_size (huggingface/transformers#47671): DBRX does not run there")
-        params.append(pytest.param(f, marks=pytest.mark.skipif(why is not None, reason=why or "")))
+        marks = [pytest.mark.skipif(why is not None, reason=why or "")]
+        params.append(pytest.param(f, marks=[*marks, *(SLOW if fast is not None and f not in fast else ())]))
     return params
 
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel  # noqa: E402
 from peft.utils import PeftType  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from testing_utils import edit_gpt2, edit_layers, edit_llama, ids, random_eigen  # noqa: E402
+from testing_utils import edit_gpt2, edit_layers, edit_llama, ids, random_eigen, slow  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_curvedit  # noqa: E402
@@ -131,6 +131,7 @@ def test_several_adapters_save_and_load(tmp_path, saved):
                                                                          "model.layers.1.mlp.up_proj"}
 
 
+@slow
 def test_merged_checkpoint_loads_with_plain_transformers(tmp_path, saved):
     base_dir, adapter_dir, expected, _ = saved
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir).eval(), adapter_dir)

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import random_token_rows, tiny_llama
+from testing_utils import fitted_tiny_llama, random_token_rows, slow, tiny_llama
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
 from hf_curvedit.evaluation import RecitationSet, TextSet, evaluate_recitation
@@ -239,8 +239,7 @@ def check_candidates(model, eigen, result, sets, heldout, **edit):
 @pytest.fixture(scope="module")
 def llama_setup():
     model = tiny_llama(num_hidden_layers=3)
-    data = Dataset.from_dict({"input_ids": random_token_rows(24, lo=10, hi=30, seed=2)})
-    factors = fit_factors(model, data, FactorConfig(seq_len=16, batch_size=8), progress=False)
+    data, factors, _ = fitted_tiny_llama(3)
     rows = random_token_rows(6, lo=12, hi=14, seed=4)
     sets = {"mem": RecitationSet([r[:8] for r in rows], [r[8:] for r in rows])}
     heldout = TextSet(random_token_rows(6, lo=10, hi=20, seed=9))
@@ -249,7 +248,7 @@ def llama_setup():
 
 def test_a_per_layer_sweep_records_every_candidate_and_its_pick_is_reproducible(llama_setup, tmp_path, capsys):
     model, _, factors, sets, heldout = llama_setup
-    eigen = factors.eigendecompose()
+    eigen = fitted_tiny_llama(3)[2]
     choices = {"mlp": r"model\.layers\.\d+\.mlp\.\w+_proj", "L12": r"model\.layers\.[12]\.mlp\.\w+_proj"}
     config = SweepConfig(keep_masses=(0.5, 0.7), layer_choices=choices, perplexity_budget=10.0, svd_ranks=(4,),
                          allocation="per_layer", allocation_max_candidates=7)
@@ -290,7 +289,7 @@ def test_a_per_layer_sweep_records_every_candidate_and_its_pick_is_reproducible(
 
 def test_the_default_sweep_fits_its_scale_to_each_layer_choice_and_searches_them_all(llama_setup):
     model, _, factors, sets, heldout = llama_setup
-    eigen = factors.eigendecompose()
+    eigen = fitted_tiny_llama(3)[2]
     result = sweep_edits(model, eigen, sets, heldout, SweepConfig(perplexity_budget=0.02, allocation_max_candidates=6))
     choices = result.extra["layer_choices"]
     assert list(choices) == ["layers 0–1 gate/up", "layers 0–1 gate/up+down", "layers 1–2 gate/up",
@@ -308,7 +307,7 @@ def test_the_default_sweep_fits_its_scale_to_each_layer_choice_and_searches_them
 
 def test_the_search_caps_its_candidates_and_refuses_bad_settings(llama_setup):
     model, _, factors, sets, heldout = llama_setup
-    eigen = factors.eigendecompose()
+    eigen = fitted_tiny_llama(3)[2]
     every = {"all": r"model\.layers\.\d+\.mlp\.\w+_proj"}
     config = SweepConfig(keep_masses=(0.6,), layer_choices=every, perplexity_budget=10.0,
                          allocation="per_projection", allocation_max_candidates=2)
@@ -336,6 +335,7 @@ def test_the_search_caps_its_candidates_and_refuses_bad_settings(llama_setup):
     assert SweepConfig.from_dict({"allocation_steps": [0.05]}).allocation_steps == (2.0, 1.41)
 
 
+@slow
 def test_the_search_composes_with_protection_ekfac_selection_and_the_predicted_cost_pick(llama_setup, tmp_path):
     from hf_curvedit.curvature import fit_eigen_correction
     from hf_curvedit.curvature.correction import attach_correction

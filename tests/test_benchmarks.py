@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testing_utils import slow
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -15,6 +17,7 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+@slow
 def test_gpu_check_script_runs_at_tiny_shapes_on_cpu():
     out = _run(str(BENCH / "gpu_check.py"), "--shapes", "tiny", "--device", "cpu", "--tokens", "2048",
                "--seq-len", "64", "--batch-size", "8")
@@ -22,6 +25,7 @@ def test_gpu_check_script_runs_at_tiny_shapes_on_cpu():
     assert row.count("|") == 15 and "× |" in row
 
 
+@slow
 def test_scale_benchmark_runs_at_small_shapes():
     out = _run(str(BENCH / "scale_7b.py"), "--hidden", "96", "--mlp", "256", "--repeats", "2", "--prefill-repeats", "1",
                "--threads", "1")
@@ -30,6 +34,7 @@ def test_scale_benchmark_runs_at_small_shapes():
     assert "| bfloat16 | 4×512 |" in out and "| float32 | 1×1 |" in out and "factorized" in out
 
 
+@slow
 def test_integrity_benchmark_runs_at_small_shapes():
     out = _run(str(BENCH / "integrity_overhead.py"), "--hidden", "64", "--mlp", "128", "--rank", "16", "--layers", "1",
                "--repeats", "1", "--threads", "1")
@@ -37,6 +42,7 @@ def test_integrity_benchmark_runs_at_small_shapes():
     assert out.count("× |") == 2 and "| verify_adapter_folder (no model) |" in out
 
 
+@slow
 def test_kronfluence_parity_benchmark_runs_at_small_shapes():
     """Where kronfluence is installed (the benchmark environment; no dependency of hf-curvedit)."""
     import pytest
@@ -49,6 +55,7 @@ def test_kronfluence_parity_benchmark_runs_at_small_shapes():
     assert "relative difference (Frobenius)" in out and "fixed costs per fit" in out
 
 
+@slow
 def test_scale_fit_benchmark_runs_at_small_shapes():
     out = _run(str(BENCH / "scale_fit.py"), "--small", "--budget-gb", "0.0001", "--tokens", "2048")
     for stage in ("fit, no budget, 1 process", "fit, budget, 2 processes", "eigendecomposition, 2 processes"):

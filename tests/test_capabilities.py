@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 from huggingface_hub import ModelCard  # noqa: E402
-from testing_utils import best_choice, edit_llama, random_eigen  # noqa: E402
+from testing_utils import best_choice, edit_llama, random_eigen, slow  # noqa: E402
 
 from hf_curvedit import CurvatureEditConfig, build_curvature_edit  # noqa: E402
 from hf_curvedit.default import LM_EVAL_TASKS_DIR, byte_tokenizer  # noqa: E402
@@ -130,6 +130,7 @@ def test_scores_equal_scoring_the_same_items_by_hand(edited, tok, task_dir, resu
     assert results["tiny_gen"].dataset is None  # local JSON is no Hub dataset
 
 
+@slow
 def test_base_is_the_same_object_with_adapter_disabled_and_edit_is_seen(edited, tok, task_dir, results):
     """The base run equals lm-eval on an independent copy of the base model, the edited run equals lm-eval on a merged
     copy, and the edit changes at least one score: HFLM saw the adapter, and disabling it gave the base."""
@@ -180,12 +181,14 @@ def test_card_capability_table_and_model_index_round_trip(edited, results, tmp_p
     assert f"{results['tiny_mc'].base:.3f}" in row and f"{results['tiny_mc'].edited:.3f}" in row
 
 
+@slow
 def test_unknown_task_lists_close_matches(tmp_path, task_dir):
     folder, _, _ = task_dir
     with pytest.raises(CapabilityError, match=r"unknown lm-eval task.*'tiny_gen'"):
         check_tasks(CapabilityConfig(tasks=["tiny_gne"], include_path=folder))
 
 
+@slow
 def test_hub_task_while_offline_names_the_offline_alternative(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -217,12 +220,14 @@ def test_bad_config_is_refused(bad, match):
         CapabilityConfig(**bad)
 
 
+@slow
 def test_shipped_skill_tasks_load_offline():
     manager = check_tasks(CapabilityConfig(tasks=["curvedit_skills"], include_path=LM_EVAL_TASKS_DIR))
     assert {"curvedit_arithmetic", "curvedit_closedbook", "curvedit_openbook", "curvedit_logic"} <= set(
         manager.all_tasks)
 
 
+@slow
 def test_task_manager_is_reused_until_a_task_file_changes(task_dir):
     import os
 
@@ -238,6 +243,7 @@ def test_task_manager_is_reused_until_a_task_file_changes(task_dir):
     assert task_manager(cfg) is not first
 
 
+@slow
 def test_run_refuses_an_unknown_task_before_any_step(tmp_path):
     from hf_curvedit.pipeline import PipelineConfig, UsageError, run_pipeline
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import random_token_rows, write_choice_task
+from testing_utils import random_token_rows, slow, write_choice_task
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import load_factors
@@ -22,6 +22,7 @@ def text_file(tmp_path):
     return f
 
 
+@slow
 def test_fit_then_edit(tmp_path, model_dir, text_file, capsys):
     out = tmp_path / "factors"
     rc = main(["fit", "--model", str(model_dir), "--data", str(text_file), "--output-dir", str(out),
@@ -289,6 +290,7 @@ def test_fit_ekfac_then_edit_by_corrected_curvature(tmp_path, model_dir, text_fi
     assert not torch.allclose(edited(x).logits, base(x).logits)
 
 
+@slow
 def test_a_per_layer_sweep_in_a_run_reaches_the_edit_and_the_card(tmp_path, model_dir, text_file, capsys):
     """`sweep.allocation: per_layer` in a run: the search's candidates are in sweep.json, the edit step builds the
     pick's ρ per layer, publish compares it with the baselines and the card states each layer's ρ; the same settings

@@ -12,7 +12,6 @@ from testing_utils import best_choice
 from hf_curvedit.default import (
     DEFAULT_MODEL_DIR,
     default_text_dataset,
-    load_default_model,
     load_heldout_text,
     load_memorized_set,
     memorized_prefix_suffix_ids,
@@ -51,9 +50,9 @@ def test_heldout_is_disjoint_from_training_text():
         assert not any(m in doc for m in memorized)
 
 
-def test_checkpoint_loads_and_recites_canaries():
+def test_checkpoint_loads_and_recites_canaries(default_model):
     torch.manual_seed(0)
-    model, tok = load_default_model()
+    model, tok = default_model
     assert model.config.num_hidden_layers == 4 and len(tok) == model.config.vocab_size
     prefixes, suffixes = memorized_prefix_suffix_ids(tok, kind="canary")
     from hf_curvedit.evaluation import evaluate_recitation
@@ -93,14 +92,14 @@ def test_skill_items_are_held_out_from_training():
 
 
 @pytest.fixture(scope="module")
-def skill_scores():
+def skill_scores(default_model):
     pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
     from hf_curvedit.default import LM_EVAL_TASKS_DIR
     from hf_curvedit.evaluation.capabilities import CapabilityConfig, _run, check_tasks
 
-    model, tok = load_default_model()
+    model, tok = default_model
     cfg = CapabilityConfig(tasks=["curvedit_skills"], include_path=LM_EVAL_TASKS_DIR, limit=100, batch_size=64,
                            bootstrap_iters=0)
     results = _run(HFLM(pretrained=model, tokenizer=tok, batch_size=64), cfg, check_tasks(cfg))["results"]
@@ -120,10 +119,10 @@ def test_base_model_has_the_skill_well_above_chance(skill_scores, task):
     # at chance (README, "What the edit costs"). This fails the day a retrained model binds them.
     pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="binding two facts is not learned at this size")),
 ])
-def test_base_model_answers_from_the_passage(facts):
+def test_base_model_answers_from_the_passage(facts, default_model):
     """Open-book items scored as lm-eval scores a choice (summed log-probability of " choice" after the prompt):
     from a one-fact passage the model picks the passage's name over three names of other passages."""
-    model, tok = load_default_model()
+    model, tok = default_model
     chosen = [it for it in items("curvedit_openbook") if it["question"].count(" is ") - 1 == facts][:60]
     hits = 0
     for it in chosen:

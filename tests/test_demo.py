@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import random_eigen
+from testing_utils import random_eigen, slow
 from transformers import PreTrainedModel
 
 import hf_curvedit.demo as demo_module
@@ -211,6 +211,7 @@ def test_longest_common_run_and_segments(edited):
 
 
 # ------------------------------------------------------------------------------------------------ in a browser
+@slow
 def test_browser_shows_both_outputs(edited, served, tmp_path):
     required = os.environ.get("HF_CURVEDIT_REQUIRE_BROWSER") == "1"  # CI sets it: a missing browser fails there
     if not (CHROMIUM and CHROMEDRIVER):

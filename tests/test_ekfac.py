@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
-from testing_utils import brute_force_lambda, brute_force_mask, random_token_rows, tiny_gpt2, tiny_llama
+from testing_utils import (
+    brute_force_lambda,
+    brute_force_mask,
+    random_token_rows,
+    slow,
+    slow_param,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors, load_factors
 from hf_curvedit.curvature import EigenCorrection, EigenFile, ModuleEigen, fit_eigen_correction
@@ -84,6 +92,7 @@ def _transposed(e: ModuleEigen) -> ModuleEigen:
     return ModuleEigen(e.eigvals_G, e.eigvecs_G, e.eigvals_A, e.eigvecs_A)
 
 
+@slow
 def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
     from hf_curvedit.curvature import ekfac
     from hf_curvedit.curvature import passes as passes_mod
@@ -145,7 +154,7 @@ def test_damaged_or_foreign_file_is_never_used(tmp_path, caplog):
     assert all(e.eigvals_corrected is None for e in load_factors(tmp_path).eigendecompose().values())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", slow_param("qwen3_moe")])
 def test_expert_lambda_matches_per_token_brute_force(tmp_path, family):
     """Each expert's Λ_e with top-2 routing, padded batches of three sequences: autograd's per-sequence gradient of
     each expert's matrix gives it to float64 round-off; and selection='ekfac_mass' edits experts with it."""
@@ -322,6 +331,7 @@ def test_matches_kronfluence_lambda_matrix(tmp_path):
         assert err <= 1e-12, n
 
 
+@slow
 def test_publish_of_an_ekfac_edit_names_its_curvature_and_draws_its_kept_set(tmp_path):
     """The card says which curvature ranked the components; the spectrum plot shows the kept set (not a staircase)
     when the corrected eigenvalues are beside the bases, and the per-row counts the adapter saved otherwise."""
@@ -380,6 +390,7 @@ def test_sweep_with_ekfac_selection_records_it_and_its_pick_needs_it(tmp_path):
         SweepConfig(selection="ekfac")
 
 
+@slow
 def test_expert_lambda_split_across_passes_equals_one_pass(tmp_path):
     """A budget that holds two experts' bases and Λ at a time: each expert projection is measured in slices of its
     experts over several passes, and the store gives the same Λ as one pass."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from testing_utils import dense_edit, edit_llama, random_eigen, record_module_io
+from testing_utils import dense_edit, edit_llama, random_eigen, record_module_io, slow
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
 from hf_curvedit.evaluation import RecitationSet, TextSet
@@ -198,6 +198,7 @@ def test_cli_exposure_prints_and_writes_the_report(tmp_path, model_dir, capsys):
     assert "name what to measure: --tasks" in capsys.readouterr().err
 
 
+@slow
 def test_lm_eval_tasks_as_texts_and_exposure_on_the_card(tmp_path, model_dir, capsys):
     pytest.importorskip("lm_eval")
     from huggingface_hub import ModelCard

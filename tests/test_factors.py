@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from safetensors import safe_open
-from testing_utils import random_token_rows, record_module_io, tiny_gpt2, tiny_llama
+from testing_utils import random_token_rows, record_module_io, slow, slow_param, tiny_gpt2, tiny_llama
 
 from hf_curvedit import FactorConfig, fit_factors, load_factors
 from hf_curvedit.curvature import passes as passes_mod
@@ -196,7 +196,7 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("streaming", [slow_param(False), True])
 def test_resume_after_crash_equals_uninterrupted(tmp_path, llama, monkeypatch, streaming):
     ds = Dataset.from_dict({"input_ids": random_token_rows(40, lo=10, hi=30, seed=1)})
     data = ds.to_iterable_dataset() if streaming else ds
@@ -357,6 +357,7 @@ def test_upper_triangle_accumulation_equals_full_gram(d, acc_dtype):
     torch.testing.assert_close(stack[1].double(), want / 5, rtol=1e-5, atol=1e-4)
 
 
+@slow
 def test_device_map_and_fp16_loaded_models(tmp_path, llama):
     """Models loaded with device_map (accelerate hooks) or in fp16 give the fp32 factors."""
     from transformers import AutoModelForCausalLM

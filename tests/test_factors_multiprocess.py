@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from testing_utils import random_token_rows, tiny_llama
+from testing_utils import random_token_rows, slow, tiny_llama
 
 from hf_curvedit import EigenCorrection, FactorConfig, fit_eigen_correction, fit_factors, load_factors
+from hf_curvedit.curvature import collect_factor_sums
 
 CFG = dict(seq_len=16, batch_size=2, label_mode="sampled", seed=3, checkpoint_every=1)
 
@@ -34,6 +35,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_sums_of_each_ranks_batches_add_up_to_the_sums_of_all(tmp_path):
+    """What a multi-process run reduces: every rank's raw sums over its batches (the even and the odd global batches,
+    labels drawn per global batch index), added, are the sums over all batches in one process."""
+    model = tiny_llama()
+    names = [n for n, _ in model.named_modules() if n.endswith(("up_proj", "down_proj"))]
+    g = torch.Generator().manual_seed(2)
+    batches = [(i, {"input_ids": torch.randint(1, 61, (2, 12), generator=g),
+                    "attention_mask": torch.ones(2, 12, dtype=torch.long)}) for i in range(5)]
+    cfg = FactorConfig(**CFG, accumulate_dtype="float64")
+    whole = collect_factor_sums(model, batches, names, cfg)
+    ranks = [collect_factor_sums(model, batches[r::2], names, cfg) for r in (0, 1)]
+    for key, total in whole.sums().items():
+        torch.testing.assert_close(ranks[0].sums()[key] + ranks[1].sums()[key], total, rtol=1e-10, atol=1e-12)
+    assert {n: ranks[0].count[n] + ranks[1].count[n] for n in names} == whole.count
+
+
+@slow
 def test_two_process_run_equals_one_process(tmp_path):
     out = tmp_path / "multi"
     out.mkdir()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from testing_utils import tiny_llama
+from testing_utils import slow, tiny_llama
 
 from hf_curvedit.cli import main
 from hf_curvedit.default import byte_tokenizer
@@ -242,6 +242,7 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
+@slow
 def test_a_second_writer_is_refused_and_a_killed_one_blocks_nobody(work, tmp_path, capsys):
     out = tmp_path / "factors"
     holder = _holder(out)
@@ -437,6 +438,7 @@ def _kill_when(args: list[str], ready=None, *, stderr_shows: str | None = None, 
     assert proc.wait() == -signal.SIGKILL, "the command ended before it could be killed mid-way"
 
 
+@slow
 def test_kill_during_fit_then_rerun_gives_the_uninterrupted_factors(work, tmp_path):
     out = tmp_path / "factors"
     args = fit_args(work, out, "--max-tokens", "2048")
@@ -447,6 +449,7 @@ def test_kill_during_fit_then_rerun_gives_the_uninterrupted_factors(work, tmp_pa
     assert same_tensors(out / "factors.safetensors", tmp_path / "clean" / "factors.safetensors")
 
 
+@slow
 def test_kill_during_edit_then_rerun_gives_the_uninterrupted_adapter(work, tmp_path):
     out = tmp_path / "edits"
     _kill_when(edit_args(work, out), lambda: (out / ".rho0.6.staging").exists())
@@ -456,6 +459,7 @@ def test_kill_during_edit_then_rerun_gives_the_uninterrupted_adapter(work, tmp_p
                         work / "edits" / "rho0.6" / "adapter_model.safetensors")
 
 
+@slow
 def test_kill_during_sweep_then_rerun_gives_the_uninterrupted_sweep(work, tmp_path):
     def sweep(out: Path) -> list[str]:
         return ["sweep", "--model", str(work / "model"), "--factors", str(work / "factors"), "--recitation",
@@ -477,6 +481,7 @@ def test_kill_during_sweep_then_rerun_gives_the_uninterrupted_sweep(work, tmp_pa
     assert got == want
 
 
+@slow
 def test_kill_during_publish_then_rerun_gives_the_uninterrupted_folder(work, tmp_path):
     out = tmp_path / "pub"
     args = ["publish", "--adapter", str(work / "edits" / "rho0.6"), "--repo-id", "user/x", "--out-dir", str(out),
@@ -735,6 +740,7 @@ def test_secrets_given_as_flags_are_never_echoed(work, tmp_path, capsys, hub):
 
 
 # ------------------------------------------------------------------------ every writer holds its folder's lock first
+@slow
 def test_the_eigen_cache_and_the_ekfac_pass_write_only_under_the_folders_lock(work, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

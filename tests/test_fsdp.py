@@ -19,7 +19,7 @@ from datasets import Dataset
 from packaging.version import Version
 from safetensors import safe_open
 from test_scale import _free_port, torchrun
-from testing_utils import assert_same_adapter_tensors, random_token_rows, tiny_llama
+from testing_utils import assert_same_adapter_tensors, random_token_rows, slow, tiny_llama
 
 from hf_curvedit import (
     CurvatureEditConfig,
@@ -84,6 +84,7 @@ _ACCELERATE_FSDP2 = Version(version("accelerate")) >= Version("1.6")
 
 @pytest.mark.parametrize("mode", ["torch", pytest.param("accelerate", marks=pytest.mark.skipif(
     not _ACCELERATE_FSDP2, reason="accelerate < 1.6 has no FSDP2 plugin")), "nodes"])
+@slow
 def test_a_sharded_model_end_to_end(tmp_path, mode):
     out = tmp_path / "sharded"
     out.mkdir()
@@ -128,3 +129,43 @@ def test_a_sharded_model_end_to_end(tmp_path, mode):
     exposure = adapter_exposure(unsharded, {"probe": [PROBE[0].tolist()]}, show_progress=False)
     for r in ranks:
         assert r["exposure"]["probe"] == pytest.approx(exposure.exposures("default")["probe"], rel=1e-5)
+
+
+def test_an_fsdp2_model_in_a_world_of_one_builds_the_unsharded_edit(tmp_path):
+    """In this process, a world of one under gloo: `fully_shard` makes every parameter a DTensor, as on several
+    processes, and the edit built on the sharded model is the unsharded model's, as are its unmerged, merged and
+    disabled forwards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_curvedit.curvature.distributed import is_sharded_model
+
+    eigen = fit_factors(fsdp_model(), fsdp_data(), FactorConfig(**CFG), progress=False).eigendecompose()
+    config = CurvatureEditConfig(keep_mass=0.7)
+    unsharded = build_curvature_edit(fsdp_model(), eigen, config)
+    unsharded.save_pretrained(tmp_path / "unsharded")
+    with torch.no_grad():
+        want = unsharded(PROBE).logits
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = fsdp_model()
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert is_sharded_model(model)
+        edited = build_curvature_edit(model, eigen, CurvatureEditConfig(keep_mass=0.7))
+        edited.save_pretrained(tmp_path / "sharded")
+        with torch.no_grad():
+            torch.testing.assert_close(edited(PROBE).logits, want, rtol=1e-5, atol=1e-6)
+            edited.merge_adapter()
+            torch.testing.assert_close(edited(PROBE).logits, want, rtol=1e-4, atol=1e-5)
+            edited.unmerge_adapter()
+            with edited.disable_adapter():
+                torch.testing.assert_close(edited(PROBE).logits, fsdp_model()(PROBE).logits, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+    assert_same_adapter_tensors(_tensors(tmp_path / "sharded" / "adapter_model.safetensors"),
+                                _tensors(tmp_path / "unsharded" / "adapter_model.safetensors"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from family_configs import tiny_causal_lm
-from testing_utils import random_token_rows
+from testing_utils import random_token_rows, slow_param
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import FactorConfig, fit_factors
@@ -32,7 +32,7 @@ def _split(layer0: str, layer1: str) -> dict[str, str]:
             "lm_head": "cpu", "model.rotary_emb": "cpu"}
 
 
-@pytest.mark.parametrize("placement", ["disk", "cpu offload", "split"])
+@pytest.mark.parametrize("placement", ["disk", "cpu offload", slow_param("split")])
 def test_factors_of_an_offloaded_model_equal_the_in_memory_fit(saved, placement):
     reference = fit_factors(AutoModelForCausalLM.from_pretrained(saved / "model"), _data(), CFG, progress=False)
     if placement == "cpu offload":

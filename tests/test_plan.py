@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from family_configs import runnable_families
-from testing_utils import random_token_rows, tiny_llama
+from testing_utils import random_token_rows, slow, slow_param, tiny_llama
 from transformers import LlamaConfig, Olmo2Config
 
 from hf_curvedit import FactorConfig, fit_factors
@@ -31,8 +31,8 @@ def _allocated_by_fit(model, cfg, monkeypatch) -> list[int]:
     return [sum(t.numel() * t.element_size() for t in (*c.A.values(), *c.G.values())) for c in collectors]
 
 
-@pytest.mark.parametrize("budget_gb", [None, 0.00004])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("budget_gb,dtype", [(None, "float32"), (0.00004, "float32"), (None, "float64"),
+                                             slow_param(0.00004, "float64")])
 def test_plan_bytes_equal_what_fit_factors_allocates(monkeypatch, budget_gb, dtype):
     model = tiny_llama()
     cfg = FactorConfig(seq_len=16, batch_size=4, accumulate_dtype=dtype, max_factor_memory_gb=budget_gb)
@@ -62,7 +62,7 @@ def _llama_70b() -> LlamaConfig:
 
 
 @pytest.mark.parametrize("make_config, n_layers, hidden, mlp", [
-    (LlamaConfig, 32, 4096, 11008), (_olmo2_7b, 32, 4096, 11008), (_llama_70b, 80, 8192, 28672)])
+    (LlamaConfig, 32, 4096, 11008), (_olmo2_7b, 32, 4096, 11008), slow_param(_llama_70b, 80, 8192, 28672)])
 def test_plans_at_7b_and_70b_shapes_allocate_no_weights(make_config, n_layers, hidden, mlp):
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     plan = plan_factors(make_config(), FactorConfig(max_factor_memory_gb=40))
@@ -111,7 +111,7 @@ def test_cli_plan_reads_only_the_config(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("budget_gb", [None, 0.0002, 0.00007])
+@pytest.mark.parametrize("budget_gb", [None, 0.0002, slow_param(0.00007)])
 def test_moe_plan_counts_expert_factors_and_splits_experts_across_passes(monkeypatch, budget_gb):
     from family_configs import tiny_causal_lm
 
@@ -130,6 +130,7 @@ def test_moe_plan_counts_expert_factors_and_splits_experts_across_passes(monkeyp
     assert plan_factors(model.config, cfg).to_dict() == plan.to_dict()
 
 
+@slow
 def test_moe_factors_split_across_passes_equal_one_pass():
     from family_configs import tiny_causal_lm
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from testing_utils import brute_force_mask, edit_llama, random_eigen
+from testing_utils import brute_force_mask, edit_llama, random_eigen, slow
 from transformers import AutoModelForCausalLM
 
 from hf_curvedit import CurvatureEditConfig, build_curvature_edit
@@ -178,6 +178,7 @@ def test_cli_fit_name_then_edit_and_sweep_with_protect(tmp_path, model_dir, caps
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["extra"]["protect"] == {"math": 0.9}
 
 
+@slow
 def test_run_yaml_fits_domains_sweeps_and_edits_with_protection_and_cards_it(tmp_path, model_dir, capsys):
     import yaml
     from huggingface_hub import ModelCard

@@ -18,7 +18,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors import safe_open
-from testing_utils import assert_same_adapter_tensors, random_token_rows, tiny_llama
+from testing_utils import assert_same_adapter_tensors, random_token_rows, slow, tiny_llama
 
 from hf_curvedit import (
     CurvatureEditConfig,
@@ -55,6 +55,7 @@ def _same_factors(got, want) -> None:
         _close(got.G[n], want.G[n])
 
 
+@slow
 def test_each_pass_is_written_and_freed_before_the_next(tmp_path, monkeypatch):
     real = passes_mod.collect_factor_sums
     alive: list[weakref.ref] = []
@@ -85,6 +86,7 @@ def test_each_pass_is_written_and_freed_before_the_next(tmp_path, monkeypatch):
     _same_factors(factors, whole)
 
 
+@slow
 def test_a_rerun_skips_the_finished_passes(tmp_path, monkeypatch):
     real = passes_mod.collect_factor_sums
     parts: list[list[str]] = []
@@ -118,6 +120,7 @@ def test_a_rerun_skips_the_finished_passes(tmp_path, monkeypatch):
     _same_factors(resumed, clean)
 
 
+@slow
 def test_a_shard_of_another_run_is_refused(tmp_path):
     for seed, folder in ((3, "a"), (4, "b")):
         fit_factors(scale_model(), scale_data(), FactorConfig(**{**BUDGET_CFG, "seed": seed}), tmp_path / folder,
@@ -132,6 +135,7 @@ def test_a_shard_of_another_run_is_refused(tmp_path):
     _same_factors(again, load_factors(tmp_path / "a"))
 
 
+@slow
 def test_ekfac_pass_under_a_budget_equals_one_pass(tmp_path):
     factors = fit_factors(scale_model(), scale_data(), FactorConfig(**BUDGET_CFG), tmp_path, progress=False)
     split = fit_eigen_correction(scale_model(), scale_data(), tmp_path, progress=False)
@@ -199,6 +203,7 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> su
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@slow
 def test_two_processes_share_the_passes_and_the_eigendecomposition(tmp_path):
     out = tmp_path / "two"
     out.mkdir()
@@ -236,6 +241,7 @@ def test_two_processes_share_the_passes_and_the_eigendecomposition(tmp_path):
         _close(multi[n], single[n])
 
 
+@slow
 def test_fit_help_names_every_file_a_fit_writes(tmp_path):
     """`hf-curvedit fit --help` says where the factors, their eigenbases and the EK-FAC eigenvalues go, in the names
     the writers give them: one file each, or shards and an index when the fit ran under a memory budget."""

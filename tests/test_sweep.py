@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import random_token_rows, tiny_llama
+from testing_utils import fitted_tiny_llama, random_token_rows, slow, tiny_llama
 
 from hf_curvedit import FactorConfig, fit_factors
 from hf_curvedit.evaluation import RecitationSet, TextSet
@@ -18,8 +18,7 @@ GRID = {"layer_choices": {"all": r".*mlp\.\w+_proj"}, "allocation": "uniform"}
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_llama()
-    data = Dataset.from_dict({"input_ids": random_token_rows(24, lo=10, hi=30, seed=2)})
-    eigen = fit_factors(model, data, FactorConfig(seq_len=16, batch_size=8), progress=False).eigendecompose()
+    eigen = fitted_tiny_llama(2)[2]
     rows = random_token_rows(6, lo=12, hi=14, seed=4)
     rec = RecitationSet([r[:8] for r in rows], [r[8:] for r in rows])
     heldout = TextSet(random_token_rows(6, lo=10, hi=20, seed=9))
@@ -141,6 +140,7 @@ def test_sweep_result_written_before_baselines_still_loads(setup, tmp_path):
     assert loaded.svd_match is loaded.points[1] and loaded.chosen is loaded.points[0]
 
 
+@slow
 def test_sweep_scores_capabilities_of_the_base_the_pick_and_each_match(tmp_path):
     pytest.importorskip("lm_eval")
     from testing_utils import write_choice_task

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers as T
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
-from testing_utils import record_module_io, tiny_llama
+from testing_utils import record_module_io, slow, tiny_llama
 
 from hf_curvedit import (
     CurvatureEditConfig,
@@ -337,6 +337,7 @@ def test_publish_writes_an_image_classification_card_with_the_noisy_label_table(
     assert {"memorized_label_rate", "true_label_accuracy"} <= metrics
 
 
+@slow
 def test_vision_example_runs_end_to_end_in_miniature(tmp_path):
     """examples/vision_noisy_labels.py with 2 epochs: every step runs and writes what it promises."""
     import json

@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -21,6 +23,36 @@ from hf_curvedit.targets import linear_shape, resolve_target_modules, weight_tar
 from hf_curvedit.tuner import CurvatureEditLayer
 
 VOCAB = 61
+
+
+def parse_flag_from_env(key: str, default: bool = False) -> bool:
+    """A yes/no environment variable, read as transformers' ``testing_utils.parse_flag_from_env`` reads it."""
+    value = os.environ.get(key)
+    if value is None:
+        return default
+    if value.lower() in ("y", "yes", "t", "true", "on", "1"):
+        return True
+    if value.lower() in ("n", "no", "f", "false", "off", "0"):
+        return False
+    raise ValueError(f"{key}={value!r}: set it to yes or no (1 or 0)")
+
+
+RUN_SLOW = parse_flag_from_env("RUN_SLOW")
+# a slow test is marked `slow` (`pytest -m slow` selects them) and skipped unless RUN_SLOW is set
+SLOW = (pytest.mark.slow, pytest.mark.skipif(not RUN_SLOW, reason="slow: set RUN_SLOW=1 to run it"))
+
+
+def slow(test_case):
+    """Decorator marking a test as slow, as ``transformers.testing_utils.slow`` does: skipped unless RUN_SLOW=1 (the
+    README's test command runs the others; CI runs both)."""
+    for mark in SLOW:
+        test_case = mark(test_case)
+    return test_case
+
+
+def slow_param(*values, id: str | None = None):
+    """One parametrization case that is slow (see `slow`), e.g. ``slow_param("swin")``."""
+    return pytest.param(*values, marks=SLOW, id=id)
 
 
 @contextlib.contextmanager
@@ -89,6 +121,20 @@ def random_token_rows(n: int, lo: int = 3, hi: int = 24, seed: int = 0) -> list[
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g)
     return [torch.randint(1, VOCAB, (int(length),), generator=g).tolist() for length in lengths]
+
+
+@functools.cache
+def fitted_tiny_llama(num_hidden_layers: int = 2) -> tuple:
+    """``(data, factors, eigen)`` of `tiny_llama` with that many layers, fitted once per test run on 24 random rows
+    (the sweep and allocation tests share them): every caller builds its own model, the same weights."""
+    from datasets import Dataset
+
+    from hf_curvedit import FactorConfig, fit_factors
+
+    data = Dataset.from_dict({"input_ids": random_token_rows(24, lo=10, hi=30, seed=2)})
+    factors = fit_factors(tiny_llama(num_hidden_layers=num_hidden_layers), data, FactorConfig(seq_len=16, batch_size=8),
+                          progress=False)
+    return data, factors, factors.eigendecompose()
 
 
 # ------------------------------------------------------------ the adapter tests' models and factors
