@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from ..errors import InputError, RedactingFilter, on_command_line, redact, register_secret
 from ..integrity import FolderInUseError
 from ..pipeline import UsageError
+from ..pipeline.settings import with_gguf_file
 from .commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _step  # noqa: F401  (_step: tests build steps from flags)
 from .parser import build_parser
 
@@ -68,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler.addFilter(RedactingFilter())
     with on_command_line():
         try:
+            if getattr(args, "gguf_file", None) and args.command != "run":
+                # the steps read a model given as a .gguf file through transformers' GGUF loader
+                args.model = with_gguf_file(args.model, args.gguf_file)
             return args.func(args)
         except (InputError, FileNotFoundError, FileExistsError, FolderInUseError) as e:
             print(redact(f"hf-curvedit {args.command}: error: {e}"), file=sys.stderr)

@@ -131,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        run_pipeline(PipelineConfig.from_yaml(args.config), force=args.force)
+        run_pipeline(PipelineConfig.from_yaml(args.config).with_gguf_file(args.gguf_file), force=args.force)
     except StepFailed as e:
         print(f"[run] {e.step} failed: {e}; fix it and run again to resume from this step", file=sys.stderr)
         return EXIT_FAILURE

@@ -36,6 +36,10 @@ from .commands import (
 __all__ = ["build_parser"]
 
 
+GGUF_HELP = ("read the model from this GGUF file (a name in the --model folder, or a path), dequantized by "
+             "transformers; needs pip install 'hf-curvedit[gguf]'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-curvedit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +64,7 @@ def _add_fit(sub: Any) -> None:
                                    "images, for an image classifier), then eigendecompose them (fp64). Resumes a "
                                    "killed run from its last checkpoint.")
     f.add_argument("--model", help="model id or local folder (default: the embedded default model)")
+    f.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP)
     f.add_argument("--data", help="dataset name, or local text/json/csv/parquet file or folder "
                                   "(default: Python standard-library docs). Use general text, not the text you "
                                   "want the model to forget: memorized text in the factor data worsens the trade-off.")
@@ -107,6 +112,7 @@ def _add_edit(sub: Any) -> None:
     e = sub.add_parser("edit", help="build curvature-edit adapters from fitted factors",
                        description="Build one adapter per --keep-mass value and save each with save_pretrained.")
     e.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
+    e.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP)
     e.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
     e.add_argument("--keep-mass", type=float, nargs="+", default=None,
                    help=f"ρ values in (0, 1] (default: {DEFAULT_KEEP_MASS:g})")
@@ -135,6 +141,7 @@ def _add_evaluate(sub: Any) -> None:
     v = sub.add_parser("evaluate", help="measure an edit: recitation, perplexity, nDCG, stress test (base vs edited)",
                        description="Load the base model with the adapter and measure it with the adapter on and off.")
     v.add_argument("--model", help="base model (default: embedded default)")
+    v.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP)
     v.add_argument("--adapter", required=True, help="adapter folder written by `hf-curvedit edit`")
     v.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
                    help="a set to recite: a save_to_disk folder with prefix_ids/suffix_ids, or a .txt/.jsonl file "
@@ -168,6 +175,7 @@ def _add_sweep(sub: Any) -> None:
                                    "Writes sweep.json, sweep.md and sweep.png. Exit code 1 if nothing fits, with "
                                    "the closest candidate and the settings to try next.")
     w.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
+    w.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP)
     w.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
     w.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
                    help="memorized set(s) to recite (default: the embedded default's memorized set)")
@@ -238,6 +246,7 @@ def _add_exposure(sub: Any) -> None:
                                    "model over the task's texts, with the eigenbases of `hf-curvedit fit`; nothing is "
                                    "generated and no lm-eval run is needed. Prints one row per ρ, cheapest first.")
     x.add_argument("--model", help="the model the factors were fitted on (default: embedded default)")
+    x.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP)
     x.add_argument("--factors", required=True, help="folder written by `hf-curvedit fit`")
     x.add_argument("--keep-mass", type=float, nargs="+", default=ExposureStep.keep_mass,
                    help=f"ρ values in (0, 1] (default: {DEFAULT_KEEP_MASS:g})")
@@ -278,6 +287,12 @@ def _add_publish(sub: Any) -> None:
     u.add_argument("--comparison", help="sweep.json of a sweep with --baselines whose pick is this adapter: the card "
                    "shows it next to each baseline at matched perplexity")
     u.add_argument("--merged", action="store_true", help="publish merged weights instead of the adapter")
+    u.add_argument("--gguf-source", metavar="FILE",
+                   help="the GGUF file the base was read from: the folder also carries the edit as a GGUF file (the "
+                        "source's metadata and tokenizer, the edited tensors replaced) for llama.cpp, Ollama and LM "
+                        "Studio")
+    u.add_argument("--gguf-type", choices=["Q4_0", "Q4_1", "Q8_0", "F16", "F32"],
+                   help="type of the edited tensors in that file (default: their type in --gguf-source)")
     u.add_argument("--private", action="store_true")
     u.add_argument("--revision")
     u.add_argument("--create-pr", action="store_true")
@@ -302,6 +317,7 @@ def _add_demo(sub: Any) -> None:
                                    "pip install 'hf-curvedit[demo]'.")
     d.add_argument("--adapter", help="adapter folder or Hub repo id (default: build an edit of the embedded default)")
     d.add_argument("--base", dest="model", help="base model id or folder (default: the embedded default)")
+    d.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP)
     d.add_argument("--recitation", action="append", default=[], metavar="NAME=PATH",
                    help="examples to pick and recite, as for `evaluate` (default: the embedded memorized set)")
     d.add_argument("--suffix-tokens", type=int, default=EvaluateStep.suffix_tokens)
@@ -320,6 +336,7 @@ def _add_run(sub: Any) -> None:
                                    "underscores). Finished steps are recorded in OUTPUT_DIR/steps and skipped on "
                                    "the next run; the edit step uses the sweep's pick unless it sets keep_mass.")
     r.add_argument("config", help="YAML file, e.g. examples/default.yaml")
+    r.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP + " (the YAML's gguf_file)")
     r.add_argument("--force", action="store_true", help="redo finished steps")
     r.set_defaults(func=cmd_run)
 
@@ -332,6 +349,7 @@ def _add_plan(sub: Any) -> None:
                                    "accumulator memory, the partitions under --max-factor-memory-gb (one data pass "
                                    "each), the fp64 eigendecomposition memory and the adapter size bounds.")
     n.add_argument("--model", help="model id or local folder (only its config is read; default: the embedded model)")
+    n.add_argument("--gguf-file", metavar="NAME", help=GGUF_HELP)
     n.add_argument("--target-modules", help="regex, or comma-separated names/globs (default: the MLP projections)")
     n.add_argument("--accumulate-dtype", choices=["float32", "float64"], default="float32")
     n.add_argument("--max-factor-memory-gb", type=float, default=None)

@@ -19,12 +19,19 @@ def _check_local(name: str, what: str) -> None:
         raise UsageError(f"could not load {what} {name!r}: that folder does not exist")
 
 
-def load_model(name: str | None = None, dtype: str = "float32", device_map: str | None = None) -> tuple[Any, Any]:
+def load_model(name: str | None = None, dtype: str = "float32", device_map: str | None = None,
+               gguf_file: str | None = None) -> tuple[Any, Any]:
     """``(model, processor)``: a causal LM with its tokenizer, or an image classifier (by its config's
-    architectures) with its image processor; the embedded default without ``name``."""
+    architectures) with its image processor; the embedded default without ``name``. A GGUF file (``gguf_file`` in the
+    folder ``name``, or ``name`` itself ending in ``.gguf``) is read by transformers and dequantized
+    (`hf_curvedit.gguf.load_gguf_model`)."""
     from ..default import load_default_model
     from ..utils import parse_dtype
 
+    if gguf_file is not None or (name is not None and str(name).endswith(".gguf")):
+        from ..gguf import load_gguf_model
+
+        return load_gguf_model(name if gguf_file is not None else None, gguf_file or str(name), dtype)
     if name is None:
         return load_default_model(parse_dtype(dtype))
     from transformers import (
@@ -69,6 +76,12 @@ def load_config(name: str | None = None) -> Any:
 
     from ..default import DEFAULT_MODEL_DIR
 
+    if name is not None and str(name).endswith(".gguf"):  # the config a GGUF file's metadata describes
+        from ..gguf import require_gguf, split_gguf_path
+
+        require_gguf()
+        folder, file = split_gguf_path(None, name)
+        return AutoConfig.from_pretrained(folder, gguf_file=file)
     if name is not None:
         _check_local(name, "the config of")
     try:

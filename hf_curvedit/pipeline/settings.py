@@ -6,6 +6,7 @@ on construction and read themselves from a YAML mapping, and `PipelineConfig`, t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,8 @@ class PublishStep(StepSettings):
     token: str | None = None
     overwrite: bool = False
     dry_run: bool = False
+    gguf_source: str | None = None  # the GGUF file the base was read from: the folder then carries the edit as GGUF
+    gguf_type: str | None = None  # its edited tensors' type (default: their type in gguf_source)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -299,6 +302,17 @@ _STEP_TYPES: dict[str, type] = {"fit": FitStep, "sweep": SweepStep, "edit": Edit
                                 "publish": PublishStep}
 
 
+def with_gguf_file(model: str | None, gguf_file: str | None) -> str | None:
+    """The model the steps load: ``model``, or the GGUF file ``gguf_file`` in it (a ``.gguf`` path, which `load_model`
+    reads through transformers' GGUF loader)."""
+    if not gguf_file:
+        return str(model) if model else None
+    from ..gguf import split_gguf_path
+
+    folder, name = split_gguf_path(model, gguf_file)
+    return str(folder / name)
+
+
 @dataclass
 class PipelineConfig:
     """What `run_pipeline` does: the model (None: the embedded default), the output folder, the steps to run."""
@@ -315,14 +329,19 @@ class PipelineConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str = "the config") -> PipelineConfig:
         if not isinstance(data, Mapping):
             raise UsageError(f"{source} must be a mapping of model, output_dir and steps")
-        unknown = sorted(set(data) - {"model", "output_dir", *STEPS})
+        unknown = sorted(set(data) - {"model", "gguf_file", "output_dir", *STEPS})
         if unknown:
-            raise UsageError(f"unknown keys {unknown} in {source}; allowed: model, output_dir, {', '.join(STEPS)}")
+            raise UsageError(f"unknown keys {unknown} in {source}; allowed: model, gguf_file, output_dir, "
+                             f"{', '.join(STEPS)}")
         if not data.get("output_dir"):
             raise UsageError(f"{source} needs an output_dir")
         model = data.get("model")
         steps = {s: _STEP_TYPES[s].from_dict(data[s]) for s in STEPS if s in data}  # type: ignore[attr-defined]
-        return cls(Path(data["output_dir"]), str(model) if model else None, **steps)
+        return cls(Path(data["output_dir"]), with_gguf_file(model, data.get("gguf_file")), **steps)
+
+    def with_gguf_file(self, gguf_file: str | None) -> PipelineConfig:
+        """This config with its model read from ``gguf_file`` (a name in the model folder, or a path)."""
+        return dataclasses.replace(self, model=with_gguf_file(self.model, gguf_file))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:

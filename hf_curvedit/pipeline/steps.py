@@ -280,4 +280,4 @@ def run_publish(adapter_dir: str | Path, step: PublishStep, out_dir: str | Path,
     hub = HubOptions(private=step.private or None, revision=step.revision, create_pr=step.create_pr, token=step.token)
     return publish(adapter_dir, step.repo_id, EditReport.load(report) if report else None, out_dir=out_dir,
                    merged=step.merged, eigen=eigen, hub=hub, dry_run=step.dry_run, overwrite=step.overwrite,
-                   comparison=comparison)
+                   comparison=comparison, gguf_source=step.gguf_source, gguf_type=step.gguf_type)

@@ -16,6 +16,7 @@ from .card import (
     load_template,
     render_card,
 )
+from .gguf import export_gguf
 from .hub import publish, write_card
 from .plots import plot_spectrum, plot_sweep, plot_tradeoff  # matplotlib is imported on the first plot only
 from .push import HubOptions, PublishError, PublishResult, push_folder
@@ -26,5 +27,5 @@ __all__ = [
     "CITATION", "PAPER_URL", "CardInputs", "CardOptions", "card_data", "config_yaml", "eval_results",
     "framework_versions", "load_template", "render_card", "EDIT_FILENAME", "REPORT_FILENAME", "HubOptions",
     "PublishError", "PublishResult", "StagedFolder", "publish", "push_folder", "stage_folder", "write_card",
-    "plot_spectrum", "plot_sweep", "plot_tradeoff", "publish_space", "push_space", "write_space",
+    "plot_spectrum", "plot_sweep", "plot_tradeoff", "publish_space", "push_space", "write_space", "export_gguf",
 ]

@@ -66,6 +66,7 @@ class CardInputs:
         comparison: a `SweepResult` with baselines: the edit next to each baseline at matched perplexity.
         comparison_plot: relative path of that sweep's plot.
         tags: extra Hub tags.
+        gguf: the edit as a GGUF file in the repo (`hf_curvedit.publish.gguf.gguf_card_info`).
     """
 
     kind: CardKind
@@ -83,6 +84,7 @@ class CardInputs:
     tags: list[str] = field(default_factory=list)
     comparison: Any = None  # a SweepResult whose matches are the baselines at the edit's perplexity
     comparison_plot: str | None = None
+    gguf: dict[str, Any] | None = None
 
 
 @dataclass
@@ -216,6 +218,8 @@ def render_card(inputs: CardInputs, hub_url: str = "https://huggingface.co") -> 
         comparison_table=inputs.comparison.comparison() if inputs.comparison is not None else None,
         comparison_methods=sorted(inputs.comparison.matches) if inputs.comparison is not None else [],
         comparison_plot=inputs.comparison_plot,
+        gguf=inputs.gguf,
+        base_gguf=cfg.get("base_gguf"),
         eval_rows=[format_row(r) for r in inputs.report.to_table_rows()] if inputs.report else [],
         eval_meta=eval_meta(inputs.report),
         capability_rows=capability_rows(inputs.report),
@@ -271,7 +275,7 @@ def _token_count(num_tokens: Any) -> Any:
 def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, report: EditReport | None = None,
                 license: str | None = None, spectrum_plots: list[tuple[str, str]] | None = None,
                 tradeoff_plot: str | None = None, comparison: Any = None,
-                comparison_plot: str | None = None) -> CardInputs:
+                comparison_plot: str | None = None, gguf: dict[str, Any] | None = None) -> CardInputs:
     """The [`CardInputs`] of an edit summary (``curvedit_edit.json`` content, with its ``kind``) and the options.
 
     `license` is the license found for the base model; ``options.license`` wins over it.
@@ -287,7 +291,7 @@ def card_inputs(edit: Mapping[str, Any], repo_id: str, options: CardOptions, *, 
         factor_data=factor_data_from_source(config.get("factor_source") or {}, options.factor_data),
         adapter_name=edit.get("adapter_name") or "default", spectrum_plots=list(spectrum_plots or []),
         tradeoff_plot=tradeoff_plot, tags=list(options.tags or []), comparison=comparison,
-        comparison_plot=comparison_plot,
+        comparison_plot=comparison_plot, gguf=gguf,
     )
 
 

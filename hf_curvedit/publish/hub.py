@@ -47,7 +47,8 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
             eigen: EigenLike | None = None, sweep: Mapping[float, EditReport] | None = None, tokenizer: Any = None,
             card: CardOptions | None = None, hub: HubOptions | None = None, dry_run: bool = False,
             overwrite: bool = False, max_shard_size: int | str = "5GB", space: bool = False,
-            space_id: str | None = None, comparison: Any = None) -> PublishResult:
+            space_id: str | None = None, comparison: Any = None, gguf_source: str | Path | None = None,
+            gguf_type: str | None = None) -> PublishResult:
     """Write a curvature edit to a local folder with its model card, plots and evaluation, then push it to the Hub.
 
     The folder gets the weights (`save_pretrained` of the adapter, or of the merged model), ``README.md`` (the card),
@@ -86,6 +87,10 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
         comparison ([`SweepResult`] or path of a ``sweep.json``, *optional*): a sweep that measured baselines
             (`sweep_edits(..., baselines=[...])`); the card shows the edit next to each baseline at matched
             perplexity, with the sweep's plot.
+        gguf_source (`str` or `Path`, *optional*): the GGUF file the base was read from: the folder then also carries
+            the edit as a GGUF file (`export_gguf`: the source's metadata and tokenizer, the edited tensors replaced
+            and quantized in ``gguf_type``, by default their type in the source), and the card says how to run it.
+        gguf_type (`str`, *optional*): ``Q4_0``, ``Q4_1``, ``Q8_0``, ``F16`` or ``F32``.
 
     Returns:
         [`PublishResult`]: the folder, its files and (unless a dry run) the repo, commit and PR URLs; ``.space``
@@ -110,6 +115,13 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
     if isinstance(model_or_dir, (str, Path)) and Path(model_or_dir).resolve() == out_dir.resolve():
         raise InputError("out_dir must differ from the source folder: publish writes a fresh folder")
     check_out_dir(out_dir, overwrite)
+    if gguf_source is not None:  # before anything is written
+        from ..gguf import require_gguf
+
+        require_gguf()
+        if not Path(gguf_source).is_file():
+            raise InputError(f"gguf_source {str(gguf_source)!r} is not a file: give the GGUF file the base was read "
+                             "from")
     if space:  # refuse a merged edit or an occupied Space folder before anything is written
         space_dir = check_space(out_dir, merged=merged, overwrite=overwrite)
     with output_lock(out_dir, f"publish {repo_id}"):
@@ -119,6 +131,10 @@ def publish(model_or_dir: PeftModel | str | Path, repo_id: str, report: EditRepo
             staged = stage_folder(model_or_dir, staging, report, merged=merged, adapter_name=adapter_name,
                                   eigen=eigen, sweep=sweep, tokenizer=tokenizer, base_model=card.base_model,
                                   overwrite=True, max_shard_size=max_shard_size, comparison=comparison)
+            if gguf_source is not None:
+                from .gguf import stage_gguf
+
+                staged.gguf = stage_gguf(model_or_dir, gguf_source, staging, repo_id, gguf_type, adapter_name)
             write_card(staged, repo_id, card, hub, lookup_license=not dry_run)
         staged = dataclasses.replace(staged, folder=out_dir)
     if dry_run:
@@ -162,7 +178,7 @@ def write_card(staged: StagedFolder, repo_id: str, card: CardOptions | None = No
                                endpoint=hub.endpoint, lookup=lookup_license)
     inputs = card_inputs(staged.edit, repo_id, card, report=staged.report, license=license,
                          spectrum_plots=staged.spectrum_plots, tradeoff_plot=staged.tradeoff_plot,
-                         comparison=staged.comparison, comparison_plot=staged.comparison_plot)
+                         comparison=staged.comparison, comparison_plot=staged.comparison_plot, gguf=staged.gguf)
     rendered = render_card(inputs, hub_url=hub.endpoint or constants.ENDPOINT)
     rendered.save(staged.folder / "README.md")
     return rendered

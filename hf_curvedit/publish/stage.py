@@ -56,6 +56,7 @@ class StagedFolder:
     tradeoff_plot: str | None = None
     comparison: Any = None  # a SweepResult with baselines, shown as the card's method comparison
     comparison_plot: str | None = None
+    gguf: dict[str, Any] | None = None  # the edit as a GGUF file in the folder (`gguf_card_info`)
 
 
 def stage_folder(model_or_dir: PeftModel | str | Path, out_dir: str | Path,

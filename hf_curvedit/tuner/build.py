@@ -22,6 +22,7 @@ from ..curvature.eigen import KFACEigen, ModuleEigen
 from ..curvature.storage import KFACFactors
 from ..edit import CurvatureEdit, ExpertsEdit, compute_edit, compute_experts_edit
 from ..errors import InputError
+from ..gguf import gguf_source_of
 from .config import CurvatureEditConfig
 from .locate import default_targets_for, edit_candidates, is_target, iter_layers, logical_weight, refuse_tied
 
@@ -117,6 +118,7 @@ def record_digests(model: nn.Module, adapter_name: str, config: CurvatureEditCon
             if key in config.edited_modules:
                 config.edited_modules[key].update(record)
     config.curvedit_version = __version__
+    config.base_gguf = gguf_source_of(model) or config.base_gguf
     object.__setattr__(config, "_curvedit_building", False)
 
 

@@ -110,6 +110,11 @@ class CurvatureEditConfig(PeftConfig):
             `CurvatureEditModel.edit_report`.)
         curvedit_version (`Optional[str]`):
             The hf-curvedit release that built the edit (filled when it is built).
+        base_gguf (`Optional[dict[str, str]]`):
+            The GGUF file the base model was read from, ``{"file": name, "sha256": digest}`` (filled when the edit is
+            built on a model read by `hf_curvedit.gguf.load_gguf_model` or transformers' GGUF loader). Loading the
+            edit onto a base read from another GGUF file is refused; a base read from safetensors is checked by its
+            weights, as every base is.
     """
 
     target_modules: list[str] | str | None = field(
@@ -158,6 +163,9 @@ class CurvatureEditConfig(PeftConfig):
     )
     curvedit_version: str | None = field(
         default=None, metadata={"help": "The hf-curvedit release that built the edit (filled at build time)."}
+    )
+    base_gguf: dict[str, str] | None = field(
+        default=None, metadata={"help": "The GGUF file (name, sha256) the base was read from (filled at build time)."}
     )
 
     @classmethod

@@ -146,6 +146,7 @@ class CurvatureEditModel(BaseTuner):
             edits = compute_module_edits(model, factors, config, protect_eigen)
         elif not getattr(config, "_curvedit_building", False):
             warn_if_unchecked(adapter_name, config)  # a saved edit being loaded
+            _check_gguf_base(model, adapter_name, config)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         if edits is not None:
@@ -188,3 +189,18 @@ class CurvatureEditModel(BaseTuner):
     def check_base_model(self, adapter_name: str | None = None) -> None:
         """Raise `WrongBaseModelError` if any edited module's base weight is not the one the edit was built for."""
         check_base_model(self.model, adapter_name or self.active_adapters[0])
+
+
+def _check_gguf_base(model: nn.Module, adapter_name: str, config: CurvatureEditConfig) -> None:
+    """Refuse a saved edit built on one GGUF file for a base read from another one (by SHA-256)."""
+    from ..gguf import gguf_source_of
+
+    built_on = config.base_gguf
+    if not built_on:
+        return
+    source = gguf_source_of(model)
+    if source is not None and source.get("sha256") != built_on.get("sha256"):
+        raise WrongBaseModelError(
+            f"curvature edit '{adapter_name}' was built on the GGUF file {built_on.get('file')} (sha256 "
+            f"{built_on.get('sha256', '')[:12]}…), and this base was read from {source.get('file')} (sha256 "
+            f"{source.get('sha256', '')[:12]}…). Load the adapter onto a base read from the file it was built on.")
