@@ -65,6 +65,9 @@ def _edited_weights(model: Any, modules: Iterable[str] | None) -> dict[str, torc
     if modules is None:
         raise InputError("export_gguf needs the edited modules' names (modules=...) for a model whose edit is "
                          "already merged; or pass the PeftModel of the edit")
+    if modules == "all":  # every weight, a fine-tuned model's
+        return {n: m.weight.detach().clone() for n, m in model.named_modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor)}
     return {n: model.get_submodule(n).weight.detach().clone() for n in modules}
 
 
@@ -98,17 +101,24 @@ def export_gguf(model: Any, source: str | Path, output: str | Path, *, qtype: st
         raise InputError(f"{source} is a GGUF of architecture {arch_name!r}, which this gguf package does not name")
     names = gguf.get_tensor_name_map(arch, blocks)
     weights = _edited_weights(model, modules)
+    tensors = {t.name: t for t in reader.tensors}
     replaced: dict[str, torch.Tensor] = {}
     for module, weight in weights.items():
-        if module.endswith((".q_proj", ".k_proj")):
-            raise InputError(f"{module}: llama.cpp stores attention q/k projections permuted; GGUF export writes "
-                             "edits of the MLP and other projections only")
         key = module.removeprefix("base_model.model.")
         mapped = names.get_name(key)
+        if modules == "all" and (mapped is None or f"{mapped}.weight" not in tensors):
+            continue  # a weight the file does not hold: a head tied to the embedding, a rotary buffer
+        if module.endswith((".q_proj", ".k_proj")):
+            if arch_name != "llama":
+                raise InputError(f"{module}: how {arch_name} GGUF files store attention q/k is not written here; "
+                                 "GGUF export writes their MLP and other projections")
+            # llama.cpp interleaves the rotary halves of each head's rows (transformers' loader undoes it)
+            key = "llama.attention.head_count" + ("" if module.endswith(".q_proj") else "_kv")
+            heads = int(_field_value(gguf, reader.fields[key])[0])
+            weight = weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
         if mapped is None:
             raise InputError(f"{module} has no tensor name in GGUF's {arch_name} layout (gguf.get_tensor_name_map)")
         replaced[f"{mapped}.weight"] = weight
-    tensors = {t.name: t for t in reader.tensors}
     missing = sorted(set(replaced) - set(tensors))
     if missing:
         raise InputError(f"{source} has no tensors {missing[:3]} for the edited modules: is it the file the edited "
@@ -117,6 +127,8 @@ def export_gguf(model: Any, source: str | Path, output: str | Path, *, qtype: st
     for name, weight in replaced.items():
         src = tensors[name]
         target = gguf.GGMLQuantizationType[qtype.upper()] if qtype else src.tensor_type
+        if weight.dim() == 1:  # norms stay float32, as llama.cpp's converter writes them
+            target = gguf.GGMLQuantizationType.F32
         if target.name not in WRITABLE_TYPES:
             raise InputError(f"{name} is {target.name} in {source}, which the gguf package cannot write: pass "
                              f"qtype= one of {', '.join(WRITABLE_TYPES)}")
