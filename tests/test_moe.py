@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from family_configs import tiny_causal_lm
-from testing_utils import brute_force_mask, random_token_rows
+from testing_utils import brute_force_mask, mixed_experts_projection, random_token_rows
 
 from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
 from hf_curvedit.curvature.experts import recording_experts
@@ -444,20 +444,7 @@ def test_factored_expert_forward_equals_the_dense_substitution(family, implement
     projections, substituted = {}, {}
     for shift, param in enumerate(("gate_up_proj" if hasattr(module, "gate_up_proj") else "up_proj", "down_proj")):
         target = experts_target(module, param)
-        base = target.to_logical(getattr(module, param)).detach()
-        num, d_out, d_in = base.shape
-        kind = torch.tensor([(e + shift) % 3 for e in range(num)])  # BASE, FACTORED, DENSE in turn
-        out, inp = torch.randn(num, d_out, 16, generator=g).double(), torch.randn(num, d_in, 16, generator=g).double()
-        out[:, :, 3:] = 0  # rank 3, zero-padded as the stores are
-        dense = torch.randn(num, d_out, d_in, generator=g).double() / d_in
-        want = torch.where((kind == FACTORED)[:, None, None], out @ inp.mT, torch.where((kind == DENSE)[:, None, None],
-                                                                                        dense, base))
-        slot = torch.zeros(num, dtype=torch.long)
-        for k in (FACTORED, DENSE):
-            slot[kind == k] = torch.arange(int((kind == k).sum()))
-        projections[param] = ExpertsProjection(kind, (BASE, FACTORED, DENSE), slot, inp[kind == FACTORED],
-                                               out[kind == FACTORED].mT, dense[kind == DENSE].mT.contiguous())
-        substituted[param] = target.to_storage(want)
+        projections[param], substituted[param] = mixed_experts_projection(target, g, shift)
     hidden = torch.randn(13, model.config.hidden_size, generator=g).double()
     top_k = 2
     index = torch.rand(13, module.num_experts, generator=g).topk(top_k, dim=-1).indices

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from family_configs import runnable_families, tiny_causal_lm
-from testing_utils import brute_force_lambda, random_token_rows
+from testing_utils import brute_force_lambda, mixed_experts_projection, random_token_rows
 
 from hf_curvedit import (
     CurvatureEditConfig,
@@ -448,7 +448,7 @@ def test_llama4_factored_forward_equals_the_dense_substitution(family):
     Llama4TextMoe hands them over (a block per expert, zero rows for the experts a token was not routed to). With no
     projection edited it is the module's own forward, bit for bit."""
     from hf_curvedit.targets import experts_target
-    from hf_curvedit.tuner.experts_forward import BASE, DENSE, FACTORED, ExpertsProjection
+    from hf_curvedit.tuner.experts_forward import FACTORED, ExpertsProjection
     from hf_curvedit.tuner.layout_forwards import edited_forwards
 
     model = tiny_causal_lm(family).double()
@@ -457,20 +457,7 @@ def test_llama4_factored_forward_equals_the_dense_substitution(family):
     projections, substituted = {}, {}
     for shift, param in enumerate(("gate_up_proj", "down_proj")):
         target = experts_target(module, param)
-        base = target.logical_weight().detach()
-        num, d_out, d_in = base.shape
-        kind = torch.tensor([(e + shift) % 3 for e in range(num)])  # BASE, FACTORED, DENSE in turn
-        out, inp = torch.randn(num, d_out, 8, generator=g).double(), torch.randn(num, d_in, 8, generator=g).double()
-        out[:, :, 3:] = 0  # rank 3, zero-padded as the stores are
-        dense = torch.randn(num, d_out, d_in, generator=g).double() / d_in
-        want = torch.where((kind == FACTORED)[:, None, None], out @ inp.mT,
-                           torch.where((kind == DENSE)[:, None, None], dense, base))
-        slot = torch.zeros(num, dtype=torch.long)
-        for k in (FACTORED, DENSE):
-            slot[kind == k] = torch.arange(int((kind == k).sum()))
-        projections[param] = ExpertsProjection(kind, (BASE, FACTORED, DENSE), slot, inp[kind == FACTORED],
-                                               out[kind == FACTORED].mT, dense[kind == DENSE].mT.contiguous())
-        substituted[param] = target.to_storage(want)
+        projections[param], substituted[param] = mixed_experts_projection(target, g, shift, width=8)
     tokens = 7
     rows = torch.randn(module.num_experts, tokens, module.hidden_size, generator=g).double()
     rows[torch.rand(module.num_experts, tokens, generator=g) < 0.5] = 0  # the experts a token was not routed to

@@ -276,3 +276,26 @@ def brute_force_lambda(model, rows, names, eigen):
         for p in params.values():
             p.requires_grad_(False)
     return {n: t / len(rows) for n, t in total.items()}
+
+
+def mixed_experts_projection(target, generator: torch.Generator, shift: int, width: int = 16) -> tuple:
+    """An `ExpertsProjection` of the experts projection ``target`` whose experts are in turn unedited, factored (rank
+    3, zero-padded to ``width`` as the stores are) and dense (float64), starting at ``shift``; and the stored parameter
+    that substituting each expert's ``W'`` gives: ``(projection, substituted)``."""
+    from hf_curvedit.tuner.experts_forward import BASE, DENSE, FACTORED, ExpertsProjection
+
+    base = target.logical_weight().detach()
+    num, d_out, d_in = base.shape
+    kind = torch.tensor([(e + shift) % 3 for e in range(num)])  # BASE, FACTORED, DENSE in turn
+    g = generator
+    out, inp = torch.randn(num, d_out, width, generator=g).double(), torch.randn(num, d_in, width, generator=g).double()
+    out[:, :, 3:] = 0
+    dense = torch.randn(num, d_out, d_in, generator=g).double() / d_in
+    want = torch.where((kind == FACTORED)[:, None, None], out @ inp.mT,
+                       torch.where((kind == DENSE)[:, None, None], dense, base))
+    slot = torch.zeros(num, dtype=torch.long)
+    for k in (FACTORED, DENSE):
+        slot[kind == k] = torch.arange(int((kind == k).sum()))
+    projection = ExpertsProjection(kind, (BASE, FACTORED, DENSE), slot, inp[kind == FACTORED],
+                                   out[kind == FACTORED].mT, dense[kind == DENSE].mT.contiguous())
+    return projection, target.to_storage(want)
