@@ -6,8 +6,8 @@
 
 Three stages, each library in its own chain of fresh processes (so each process's peak RSS is that stage's, imports
 and model included), the two libraries interleaved pair by pair in alternating order, on a Llama with hidden 512,
-4 layers, vocabulary 32000, batches of 4 × 256 tokens from one `datasets.Dataset` given to both, empirical labels,
-float32 accumulation:
+4 layers, vocabulary 32000 (or a real model read from a GGUF file, ``--gguf``), batches of 4 × 256 tokens from one
+`datasets.Dataset` given to both, empirical labels, float32 accumulation:
 
 - factors: the covariance pass (A and G of every MLP projection);
 - eigen: eigendecomposition of those factors (float64);
@@ -42,6 +42,17 @@ def build(args: argparse.Namespace):
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if args.gguf:  # a real model, and real text: the standard-library docs, in blocks of seq_len tokens
+        from hf_curvedit.default import default_text_dataset
+        from hf_curvedit.gguf import load_gguf_model
+
+        model, tok = load_gguf_model(None, args.gguf)
+        stream = [t for doc in default_text_dataset("train")["text"]
+                  for t in tok(doc, add_special_tokens=False)["input_ids"]]
+        ids = torch.tensor(stream[:args.batches * args.batch_size * args.seq_len]).view(-1, args.seq_len)
+        data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+        names = [n for n, _ in model.named_modules() if n.endswith((".gate_proj", ".up_proj", ".down_proj"))]
+        return model, data, names
     torch.manual_seed(0)
     h = args.hidden
     config = LlamaConfig(hidden_size=h, intermediate_size=int(h * 2.6875), num_hidden_layers=args.layers,
@@ -170,6 +181,8 @@ def fixed_costs(args: argparse.Namespace) -> tuple[float, float, float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", default="", help="a real model's GGUF file instead of a random Llama (e.g. SmolLM2-135M "
+                   "from scripts/real_model.py); the text is then the standard-library docs")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
@@ -228,6 +241,8 @@ def main() -> None:
             speed = f"| {tokens / t_o:,.0f} tok/s | {tokens / t_k:,.0f} tok/s | {t_k / t_o:.2f} |"
         print(f"| {stage} {speed} {m_o:,.0f} | {m_k:,.0f} | {m_o / m_k:.2f} |")
     print(f"\nrelative difference (Frobenius): A {diff['A']:.1e}, G (shape) {diff['G']:.1e}, Λ {diff['lambda']:.1e}")
+    if args.gguf:  # the fixed costs below are sized by --hidden and --layers
+        return
     mo, mn, fo, fn = fixed_costs(args)
     print(f"fixed costs per fit on these factors: mirroring {mo:.3f} s before, {mn:.3f} s now ({mo / mn:.1f}× less); "
           f"finiteness check {fo:.3f} s before, {fn:.3f} s now ({fo / fn:.1f}× less)")
