@@ -197,6 +197,10 @@ def test_default_layer_choices_are_windows_across_the_depth():
     small = default_layer_choices({k: v for k, v in shapes.items() if int(k.split(".")[2]) < 4})
     assert sorted({label.split(" ")[1] for label in small}) == ["0–1", "1–2", "2–3"]
     assert list(default_layer_choices({"lm_head": (10, 5)})) == ["all"]
+    # a mixture-of-experts down projection can be square: its name says it writes the block's result
+    moe = {f"model.layers.{i}.mlp.experts.{leaf}": shape for i in range(4)
+           for leaf, shape in (("gate_up_proj", (320, 160)), ("down_proj", (160, 160)))}
+    assert not re.search(default_layer_choices(moe)["layers 2–3 gate/up"], "model.layers.2.mlp.experts.down_proj")
 
 
 # --------------------------------------------------------------------------------- the sweep on tiny models

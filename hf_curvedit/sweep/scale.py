@@ -21,6 +21,10 @@ __all__ = ["LADDER", "default_layer_choices", "scale_layer_choice"]
 # The removed masses 1 − ρ the scale walks, strongest first (1-2-5 steps, each about 2-2.5 times the next).
 LADDER = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
 _START = LADDER.index(0.1)  # ρ = 0.9, the mildest edit of the method's published range
+# the MLP leaves of transformers' families that write a block's result back, and those that read its input
+_WRITES = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo", "w2", "output_linear", "proj_down", "Wo")
+_READS = ("gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "wi", "w1", "w3",
+          "input_linear", "proj_up", "proj_up_gate", "Wi")
 
 
 def _layer(name: str) -> int | None:
@@ -42,8 +46,10 @@ def default_layer_choices(shapes: Mapping[str, tuple[int, int]], *, max_windows:
     last = len(layers) - width
     count = min(max_windows, last + 1)
     firsts = sorted({round(i * last / (count - 1)) for i in range(count)}) if count > 1 else [last]
-    # the output side writes the block's result back: it shrinks (d_out < d_in); the input side reads the block's input
-    writes = {n for n, (d_out, d_in) in shapes.items() if d_out < d_in}
+    # the output side writes the block's result back: a down projection by its name, else a matrix that shrinks
+    # (d_out < d_in; a mixture-of-experts down projection can be square); the input side reads the block's input
+    writes = {n for n, (d_out, d_in) in shapes.items() if n.rsplit(".", 1)[-1] in _WRITES or (
+        n.rsplit(".", 1)[-1] not in _READS and d_out < d_in)}
     kinds = [("in", lambda n: n not in writes), ("all", lambda n: True)] if writes else [("all", lambda n: True)]
     choices: dict[str, str] = {}
     for first in firsts:
