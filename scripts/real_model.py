@@ -201,17 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default="runs/real_model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeated", type=int, default=24, help="records seen --repeats times each")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--once", type=int, default=24, help="records seen once")
-    ap.add_argument("--general-tokens", type=int, default=24_000, help="general text in the fine-tune")
+    ap.add_argument("--repeated", type=int, default=16, help="records seen --repeats times each")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--once", type=int, default=16, help="records seen once")
+    ap.add_argument("--general-tokens", type=int, default=8_000, help="general text in the fine-tune")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--factor-tokens", type=int, default=32_768)
     ap.add_argument("--ppl-budget", type=float, default=0.05)
-    ap.add_argument("--heldout-docs", type=int, default=12, help="held-out stdlib docs for perplexity")
+    ap.add_argument("--heldout-docs", type=int, default=10, help="held-out stdlib docs for perplexity")
     ap.add_argument("--gguf-type", default="Q4_1", help="type of the edited tensors in the published GGUF")
     ap.add_argument("--limit", type=int, default=200, help="lm-eval items per skill")
     args = ap.parse_args(argv)
@@ -279,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         clean = clean_set(tok)
         # BalancedSubnet as the main job runs it (2 epochs here: a step over 135M parameters takes ~10 s on 2 cores;
         # lr 30: at the published 0.3 the scores barely move in so few steps)
-        config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=8, baselines=("svd", "balanced_subnet"),
+        config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=24, baselines=("svd", "balanced_subnet"),
                              svd_ranks=(32, 64, 128, 192, 256, 384), balanced_subnet_ratios=(0.0015, 0.01),
                              balanced_subnet=BalancedSubnetConfig(epochs=2, lr=30.0, max_length=64),
                              pad_token_id=tok.pad_token_id)
-        result = sweep_edits(model, eigen, sets, heldout, config, clean=clean, tokenizer=tok)
+        # the sweep picks by the repeated records' secrets (what leaks); the seen-once ones are measured on the pick
+        result = sweep_edits(model, eigen, {"secrets (repeated)": repeated}, heldout, config, clean=clean,
+                             tokenizer=tok)
         result.save(sweep_path)
         (run / "sweep" / "sweep.md").write_text(result.report_markdown() + "\n")
         timer("sweep (with baselines)", time.perf_counter() - started)

@@ -183,6 +183,11 @@ def test_the_scale_brackets_the_budget_and_refines_where_the_pick_is():
     points = scale_layer_choice(lambda rho: SweepPoint("curvedit", "c", "m", rho, None, {"mem": {"strict": 0.5}},
                                                        1 + 10 * (1 - rho), 10 * (1 - rho)), "mem", 0.12)
     assert [round(1 - p.keep_mass, 9) for p in points] == [0.1, 0.05, 0.02, 0.01, 0.0141, 0.0119]
+    # from where another choice found the budget, and two rungs at a time while far over it
+    far = scale_layer_choice(lambda rho: SweepPoint("curvedit", "c", "m", rho, None, {"mem": {"strict": 0.5}},
+                                                    1 + 1000 * (1 - rho), 1000 * (1 - rho)), "mem", 0.1,
+                             refinements=0, start=0.004)
+    assert [round(1 - p.keep_mass, 9) for p in far] == [0.005, 0.001, 0.0005, 0.0002, 0.0001]
 
 
 def test_default_layer_choices_are_windows_across_the_depth():

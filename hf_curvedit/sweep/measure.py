@@ -119,11 +119,17 @@ class Measurements:
             points = [self.candidate(label, regex, rho, stage="grid")
                       for label, regex, rho in tqdm(grid, desc="sweep", unit="edit")]
         else:
-            points = []
+            points, start = [], 0.1
             for label, regex in tqdm(layer_choices.items(), desc="sweep (ρ scale)", unit="layer choice"):
-                points += scale_layer_choice(
+                measured = scale_layer_choice(
                     lambda rho, label=label, regex=regex: self.candidate(label, regex, rho, stage="scale"),
-                    self.primary, self.config.perplexity_budget, self.config.scale_refinements)
+                    self.primary, self.config.perplexity_budget, self.config.scale_refinements, start)
+                points += measured
+                # the next choice's walk starts where this one found the budget: models differ by orders of
+                # magnitude in the ρ they bear, the layer choices of one model by far less
+                inside = [p for p in measured if p.perplexity_change <= self.config.perplexity_budget]
+                if inside:
+                    start = 1 - min(p.keep_mass for p in inside)
         self.exposures()
         return points
 

@@ -20,7 +20,6 @@ __all__ = ["LADDER", "default_layer_choices", "scale_layer_choice"]
 
 # The removed masses 1 − ρ the scale walks, strongest first (1-2-5 steps, each about 2-2.5 times the next).
 LADDER = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
-_START = LADDER.index(0.1)  # ρ = 0.9, the mildest edit of the method's published range
 # the MLP leaves of transformers' families that write a block's result back, and those that read its input
 _WRITES = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo", "w2", "output_linear", "proj_down", "Wo")
 _READS = ("gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "wi", "w1", "w3",
@@ -64,13 +63,15 @@ def default_layer_choices(shapes: Mapping[str, tuple[int, int]], *, max_windows:
 
 
 def scale_layer_choice(measure: Callable[[float], SweepPoint], primary: str, budget: float,
-                       refinements: int = 2) -> list[SweepPoint]:
-    """Walk one layer choice along `LADDER` from ρ = 0.9 until it brackets the budget, then refine where the pick
-    would be. Returns the candidates measured (``measure(rho)`` measures one).
+                       refinements: int = 2, start: float = 0.1) -> list[SweepPoint]:
+    """Walk one layer choice along `LADDER` from the removed mass ``start`` (the rung nearest it; 0.1 is ρ = 0.9)
+    until it brackets the budget, then refine where the pick would be. Returns the candidates measured
+    (``measure(rho)`` measures one).
 
     A candidate that recites within the budget sends the walk stronger (a larger removal), one over the budget or
-    reciting nothing sends it milder; it stops at the first candidate that is neither (the budget's edge, or the edge
-    where recitation ends), or at one that recites nothing for less than a twentieth of the budget. Then
+    reciting nothing sends it milder; a candidate over twenty times the budget moves it two rungs at once. It stops
+    at the first candidate that is neither (the budget's edge, or the edge where recitation ends), or at one that
+    recites nothing for less than a twentieth of the budget. Then
     ``refinements`` geometric midpoints in the removed mass: between the strongest candidate within the budget and
     the next stronger one while it still recites, else between the mildest that recites nothing and the next milder
     one (a milder edit that still recites nothing is better)."""
@@ -84,13 +85,14 @@ def scale_layer_choice(measure: Callable[[float], SweepPoint], primary: str, bud
     within = lambda p: p.perplexity_change <= budget  # noqa: E731
     strict = lambda p: p.recitation[primary]["strict"]  # noqa: E731
     state = lambda p: "over" if not within(p) else ("recites" if strict(p) > 0 else "clean")  # noqa: E731
-    i = _START
+    i = min(range(len(LADDER)), key=lambda k: abs(math.log(LADDER[k] / start)))
     first = state(at(LADDER[i]))
     step = -1 if first == "recites" else 1
     # reciting nothing, a milder edit is only worth its measurement while the perplexity it costs is worth saving
     negligible = lambda p: state(p) == "clean" and p.perplexity_change <= budget / 20  # noqa: E731
     while 0 <= i + step < len(LADDER) and state(measured[LADDER[i]]) == first and not negligible(measured[LADDER[i]]):
-        i += step
+        far = first == "over" and measured[LADDER[i]].perplexity_change > 20 * budget
+        i = min(i + 2, len(LADDER) - 1) if far else i + step
         at(LADDER[i])
     for _ in range(refinements):
         inside = [r for r, p in measured.items() if within(p)]
