@@ -122,8 +122,9 @@ def text_blocks(texts: list[str], tok, length: int) -> TextSet:
     return TextSet([tok(t, add_special_tokens=False)["input_ids"][:length] for t in texts])
 
 
-def perplexity(model, texts: TextSet) -> float:
-    nll, n, _ = score_text(model, texts.sequences, batch_size=8, show_progress=False)
+def perplexity(model, texts: TextSet, pad_token_id: int | None) -> float:
+    # batched and padded as the sweep measures it, so that the figures agree
+    nll, n, _ = score_text(model, texts.sequences, batch_size=24, pad_token_id=pad_token_id, show_progress=False)
     return perplexity_from_nll(nll, n)
 
 
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             row[name] = {"strict": r.strict, "loose": r.loose}
         row["leak (repeated)"] = leak_rate(m, records[:args.repeated], tok)
         row["leak (seen once)"] = leak_rate(m, records[args.repeated:], tok)
-        row["ppl general"] = perplexity(m, heldout)
-        row["ppl records domain"] = perplexity(m, domain)
+        row["ppl general"] = perplexity(m, heldout, tok.pad_token_id)
+        row["ppl records domain"] = perplexity(m, domain, tok.pad_token_id)
         results[label] = row
         results_path.write_text(json.dumps(results, indent=2))
         return row
@@ -270,45 +271,58 @@ def main(argv: list[str] | None = None) -> int:
     if "factors" not in timer.times:
         timer("factors", time.perf_counter() - started)
 
-    # the sweep with its own defaults, and the baselines at matched perplexity
+    # the sweep with its own defaults
     sweep_path = run / "sweep" / "sweep.json"
     if sweep_path.exists():
         result = SweepResult.load(sweep_path)
     else:
         started = time.perf_counter()
-        clean = clean_set(tok)
-        # BalancedSubnet as the main job runs it (2 epochs here: a step over 135M parameters takes ~10 s on 2 cores;
-        # lr 30: at the published 0.3 the scores barely move in so few steps)
-        config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=24, baselines=("svd", "balanced_subnet"),
-                             svd_ranks=(32, 64, 128, 192, 256, 384), balanced_subnet_ratios=(0.0015, 0.01),
-                             balanced_subnet=BalancedSubnetConfig(epochs=2, lr=30.0, max_length=64),
-                             pad_token_id=tok.pad_token_id)
+        config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=24, pad_token_id=tok.pad_token_id)
         # the sweep picks by the repeated records' secrets (what leaks); the seen-once ones are measured on the pick
-        result = sweep_edits(model, eigen, {"secrets (repeated)": repeated}, heldout, config, clean=clean,
-                             tokenizer=tok)
+        result = sweep_edits(model, eigen, {"secrets (repeated)": repeated}, heldout, config, tokenizer=tok)
         result.save(sweep_path)
-        (run / "sweep" / "sweep.md").write_text(result.report_markdown() + "\n")
-        timer("sweep (with baselines)", time.perf_counter() - started)
+        timer("sweep", time.perf_counter() - started)
     _log(result.summary())
-    print(result.report_markdown())
     chosen = result.chosen
     if chosen is None:
+        print(result.report_markdown())
         return 1
 
-    # the pick and the baselines at its perplexity, measured like the base
+    # the pick, measured like the base
     started = time.perf_counter()
     edited = build_curvature_edit(model, eigen, CurvatureEditConfig(**chosen.edit_settings()))
     pick = f"curvature edit ({chosen.layers}, {chosen.knob})"
     measure(pick, edited)
     model = edited.unload()
-    svd = result.matches.get("svd")
-    if svd is not None:
-        from hf_curvedit.baselines import svd_truncation
-        from hf_curvedit.targets import resolve_target_modules
+    timer.times.setdefault("measure the pick", round(time.perf_counter() - started, 1))
 
-        with svd_truncation(model, resolve_target_modules(model, svd.target_modules), svd.rank):
-            measure(f"SVD truncation of the same modules, rank {svd.rank} (matched perplexity)", model)
-    timer.times.setdefault("measure the pick and the baselines", round(time.perf_counter() - started, 1))
+    # the baselines at the pick's perplexity, a stage of their own (their settings can change without a new sweep)
+    baselines = {"svd_ranks": [384, 448, 480, 512, 544], "subnet_ratios": [0.0015, 0.005],
+                 "subnet": {"epochs": 3, "lr": 3.0, "max_length": 64}}
+    if result.extra.get("baselines") != baselines:
+        from hf_curvedit.sweep.measure import Measurements
+
+        started = time.perf_counter()
+        result.points = [p for p in result.points if p.method == "curvedit"]
+        result.matches = {}
+        for label in [k for k in results if k.startswith(("SVD", "BalancedSubnet"))]:
+            del results[label]
+        config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=24, pad_token_id=tok.pad_token_id,
+                             baselines=("svd", "balanced_subnet"), svd_ranks=tuple(baselines["svd_ranks"]),
+                             balanced_subnet_ratios=tuple(baselines["subnet_ratios"]),
+                             balanced_subnet=BalancedSubnetConfig(**baselines["subnet"]))
+        stage = Measurements(model, {"secrets (repeated)": repeated}, heldout, config, eigen, result.primary_set)
+        recreate = stage.baselines(result, clean_set(tok))
+        for name, match in result.matches.items():
+            label = (f"SVD truncation of the same modules, rank {match.rank} (matched perplexity)" if name == "svd"
+                     else f"BalancedSubnet of every MLP weight, ratio {match.ratio:g} (matched perplexity)")
+            with recreate[id(match)]():
+                measure(label, model)
+        result.extra["baselines"] = baselines
+        result.save(sweep_path)
+        timer("baselines (SVD, BalancedSubnet) at matched perplexity", time.perf_counter() - started)
+    (run / "sweep" / "sweep.md").write_text(result.report_markdown() + "\n")
+    print(result.report_markdown())
 
     # the skills the model has, before and after
     caps_path = run / "capabilities.json"
