@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
+from packaging.version import Version
 from peft import AutoPeftModelForSeq2SeqLM, AutoPeftModelForSequenceClassification, PeftModel
 from testing_utils import assert_reloads_the_same, record_module_io
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
@@ -21,6 +23,11 @@ example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(example)
 AUTO_PEFT = {"bert": AutoPeftModelForSequenceClassification, "t5": AutoPeftModelForSeq2SeqLM}
 AUTO_MODEL = {"bert": AutoModelForSequenceClassification, "t5": AutoModelForSeq2SeqLM}
+# transformers before 5.8 maps an adapter's `base_model.model.model.` keys and no others in `load_adapter` (and in
+# from_pretrained of an adapter folder), so BERT's `bert.` and T5's `encoder.` adapters load nothing there, any PEFT
+# method's: the edit's layers then refuse to run rather than pass the base model off as the edit.
+OLD_LOAD_ADAPTER = Version(transformers.__version__) < Version("5.8")
+TRANSFORMERS_PATHS = {"from_pretrained(adapter folder)", "load_adapter"}
 
 
 @pytest.mark.parametrize("name", ["bert", "t5"])
@@ -71,6 +78,10 @@ def test_a_causal_lm_task_subclass_fits_edits_and_loads_through_every_stock_path
         plain.load_adapter(str(tmp_path / "edit"))
         paths["load_adapter"] = plain
         for path, loaded in paths.items():
+            if OLD_LOAD_ADAPTER and path in TRANSFORMERS_PATHS:
+                with pytest.raises(RuntimeError, match="has no weights yet"):
+                    logits(loaded.eval())
+                continue
             assert torch.equal(logits(loaded.eval()), out), f"{name}: {path} differs"
         merged = paths["PeftModel.from_pretrained"].merge_and_unload()
         merged.save_pretrained(tmp_path / "merged")
