@@ -57,13 +57,16 @@ def main() -> int:
     ap.add_argument("--keep-mass", nargs="+", default=[])
     ap.add_argument("--layers", nargs="+", default=[])
     ap.add_argument("--modules", default=None)
+    ap.add_argument("--layer-choice", nargs="+", default=[], metavar="LABEL=REGEX",
+                    help="layer choices by regex (a mixture-of-experts model's experts), with or instead of --layers")
     ap.add_argument("--ppl-budget", default="0.15")
     ap.add_argument("--previous", help="a checkout of the previous release: its grid and per-layer search too")
     args = ap.parse_args(argv)
     out = Path(args.out)
     common = ["--factors", str(Path(args.factors).resolve()), "--ppl-budget", args.ppl_budget, "--baselines", *extra]
     layers = [*(["--layers", *args.layers] if args.layers else []),
-              *(["--modules", args.modules] if args.modules else [])]
+              *(["--modules", args.modules] if args.modules else []),
+              *[a for choice in args.layer_choice for a in ("--layer-choice", choice)]]
     grid = [*(["--keep-mass", *args.keep_mass] if args.keep_mass else []), *layers]
     variants = []
     if args.previous:
@@ -73,7 +76,7 @@ def main() -> int:
     if args.keep_mass:
         variants += [("grid", None, [*common, *grid, "--allocation", "uniform"]),
                      ("grid + search", None, [*common, *grid])]
-    if args.layers:
+    if args.layers or args.layer_choice:
         variants.append(("ρ scale + search (these layer choices)", None, [*common, *layers]))
     variants.append(("defaults: windows, ρ scale, search", None, common))
     rows = ["| sweep | candidates | time | pick | Strict | ΔPPL |", "|---|---|---|---|---|---|"]

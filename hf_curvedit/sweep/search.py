@@ -66,10 +66,10 @@ def search_allocation(points: list[SweepPoint], starts: Sequence[SweepPoint], sp
                       show_progress: bool = True) -> dict[str, Any]:
     """Move the ρ of each group of ``space`` from each of ``starts`` while `guide_key` improves.
 
-    From a start, the moves of `SearchSpace.moves` at the first factor of ``steps`` are tried one by one, in the order
-    `_ORDER` gives for where the current point stands, skipping any allocation measured before; the first candidate
-    that improves `guide_key` becomes the current point. When no move at this factor improves, the next (finer)
-    factor is tried, and the start ends when the last one finds nothing. The candidates (``measure(allocation,
+    From a start, the moves of `SearchSpace.moves` are tried one by one, skipping any allocation measured before: the
+    kinds in the order `_ORDER` gives for where the current point stands, each kind at every factor of ``steps``
+    (coarse to fine) before the next kind. The first candidate that improves `guide_key` becomes the current point;
+    the start ends when no move of any kind at any factor improves. The candidates (``measure(allocation,
     start)``) are appended to ``points``; the starts share ``max_candidates`` (each gets an equal share of what is
     left) and ``max_seconds``. Since the sweep's pick is the pick rule over everything measured, it is reproducible
     from the points alone.
@@ -93,13 +93,14 @@ def search_allocation(points: list[SweepPoint], starts: Sequence[SweepPoint], sp
             run = {"start": index[id(start)], "path": [index[id(start)]], "candidates": 0, "stopped": "converged"}
             record["starts"].append(run)
             current, measured = start, []
-            for factor in steps:
-                while run["stopped"] == "converged":
-                    key = guide_key(current, primary, budget)
-                    moves = space.moves(here, factor)
-                    improved = None
-                    for kind in _ORDER[_state(current, primary, budget)]:
-                        for allocation in moves[kind]:
+            while run["stopped"] == "converged":
+                key = guide_key(current, primary, budget)
+                improved = None
+                # each kind of move at every factor, coarse to fine, before the next kind: a single group's finer
+                # step is a handful of candidates, where a round of trades is the square of the groups
+                for kind in _ORDER[_state(current, primary, budget)]:
+                    for factor in steps:
+                        for allocation in space.moves(here, factor)[kind]:
                             if allocation_key(allocation) in seen or not allocation:
                                 continue
                             if run["candidates"] >= share:
@@ -121,10 +122,12 @@ def search_allocation(points: list[SweepPoint], starts: Sequence[SweepPoint], sp
                                 break
                         if improved is not None or run["stopped"] != "converged":
                             break
-                    if improved is None:
-                        break  # nothing better at this factor: the next, finer one (unless a cap stopped it)
-                    current, here = improved, dict(improved.allocation or {})
-                    run["path"].append(index[id(current)])
+                    if improved is not None or run["stopped"] != "converged":
+                        break
+                if improved is None:
+                    break  # no move of any kind at any factor improves (or a cap stopped it)
+                current, here = improved, dict(improved.allocation or {})
+                run["path"].append(index[id(current)])
             if after_start is not None and measured:
                 after_start(measured)
     finally:
