@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -276,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     if sweep_path.exists():
         result = SweepResult.load(sweep_path)
     else:
+        # a new sweep may pick another edit: what was measured on the last one goes
+        for label in [k for k in results if k.startswith(("curvature edit", "the edit written as GGUF", "gguf"))]:
+            del results[label]
+        results_path.write_text(json.dumps(results, indent=2))
+        (run / "capabilities.json").unlink(missing_ok=True)
+        shutil.rmtree(run / "publish", ignore_errors=True)
         started = time.perf_counter()
         config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=24, pad_token_id=tok.pad_token_id)
         # the sweep picks by the repeated records' secrets (what leaks); the seen-once ones are measured on the pick
@@ -296,31 +303,65 @@ def main(argv: list[str] | None = None) -> int:
     model = edited.unload()
     timer.times.setdefault("measure the pick", round(time.perf_counter() - started, 1))
 
-    # the baselines at the pick's perplexity, a stage of their own (their settings can change without a new sweep)
+    # the baselines at the pick's perplexity, a stage of their own (their settings can change without a new sweep).
+    # Their points depend on the settings and on the modules SVD truncates (the pick's), not on the rest of the sweep:
+    # RUN_DIR/baselines.json keeps them, so that a new sweep with the same pick's modules does not train again.
     baselines = {"svd_ranks": [384, 448, 480, 512, 544], "subnet_ratios": [0.0015, 0.005],
-                 "subnet": {"epochs": 3, "lr": 3.0, "max_length": 64}}
+                 "subnet": {"epochs": 3, "lr": 3.0, "max_length": 64}, "svd_modules": chosen.target_modules}
     if result.extra.get("baselines") != baselines:
+        from dataclasses import asdict
+
         from hf_curvedit.sweep.measure import Measurements
+        from hf_curvedit.sweep.result import SweepPoint
 
         started = time.perf_counter()
         result.points = [p for p in result.points if p.method == "curvedit"]
         result.matches = {}
-        for label in [k for k in results if k.startswith(("SVD", "BalancedSubnet"))]:
-            del results[label]
-        config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=24, pad_token_id=tok.pad_token_id,
-                             baselines=("svd", "balanced_subnet"), svd_ranks=tuple(baselines["svd_ranks"]),
-                             balanced_subnet_ratios=tuple(baselines["subnet_ratios"]),
-                             balanced_subnet=BalancedSubnetConfig(**baselines["subnet"]))
-        stage = Measurements(model, {"secrets (repeated)": repeated}, heldout, config, eigen, result.primary_set)
-        recreate = stage.baselines(result, clean_set(tok))
+        cache_path = run / "baselines.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        stale = [k for k in results if k.startswith(("SVD", "BalancedSubnet"))]
+        if cache.get("settings") == baselines:
+            points = [SweepPoint(**d) for d in cache["points"]]
+            result.points.extend(points)
+            nearest = lambda pts: min(pts, key=lambda q: abs(q.perplexity_change - chosen.perplexity_change))  # noqa
+            for method in ("svd", "balanced_subnet"):
+                if mine := [q for q in points if q.method == method]:
+                    result.matches[method] = nearest(mine)
+            recreate = None
+        else:
+            config = SweepConfig(perplexity_budget=args.ppl_budget, batch_size=24, pad_token_id=tok.pad_token_id,
+                                 baselines=("svd", "balanced_subnet"), svd_ranks=tuple(baselines["svd_ranks"]),
+                                 balanced_subnet_ratios=tuple(baselines["subnet_ratios"]),
+                                 balanced_subnet=BalancedSubnetConfig(**baselines["subnet"]))
+            stage = Measurements(model, {"secrets (repeated)": repeated}, heldout, config, eigen, result.primary_set)
+            recreate = stage.baselines(result, clean_set(tok))
+            cache_path.write_text(json.dumps({"settings": baselines, "points": [
+                asdict(q) for q in result.points if q.method != "curvedit"]}, indent=2))
+        labels = {name: (f"SVD truncation of the same modules, rank {match.rank} (matched perplexity)"
+                         if name == "svd" else
+                         f"BalancedSubnet of every MLP weight, ratio {match.ratio:g} (matched perplexity)")
+                  for name, match in result.matches.items()}
+        for label in stale:
+            if label not in labels.values() or recreate is not None:
+                del results[label]
         for name, match in result.matches.items():
-            label = (f"SVD truncation of the same modules, rank {match.rank} (matched perplexity)" if name == "svd"
-                     else f"BalancedSubnet of every MLP weight, ratio {match.ratio:g} (matched perplexity)")
-            with recreate[id(match)]():
-                measure(label, model)
+            if labels[name] in results:
+                continue
+            if name == "svd":
+                from hf_curvedit.baselines.svd import svd_truncation
+                from hf_curvedit.targets import resolve_target_modules
+
+                context = svd_truncation(model, resolve_target_modules(model, match.target_modules), match.rank)
+            elif recreate is not None:
+                context = recreate[id(match)]()
+            else:
+                raise SystemExit(f"{labels[name]} is not measured yet: delete {cache_path} to train it again")
+            with context:
+                measure(labels[name], model)
         result.extra["baselines"] = baselines
         result.save(sweep_path)
-        timer("baselines (SVD, BalancedSubnet) at matched perplexity", time.perf_counter() - started)
+        if recreate is not None:  # points read from baselines.json keep the time they took to measure
+            timer("baselines (SVD, BalancedSubnet) at matched perplexity", time.perf_counter() - started)
     (run / "sweep" / "sweep.md").write_text(result.report_markdown() + "\n")
     print(result.report_markdown())
 
