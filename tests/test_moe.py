@@ -10,7 +10,7 @@ from datasets import Dataset
 from family_configs import tiny_causal_lm
 from testing_utils import brute_force_mask, mixed_experts_projection, random_token_rows
 
-from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors
+from hf_curvedit import CurvatureEditConfig, FactorConfig, build_curvature_edit, fit_factors, load_factors
 from hf_curvedit.curvature.experts import recording_experts
 from hf_curvedit.targets import is_experts_module, resolve_target_modules, weight_targets
 from hf_curvedit.tuner import WrongBaseModelError
@@ -514,3 +514,18 @@ def test_unmerged_expert_adapter_holds_no_dense_copy_where_factors_are_smaller(i
         assert FACTORED in seen
     finally:
         edited.unload()
+
+
+def test_the_cli_fits_a_moe_folder_and_prints_each_experts_token_range(saved_moe, tmp_path, capsys):
+    from hf_curvedit.cli import main
+
+    root = saved_moe[0]
+    token_data(48).to_json(tmp_path / "data.jsonl")  # the base folder has no tokenizer: token ids
+    out = tmp_path / "factors"
+    assert main(["fit", "--model", str(root / "base"), "--data", str(tmp_path / "data.jsonl"), "--output-dir", str(out),
+                 "--seq-len", "16", "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    counts = load_factors(out).num_tokens
+    experts = next(n for n, c in counts.items() if isinstance(c, list))
+    row = next(line for line in printed.splitlines() if line.startswith(experts + " "))
+    assert f"{min(counts[experts])}–{max(counts[experts])}" in row, "the summary gives each experts stack's token range"

@@ -36,9 +36,12 @@ class FitOutcome:
         lines = [f"factors: {self.factors.path}", f"eigenbases: {self.eigen_path}",
                  f"{'module':<40}{'tokens':>10}{'d_out':>7}{'d_in':>6}{'top λ_G':>12}{'top μ_A':>12}"]
         for n in self.factors.module_names:
-            e = self.eigen[n]
-            lines.append(f"{n:<40}{self.factors.num_tokens[n]:>10}{e.shape[0]:>7}{e.shape[1]:>6}"
-                         f"{float(e.eigvals_G[0]):>12.3e}{float(e.eigvals_A[0]):>12.3e}")
+            e, tokens = self.eigen[n], self.factors.num_tokens[n]
+            # an experts projection has one count and one eigenbasis per expert: the range of counts, the top value
+            if isinstance(tokens, (list, tuple)):
+                tokens = f"{min(tokens)}–{max(tokens)}"
+            lines.append(f"{n:<40}{tokens:>10}{e.shape[0]:>7}{e.shape[1]:>6}"
+                         f"{float(e.eigvals_G.max()):>12.3e}{float(e.eigvals_A.max()):>12.3e}")
         return "\n".join(lines)
 
 
