@@ -405,3 +405,16 @@ def test_the_search_allocates_the_experts_of_a_layer_routed_and_shared_together(
         layer: [n for n in eigen if f".{layer}." in n] for layer in ("0", "1")}, "routed and shared experts together"
     assert len(searched) == 3 and all(set(p.allocation) <= {"0", "1"} for p in searched)
     check_candidates(model, eigen, result, sets, heldout, min_expert_tokens=0)
+
+
+def test_a_layers_routed_and_shared_experts_split_by_the_choices_are_named_by_the_module_that_holds_them():
+    routed = [n for n in MOE if ".experts." in n]
+    space = SearchSpace.of({"routed": routed, "routed + shared": MOE}, "per_layer")
+    assert space.groups == {"1 experts gate/up+down": MOE[:2], "1 shared_expert gate/up+down": MOE[2:5],
+                            "2": MOE[5:]}
+    by_projection = SearchSpace.of({"routed": routed, "routed + shared": MOE}, "per_projection")
+    assert by_projection.groups == {"1 gate/up experts": [MOE[0]], "1 gate/up shared_expert": MOE[2:4],
+                                    "1 down experts": [MOE[1]], "1 down shared_expert": [MOE[4]],
+                                    "2 gate/up": MOE[5:]}
+    # neighbours: the same layer, or the next layer's group of the same kind
+    assert space.adjacent("1 experts gate/up+down", "1 shared_expert gate/up+down")

@@ -78,6 +78,25 @@ def _layer_of(group: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def _part_names(parts: list[list[str]], allocation: str) -> list[str]:
+    """Names for the parts of one group that the layer choices split: their projection kinds (``gate/up``,
+    ``down``), else the modules that hold them (a layer's routed ``experts`` and its ``shared_expert``), else their
+    leaves; the first of these that tells every part apart."""
+    def joined(part: list[str], key) -> str:
+        return "+".join(dict.fromkeys(key(n) for n in part))
+
+    kind = lambda n: group_label(n, "per_projection").split(" ", 1)[-1]  # noqa: E731
+    parent = lambda n: n.rsplit(".", 2)[-2] if n.count(".") >= 2 else n  # noqa: E731
+    namings = [] if allocation == "per_projection" else [lambda p: joined(p, kind)]
+    namings += [lambda p: joined(p, parent) if allocation == "per_projection" else
+                f"{joined(p, parent)} {joined(p, kind)}", lambda p: joined(p, lambda n: n.rsplit(".", 1)[-1])]
+    for naming in namings:
+        names = [naming(p) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{names[0]} {i}" for i in range(len(parts))]
+
+
 @dataclass
 class SearchSpace:
     """The groups of modules a search may give a ρ of their own: every layer (``per_layer``) or every projection
@@ -99,11 +118,8 @@ class SearchSpace:
             if len(split) == 1:
                 groups[label] = members
             else:
-                for part in split.values():
-                    kinds = "+".join(dict.fromkeys(group_label(n, "per_projection").split(" ", 1)[-1] for n in part))
-                    if allocation == "per_projection" or f"{label} {kinds}" in groups:  # kinds alone do not tell
-                        kinds = "+".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in part))
-                    groups[f"{label} {kinds}"] = part
+                for name, part in zip(_part_names(list(split.values()), allocation), split.values()):
+                    groups[f"{label} {name}"] = part
         return cls(groups)
 
     def allocation_of(self, names: Iterable[str], rho: float) -> dict[str, float] | None:
