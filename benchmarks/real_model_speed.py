@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,17 @@ import torch
 TUNED = "finetuned/finetuned.F16.gguf"
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    # loading the GGUF (dequantizing every tensor) peaks above what the fit adds: the peak starts again from here
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def load(run: Path):
@@ -62,10 +70,11 @@ def peak_worker(args) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load(Path(args.run_dir))
     data = Dataset.from_dict({"input_ids": torch.cat(batches(tok, args)).tolist()})
-    before = _rss_mib()
+    before = _status_mib("VmRSS")
+    _reset_peak()
     fit_factors(model, data, FactorConfig(seq_len=args.seq_len, batch_size=args.batch_size, packing=False),
                 progress=False)
-    print("RESULT " + json.dumps({"before": before, "peak": _rss_mib()}))
+    print("RESULT " + json.dumps({"before": before, "peak": _status_mib("VmHWM")}))
 
 
 def main() -> None:
