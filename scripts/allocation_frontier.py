@@ -138,6 +138,13 @@ def best_within(points: list[SweepPoint], budget: float) -> SweepPoint | None:
     return pick_edit(points, PRIMARY, SweepConfig(perplexity_budget=budget))
 
 
+def grid_pick(result: SweepResult, budget: float) -> SweepPoint:
+    """The grid's own pick: the best within-budget candidate before the search (one of the search's starts)."""
+    pick = best_within([p for p in curvedit(result.points) if p.search_round is None], budget)
+    assert pick is not None, "the caller checks that the grid has a pick"
+    return pick
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -151,10 +158,9 @@ def frontier(searches: dict[float, SweepResult], uniform: list[SweepPoint]) -> s
     lines = ["| budget | edit | ρ | passages Strict | canaries Strict | held-out PPL (change) |",
              "|---|---|---|---|---|---|"]
     for budget, result in searches.items():
-        search = result.extra["allocation_search"]
-        start = result.points[search["start"]]
+        start = grid_pick(result, budget)
         best_uniform = best_within(uniform + [p for p in curvedit(result.points) if p.search_round is None], budget)
-        lines.append(row(f"+{100 * budget:g}% | grid's pick (search start)", start))
+        lines.append(row(f"+{100 * budget:g}% | grid's pick (one of the starts)", start))
         if best_uniform is not None and best_uniform != start:
             lines.append(row(f"+{100 * budget:g}% | best single ρ (denser grid)", best_uniform))
         assert result.chosen is not None
@@ -202,7 +208,7 @@ def halves(stages: Stages, folds: int) -> str:
     for fold in range(folds):
         on, other = split[fold], split[1 - fold]
         result = stages.sweep(f"half{fold}_{budget:g}", stages.config(budget), on)
-        start = result.points[result.extra["allocation_search"]["start"]]
+        start = grid_pick(result, budget)
         assert result.chosen is not None
         for label, point in (("grid's pick (one ρ)", start), ("searched allocation", result.chosen)):
             scored = stages.strict_on(point, other)
@@ -214,21 +220,22 @@ def halves(stages: Stages, folds: int) -> str:
 
 
 def costs(stages: Stages, searches: dict[float, SweepResult]) -> str:
-    lines = ["| budget | grid candidates | search candidates | rounds | stopped | sweep total | of which the search | "
+    lines = ["| budget | grid candidates | search candidates | starts | stopped | sweep total | of which the search | "
              "per candidate |", "|---|---|---|---|---|---|---|---|"]
     for budget, r in searches.items():
         s = r.extra["allocation_search"]
         grid = len([p for p in curvedit(r.points) if p.search_round is None])
         total = float(r.extra.get("script_seconds") or 0.0)
         per = s["seconds"] / max(1, s["candidates"])
-        lines.append(f"| +{100 * budget:g}% | {grid} | {s['candidates']} | {s['rounds']} | {s['stopped']} | "
+        stopped = ", ".join(sorted({run["stopped"] for run in s["starts"]}))
+        lines.append(f"| +{100 * budget:g}% | {grid} | {s['candidates']} | {len(s['starts'])} | {stopped} | "
                      f"{total:.0f} s | {s['seconds']:.0f} s | {per:.1f} s |")
     return "\n".join(lines)
 
 
 def skills_table(stages: Stages, main: SweepResult, uniform: list[SweepPoint]) -> str:
     assert main.chosen is not None
-    start = main.points[main.extra["allocation_search"]["start"]]
+    start = grid_pick(main, main.perplexity_budget)
     candidates = [p for p in uniform + curvedit(main.points) if p.search_round is None]
     matched = min(candidates, key=lambda p: abs(p.perplexity_change - main.chosen.perplexity_change))
     rows: list[tuple[str, SweepPoint | None]] = [("base", None), ("grid's pick (one ρ)", start),
@@ -275,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     searches = {b: stages.sweep(f"search_{b:g}", stages.config(b)) for b in args.budgets}
     for b, r in searches.items():
         if r.chosen is None:
-            raise SystemExit(f"nothing within +{100 * b:g}%: {r.summary()} (the search starts from the grid's pick: "
-                             "give a budget that some grid candidate meets)")
+            raise SystemExit(f"nothing within +{100 * b:g}%: {r.summary()} (the grid's pick is one of the search's "
+                             "starts: give a budget that some grid candidate meets)")
     uniform = curvedit(stages.sweep("uniform", stages.config(max(args.budgets), "uniform", tuple(args.uniform_rhos)))
                        .points)
     base = next(iter(searches.values())).base

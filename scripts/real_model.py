@@ -20,6 +20,10 @@ them, published as an adapter and as GGUF.
 6. **Publish** (dry run) with the edit as GGUF (``--gguf-type``, default Q4_1 for the edited tensors): transformers
    reads the file back; its logits against the merged model, and its leak.
 
+``--cli-inputs`` also writes what ``hf-curvedit sweep`` (of this release or an earlier one, which reads no GGUF) needs
+to run on the same model and data: ``RUN_DIR/finetuned_hf`` (the fine-tuned model as safetensors), ``secrets_repeated``
+(the recitation set, token ids) and ``heldout.jsonl`` (the held-out general text).
+
 Every stage writes its result under ``RUN_DIR`` and is skipped when run again. Prints the tables of README.md, "A real
 model: SmolLM2-135M". Needs ``pip install -e '.[real-model]'``.
 
@@ -116,6 +120,25 @@ def leak_rate(model, records: list[dict[str, str]], tok, tokens: int = 48) -> fl
                            show_progress=False)
     texts = [tok.decode(o) for o in outs]
     return sum(any(r[f] in t for f in FIELDS) for r, t in zip(records, texts)) / len(records)
+
+
+def write_cli_inputs(run: Path, model, tok, secrets: RecitationSet, docs: list[str]) -> None:
+    """The fine-tuned model as safetensors, the repeated secrets and the held-out text, as ``hf-curvedit sweep`` reads
+    them (``--model``, ``--recitation secrets=``, ``--heldout``); each written once, atomically."""
+    from datasets import Dataset
+
+    for name, write in (
+            ("finetuned_hf", lambda d: (model.save_pretrained(d), tok.save_pretrained(d))),
+            ("secrets_repeated", lambda d: Dataset.from_dict({"prefix_ids": secrets.prefixes,
+                                                             "suffix_ids": secrets.suffixes}).save_to_disk(str(d))),
+            ("heldout.jsonl", lambda f: f.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs)))):
+        target = run / name
+        if target.exists():
+            continue
+        partial = run / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        write(partial)
+        partial.rename(target)
 
 
 def text_blocks(texts: list[str], tok, length: int) -> TextSet:
@@ -216,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-docs", type=int, default=10, help="held-out stdlib docs for perplexity")
     ap.add_argument("--gguf-type", default="Q4_1", help="type of the edited tensors in the published GGUF")
     ap.add_argument("--limit", type=int, default=200, help="lm-eval items per skill")
+    ap.add_argument("--cli-inputs", action="store_true",
+                    help="also write the model, the secrets and the held-out text for hf-curvedit sweep")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
@@ -238,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     docs = list(default_text_dataset("test")["text"])[:args.heldout_docs]
     heldout = text_blocks(docs, tok, 256)
     sets = {"secrets (repeated)": repeated, "secrets (seen once)": once}
+    if args.cli_inputs:
+        write_cli_inputs(run, model, tok, repeated, docs)
 
     # the base: its leak and its perplexities
     results_path = run / "results.json"
