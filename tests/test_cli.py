@@ -199,7 +199,7 @@ def test_run_config_errors(tmp_path, capsys):
     cfg = PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "examples" / "default.yaml")
     assert cfg.model is None and cfg.edit.keep_mass is None and cfg.publish.overwrite, "a run owns its publish folder"
     assert cfg.sweep.layers == ("2,3", "1,2,3") and cfg.evaluate.stress_steps == (0, 10, 20)
-    assert cfg.sweep.allocation == "per_layer", "the main job searches a ρ per layer (README, 'A ρ per layer')"
+    assert cfg.sweep.allocation == "per_layer", "the main job searches a ρ per layer (README, 'The sweep')"
     capabilities = cfg.evaluate.capabilities.to_config()
     assert capabilities.tasks == ["curvedit_skills"] and capabilities.include_path == [str(LM_EVAL_TASKS_DIR)]
     for data, message in (({"fit": {}}, "needs an output_dir"),
