@@ -134,13 +134,18 @@ def curvedit(points: list[SweepPoint]) -> list[SweepPoint]:
     return [p for p in points if p.method == "curvedit"]
 
 
+def grid_points(points: list[SweepPoint]) -> list[SweepPoint]:
+    """The curvature edits measured before the search: one ρ for a layer choice."""
+    return [p for p in curvedit(points) if p.search_round is None]
+
+
 def best_within(points: list[SweepPoint], budget: float) -> SweepPoint | None:
     return pick_edit(points, PRIMARY, SweepConfig(perplexity_budget=budget))
 
 
 def grid_pick(result: SweepResult, budget: float) -> SweepPoint:
     """The grid's own pick: the best within-budget candidate before the search (one of the search's starts)."""
-    pick = best_within([p for p in curvedit(result.points) if p.search_round is None], budget)
+    pick = best_within(grid_points(result.points), budget)
     assert pick is not None, "the caller checks that the grid has a pick"
     return pick
 
@@ -159,7 +164,7 @@ def frontier(searches: dict[float, SweepResult], uniform: list[SweepPoint]) -> s
              "|---|---|---|---|---|---|"]
     for budget, result in searches.items():
         start = grid_pick(result, budget)
-        best_uniform = best_within(uniform + [p for p in curvedit(result.points) if p.search_round is None], budget)
+        best_uniform = best_within(uniform + grid_points(result.points), budget)
         lines.append(row(f"+{100 * budget:g}% | grid's pick (one of the starts)", start))
         if best_uniform is not None and best_uniform != start:
             lines.append(row(f"+{100 * budget:g}% | best single ρ (denser grid)", best_uniform))
@@ -176,7 +181,7 @@ def plot(path: Path, searches: dict[float, SweepResult], uniform: list[SweepPoin
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     every = {id(p): p for r in searches.values() for p in curvedit(r.points)}
-    grid = sorted([p for p in list(every.values()) + uniform if p.search_round is None], key=lambda p: p.keep_mass)
+    grid = sorted(grid_points(list(every.values()) + uniform), key=lambda p: p.keep_mass)
     for layers in dict.fromkeys(p.layers for p in grid):
         pts = [p for p in grid if p.layers == layers]
         ax.plot([100 * p.perplexity_change for p in pts], [100 * p.recitation[PRIMARY]["strict"] for p in pts],
@@ -224,7 +229,7 @@ def costs(stages: Stages, searches: dict[float, SweepResult]) -> str:
              "per candidate |", "|---|---|---|---|---|---|---|---|"]
     for budget, r in searches.items():
         s = r.extra["allocation_search"]
-        grid = len([p for p in curvedit(r.points) if p.search_round is None])
+        grid = len(grid_points(r.points))
         total = float(r.extra.get("script_seconds") or 0.0)
         per = s["seconds"] / max(1, s["candidates"])
         stopped = ", ".join(sorted({run["stopped"] for run in s["starts"]}))
@@ -236,7 +241,7 @@ def costs(stages: Stages, searches: dict[float, SweepResult]) -> str:
 def skills_table(stages: Stages, main: SweepResult, uniform: list[SweepPoint]) -> str:
     assert main.chosen is not None
     start = grid_pick(main, main.perplexity_budget)
-    candidates = [p for p in uniform + curvedit(main.points) if p.search_round is None]
+    candidates = grid_points(uniform + main.points)
     matched = min(candidates, key=lambda p: abs(p.perplexity_change - main.chosen.perplexity_change))
     rows: list[tuple[str, SweepPoint | None]] = [("base", None), ("grid's pick (one ρ)", start),
                                                  ("searched allocation", main.chosen),
